@@ -1,0 +1,213 @@
+"""A Llama-family decoder as a plain ``nn.Module``: no collectives, no DeepSpeed.
+
+Module and parameter names are those of Hugging Face ``LlamaForCausalLM`` (``model.embed_tokens``,
+``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.gate_proj``, ``model.norm``, ``lm_head``)
+so that export is a copy and DeepSpeed AutoTP's Llama sharding rules apply to us unchanged.
+
+Under AutoTP, q/k/v/gate/up projections are column-sharded and o/down row-sharded, so a rank sees
+fewer heads than the config says: the attention code therefore derives the local head count from
+tensor shapes (``view(B, T, -1, head_dim)``), never from ``num_attention_heads``.
+
+Shapes: B batch, T sequence, d hidden, H query heads, K kv heads, D head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as HF Llama does (logit parity).
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    """cos/sin tables computed on the fly in fp32 from position ids (no cache to go stale)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # Not persistent: derived from the config, so checkpoints and exports carry no copy.
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids (B, T) -> cos, sin (B, T, D)
+        inv = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        pos = position_ids[:, None, :].float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            freqs = (inv @ pos).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    # q (B, H, T, D), k (B, K, T, D), cos/sin (B, T, D)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.head_dim = hd
+        self.q_proj = nn.Linear(d, cfg.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin)
+        n_rep = q.shape[1] // k.shape[1]
+        if n_rep > 1:
+            # (B, K, T, D) -> (B, H, T, D); explicit so every SDPA backend accepts it.
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        # 0 = off; N = recompute every N-th layer's activations in backward (1 = every layer).
+        self.checkpoint_every = 0
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None) -> torch.Tensor:
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        cos, sin = self.rotary_emb(x, position_ids)
+        for i, layer in enumerate(self.layers):
+            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
+                # Non-reentrant torch checkpointing: works with ZeRO-3's parameter hooks and with
+                # inputs that do not require grad; recomputes the layer forward during backward.
+                x = checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask)
+        return self.norm(x)
+
+
+def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that also forbids attention across packed documents.
+
+    segment_ids (B, T) int: tokens with equal ids belong to the same document.
+    Returns a boolean mask (B, 1, T, T), True where attention is allowed.
+    """
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        # Residual-output projections get std / sqrt(2L) (GPT-2): keeps the residual stream's
+        # variance from growing with depth at init.
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                s = out_std if name.endswith(("o_proj", "down_proj")) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, LlamaRMSNorm):
+                nn.init.ones_(module.weight)
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """0 disables; N recomputes every N-th decoder layer (N=1: all of them)."""
+        if every < 0:
+            raise ValueError("activation checkpointing interval must be >= 0")
+        self.model.checkpoint_every = every
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ):
+        """input_ids (B, T). With labels (B, T) (IGNORE_INDEX = masked) returns the mean token loss;
+        otherwise the logits (B, T, V). segment_ids (B, T) enable intra-document attention."""
+        attn_mask = document_attention_mask(segment_ids) if segment_ids is not None else None
+        h = self.model(input_ids, position_ids=position_ids, attn_mask=attn_mask)
+        logits = self.lm_head(h)
+        if labels is None:
+            return logits
+        # Cross-entropy in fp32: bf16 log-softmax over a large vocab loses ~2 digits.
+        return F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX
+        )
