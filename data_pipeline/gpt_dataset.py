@@ -1,0 +1,462 @@
+"""Training samples from Megatron indexed datasets: packing, seeded global order, blending, caching.
+
+Semantics follow Megatron-LM's ``GPTDataset`` / ``BlendedDataset`` (see
+``shared/specs/indexed_dataset_format.md``): every sequence of every prefix is a document; documents
+are shuffled per epoch with a seeded ``numpy.random.RandomState``; the shuffled token stream is cut into
+samples of ``seq_len + 1`` tokens packed across document boundaries (sample i covers stream positions
+``[i*seq_len, i*seq_len + seq_len]``, so consecutive samples share one token: the last label of one is
+the first input of the next); finally the sample order is shuffled. Epochs are added until
+``num_samples`` samples exist.
+
+Nothing is ever materialised per token. Three index arrays describe the order:
+
+    doc_idx     (epochs * docs,)     document id at each stream position   int32 (int64 if needed)
+    sample_idx  (num_samples, 2)     (doc_idx position, token offset) where sample i starts
+    shuffle_idx (num_samples,)       sample order                          int32 (int64 if needed)
+
+They are cached as ``.npy`` files named by ``fingerprint``, a hash of everything that determines them
+(the ``.idx`` contents of each prefix, seq_len, seed, num_samples, format version) and nothing else
+(not paths or mtimes), so the same data copied elsewhere reuses the cache. Resume needs only the number
+of consumed samples: the order is global and independent of the data-parallel size.
+
+numpy only: this module is imported by data tools that must not need torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .indexed_dataset import IndexedDataset, exists
+
+# Bump when the construction of the index arrays changes, so stale caches are never reused.
+INDEX_FORMAT_VERSION = 1
+# Searchsorted in chunks so building for hundreds of millions of samples stays within a few 100 MB.
+_CHUNK = 1 << 22
+
+
+class DatasetConfigError(ValueError):
+    """A data path, split or size that cannot be used, with the reason."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating data
+
+
+def _read_manifest_prefixes(directory: str, split: str) -> list[str]:
+    """Shard prefixes of ``split`` from ``directory/manifest.json`` (preprocess output), absolute.
+
+    Kept private and tiny on purpose so this module does not depend on the preprocess package.
+    """
+    manifest = os.path.join(directory, "manifest.json")
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetConfigError(f"{manifest}: line {e.lineno}: not valid JSON ({e.msg})") from e
+    splits = data.get("splits") if isinstance(data, dict) else None
+    if not isinstance(splits, dict):
+        raise DatasetConfigError(f"{manifest}: no 'splits' object")
+    if split not in splits:
+        raise DatasetConfigError(
+            f"{manifest}: no split {split!r}; it has {', '.join(sorted(splits)) or 'none'}"
+        )
+    prefixes = []
+    for i, entry in enumerate(splits[split]):
+        if not isinstance(entry, dict) or "prefix" not in entry:
+            raise DatasetConfigError(f"{manifest}: splits.{split}[{i}] has no 'prefix'")
+        prefix = os.path.abspath(os.path.join(directory, entry["prefix"]))
+        if not exists(prefix):
+            raise DatasetConfigError(
+                f"{manifest}: splits.{split}[{i}]: {prefix}.idx/.bin missing (incomplete copy?)"
+            )
+        prefixes.append(prefix)
+    if not prefixes:
+        raise DatasetConfigError(f"{manifest}: split {split!r} has no shards")
+    return prefixes
+
+
+def resolve_prefixes(path: str, split: str) -> list[str]:
+    """Dataset prefixes named by ``path``, for ``split``.
+
+    ``path`` is one of:
+      * a preprocess output directory (has ``manifest.json``): that split's shard prefixes, absolute;
+      * a Megatron prefix (``path.idx`` and ``path.bin`` exist; a trailing ``.idx``/``.bin`` is
+        tolerated): ``[path]``. ``split`` is not applied -- name a separate prefix for validation;
+      * a glob of prefixes, e.g. ``data/shard_*`` (matched against ``*.idx``): sorted matches.
+    """
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "manifest.json")):
+            return _read_manifest_prefixes(path, split)
+        hint = " (it holds .idx files: pass a glob such as DIR/*)" if glob.glob(f"{path}/*.idx") else ""
+        raise DatasetConfigError(f"{path}: directory without manifest.json{hint}")
+    for suffix in (".idx", ".bin"):
+        if path.endswith(suffix) and exists(path[: -len(suffix)]):
+            path = path[: -len(suffix)]
+    if exists(path):
+        return [os.path.abspath(path)]
+    if glob.has_magic(path):
+        pattern = path if path.endswith(".idx") else f"{path}.idx"
+        prefixes = sorted(os.path.abspath(p[: -len(".idx")]) for p in glob.glob(pattern))
+        prefixes = [p for p in prefixes if exists(p)]
+        if prefixes:
+            return prefixes
+        raise DatasetConfigError(f"{path}: glob matches no .idx/.bin pair")
+    if os.path.exists(f"{path}.idx") or os.path.exists(f"{path}.bin"):
+        raise DatasetConfigError(f"{path}: only one of {path}.idx / {path}.bin exists")
+    raise DatasetConfigError(
+        f"{path}: not a preprocess output directory (manifest.json), a Megatron prefix "
+        "(PREFIX.idx + PREFIX.bin) or a glob of prefixes"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _idx_identity(prefix: str) -> str:
+    """sha256 of ``prefix.idx`` (lengths, pointers, document index, dtype: all the arrays depend on),
+    memoised per process by (path, size, mtime) so several datasets over one prefix hash it once."""
+    idx = os.path.realpath(f"{prefix}.idx")
+    st = os.stat(idx)
+    key = (idx, st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(idx, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def _index_dtype(max_value: int) -> np.dtype:
+    return np.dtype(np.int32) if max_value < np.iinfo(np.int32).max else np.dtype(np.int64)
+
+
+def _save_atomic(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _IndexCache:
+    """Named ``.npy`` arrays plus a ``.json`` marker written last: arrays are used only when the marker
+    exists, so a reader never sees a half-written set even if a builder died midway."""
+
+    def __init__(self, cache_dir: str | None, stem: str, names: tuple[str, ...]):
+        self.cache_dir, self.stem, self.names = cache_dir, stem, names
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.cache_dir, f"{self.stem}_{name}")
+
+    def complete(self) -> bool:
+        if self.cache_dir is None:
+            return False
+        files = [self._path("meta.json")] + [self._path(f"{n}.npy") for n in self.names]
+        return all(os.path.exists(p) for p in files)
+
+    def load(self) -> dict[str, np.ndarray]:
+        return {n: np.load(self._path(f"{n}.npy"), mmap_mode="r", allow_pickle=False) for n in self.names}
+
+    def save(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        assert self.cache_dir is not None
+        os.makedirs(self.cache_dir, exist_ok=True)
+        for n in self.names:
+            _save_atomic(self._path(f"{n}.npy"), arrays[n])
+        _write_json_atomic(self._path("meta.json"), meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed dataset
+
+
+class PackedDataset:
+    """Megatron-GPTDataset-like samples of ``seq_len + 1`` tokens from the documents of ``prefixes``.
+
+    ``num_samples <= 0`` means one epoch: every complete sample of a single pass (for validation).
+    Index arrays come from ``cache_dir`` when cached there; otherwise they are built in memory on first
+    access (so constructing is cheap on every rank; call ``build_cache()`` on one process per node
+    first when several processes share a node).
+    """
+
+    def __init__(self, prefixes: list[str], seq_len: int, num_samples: int, seed: int,
+                 cache_dir: str | None = None, name: str = "train"):
+        if not prefixes:
+            raise DatasetConfigError(f"{name}: no dataset prefixes given")
+        if seq_len < 1:
+            raise DatasetConfigError(f"{name}: seq_len must be >= 1, got {seq_len}")
+        self.prefixes = [str(p) for p in prefixes]
+        self.seq_len, self.seed, self.name = int(seq_len), int(seed), name
+        self.cache_dir = str(cache_dir) if cache_dir is not None else None
+        self.datasets = [IndexedDataset(p) for p in self.prefixes]
+        # Global document id d lives in dataset k = searchsorted(doc_offsets, d, 'right') - 1.
+        counts = [len(ds) for ds in self.datasets]
+        self.doc_offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.num_docs = int(self.doc_offsets[-1])
+        self.tokens_per_epoch = int(sum(int(ds.num_tokens) for ds in self.datasets))
+        if self.tokens_per_epoch < self.seq_len + 1:
+            raise DatasetConfigError(
+                f"{name}: {self.prefixes[0]}{' ...' if len(prefixes) > 1 else ''} holds "
+                f"{self.tokens_per_epoch} tokens, fewer than one sample of seq_len+1={self.seq_len + 1}"
+            )
+        if num_samples <= 0:
+            num_samples = (self.tokens_per_epoch - 1) // self.seq_len
+        self.num_samples = int(num_samples)
+        # The last sample ends at stream position num_samples*seq_len (inclusive).
+        self.num_epochs = math.ceil((self.num_samples * self.seq_len + 1) / self.tokens_per_epoch)
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        ident = {
+            "kind": "packed", "version": INDEX_FORMAT_VERSION, "seq_len": self.seq_len, "seed": self.seed,
+            "num_samples": self.num_samples, "idx_sha256": [_idx_identity(p) for p in self.prefixes],
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    @cached_property
+    def _cache(self) -> _IndexCache:
+        stem = f"{self.name}_packed_{self.fingerprint[:20]}"
+        return _IndexCache(self.cache_dir, stem, ("doc_idx", "sample_idx", "shuffle_idx"))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    # -- building --------------------------------------------------------------------------------
+
+    def _sequence_lengths(self) -> np.ndarray:
+        if len(self.datasets) == 1:
+            return self.datasets[0].sequence_lengths
+        return np.concatenate([ds.sequence_lengths for ds in self.datasets])
+
+    def _build_arrays(self) -> dict[str, np.ndarray]:
+        rng = np.random.RandomState(self.seed)
+        # One independent permutation per epoch (not one shuffle of all epochs tiled, as Megatron
+        # does): every document appears exactly once in each epoch.
+        doc_dtype = _index_dtype(self.num_docs)
+        doc_idx = np.empty(self.num_epochs * self.num_docs, dtype=doc_dtype)
+        for e in range(self.num_epochs):
+            doc_idx[e * self.num_docs : (e + 1) * self.num_docs] = rng.permutation(self.num_docs)
+        # ends[j] = stream position just past document doc_idx[j]: O(documents), not O(tokens).
+        lengths = self._sequence_lengths()
+        ends = np.cumsum(lengths[doc_idx], dtype=np.int64)
+        pos_dtype = _index_dtype(max(len(doc_idx), int(lengths.max(initial=0))))
+        sample_idx = np.empty((self.num_samples, 2), dtype=pos_dtype)
+        for lo in range(0, self.num_samples, _CHUNK):
+            starts = np.arange(lo, min(lo + _CHUNK, self.num_samples), dtype=np.int64) * self.seq_len
+            # side='right' skips zero-length documents: the first j with ends[j] > start.
+            j = np.searchsorted(ends, starts, side="right")
+            sample_idx[lo : lo + len(j), 0] = j
+            sample_idx[lo : lo + len(j), 1] = starts - (ends[j] - lengths[doc_idx[j]])
+        shuffle_idx = rng.permutation(self.num_samples).astype(_index_dtype(self.num_samples))
+        return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
+
+    def _meta(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint, "kind": "packed", "name": self.name, "seq_len": self.seq_len,
+            "seed": self.seed, "num_samples": self.num_samples, "num_epochs": self.num_epochs,
+            "num_docs": self.num_docs, "tokens_per_epoch": self.tokens_per_epoch, "prefixes": self.prefixes,
+        }
+
+    def build_cache(self) -> None:
+        """Build the index arrays and write them atomically into ``cache_dir`` (no-op if cached).
+
+        Safe to race: concurrent builders write identical bytes and each file appears by ``os.replace``.
+        """
+        if self.cache_dir is None:
+            raise DatasetConfigError(f"{self.name}: build_cache() needs a cache_dir")
+        if not self._cache.complete():
+            self._cache.save(self._arrays or self._build_arrays(), self._meta())
+        self._arrays = None  # re-open from the cache (memory-mapped) on next access
+
+    def _ensure(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self._cache.load() if self._cache.complete() else self._build_arrays()
+        return self._arrays
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _read(self, j: int, offset: int) -> np.ndarray:
+        """seq_len+1 tokens of the stream starting at document position j, token ``offset``."""
+        doc_idx = self._ensure()["doc_idx"]
+        out = np.empty(self.seq_len + 1, dtype=np.int64)
+        filled = 0
+        while filled < len(out):
+            doc = int(doc_idx[j])
+            k = int(np.searchsorted(self.doc_offsets, doc, side="right")) - 1
+            chunk = self.datasets[k].get(doc - int(self.doc_offsets[k]), offset, None)
+            n = min(len(chunk), len(out) - filled)
+            out[filled : filled + n] = chunk[:n]
+            filled += n
+            j, offset = j + 1, 0
+        return out
+
+    def unshuffled(self, i: int) -> np.ndarray:
+        """Sample i in stream order (before the sample shuffle): for inspection and tests."""
+        j, offset = self._ensure()["sample_idx"][i]
+        return self._read(int(j), int(offset))
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"{self.name}: sample {idx} out of range [0, {self.num_samples})")
+        return self.unshuffled(int(self._ensure()["shuffle_idx"][idx]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Blending
+
+
+def _blend_indices(weights: np.ndarray, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's greedy interleave: sample i goes to the dataset lagging its share the most,
+    ``argmax_k(w_k * max(i, 1) - drawn_k)`` with ties to the lowest k. Keeps every dataset's count
+    within one sample of ``w_k * i``. A plain loop over K small lists: ~1 s per million samples,
+    done once per cache."""
+    k_count = len(weights)
+    w = [float(x) for x in weights]
+    drawn = [0] * k_count
+    dataset_index = np.empty(num_samples, dtype=np.int16 if k_count < 2**15 else np.int32)
+    dataset_sample = np.empty(num_samples, dtype=_index_dtype(num_samples))
+    for i in range(num_samples):
+        t = float(max(i, 1))
+        best, best_err = 0, w[0] * t - drawn[0]
+        for k in range(1, k_count):
+            err = w[k] * t - drawn[k]
+            if err > best_err:
+                best, best_err = k, err
+        dataset_index[i] = best
+        dataset_sample[i] = drawn[best]
+        drawn[best] += 1
+    return dataset_index, dataset_sample
+
+
+class BlendedDataset:
+    """Deterministic weighted interleave of several datasets (Megatron's ``BlendedDataset``)."""
+
+    def __init__(self, datasets: list[PackedDataset], weights: list[float], num_samples: int,
+                 cache_dir: str | None = None):
+        if not datasets or len(datasets) != len(weights):
+            raise DatasetConfigError(f"blend: {len(datasets)} datasets but {len(weights)} weights")
+        w = np.asarray(weights, dtype=np.float64)
+        if not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise DatasetConfigError(f"blend: weights must be finite and > 0, got {list(weights)}")
+        self.datasets = list(datasets)
+        self.weights = w / w.sum()
+        self.num_samples = int(num_samples)
+        self.cache_dir = str(cache_dir) if cache_dir is not None else None
+        self.name = datasets[0].name
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        ident = {
+            "kind": "blended", "version": INDEX_FORMAT_VERSION, "num_samples": self.num_samples,
+            "weights": [float(x) for x in self.weights], "children": [d.fingerprint for d in self.datasets],
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    @cached_property
+    def _cache(self) -> _IndexCache:
+        stem = f"{self.name}_blended_{self.fingerprint[:20]}"
+        return _IndexCache(self.cache_dir, stem, ("dataset_index", "dataset_sample_index"))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _build_arrays(self) -> dict[str, np.ndarray]:
+        dataset_index, dataset_sample = _blend_indices(self.weights, self.num_samples)
+        for k, ds in enumerate(self.datasets):
+            need = int(np.count_nonzero(dataset_index == k))
+            if need > len(ds):
+                raise DatasetConfigError(
+                    f"blend: dataset {k} ({ds.prefixes[0]}) has {len(ds)} samples, the blend of "
+                    f"{self.num_samples} at weight {self.weights[k]:.4f} draws {need}"
+                )
+        return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample}
+
+    def build_cache(self) -> None:
+        """Build children's caches, then the blend's; atomic and idempotent like PackedDataset's."""
+        if self.cache_dir is None:
+            raise DatasetConfigError("blend: build_cache() needs a cache_dir")
+        for ds in self.datasets:
+            ds.build_cache()
+        if not self._cache.complete():
+            meta = {"fingerprint": self.fingerprint, "kind": "blended", "num_samples": self.num_samples,
+                    "weights": [float(x) for x in self.weights],
+                    "children": [d.fingerprint for d in self.datasets]}
+            self._cache.save(self._arrays or self._build_arrays(), meta)
+        self._arrays = None
+
+    def _ensure(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = self._cache.load() if self._cache.complete() else self._build_arrays()
+        return self._arrays
+
+    def __getitem__(self, idx: int) -> np.ndarray:
+        if not 0 <= idx < self.num_samples:
+            raise IndexError(f"blend: sample {idx} out of range [0, {self.num_samples})")
+        arrays = self._ensure()
+        return self.datasets[int(arrays["dataset_index"][idx])][int(arrays["dataset_sample_index"][idx])]
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point for the trainer
+
+
+# Megatron sizes each blended component 0.5% larger than its share; the greedy interleave needs at
+# most one extra sample, the margin guards against float rounding of the weights.
+_BLEND_MARGIN = 1.005
+
+
+def build_dataset(sources: list[tuple[str, float]], split: str, seq_len: int, num_samples: int, seed: int,
+                  cache_dir: str | None) -> PackedDataset | BlendedDataset:
+    """``sources = [(path, weight)]`` (paths as in ``resolve_prefixes``). One source: a PackedDataset;
+    several: a BlendedDataset whose components are sized by weight (with a margin) so it never runs out.
+    """
+    if not sources:
+        raise DatasetConfigError(f"{split}: no data sources")
+    if len(sources) == 1:
+        path, _ = sources[0]
+        return PackedDataset(resolve_prefixes(path, split), seq_len, num_samples, seed, cache_dir, split)
+    total = float(sum(w for _, w in sources))
+    if num_samples <= 0:
+        raise DatasetConfigError(f"{split}: a blend needs num_samples > 0 (got {num_samples})")
+    children = []
+    for path, weight in sources:
+        if not weight > 0:
+            raise DatasetConfigError(f"{split}: weight of {path} must be > 0, got {weight}")
+        n = math.ceil(weight / total * num_samples * _BLEND_MARGIN) + 1
+        children.append(PackedDataset(resolve_prefixes(path, split), seq_len, n, seed, cache_dir, split))
+    return BlendedDataset(children, [w for _, w in sources], num_samples, cache_dir)
+
+
+def describe(dataset: PackedDataset | BlendedDataset) -> str:
+    """One log line: what the trainer is about to read."""
+    if isinstance(dataset, BlendedDataset):
+        parts = ", ".join(f"{w:.3f}x{describe(d)}" for w, d in zip(dataset.weights, dataset.datasets))
+        return f"blend of {len(dataset)} samples [{parts}]"
+    return (f"{Path(dataset.prefixes[0]).name}{'..' if len(dataset.prefixes) > 1 else ''}"
+            f"({len(dataset.prefixes)} prefixes, {dataset.num_docs} docs, {dataset.tokens_per_epoch} tokens, "
+            f"{len(dataset)} samples, {dataset.num_epochs} epochs)")
