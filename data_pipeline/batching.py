@@ -1,0 +1,145 @@
+"""From packed samples to model inputs, and which samples each data-parallel rank reads.
+
+``make_batch`` recovers document boundaries from EOD tokens the way Megatron's
+``get_ltor_masks_and_position_ids`` does. ``DistributedSampleIterator`` walks the dataset's global order
+from ``consumed_samples``, so resuming (even at another data-parallel size) continues exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from model import IGNORE_INDEX
+
+
+def make_batch(
+    samples: list[np.ndarray] | np.ndarray, eod_id: int, *, mask_eod_loss: bool = False,
+    reset_position_ids: bool = False, intra_doc_attention: bool = False,
+) -> dict[str, torch.Tensor]:
+    """samples (B, T+1) -> model inputs, all (B, T) long tensors on CPU.
+
+    ``input_ids`` = samples[:, :-1]; ``labels`` = samples[:, 1:], with IGNORE_INDEX where the loss is
+    masked. The EOD token belongs to the document it ends; the next document starts after it.
+      * mask_eod_loss: no loss where the INPUT token is EOD (predicting the next document's first token
+        from the previous document is noise);
+      * reset_position_ids: ``position_ids`` restart at 0 after each EOD (absent otherwise);
+      * intra_doc_attention: ``segment_ids`` count the EODs strictly before each token (absent
+        otherwise); the model lets a token attend only within its segment.
+    """
+    arr = np.stack(samples) if isinstance(samples, (list, tuple)) else np.asarray(samples)
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise ValueError(f"make_batch: samples must be (B, T+1) with T >= 1, got shape {arr.shape}")
+    tokens = torch.from_numpy(arr.astype(np.int64, copy=False))
+    input_ids = tokens[:, :-1].contiguous()  # (B, T)
+    labels = tokens[:, 1:].clone()  # (B, T)
+    batch = {"input_ids": input_ids, "labels": labels}
+    if not (mask_eod_loss or reset_position_ids or intra_doc_attention):
+        return batch
+    is_eod = input_ids == eod_id  # (B, T)
+    if mask_eod_loss:
+        labels[is_eod] = IGNORE_INDEX
+    if intra_doc_attention:
+        batch["segment_ids"] = torch.cumsum(is_eod, dim=1) - is_eod.long()
+    if reset_position_ids:
+        B, T = input_ids.shape
+        idx = torch.arange(T).expand(B, T)
+        # A document starts at t=0 and right after each EOD; position = t - start of t's document.
+        starts_here = torch.zeros_like(is_eod)
+        starts_here[:, 0] = True
+        starts_here[:, 1:] = is_eod[:, :-1]
+        doc_start = torch.cummax(torch.where(starts_here, idx, 0), dim=1).values
+        batch["position_ids"] = idx - doc_start
+    return batch
+
+
+class DataExhaustedError(RuntimeError):
+    """The dataset holds fewer samples than the next optimizer step needs."""
+
+
+class DistributedSampleIterator:
+    """This rank's micro-batches, in the dataset's global order starting at ``consumed_samples``.
+
+    With G = micro_batch * grad_accum * dp_size, optimizer step k reads global samples
+    ``[c + k*G, c + (k+1)*G)``. Micro-batch m of rank r is the slice
+    ``[m*mb*dp + r*mb, m*mb*dp + (r+1)*mb)`` of that window (Megatron's layout), so the union over ranks
+    and micro-batches is the window whatever dp_size is: micro-batch m of rank r at dp=2 is micro-batch
+    2m+r at dp=1 with twice the accumulation.
+
+    ``prefetch=True`` reads the next step's samples on a background thread while the current step
+    computes; the order is unaffected (the thread only fetches the already-determined next window).
+    ``consumed_samples`` counts samples handed out, never prefetched ones: checkpoint it as is.
+    ``last_wait_s`` is the time the last call spent waiting for data (log it as data wait).
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0, prefetch: bool = False):
+        if micro_batch_size < 1 or grad_accum < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(
+                f"bad batch layout: micro_batch={micro_batch_size} grad_accum={grad_accum} "
+                f"dp_rank={dp_rank} dp_size={dp_size}"
+            )
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        self.dataset = dataset
+        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.global_batch_size = micro_batch_size * grad_accum * dp_size
+        self.consumed_samples = int(consumed_samples)
+        self.last_wait_s = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="data") if prefetch else None
+        self._pending: tuple[int, Future] | None = None
+
+    def sample_indices(self, consumed: int) -> list[list[int]]:
+        """Global sample indices of this rank's micro-batches for the step starting at ``consumed``."""
+        mb, dp = self.micro_batch_size, self.dp_size
+        out = []
+        for m in range(self.grad_accum):
+            base = consumed + m * mb * dp + self.dp_rank * mb
+            out.append(list(range(base, base + mb)))
+        return out
+
+    def _load(self, consumed: int) -> list[np.ndarray]:
+        return [np.stack([self.dataset[i] for i in idx]) for idx in self.sample_indices(consumed)]
+
+    def steps_left(self) -> int:
+        return (len(self.dataset) - self.consumed_samples) // self.global_batch_size
+
+    def next_microbatches(self) -> list[np.ndarray]:
+        """grad_accum arrays (micro_batch, T+1) for the next optimizer step; advances consumed_samples."""
+        start = self.consumed_samples
+        if start + self.global_batch_size > len(self.dataset):
+            raise DataExhaustedError(
+                f"dataset of {len(self.dataset)} samples cannot supply a global batch of "
+                f"{self.global_batch_size} after {start} consumed samples (size it for the run's train_iters)"
+            )
+        t0 = time.perf_counter()
+        if self._pending is not None and self._pending[0] == start:
+            batches = self._pending[1].result()
+        else:
+            batches = self._load(start)
+        self._pending = None
+        self.last_wait_s = time.perf_counter() - t0
+        self.consumed_samples = start + self.global_batch_size
+        nxt = self.consumed_samples
+        if self._pool is not None and nxt + self.global_batch_size <= len(self.dataset):
+            self._pending = (nxt, self._pool.submit(self._load, nxt))
+        return batches
+
+    def __iter__(self) -> DistributedSampleIterator:
+        return self
+
+    def __next__(self) -> list[np.ndarray]:
+        try:
+            return self.next_microbatches()
+        except DataExhaustedError:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending = None
