@@ -20,7 +20,8 @@ def test_make_batch_masks_positions_segments_by_hand():
     assert set(plain) == {"input_ids", "labels"}
     assert plain["input_ids"].tolist() == [[5, 6, E, 7, 8, E, 9], [E, 11, 12, E, E, 13, 14]]
     assert plain["labels"].tolist() == [[6, E, 7, 8, E, 9, 10], [11, 12, E, E, 13, 14, 15]]
-    b = make_batch(np.stack(samples), E, mask_eod_loss=True, reset_position_ids=True, intra_doc_attention=True)
+    b = make_batch(np.stack(samples), E, mask_eod_loss=True, reset_position_ids=True,
+                   intra_doc_attention=True)
     M = IGNORE_INDEX
     # Loss masked where the INPUT is EOD; predicting EOD itself is kept.
     assert b["labels"].tolist() == [[6, E, M, 8, E, M, 10], [M, 12, E, M, M, 14, 15]]
