@@ -1,0 +1,46 @@
+# lmforge — every target sets up .venv first if needed, so each is one command on a fresh machine.
+#   make demo   tokenizer -> shards -> 2-rank DeepSpeed training -> HF export -> generation (runs/demo/)
+#   make test   the full test suite (make test-quick: without the slow end-to-end tests)
+#   make lint   ruff
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lmforge-setup
+# CPU machines get the pinned CPU torch; with an NVIDIA GPU the same version's default (CUDA) build.
+# On a CPU machine whose index serves CUDA builds by default, add the CPU wheel index, e.g.
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?=
+PYTEST_ARGS   ?=
+
+.PHONY: setup demo test test-quick lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "import torch, deepspeed, sentencepiece, transformers, mpi4py; print('setup ok: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| cuda', torch.cuda.is_available())"
+	touch $@
+
+demo: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch_scripts/demo.sh
+
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-quick: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs/demo .pytest_cache .ruff_cache

@@ -1,0 +1,76 @@
+"""Run-config parsing, overrides, validation and DeepSpeed JSON derivation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, check_global_batch, load_config
+from trainer.ds_config import build_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_loads():
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert paths
+    for p in paths:
+        cfg = load_config(p)
+        assert cfg.data.train
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(ROOT / "configs/demo.yaml", [
+        "train.max_steps=7", "optim.lr=1e-3", "parallel.zero_stage=3", "optim.betas=[0.8, 0.9]",
+        "data.train=[{path: a, weight: 2}, {path: b, weight: 1}]", "eval.interval=0",
+    ])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 1e-3 and cfg.parallel.zero_stage == 3
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert [(s.path, s.weight) for s in cfg.data.train] == [("a", 2.0), ("b", 1.0)]
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_stepz=3", "train.max_stepz"),
+    ("nosuch.key=1", "nosuch"),
+    ("train.max_steps=abc", "train.max_steps"),
+    ("train.precision=fp8", "train.precision"),
+    ("parallel.zero_stage=4", "zero_stage"),
+    ("parallel.offload=optimizer+params", "zero_stage=3"),
+    ("data.train=[{path: x, wieght: 1}]", "data.train[0].wieght"),
+])
+def test_bad_keys_and_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_config(ROOT / "configs/demo.yaml", [override])
+
+
+def test_global_batch_checked():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.micro_batch_size=4", "train.grad_accum=2",
+                                                    "train.global_batch_size=16"])
+    assert check_global_batch(cfg, 2) == 16
+    with pytest.raises(ConfigError, match="global_batch_size=16"):
+        check_global_batch(cfg, 4)
+
+
+def test_ds_config_derived_not_duplicated(tmp_path):
+    cfg = load_config(ROOT / "configs/demo.yaml", ["parallel.zero_stage=3", "train.grad_accum=4"])
+    ds = build_ds_config(cfg, dp_size=2, precision="bf16")
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * 4 * 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip
+    assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr
+    # A template may add settings, but not hold a value the run config owns.
+    tpl = tmp_path / "t.json"
+    tpl.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}}))
+    cfg2 = load_config(ROOT / "configs/demo.yaml", [f"parallel.ds_config={tpl}"])
+    assert build_ds_config(cfg2, 2, "fp32")["zero_optimization"] == {"overlap_comm": True, "stage": 2}
+    tpl.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        build_ds_config(cfg2, 2, "fp32")
+
+
+def test_shipped_ds_templates_are_valid():
+    for p in sorted((ROOT / "ds_configs").glob("*.json")):
+        cfg = load_config(ROOT / "configs/demo.yaml", [f"parallel.ds_config={p}"])
+        build_ds_config(cfg, 2, "fp32")

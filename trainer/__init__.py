@@ -1,0 +1,1 @@
+"""lmforge trainer: DeepSpeed engine setup, the step loop, checkpoints, metrics and HF export/import."""

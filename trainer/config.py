@@ -1,0 +1,340 @@
+"""The one typed run configuration: YAML file + ``section.key=value`` overrides.
+
+Every field is documented here (the docstring of its dataclass). Unknown keys are errors naming the
+key; values are type-checked. The DeepSpeed JSON is *derived* from this config
+(``trainer.ds_config.build_ds_config``): no value lives in two places.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    """Model shape.
+
+    preset: a size preset from ``model.PRESETS`` (debug, tiny, 125m, 350m, 760m, 1b, 3b, 7b, 13b, 70b).
+    Any ``ModelConfig`` field given here (hidden_size, intermediate_size, num_hidden_layers,
+    num_attention_heads, num_key_value_heads, max_position_embeddings, rope_theta, rms_norm_eps,
+    tie_word_embeddings, initializer_range, vocab_size) overrides the preset; without a preset all
+    shape fields must be given. vocab_size defaults to the tokenizer's.
+    init_from_hf: a local Hugging Face Llama directory (or an ``import_hf`` output) whose weights
+    initialise the model for continued pretraining; the shape then comes from it.
+    """
+
+    preset: str | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int | None = None
+    rope_theta: float | None = None
+    rms_norm_eps: float | None = None
+    tie_word_embeddings: bool | None = None
+    initializer_range: float | None = None
+    init_from_hf: str | None = None
+
+
+@dataclass
+class DataSource:
+    """path: a ``preprocess`` output directory (with manifest.json) or a Megatron prefix.
+    weight: relative sampling weight when several sources are blended."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataSection:
+    """Training data.
+
+    train: list of {path, weight}; blended by weight.
+    valid: a path like ``train``'s (null = the ``valid`` split of the first train source if present).
+    seq_len: tokens per sample (the model sees seq_len inputs, predicts seq_len targets).
+    mask_eod_loss: do not train on the token that follows an end-of-document.
+    reset_position_ids: restart rotary positions at each document start.
+    intra_doc_attention: forbid attention across packed documents.
+    cache_dir: where sample-index arrays are cached (null = RUN_DIR/data_cache).
+    prefetch: read the next step's samples in a background thread.
+    """
+
+    train: list[DataSource] = field(default_factory=list)
+    valid: str | None = None
+    seq_len: int = 1024
+    mask_eod_loss: bool = False
+    reset_position_ids: bool = False
+    intra_doc_attention: bool = False
+    cache_dir: str | None = None
+    prefetch: bool = True
+
+
+@dataclass
+class TrainSection:
+    """Step loop.
+
+    micro_batch_size: samples per data-parallel rank per forward.
+    grad_accum: micro-batches accumulated per optimizer step.
+    global_batch_size: optional; if set it must equal micro_batch_size × grad_accum × data-parallel size.
+    max_steps: optimizer steps to train in total (resumed runs continue up to it).
+    seed: seeds the model init, data order and dropout-free RNG streams.
+    precision: auto (bf16 where the accelerator has native bf16, i.e. CUDA; fp32 on CPU) | bf16 | fp16 | fp32.
+    exit_after_minutes: save and exit cleanly after this long (0 = never).
+    """
+
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    global_batch_size: int | None = None
+    max_steps: int = 1000
+    seed: int = 1234
+    precision: str = "auto"
+    exit_after_minutes: float = 0.0
+
+
+@dataclass
+class OptimSection:
+    """AdamW with warmup and a decay schedule (no weight decay on norms, biases and embeddings-free 1-D params).
+
+    lr: peak learning rate. min_lr: floor at the end of decay. warmup_steps: linear warmup length.
+    weight_decay: decoupled weight decay for matrices. betas: Adam betas. eps: Adam epsilon.
+    grad_clip: global gradient-norm clip (0 = off).
+    schedule: cosine | linear | wsd (warmup-stable-decay) | constant.
+    decay_fraction: for wsd, the fraction of max_steps spent in the final linear decay.
+    """
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class ParallelSection:
+    """Parallelism and memory.
+
+    zero_stage: DeepSpeed ZeRO stage 0, 1, 2 or 3.
+    tensor_parallel: tensor-parallel degree through DeepSpeed AutoTP (1 = off).
+    activation_checkpointing: 0 = off, N = recompute every N-th decoder layer (1 = every layer).
+    offload: none | optimizer | optimizer+params (ZeRO CPU offload; params needs stage 3).
+    ds_config: optional DeepSpeed JSON template supplying settings this config does not own.
+    """
+
+    zero_stage: int = 2
+    tensor_parallel: int = 1
+    activation_checkpointing: int = 0
+    offload: str = "none"
+    ds_config: str | None = None
+
+
+@dataclass
+class CheckpointSection:
+    """interval: save every N steps (0 = only at the end/exit). keep_last: keep the newest K.
+    keep_every: also keep every M-th step forever (0 = none). resume: auto-resume from RUN_DIR.
+    allow_data_change: resume even if data or tokenizer fingerprints changed."""
+
+    interval: int = 100
+    keep_last: int = 2
+    keep_every: int = 0
+    resume: bool = True
+    allow_data_change: bool = False
+
+
+@dataclass
+class LogSection:
+    """interval: log every N steps (console, metrics.jsonl, TensorBoard).
+    peak_tflops: per-device peak for MFU (null = auto-detect known GPUs; CPU has none)."""
+
+    interval: int = 10
+    peak_tflops: float | None = None
+
+
+@dataclass
+class EvalSection:
+    """interval: evaluate every N steps (0 = off). steps: validation micro-batches per evaluation."""
+
+    interval: int = 0
+    steps: int = 10
+
+
+@dataclass
+class RunConfig:
+    """run_dir: everything the run writes goes here. tokenizer: path to the SentencePiece .model."""
+
+    run_dir: str = "runs/default"
+    tokenizer: str = ""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "optim.schedule": ("cosine", "linear", "wsd", "constant"),
+    "parallel.offload": ("none", "optimizer", "optimizer+params"),
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; accept any Python float literal.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, d: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(
+                f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}"
+            )
+    kwargs = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(v, hints[k], key)
+        if key in _CHOICES and kwargs[k] not in _CHOICES[key]:
+            raise ConfigError(f"{key}: {kwargs[k]!r} is not one of {', '.join(_CHOICES[key])}")
+    return cls(**kwargs)
+
+
+def _apply_override(d: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    t, p = cfg.train, cfg.parallel
+    if t.micro_batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: {p.zero_stage} is not 0, 1, 2 or 3")
+    if p.tensor_parallel < 1:
+        raise ConfigError("parallel.tensor_parallel must be >= 1")
+    if p.offload != "none" and p.zero_stage == 0:
+        raise ConfigError("parallel.offload needs parallel.zero_stage >= 1")
+    if p.offload == "optimizer+params" and p.zero_stage != 3:
+        raise ConfigError("parallel.offload=optimizer+params needs parallel.zero_stage=3")
+    if cfg.data.seq_len < 1:
+        raise ConfigError("data.seq_len must be >= 1")
+    if not cfg.data.train:
+        raise ConfigError("data.train: at least one {path, weight} source is required")
+    for i, s in enumerate(cfg.data.train):
+        if not s.path:
+            raise ConfigError(f"data.train[{i}].path is empty")
+        if s.weight <= 0:
+            raise ConfigError(f"data.train[{i}].weight must be > 0")
+    if not cfg.tokenizer:
+        raise ConfigError("tokenizer: path to the SentencePiece .model is required")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas must be a list of two numbers")
+    if cfg.model.preset is None and cfg.model.init_from_hf is None and cfg.model.hidden_size is None:
+        raise ConfigError("model: give a preset, explicit shape fields, or init_from_hf")
+
+
+def check_global_batch(cfg: RunConfig, dp_size: int) -> int:
+    """global batch = micro batch × grad accumulation × data-parallel size (checked, returned)."""
+    g = cfg.train.micro_batch_size * cfg.train.grad_accum * dp_size
+    if cfg.train.global_batch_size is not None and cfg.train.global_batch_size != g:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} but micro_batch_size "
+            f"{cfg.train.micro_batch_size} × grad_accum {cfg.train.grad_accum} × data-parallel size "
+            f"{dp_size} = {g}"
+        )
+    return g
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
