@@ -1,0 +1,193 @@
+"""Command line: ``python -m data_pipeline {train-tokenizer,preprocess,inspect,verify,merge} ...``.
+
+``main(argv)`` is also what ``lmforge train-tokenizer|preprocess|inspect|verify|merge`` dispatches to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EPILOG = """examples:
+  python -m data_pipeline train-tokenizer --input corpora/books corpora/wikipedia --vocab-size 32000 \\
+      --output tok/
+  python -m data_pipeline preprocess --input 'pile/*.jsonl.zst' --tokenizer tok/tokenizer.model \\
+      --output data/ --workers 16 --valid-fraction 0.01
+  mpirun -n 4 python -m data_pipeline preprocess ...   (same bytes as one process)
+  python -m data_pipeline inspect data/ ; python -m data_pipeline verify data/
+"""
+
+
+def _size(text: str) -> int:
+    """'64M', '1G', '500k' or plain bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(t)
+
+
+def _add_read_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files, directories (read recursively, sorted), globs, or hf:NAME[:CONFIG][@SPLIT] "
+                        "for a Hugging Face dataset (streamed). .gz/.zst are decompressed on the fly.")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "wikidoc", "text", "parquet"],
+                   help="input format; auto = by suffix (.jsonl/.json, .txt, .parquet), else sniffed: "
+                        "'<doc' = WikiExtractor, '{' = JSON lines, anything else = one text document per file")
+    p.add_argument("--text-key", default="text", help="JSON/parquet field holding the text (default: text)")
+    p.add_argument("--strip-gutenberg", action="store_true",
+                   help="drop Project Gutenberg headers/footers from text files")
+    p.add_argument("--max-doc-bytes", type=_size, default=8 << 20,
+                   help="documents longer than this are streamed in pieces, never loaded whole (default 8M)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline",
+        description="lmforge offline data pipeline: train a SentencePiece tokenizer and tokenize corpora "
+        "into Megatron-compatible MMIDIDX shards with a manifest.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train-tokenizer", help="train a SentencePiece BPE/unigram tokenizer",
+                       description="Train SentencePiece (byte fallback, digit splitting, unk=0 bos=1 eos=2) "
+                       "from a bounded reservoir sample of the input stream. Writes DIR/tokenizer.model and "
+                       "DIR/tokenizer.json (settings, sample statistics, corpus fingerprint).")
+    _add_read_args(t)
+    t.add_argument("--output", required=True, metavar="DIR")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    t.add_argument("--seed", type=int, default=1234, help="reservoir sampling seed (output is deterministic)")
+    t.add_argument("--sample-sentences", type=int, default=2_000_000,
+                   help="at most this many lines are sampled (bounded memory)")
+    t.add_argument("--sample-bytes", type=_size, default=1 << 30, help="and at most this many characters")
+    t.add_argument("--user-symbols", nargs="*", default=[], help="extra special tokens kept whole")
+    t.add_argument("--pad", action="store_true", help="add a <pad> piece (id 3); off by default (Llama)")
+    t.add_argument("--character-coverage", type=float, default=0.9995)
+    t.add_argument("--threads", type=int, default=None, help="SentencePiece trainer threads (default: all cores)")
+
+    p = sub.add_parser("preprocess", help="tokenize inputs into MMIDIDX shards + manifest.json",
+                       description="Tokenize documents into Megatron MMIDIDX .bin/.idx shards under OUT/train "
+                       "and OUT/valid, listed in OUT/manifest.json. Output bytes are identical for any "
+                       "--workers and any number of MPI ranks (mpirun -n K). Rerunning the same command "
+                       "resumes after a crash, keeping checksum-verified finished work.")
+    _add_read_args(p)
+    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file")
+    p.add_argument("--output", required=True, metavar="OUT")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenizer processes per rank (default: all cores)")
+    p.add_argument("--threads-per-worker", type=int, default=1,
+                   help="SentencePiece C++ threads inside each worker's batch encode (default 1)")
+    p.add_argument("--valid-fraction", type=float, default=0.01,
+                   help="fraction of documents (by text hash) written to the valid split (default 0.01)")
+    p.add_argument("--max-shard-bytes", type=_size, default=1 << 30, help="shard .bin size bound (default 1G)")
+    p.add_argument("--unit-bytes", type=_size, default=64 << 20,
+                   help="input bytes per work unit: the resume and MPI granularity (default 64M)")
+    p.add_argument("--no-eod", dest="append_eod", action="store_false",
+                   help="do not append the EOD (eos) id to each document")
+    p.add_argument("--keep-empty", action="store_true",
+                   help="keep empty documents as empty index entries (what Megatron does) instead of skipping")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="skip bad records and count them by reason (default), or stop at the first one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output of a different job")
+    p.add_argument("--batch-chars", type=_size, default=1 << 20, help="characters per tokenizer batch")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    i = sub.add_parser("inspect", help="statistics, token histogram summary, decoded samples")
+    i.add_argument("output", metavar="OUT")
+    i.add_argument("--samples", type=int, default=3, help="documents to decode")
+    i.add_argument("--chars", type=int, default=300, help="characters shown per sample")
+
+    v = sub.add_parser("verify", help="recompute every shard checksum and check the index structure")
+    v.add_argument("output", metavar="OUT")
+
+    m = sub.add_parser("merge", help="combine several outputs (same tokenizer) into one dataset",
+                       description="Copy the shards of several preprocess outputs into OUT with a merged "
+                       "manifest (shards renamed by input order; checksums verified).")
+    m.add_argument("inputs", nargs="+", metavar="DIR")
+    m.add_argument("--output", required=True, metavar="OUT")
+    return parser
+
+
+def _read_settings(a):
+    from .readers import ReadOptions
+
+    return ReadOptions(text_key=a.text_key, strip_gutenberg=a.strip_gutenberg, max_doc_bytes=a.max_doc_bytes)
+
+
+def _summary(m: dict) -> str:
+    lines = []
+    for s, t in m["totals"].items():
+        lines.append(f"  {s:5s}: {t['shards']} shard(s), {t['documents']:,} documents, {t['tokens']:,} tokens")
+    r = m["records"]
+    lines.append(f"  records read {r['read']:,} = written {r['written']:,} + skipped {r['skipped']:,}")
+    for reason, n in m["skipped"].items():
+        ex = ", ".join(m["skip_examples"].get(reason, [])[:3])
+        lines.append(f"    skipped {reason}: {n:,}  (e.g. {ex})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .indexed_dataset import IndexedDatasetError
+    from .manifest import ManifestError
+    from .preprocess import PipelineError
+    from .readers import InputError
+
+    try:
+        if args.command == "train-tokenizer":
+            from .tokenizer import train_tokenizer
+
+            path = train_tokenizer(
+                args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
+                seed=args.seed, sample_sentences_max=args.sample_sentences, sample_bytes_max=args.sample_bytes,
+                user_symbols=args.user_symbols, pad=args.pad, character_coverage=args.character_coverage,
+                num_threads=args.threads, read_opts=_read_settings(args), fmt=args.format,
+            )
+            meta = json.loads((path.parent / "tokenizer.json").read_text())
+            print(f"wrote {path} (vocab {args.vocab_size}, sha256 {meta['sha256'][:16]}..., "
+                  f"{meta['sample']['lines_sampled']:,} sampled lines of {meta['sample']['lines_seen']:,})")
+        elif args.command == "preprocess":
+            from .preprocess import RunOptions, Settings, preprocess
+
+            settings = Settings(
+                text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
+                keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
+                valid_fraction=args.valid_fraction, max_shard_bytes=args.max_shard_bytes,
+                unit_bytes=args.unit_bytes,
+            )
+            run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
+                             batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,
+                             progress=args.progress)
+            m = preprocess(args.input, args.tokenizer, args.output, settings, run)
+            if m is not None:
+                st = m["_run"]
+                rate = st["tokens_processed"] / max(st["seconds"], 1e-9)
+                print(f"wrote {os.path.join(args.output, 'manifest.json')}\n{_summary(m)}\n"
+                      f"  this run: {st['tokens_processed']:,} tokens in {st['seconds']:.1f}s "
+                      f"({rate / 1e6:.2f} M tokens/s, {st['ranks']} rank(s) x {st['workers_per_rank']} workers)")
+        elif args.command == "inspect":
+            from .tools import inspect
+
+            print(inspect(args.output, samples=args.samples, chars=args.chars))
+        elif args.command == "verify":
+            from .tools import verify
+
+            problems = verify(args.output)
+            if problems:
+                print("\n".join(problems), file=sys.stderr)
+                print(f"verify: {len(problems)} problem(s)", file=sys.stderr)
+                return 1
+            print(f"verify: OK ({args.output})")
+        elif args.command == "merge":
+            from .tools import merge
+
+            m = merge(args.inputs, args.output)
+            print(f"merged {len(args.inputs)} outputs into {args.output}\n{_summary(m)}")
+    except (PipelineError, InputError, ManifestError, IndexedDatasetError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,596 @@
+"""Tokenize documents into Megatron MMIDIDX shards: parallel, multi-node, resumable, deterministic.
+
+Design (why the output is byte-identical for any ``--workers`` and any number of MPI ranks):
+
+- The inputs are expanded into an ordered source list, then grouped into *units*: consecutive sources
+  totalling about ``--unit-bytes`` on disk. The plan depends only on the inputs, never on the worker or
+  rank count.
+- A unit is read in order, tokenized in batches by a pool of worker processes (results consumed in
+  submission order), and written to its own shards ``{split}/shard_{unit:05d}_{part:03d}``; a shard is
+  closed when the next document would push it past ``--max-shard-bytes``. So every shard's bytes depend
+  only on the unit's documents and the tokenizer.
+- MPI ranks each take a deterministic subset of the units (largest first, to the least loaded rank);
+  rank 0 gathers the unit records over MPI (no shared filesystem needed for it) and writes the manifest
+  listing all shards in unit order.
+- A finished unit writes ``.state/unit_NNNNN.json`` atomically after its shards are renamed into place.
+  A rerun verifies each recorded shard's sha256 and keeps it, and redoes unfinished units from scratch;
+  so kill -9 at any moment loses at most the units in flight.
+- The train/valid split is by a hash of each document's text (``--valid-fraction``), so it too is
+  independent of how the work was distributed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from . import mpi
+from .indexed_dataset import IndexedDatasetWriter, optimal_dtype, sha256_file
+from .manifest import MANIFEST_NAME, write_json_atomic
+from .readers import DOC, ERROR_REASONS, LAST, PART, SKIP, ReadOptions, Source, expand_inputs, fingerprint
+from .readers import iter_documents as _iter_documents
+from .tokenizer import tokenizer_info
+
+FORMAT = "lmforge-shards-v1"
+SPLITS = ("train", "valid")
+MAX_EXAMPLES = 5
+
+
+class PipelineError(RuntimeError):
+    """A condition that stops the run with a clear message (bad input in fail mode, changed inputs)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the output bytes (worker and rank counts deliberately excluded)."""
+
+    text_key: str = "text"
+    format: str = "auto"
+    strip_gutenberg: bool = False
+    keep_empty: bool = False
+    max_doc_bytes: int = 8 << 20
+    max_line_bytes: int = 64 << 20
+    append_eod: bool = True
+    valid_fraction: float = 0.01
+    max_shard_bytes: int = 1 << 30
+    unit_bytes: int = 64 << 20
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(
+            text_key=self.text_key,
+            strip_gutenberg=self.strip_gutenberg,
+            keep_empty=self.keep_empty,
+            max_doc_bytes=self.max_doc_bytes,
+            max_line_bytes=self.max_line_bytes,
+        )
+
+
+@dataclass
+class RunOptions:
+    """How to run (does not change the output)."""
+
+    workers: int = max(1, os.cpu_count() or 1)
+    threads_per_worker: int = 1
+    batch_chars: int = 1 << 20
+    on_error: str = "skip"
+    overwrite: bool = False
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning
+
+
+def plan_units(sources: list[Source], unit_bytes: int) -> list[list[int]]:
+    """Group consecutive sources into units of about ``unit_bytes`` (a big file is a unit alone)."""
+    units: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for i, s in enumerate(sources):
+        if cur and size + s.size > unit_bytes:
+            units.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += max(s.size, 1)
+    if cur:
+        units.append(cur)
+    return units
+
+
+def assign_units(unit_sizes: list[int], world: int) -> list[list[int]]:
+    """Largest unit first to the least loaded rank; deterministic; each rank's list in unit order."""
+    loads = [0] * world
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for u in sorted(range(len(unit_sizes)), key=lambda u: (-unit_sizes[u], u)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        owned[r].append(u)
+        loads[r] += unit_sizes[u]
+    return [sorted(o) for o in owned]
+
+
+def shard_prefix(split: str, unit: int, part: int) -> str:
+    return f"{split}/shard_{unit:05d}_{part:03d}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer workers
+
+_SP = None
+_DTYPE: np.dtype = np.dtype(np.uint16)
+_THREADS = 1
+
+
+def _init_worker(model_path: str, dtype: str, threads: int) -> None:
+    global _SP, _DTYPE, _THREADS
+    import sentencepiece as spm
+
+    _SP = spm.SentencePieceProcessor(model_file=model_path)
+    _DTYPE, _THREADS = np.dtype(dtype), threads
+
+
+def _doc_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """Tokenize a batch -> (lengths, concatenated ids, 64-bit text hashes, indices that failed)."""
+    assert _SP is not None
+    failed: list[int] = []
+    hashes = []
+    for i, t in enumerate(texts):
+        try:
+            hashes.append(_doc_hash(t))
+        except UnicodeEncodeError:  # lone surrogates from a JSON "\ud800" escape
+            hashes.append(0)
+            failed.append(i)
+    if failed:
+        bad = set(failed)
+        texts = ["" if i in bad else t for i, t in enumerate(texts)]
+    ids = _SP.encode(texts, num_threads=_THREADS) if _THREADS > 1 else _SP.encode(texts)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=_DTYPE, count=int(lengths.sum()))
+    return lengths, flat, hashes, failed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unit writer
+
+
+@dataclass
+class UnitRecord:
+    unit: int
+    sources: list[int]
+    shards: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    records_read: int = 0
+    documents_written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skip_examples: dict[str, list[str]] = field(default_factory=dict)
+
+
+class UnitWriter:
+    def __init__(self, out: Path, unit: int, sources: list[int], settings: Settings, dtype, eod: int):
+        self.out, self.settings, self.dtype = out, settings, np.dtype(dtype)
+        self.rec = UnitRecord(unit, sources)
+        self.writers: dict[str, IndexedDatasetWriter | None] = {s: None for s in SPLITS}
+        self.parts = {s: 0 for s in SPLITS}
+        self.eod = np.asarray([eod], dtype=self.dtype)
+        # Fraction of the 64-bit hash space that goes to valid.
+        self.valid_threshold = int(settings.valid_fraction * (1 << 64))
+        self.doc_split: str | None = None  # split of the multi-piece document in progress
+        self.doc_tokens = 0
+        self.tokens = 0
+
+    def skip(self, reason: str, loc: str) -> None:
+        self.rec.records_read += 1
+        self.rec.skipped[reason] = self.rec.skipped.get(reason, 0) + 1
+        ex = self.rec.skip_examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(loc)
+
+    def _writer(self, split: str, incoming_bytes: int) -> IndexedDatasetWriter:
+        w = self.writers[split]
+        if w is not None and w.num_documents and w.bytes_written() + incoming_bytes > self.settings.max_shard_bytes:
+            self._close(split)
+            w = None
+        if w is None:
+            prefix = self.out / shard_prefix(split, self.rec.unit, self.parts[split])
+            w = self.writers[split] = IndexedDatasetWriter(prefix, self.dtype)
+        return w
+
+    def _close(self, split: str) -> None:
+        w = self.writers[split]
+        if w is None:
+            return
+        w.finalize()
+        self.rec.shards[split].append(
+            {
+                "prefix": shard_prefix(split, self.rec.unit, self.parts[split]),
+                "documents": w.num_documents,
+                "sequences": w.num_sequences,
+                "tokens": w.num_tokens,
+                "sha256_bin": sha256_file(f"{w.prefix}.bin"),
+                "sha256_idx": sha256_file(f"{w.prefix}.idx"),
+            }
+        )
+        self.parts[split] += 1
+        self.writers[split] = None
+
+    def add(self, kind: int, tokens: np.ndarray, text_hash: int) -> None:
+        eod = self.settings.append_eod
+        if kind == DOC:
+            split = "valid" if text_hash < self.valid_threshold else "train"
+            if eod and len(tokens):
+                tokens = np.concatenate((tokens, self.eod))
+            w = self._writer(split, tokens.nbytes)
+            w.add_document(tokens)
+            self.rec.records_read += 1
+            self.rec.documents_written += 1
+            self.tokens += len(tokens)
+            return
+        # A document streamed in pieces: all pieces go to one shard as consecutive sequences of one
+        # document; the split is decided by the first piece's hash.
+        if self.doc_split is None:
+            self.doc_split = "valid" if text_hash < self.valid_threshold else "train"
+            self.doc_tokens = 0
+        split = self.doc_split
+        if kind == LAST and eod and (len(tokens) or self.doc_tokens):
+            tokens = np.concatenate((tokens, self.eod))
+        w = self.writers[split] if self.doc_tokens else self._writer(split, tokens.nbytes)
+        if w is None:
+            w = self._writer(split, tokens.nbytes)
+        if len(tokens):
+            w.add_sequence(tokens)
+        self.doc_tokens += len(tokens)
+        self.tokens += len(tokens)
+        if kind == LAST:
+            w.end_document()
+            self.rec.records_read += 1
+            self.rec.documents_written += 1
+            self.doc_split = None
+            self.doc_tokens = 0
+
+    def finish(self) -> UnitRecord:
+        for split in SPLITS:
+            self._close(split)
+        return self.rec
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            if w is not None:
+                w.abort()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run
+
+
+def _config(sources: list[Source], tok: dict, settings: Settings) -> dict:
+    return {
+        "format": FORMAT,
+        "tokenizer": {k: tok[k] for k in ("sha256", "vocab_size", "eos_id", "bos_id", "unk_id", "pad_id")},
+        "dtype": optimal_dtype(tok["vocab_size"]).name,
+        "sources": [
+            {"path": s.path, "format": s.format, "size": s.size, "fingerprint": fingerprint(s)} for s in sources
+        ],
+        "settings": asdict(settings),
+    }
+
+
+def _config_diff(old: dict, new: dict) -> str:
+    if old.get("tokenizer") != new.get("tokenizer"):
+        return "the tokenizer differs"
+    if old.get("settings") != new.get("settings"):
+        keys = [k for k in new["settings"] if old.get("settings", {}).get(k) != new["settings"][k]]
+        return f"settings differ ({', '.join(keys)})"
+    olds, news = old.get("sources", []), new.get("sources", [])
+    if len(olds) != len(news):
+        return f"the number of input sources changed ({len(olds)} -> {len(news)})"
+    for a, b in zip(olds, news):
+        if a != b:
+            return f"input {b['path']} changed (was {a['path']}, size {a['size']} -> {b['size']})"
+    return "the configuration differs"
+
+
+def _unit_state_path(out: Path, unit: int) -> Path:
+    return out / ".state" / f"unit_{unit:05d}.json"
+
+
+def _load_done_unit(out: Path, unit: int) -> dict | None:
+    """A recorded unit whose shards all exist and match their checksums, else None."""
+    p = _unit_state_path(out, unit)
+    if not p.exists():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    for split in SPLITS:
+        for sh in rec["shards"][split]:
+            base = out / sh["prefix"]
+            for ext, key in ((".bin", "sha256_bin"), (".idx", "sha256_idx")):
+                f = Path(f"{base}{ext}")
+                if not f.exists() or sha256_file(f) != sh[key]:
+                    return None
+    return rec
+
+
+def _clean_unit(out: Path, unit: int) -> None:
+    """Remove finished or temporary shard files of an unfinished unit (left by a killed run)."""
+    for split in SPLITS:
+        for f in (out / split).glob(f"shard_{unit:05d}_*"):
+            f.unlink()
+
+
+def _batches(
+    sources: list[Source], idxs: list[int], settings: Settings, run: RunOptions, progress
+) -> Iterator[tuple[list[tuple[int, str, str]], list[str]]]:
+    """Yield (metas, texts): metas are (kind, reason-or-"", loc) in order; texts for non-SKIP items."""
+    opts = settings.read_options()
+    metas: list[tuple[int, str, str]] = []
+    texts: list[str] = []
+    chars = 0
+    for si in idxs:
+        src = sources[si]
+        counted = 0
+        for kind, text, loc in _iter_documents(src, opts):
+            if kind == SKIP:
+                if run.on_error == "fail" and text in ERROR_REASONS:
+                    raise PipelineError(f"{loc}: {text} (--on-error fail)")
+                metas.append((SKIP, text, loc))
+                continue
+            metas.append((kind, "", loc))
+            texts.append(text)
+            chars += len(text)
+            if progress is not None:
+                progress.update(len(text))
+                counted += len(text)
+            if chars >= run.batch_chars or len(texts) >= 8192:
+                yield metas, texts
+                metas, texts, chars = [], [], 0
+        if progress is not None and src.size > counted:
+            progress.update(src.size - counted)  # markup, skipped records, compression
+    if metas:
+        yield metas, texts
+
+
+class _Progress:
+    """tqdm over input bytes (MB/s, ETA) with docs/s and tokens/s in the postfix."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                            file=sys.stderr, smoothing=0.1, mininterval=0.5)
+        self.t0 = time.perf_counter()
+        self.docs = 0
+        self.tokens = 0
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def count(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt / 1e6:.2f} M tok/s",
+                                     refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _process_units(
+    out: Path, sources: list[Source], units: list[list[int]], mine: list[int], settings: Settings,
+    run: RunOptions, model_path: str, tok: dict, rank: int,
+) -> tuple[list[dict], dict]:
+    dtype = optimal_dtype(tok["vocab_size"])
+    done: dict[int, dict] = {}
+    todo: list[int] = []
+    for u in mine:
+        rec = _load_done_unit(out, u)
+        if rec is not None:
+            done[u] = rec
+        else:
+            _clean_unit(out, u)
+            todo.append(u)
+    if done:
+        print(f"[rank {rank}] resuming: {len(done)} unit(s) verified and kept, {len(todo)} to do",
+              file=sys.stderr)
+    total = sum(sources[i].size for u in todo for i in units[u])
+    progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
+    stats = {"tokens": 0, "documents": 0, "bytes": total}
+
+    pool = None
+    if run.workers > 1 and todo:
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ctx.Pool(run.workers, initializer=_init_worker,
+                        initargs=(model_path, dtype.name, run.threads_per_worker))
+    else:
+        _init_worker(model_path, dtype.name, run.threads_per_worker)
+    max_inflight = 2 * run.workers + 2  # bounded read-ahead: memory does not grow with the corpus
+    inflight: deque = deque()
+
+    def consume(writer: UnitWriter, metas, result) -> None:
+        lengths, flat, hashes, failed = result.get() if pool is not None else result
+        bad = set(failed)
+        offs = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offs[1:])
+        ti = 0
+        docs = 0
+        for kind, reason, loc in metas:
+            if kind == SKIP:
+                writer.skip(reason, loc)
+                continue
+            if ti in bad:
+                if run.on_error == "fail":
+                    raise PipelineError(f"{loc}: unencodable_text (--on-error fail)")
+                writer.skip("unencodable_text", loc)
+            else:
+                writer.add(kind, flat[offs[ti]:offs[ti + 1]], hashes[ti])
+                docs += kind != PART
+            ti += 1
+        progress.count(docs, int(offs[-1]))
+
+    def drain_one() -> None:
+        writer, metas, result, last = inflight.popleft()
+        if metas is not None:
+            consume(writer, metas, result)
+        if last:
+            rec = asdict(writer.finish())
+            write_json_atomic(_unit_state_path(out, rec["unit"]), rec)
+            done[rec["unit"]] = rec
+
+    writer = None
+    try:
+        for u in todo:
+            writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
+            for metas, texts in _batches(sources, units[u], settings, run, progress):
+                res = pool.apply_async(encode_batch, (texts,)) if pool is not None else encode_batch(texts)
+                inflight.append((writer, metas, res, False))
+                while len(inflight) > max_inflight:
+                    drain_one()
+            inflight.append((writer, None, None, True))
+        while inflight:
+            drain_one()
+    except BaseException:
+        for w, *_ in inflight:
+            w.abort()
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        progress.close()
+    stats.update(tokens=progress.tokens, documents=progress.docs, seconds=time.perf_counter() - progress.t0)
+    return [done[u] for u in sorted(done)], stats
+
+
+def _assemble_manifest(config: dict, unit_records: list[dict], tok_path: str) -> dict:
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    read = written = 0
+    for rec in sorted(unit_records, key=lambda r: r["unit"]):
+        for s in SPLITS:
+            splits[s].extend(rec["shards"][s])
+        read += rec["records_read"]
+        written += rec["documents_written"]
+        for reason, n in rec["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+            ex = examples.setdefault(reason, [])
+            ex.extend(rec["skip_examples"][reason][: MAX_EXAMPLES - len(ex)])
+    totals = {
+        s: {
+            "shards": len(splits[s]),
+            "documents": sum(x["documents"] for x in splits[s]),
+            "tokens": sum(x["tokens"] for x in splits[s]),
+        }
+        for s in SPLITS
+    }
+    return {
+        "format": FORMAT,
+        "tokenizer": {**config["tokenizer"], "file": "tokenizer.model", "source_path": tok_path},
+        "dtype": config["dtype"],
+        "splits": splits,
+        "totals": totals,
+        "records": {"read": read, "written": written, "skipped": sum(skipped.values())},
+        "skipped": dict(sorted(skipped.items())),
+        "skip_examples": dict(sorted(examples.items())),
+        "sources": config["sources"],
+        "settings": config["settings"],
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def preprocess(
+    inputs: list[str], model_path: str, output: str, settings: Settings, run: RunOptions
+) -> dict | None:
+    """Run (or resume) a preprocessing job; returns the manifest on rank 0, None elsewhere."""
+    if run.on_error not in ("skip", "fail"):
+        raise PipelineError(f"--on-error must be skip or fail, not {run.on_error!r}")
+    comm = mpi.world()
+    rank, world = comm.rank, comm.size
+    out = Path(output)
+    sources = expand_inputs(inputs, settings.format)
+    tok = tokenizer_info(model_path)
+    config = _config(sources, tok, settings)
+    state = out / ".state" / "config.json"
+    if run.overwrite and rank == 0:
+        for name in (*SPLITS, ".state"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (MANIFEST_NAME, "tokenizer.model"):
+            (out / name).unlink(missing_ok=True)
+    comm.barrier()
+    if state.exists():
+        old = json.loads(state.read_text())
+        if old != config:
+            raise PipelineError(
+                f"{out} holds output of a different job: {_config_diff(old, config)}. "
+                "Use a new --output directory or pass --overwrite to replace it."
+            )
+    elif (out / MANIFEST_NAME).exists():
+        raise PipelineError(f"{out} holds a manifest from another job; pass --overwrite to replace it")
+    comm.barrier()  # every rank has compared before anyone writes
+    if rank == 0 or not state.exists():
+        write_json_atomic(state, config)  # each node of a cluster without a shared filesystem needs it
+
+    units = plan_units(sources, settings.unit_bytes)
+    sizes = [sum(max(sources[i].size, 1) for i in u) for u in units]
+    mine = assign_units(sizes, world)[rank]
+    err: BaseException | None = None
+    try:
+        records, stats = _process_units(out, sources, units, mine, settings, run, model_path, tok, rank)
+    except BaseException as e:  # report on every rank instead of hanging the others in gather
+        err, records, stats = e, [], {}
+    failures = comm.gather(None if err is None else f"rank {rank}: {err}", root=0)
+    gathered = comm.gather(records, root=0)
+    all_stats = comm.gather(stats, root=0)
+    if err is not None:
+        raise err
+    if rank != 0:
+        comm.barrier()
+        return None
+    bad = [f for f in failures if f]
+    if bad:
+        comm.barrier()
+        raise PipelineError("; ".join(bad))
+    unit_records = [r for rs in gathered for r in rs]
+    if len(unit_records) != len(units):
+        comm.barrier()
+        raise PipelineError(f"internal error: {len(unit_records)} unit records for {len(units)} units")
+    manifest = _assemble_manifest(config, unit_records, model_path)
+    dst = out / "tokenizer.model"
+    if not dst.exists() or sha256_file(dst) != tok["sha256"]:
+        tmp = out / f".tokenizer.model.tmp.{os.getpid()}"
+        shutil.copyfile(model_path, tmp)
+        os.replace(tmp, dst)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    comm.barrier()
+    seconds = max((s.get("seconds", 0.0) for s in all_stats), default=0.0)
+    manifest_stats = {
+        "seconds": seconds,
+        "tokens_processed": sum(s.get("tokens", 0) for s in all_stats),
+        "documents_processed": sum(s.get("documents", 0) for s in all_stats),
+        "ranks": world,
+        "workers_per_rank": run.workers,
+    }
+    return {**manifest, "_run": manifest_stats}

@@ -1,0 +1,436 @@
+"""Streaming document readers with bounded memory and honest accounting of bad input.
+
+Every reader yields ``Item`` tuples ``(kind, text, loc)``:
+
+- ``DOC``: one whole document ``text``;
+- ``PART``/``LAST``: a document longer than ``max_doc_bytes`` streamed in pieces (never loaded whole);
+  ``PART`` pieces are followed by exactly one ``LAST`` piece;
+- ``SKIP``: a record that could not be used; ``text`` is the reason (``invalid_json``, ``invalid_utf8``,
+  ``missing_text``, ``non_string_text``, ``empty``, ``blank_line``, ``line_too_long``,
+  ``truncated_compressed``, ``read_error``), ``loc`` is ``file:line`` (or ``file:row``).
+
+Sources are plain files (optionally ``.gz``/``.zst`` compressed) in one of the formats ``jsonl``
+(also ``.json`` lines and WikiExtractor ``--json`` output), ``wikidoc`` (WikiExtractor ``<doc ...>``
+blocks), ``text`` (one document per file: books; BOM and CRLF handled, Gutenberg boilerplate optionally
+stripped) and ``parquet``; or a Hugging Face dataset ``hf:NAME[:CONFIG][@SPLIT]`` read with
+``datasets.load_dataset(..., streaming=True)``.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+DOC, PART, LAST, SKIP = 0, 1, 2, 3
+Item = tuple[int, str, str]
+
+# Reasons that are errors (``--on-error fail`` stops on them); ``empty``/``blank_line`` are not errors.
+ERROR_REASONS = frozenset(
+    {
+        "invalid_json",
+        "invalid_utf8",
+        "missing_text",
+        "non_string_text",
+        "line_too_long",
+        "truncated_compressed",
+        "read_error",
+        "unencodable_text",
+    }
+)
+
+FORMATS = ("auto", "jsonl", "wikidoc", "text", "parquet")
+_TEXT_SUFFIXES = {".txt", ".raw", ".text", ".md"}
+_JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+
+_DOC_OPEN = re.compile(rb"^<doc\b([^>]*)>")
+_PG_START = re.compile(r"^\s*\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG", re.IGNORECASE)
+_PG_END = re.compile(
+    r"^\s*(\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.IGNORECASE
+)
+_PG_HEADER_SCAN_LINES = 1000  # the START marker is always near the top; give up after this many lines
+
+
+class InputError(ValueError):
+    """Unusable input specification (missing path, unknown format)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str  # file path as expanded, or "hf:NAME[:CONFIG][@SPLIT]"
+    format: str
+    size: int  # bytes on disk (0 for hf:)
+
+    @property
+    def is_hf(self) -> bool:
+        return self.path.startswith("hf:")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    text_key: str = "text"
+    strip_gutenberg: bool = False
+    keep_empty: bool = False  # Megatron keeps empty documents as empty index entries
+    max_doc_bytes: int = 8 << 20  # longer documents are streamed in pieces
+    max_line_bytes: int = 64 << 20  # longer JSON lines are skipped (they cannot be parsed in pieces)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Source expansion and format detection
+
+
+def _compression(path: str) -> str:
+    if path.endswith(".gz"):
+        return "gz"
+    if path.endswith(".zst"):
+        return "zst"
+    return ""
+
+
+def open_binary(path: str) -> BinaryIO:
+    """Open a possibly compressed file as a buffered binary stream (decompressed on the fly)."""
+    comp = _compression(path)
+    if comp == "gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if comp == "zst":
+        import zstandard
+
+        raw = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type]
+    return open(path, "rb", buffering=1 << 20)
+
+
+def detect_format(path: str) -> str:
+    base = path[: -len(_compression(path)) - 1] if _compression(path) else path
+    suffix = Path(base).suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in _JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in _TEXT_SUFFIXES:
+        return "text"
+    # No telling suffix (WikiExtractor writes AA/wiki_00): sniff the first bytes.
+    try:
+        with open_binary(path) as f:
+            head = f.read(4096)
+    except Exception:
+        return "text"  # the reader will report the read error with its location
+    head = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"<doc"):
+        return "wikidoc"
+    if head.startswith(b"{"):
+        return "jsonl"
+    return "text"
+
+
+def expand_inputs(specs: list[str], fmt: str = "auto") -> list[Source]:
+    """Files, directories (recursive, sorted) and globs -> ordered, de-duplicated sources."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    paths: list[str] = []
+    for spec in specs:
+        if spec.startswith("hf:"):
+            paths.append(spec)
+        elif os.path.isdir(spec):
+            found = sorted(
+                str(p)
+                for p in Path(spec).rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(spec).parts)
+            )
+            if not found:
+                raise InputError(f"{spec}: directory has no files")
+            paths.extend(found)
+        elif any(ch in spec for ch in "*?["):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise InputError(f"{spec}: glob matches no files")
+            paths.extend(found)
+        elif os.path.isfile(spec):
+            paths.append(spec)
+        else:
+            raise InputError(f"{spec}: no such file or directory")
+    seen: set[str] = set()
+    sources = []
+    for p in paths:
+        if p in seen:
+            continue
+        seen.add(p)
+        if p.startswith("hf:"):
+            sources.append(Source(p, "hf", 0))
+        else:
+            sources.append(Source(p, detect_format(p) if fmt == "auto" else fmt, os.path.getsize(p)))
+    return sources
+
+
+def fingerprint(src: Source, samples: int = 16, block: int = 1 << 16) -> str:
+    """Cheap content fingerprint: sha256 of the size and ``samples`` evenly spaced 64 KiB blocks.
+
+    Reading whole inputs twice (once to hash, once to tokenize) would double the I/O of a 40 GB run;
+    sampled blocks catch truncation, appends and replaced files, which is what resume checks need.
+    """
+    h = hashlib.sha256(f"{src.path}|{src.size}|".encode())
+    if src.is_hf:
+        return h.hexdigest()
+    with open(src.path, "rb") as f:
+        if src.size <= samples * block:
+            h.update(f.read())
+        else:
+            step = (src.size - block) // (samples - 1)
+            for i in range(samples):
+                f.seek(i * step)
+                h.update(f.read(block))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+
+def iter_documents(src: Source, opts: ReadOptions) -> Iterator[Item]:
+    if src.format == "jsonl":
+        yield from _read_jsonl(src.path, opts)
+    elif src.format == "wikidoc":
+        yield from _read_wikidoc(src.path, opts)
+    elif src.format == "text":
+        yield from _read_text(src.path, opts)
+    elif src.format == "parquet":
+        yield from _read_parquet(src.path, opts)
+    elif src.format == "hf":
+        yield from _read_hf(src.path, opts)
+    else:
+        raise InputError(f"{src.path}: unknown format {src.format!r}")
+
+
+def _lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(line number, raw line or None, error reason or None); bounded memory per line."""
+    try:
+        f = open_binary(path)
+    except OSError as e:
+        yield 1, None, f"read_error: {e}"
+        return
+    lineno = 0
+    with f:
+        while True:
+            lineno += 1
+            try:
+                line = f.readline(max_line_bytes + 1)
+                if not line:
+                    return
+                if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass  # drain the rest of the oversized line without keeping it
+                    yield lineno, None, "line_too_long"
+                    continue
+            except (EOFError, gzip.BadGzipFile) as e:
+                yield lineno, None, f"truncated_compressed: {e}"
+                return
+            except OSError as e:
+                yield lineno, None, f"read_error: {e}"
+                return
+            except Exception as e:  # zstandard.ZstdError and friends
+                if type(e).__name__ == "ZstdError":
+                    yield lineno, None, f"truncated_compressed: {e}"
+                    return
+                raise
+            yield lineno, line, None
+
+
+def _reason(err: str) -> str:
+    return err.split(":", 1)[0]
+
+
+def _check_text(text: object, loc: str, opts: ReadOptions) -> Item:
+    if text is None:
+        return (SKIP, "missing_text", loc)
+    if not isinstance(text, str):
+        return (SKIP, "non_string_text", loc)
+    if not opts.keep_empty and not text.strip():
+        return (SKIP, "empty", loc)
+    return (DOC, text, loc)
+
+
+def _read_jsonl(path: str, opts: ReadOptions) -> Iterator[Item]:
+    for lineno, raw, err in _lines(path, opts.max_line_bytes):
+        loc = f"{path}:{lineno}"
+        if err is not None:
+            yield (SKIP, _reason(err), loc)
+            continue
+        assert raw is not None
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if not raw.strip():
+            yield (SKIP, "blank_line", loc)
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield (SKIP, "invalid_utf8", loc)
+            continue
+        except ValueError:
+            yield (SKIP, "invalid_json", loc)
+            continue
+        if not isinstance(obj, dict):
+            yield (SKIP, "missing_text", loc)
+            continue
+        yield _check_text(obj.get(opts.text_key), loc, opts)
+
+
+class _DocAssembler:
+    """Accumulates decoded lines of one document; emits PART pieces past ``max_doc_bytes``."""
+
+    def __init__(self, loc: str, opts: ReadOptions):
+        self.loc, self.opts = loc, opts
+        self.buf: list[str] = []
+        self.size = 0
+        self.emitted_parts = False
+        self.bad: str | None = None
+        self.bad_loc = loc
+
+    def add(self, line: str) -> Iterator[Item]:
+        self.buf.append(line)
+        self.size += len(line)  # characters: a cheap bound on bytes/4..bytes
+        if self.size >= self.opts.max_doc_bytes:
+            self.emitted_parts = True
+            piece, self.buf, self.size = "".join(self.buf), [], 0
+            yield (PART, piece, self.loc)
+
+    def finish(self, body_check: bool = True) -> Item:
+        text = "".join(self.buf)
+        if self.emitted_parts:
+            return (LAST, text, self.loc)
+        if self.bad:
+            return (SKIP, self.bad, self.bad_loc)
+        return _check_text(text.strip("\n") if body_check else text, self.loc, self.opts)
+
+
+def _decode_line(raw: bytes) -> str | None:
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    # CRLF -> LF (Windows books, wikitext); a lone trailing CR too.
+    if s.endswith("\r\n"):
+        s = s[:-2] + "\n"
+    elif s.endswith("\r"):
+        s = s[:-1] + "\n"
+    return s
+
+
+def _read_wikidoc(path: str, opts: ReadOptions) -> Iterator[Item]:
+    doc: _DocAssembler | None = None
+    for lineno, raw, err in _lines(path, opts.max_line_bytes):
+        loc = f"{path}:{lineno}"
+        if err is not None:
+            if doc is not None:
+                doc = None  # the document is cut off: report it once under the read error
+            yield (SKIP, _reason(err), loc)
+            continue
+        assert raw is not None
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if doc is None:
+            if _DOC_OPEN.match(raw):
+                doc = _DocAssembler(loc, opts)
+            elif raw.strip():
+                yield (SKIP, "text_outside_doc", loc)
+            continue
+        if raw.rstrip() == b"</doc>":
+            item = doc.finish()
+            # WikiExtractor puts the title on the first line: a document that is only its title
+            # (redirects, stubs) carries no text and is counted as empty.
+            if item[0] == DOC and "\n" not in item[1].strip("\n") and not opts.keep_empty:
+                item = (SKIP, "empty", doc.loc)
+            yield item
+            doc = None
+            continue
+        line = _decode_line(raw)
+        if line is None:
+            if doc.bad is None:
+                doc.bad, doc.bad_loc = "invalid_utf8", loc
+            continue
+        if doc.bad is None:
+            yield from doc.add(line)
+    if doc is not None:
+        yield (SKIP, "unterminated_doc", doc.loc)
+
+
+def _read_text(path: str, opts: ReadOptions) -> Iterator[Item]:
+    """One file = one document (a book). Gutenberg header/footer optionally stripped."""
+    doc = _DocAssembler(f"{path}:1", opts)
+    header: list[str] | None = [] if opts.strip_gutenberg else None
+    for lineno, raw, err in _lines(path, opts.max_line_bytes):
+        loc = f"{path}:{lineno}"
+        if err is not None:
+            yield (SKIP, _reason(err), loc)
+            return
+        assert raw is not None
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        line = _decode_line(raw)
+        if line is None:
+            if doc.bad is None:
+                doc.bad, doc.bad_loc = "invalid_utf8", loc
+            continue
+        if opts.strip_gutenberg:
+            if header is not None:
+                if _PG_START.match(line):
+                    header = None  # drop everything up to and including the START marker
+                    continue
+                header.append(line)
+                if len(header) < _PG_HEADER_SCAN_LINES:
+                    continue
+                lines, header = header, None  # no marker near the top: not a Gutenberg header
+                for ln in lines:
+                    if doc.bad is None:
+                        yield from doc.add(ln)
+                continue
+            if _PG_END.match(line):
+                break
+        if doc.bad is None:
+            yield from doc.add(line)
+    if header:
+        for ln in header:
+            if doc.bad is None:
+                yield from doc.add(ln)
+    yield doc.finish()
+
+
+def _read_parquet(path: str, opts: ReadOptions) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        yield (SKIP, "read_error", f"{path}:0 ({e})")
+        return
+    if opts.text_key not in pf.schema_arrow.names:
+        yield (SKIP, "missing_text", f"{path}:0 (no column {opts.text_key!r})")
+        return
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=[opts.text_key]):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield _check_text(value, f"{path}:{row}", opts)
+    except Exception as e:
+        yield (SKIP, "read_error", f"{path}:{row + 1} ({e})")
+
+
+def _read_hf(spec: str, opts: ReadOptions) -> Iterator[Item]:
+    """``hf:NAME[:CONFIG][@SPLIT]``: hub name (online) or local path/builder, streamed."""
+    import datasets
+
+    body, _, split = spec[3:].partition("@")
+    name, _, config = body.partition(":")
+    ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    for row, rec in enumerate(ds, start=1):
+        yield _check_text(rec.get(opts.text_key), f"{spec}:{row}", opts)

@@ -1,0 +1,153 @@
+"""``inspect``, ``verify`` and ``merge`` for preprocess outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .indexed_dataset import IndexedDataset, IndexedDatasetError, sha256_file
+from .manifest import MANIFEST_NAME, ManifestError, load_manifest, write_json_atomic
+
+
+def _root(out: str | os.PathLike) -> Path:
+    p = Path(out)
+    return p.parent if p.name == MANIFEST_NAME else p
+
+
+def verify(out: str | os.PathLike) -> list[str]:
+    """Recompute every checksum and re-read every index; returns the problems found (empty = OK)."""
+    root = _root(out)
+    m = load_manifest(root)
+    problems = []
+    for shards in m["splits"].values():
+        for sh in shards:
+            base = root / sh["prefix"]
+            for ext, key in ((".bin", "sha256_bin"), (".idx", "sha256_idx")):
+                f = Path(f"{base}{ext}")
+                if not f.exists():
+                    problems.append(f"{f}: missing")
+                elif sha256_file(f) != sh[key]:
+                    problems.append(f"{f}: sha256 mismatch (file changed or corrupt)")
+            if any(p.startswith(str(base)) for p in problems):
+                continue
+            try:
+                ds = IndexedDataset(base)
+            except IndexedDatasetError as e:
+                problems.append(str(e))
+                continue
+            if ds.num_documents != sh["documents"] or ds.num_tokens != sh["tokens"]:
+                problems.append(f"{base}: {ds.num_documents} documents / {ds.num_tokens} tokens, manifest says "
+                                f"{sh['documents']} / {sh['tokens']}")
+            vocab = m["tokenizer"]["vocab_size"]
+            if ds.num_tokens and int(ds.tokens.max()) >= vocab:
+                problems.append(f"{base}: token id {int(ds.tokens.max())} >= vocab size {vocab}")
+    tok = root / m["tokenizer"].get("file", "tokenizer.model")
+    if tok.exists() and sha256_file(tok) != m["tokenizer"]["sha256"]:
+        problems.append(f"{tok}: sha256 differs from the manifest's tokenizer")
+    return problems
+
+
+def inspect(out: str | os.PathLike, samples: int = 3, chars: int = 300) -> str:
+    root = _root(out)
+    m = load_manifest(root)
+    tk = m["tokenizer"]
+    lines = [f"{root}: {m['format']}, tokenizer sha256 {tk['sha256'][:16]}..., vocab {tk['vocab_size']}, "
+             f"eod {tk['eos_id']}, dtype {m.get('dtype')}"]
+    r = m.get("records", {})
+    if r:
+        lines.append(f"records read {r['read']:,} = written {r['written']:,} + skipped {r['skipped']:,}")
+    for reason, n in m.get("skipped", {}).items():
+        lines.append(f"  skipped {reason}: {n:,} (e.g. {', '.join(m.get('skip_examples', {}).get(reason, [])[:3])})")
+    sp = None
+    tok_path = root / tk.get("file", "tokenizer.model")
+    if tok_path.exists():
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    for split, shards in m["splits"].items():
+        if not shards:
+            lines.append(f"[{split}] no shards")
+            continue
+        doc_lens = []
+        counts = np.zeros(tk["vocab_size"], dtype=np.int64)
+        for sh in shards:
+            ds = IndexedDataset(root / sh["prefix"])
+            di = ds.document_indices
+            cum = np.concatenate(([0], np.cumsum(ds.sequence_lengths, dtype=np.int64)))
+            doc_lens.append(cum[di[1:]] - cum[di[:-1]])
+            if ds.num_tokens:
+                counts += np.bincount(ds.tokens, minlength=tk["vocab_size"])[: tk["vocab_size"]]
+        lens = np.concatenate(doc_lens)
+        total = int(lens.sum())
+        pct = np.percentile(lens, [0, 50, 90, 99, 100]).astype(int) if len(lens) else [0] * 5
+        lines.append(f"[{split}] {len(shards)} shard(s), {len(lens):,} documents, {total:,} tokens; "
+                     f"doc length min/p50/p90/p99/max {'/'.join(map(str, pct))}")
+        used = int((counts > 0).sum())
+        top = np.argsort(-counts)[:10]
+        top_s = ", ".join(f"{sp.id_to_piece(int(t)) if sp else int(t)!r}:{counts[t] / max(total, 1):.1%}"
+                          for t in top if counts[t])
+        lines.append(f"  token ids used {used:,}/{tk['vocab_size']:,}; top: {top_s}")
+        if sp is not None:
+            ds = IndexedDataset(root / shards[0]["prefix"])
+            for i in range(min(samples, len(ds))):
+                text = sp.decode(ds[i].tolist())
+                lines.append(f"  sample {i}: {text[:chars]!r}{'...' if len(text) > chars else ''}")
+    return "\n".join(lines)
+
+
+def merge(inputs: list[str], output: str) -> dict:
+    """Copy shards of several outputs (same tokenizer and dtype) into ``output`` with one manifest."""
+    ms = [(Path(p), load_manifest(p)) for p in inputs]
+    ref = ms[0][1]
+    for p, m in ms[1:]:
+        if m["tokenizer"]["sha256"] != ref["tokenizer"]["sha256"] or m.get("dtype") != ref.get("dtype"):
+            raise ManifestError(f"{p}: different tokenizer or dtype from {ms[0][0]}; cannot merge")
+    out = Path(output)
+    if (out / MANIFEST_NAME).exists():
+        raise ManifestError(f"{out}: already holds a manifest; choose a new directory")
+    splits: dict[str, list[dict]] = {}
+    skipped: dict[str, int] = {}
+    records = {"read": 0, "written": 0, "skipped": 0}
+    for k, (root, m) in enumerate(ms):
+        for split, shards in m["splits"].items():
+            dst_list = splits.setdefault(split, [])
+            for sh in shards:
+                new_prefix = f"{split}/m{k:03d}_{Path(sh['prefix']).name}"
+                for ext, key in ((".bin", "sha256_bin"), (".idx", "sha256_idx")):
+                    src, dst = Path(f"{root / sh['prefix']}{ext}"), Path(f"{out / new_prefix}{ext}")
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = dst.with_name(dst.name + f".tmp.{os.getpid()}")
+                    shutil.copyfile(src, tmp)
+                    if sha256_file(tmp) != sh[key]:
+                        tmp.unlink()
+                        raise ManifestError(f"{src}: checksum mismatch; run verify on {root}")
+                    os.replace(tmp, dst)
+                dst_list.append({**sh, "prefix": new_prefix})
+        for reason, n in m.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        for key in records:
+            records[key] += m.get("records", {}).get(key, 0)
+    shutil.copyfile(ms[0][0] / ref["tokenizer"].get("file", "tokenizer.model"), out / "tokenizer.model")
+    merged = {
+        "format": ref["format"],
+        "tokenizer": ref["tokenizer"],
+        "dtype": ref.get("dtype"),
+        "splits": splits,
+        "totals": {s: {"shards": len(v), "documents": sum(x["documents"] for x in v),
+                       "tokens": sum(x["tokens"] for x in v)} for s, v in splits.items()},
+        "records": records,
+        "skipped": dict(sorted(skipped.items())),
+        "skip_examples": {},
+        "sources": [src for _, m in ms for src in m.get("sources", [])],
+        "settings": {"merged_from": [str(p) for p, _ in ms]},
+        "merged_from": [{"path": str(p), "config_sha256": m.get("config_sha256")} for p, m in ms],
+        "config_sha256": hashlib.sha256(
+            json.dumps([m.get("config_sha256") for _, m in ms]).encode()).hexdigest(),
+    }
+    write_json_atomic(out / MANIFEST_NAME, merged)
+    return merged
