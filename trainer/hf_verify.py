@@ -1,0 +1,118 @@
+"""Checks that an exported Hugging Face directory is the checkpoint it came from (see export_hf).
+
+Returns a list of human-readable problems; empty means verified. Memory: the HF model and lmforge's
+model are both held in fp32 here (2x the fp32 model), unlike the streaming export itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from model import LlamaForCausalLM, ModelConfig
+
+# Logit bound for fp32 parity. Both sides run the same fp32 weights through the same operations; they
+# differ only in kernel choice (HF may pick eager/SDPA attention, different matmul blocking), which
+# reorders fp32 sums: relative error ~1e-6 on logits of magnitude <~30 gives <~3e-5. Every real
+# conversion bug we guard against (head order, GQA mapping, RMSNorm epsilon, rope theta, tying, a
+# transposed or missing weight) moves logits by >1e-3, so 1e-4 separates the two with margin.
+LOGIT_ATOL = 1e-4
+
+
+def load_hf_model(model_dir: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import LlamaForCausalLM as HFLlama
+
+    try:
+        return HFLlama.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    except TypeError:  # transformers 4 spells it torch_dtype
+        return HFLlama.from_pretrained(str(model_dir), torch_dtype=torch.float32, local_files_only=True).eval()
+
+
+def _check_config(hf_cfg, cfg: ModelConfig) -> list[str]:
+    rope = getattr(hf_cfg, "rope_theta", None)
+    if rope is None:
+        rope = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta")
+    got = {
+        "vocab_size": hf_cfg.vocab_size, "hidden_size": hf_cfg.hidden_size,
+        "intermediate_size": hf_cfg.intermediate_size, "num_hidden_layers": hf_cfg.num_hidden_layers,
+        "num_attention_heads": hf_cfg.num_attention_heads, "num_key_value_heads": hf_cfg.num_key_value_heads,
+        "max_position_embeddings": hf_cfg.max_position_embeddings, "rope_theta": rope,
+        "rms_norm_eps": hf_cfg.rms_norm_eps, "tie_word_embeddings": hf_cfg.tie_word_embeddings,
+    }
+    problems = [f"config.json {k}: transformers reads {v!r}, checkpoint has {getattr(cfg, k)!r}"
+                for k, v in got.items() if v != getattr(cfg, k)]
+    if getattr(hf_cfg, "head_dim", cfg.head_dim) != cfg.head_dim:
+        problems.append(f"config.json head_dim {hf_cfg.head_dim} != {cfg.head_dim}")
+    return problems
+
+
+def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable[[], torch.Tensor]],
+                  dtype: torch.dtype, extra_texts: list[str] = ()) -> list[str]:
+    from trainer.hf_tokenizer import PARITY_TEXTS, check_tokenizer_parity
+
+    problems: list[str] = []
+    try:
+        hf = load_hf_model(model_dir)
+    except Exception as e:  # any load failure is the finding
+        return [f"transformers cannot load the export: {type(e).__name__}: {e}"]
+    problems += _check_config(hf.config, cfg)
+
+    # Reference: lmforge's own model with the checkpoint's weights, rounded to the export dtype exactly
+    # as the files were, so the logit comparison isolates the architecture mapping from the cast.
+    ours = LlamaForCausalLM(cfg).eval()
+    ours_sd = ours.state_dict()
+    hf_sd = hf.state_dict()
+    with torch.no_grad():
+        for k, get in getters.items():
+            ref = get().to(dtype).float()
+            ours_sd[k].copy_(ref)
+            if k not in hf_sd:
+                problems.append(f"weight {k}: missing from the transformers model")
+            elif hf_sd[k].shape != ref.shape or not torch.equal(hf_sd[k], ref):
+                problems.append(f"weight {k}: differs from the checkpoint after loading with transformers")
+            del ref
+    if cfg.tie_word_embeddings and not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight):
+        problems.append("lm_head is not tied to embed_tokens in the transformers model")
+    if problems:
+        return problems  # logits would only restate a weight/config problem
+
+    gen = torch.Generator().manual_seed(1234)
+    t = min(64, cfg.max_position_embeddings)
+    batches = [torch.randint(0, cfg.vocab_size, (2, t), generator=gen),
+               torch.randint(0, cfg.vocab_size, (1, min(256, cfg.max_position_embeddings)), generator=gen)]
+    with torch.no_grad():
+        for i, ids in enumerate(batches):
+            diff = (ours(ids) - hf(input_ids=ids).logits).abs().max().item()
+            if not diff <= LOGIT_ATOL:  # also catches NaN
+                problems.append(f"logits batch {i} {tuple(ids.shape)}: max abs diff {diff:.3g} > {LOGIT_ATOL}")
+
+    problems += check_tokenizer_parity(model_dir, list(PARITY_TEXTS) + list(extra_texts))
+
+    # generate() runs (and exercises HF's KV-cache path): every greedy token must be an argmax of our
+    # full-sequence logits up to the logit tolerance (a tie within 1e-4 may legitimately go either way).
+    prompt = torch.tensor([[max(hf.config.bos_token_id or 0, 0), 5, 6, 7]])
+    n_new = 8
+    try:
+        with torch.no_grad():
+            out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                              min_new_tokens=n_new, do_sample=False)
+    except Exception as e:
+        return problems + [f"generate() failed: {type(e).__name__}: {e}"]
+    if out.shape != (1, prompt.shape[1] + n_new):
+        return problems + [f"generate() returned shape {tuple(out.shape)}"]
+    with torch.no_grad():
+        logits = ours(out)[0]
+    for j in range(prompt.shape[1], out.shape[1]):
+        row = logits[j - 1]
+        eos = hf.config.eos_token_id
+        if eos is not None and eos >= 0:
+            row = row.clone()
+            row[eos] = -float("inf")  # min_new_tokens suppresses EOS in HF's sampling
+        if row.max() - row[out[0, j]] > LOGIT_ATOL:
+            problems.append(f"generate() token {j} ({int(out[0, j])}) is not the greedy choice of lmforge's model")
+            break
+    return problems
