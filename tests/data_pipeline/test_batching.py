@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,12 @@ def test_prefetch_same_order_and_exhaustion(dataset):
         assert it.consumed_samples == 24 * len(fetched)  # handed out, not prefetched
     it.close()
     assert len(plain) == len(fetched) == 400 // 24
+    collated = DistributedSampleIterator(dataset, 4, 3, 1, 2, prefetch=True,
+                                         collate=partial(make_batch, eod_id=E, intra_doc_attention=True))
+    first = collated.next_microbatches()
+    collated.close()
+    assert [set(b) for b in first] == [{"input_ids", "labels", "segment_ids"}] * 3
+    assert first[1]["input_ids"].tolist() == plain[0][1][:, :-1].tolist()
     for a, b in zip(plain, fetched):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)

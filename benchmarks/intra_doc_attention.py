@@ -1,0 +1,92 @@
+"""Step-time cost of intra-document attention vs plain causal attention.
+
+Times forward+backward of ``model.LlamaForCausalLM`` on packed rows (documents separated by EOD) with
+  * causal:     SDPA ``is_causal=True`` (documents attend across boundaries);
+  * intra-doc:  ``segment_ids`` -> boolean (B, 1, T, T) mask in SDPA, plus position ids reset per document
+                (what the trainer passes with ``data.intra_doc_attention``).
+The two variants alternate every iteration so background load hits both alike. The ratio uses the
+minimum over iterations (the least-disturbed run: on a shared machine the median mostly measures the
+neighbours); the median ratio is printed too.
+
+    .venv/bin/python benchmarks/intra_doc_attention.py --presets debug tiny --seq-lens 256 512 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_pipeline.batching import make_batch  # noqa: E402
+from model import LlamaForCausalLM, get_preset  # noqa: E402
+
+EOD = 2
+
+
+def packed_rows(batch: int, seq_len: int, vocab: int, mean_doc: int, rng: np.random.Generator) -> np.ndarray:
+    """(batch, seq_len+1) token rows with an EOD ending each document; lengths ~ geometric(mean_doc)."""
+    rows = rng.integers(3, vocab, size=(batch, seq_len + 1))
+    for row in rows:
+        pos = -1
+        while True:
+            pos += int(rng.geometric(1.0 / mean_doc))
+            if pos > seq_len:
+                break
+            row[pos] = EOD
+    return rows
+
+
+def time_step(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    loss = model(**batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["debug", "tiny"])
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=[256, 512, 1024])
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--vocab-size", type=int, default=8000, help="the CPU demo's tokenizer size")
+    ap.add_argument("--mean-doc-len", type=int, default=200, help="mean packed document length, tokens")
+    ap.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, "
+          f"vocab {args.vocab_size}, mean doc {args.mean_doc_len} tokens, {args.iters} iterations")
+    print(f"{'preset':>7} {'seq':>5} {'causal ms':>10} {'intra-doc ms':>13} {'ratio(min)':>10} "
+          f"{'ratio(median)':>13}")
+    for preset in args.presets:
+        cfg = get_preset(preset, vocab_size=args.vocab_size,
+                         max_position_embeddings=max(args.seq_lens + [get_preset(preset).max_position_embeddings]))
+        model = LlamaForCausalLM(cfg).train()
+        for seq_len in args.seq_lens:
+            rows = packed_rows(args.batch_size, seq_len, args.vocab_size, args.mean_doc_len, rng)
+            causal = make_batch(rows, EOD)
+            intra = make_batch(rows, EOD, reset_position_ids=True, intra_doc_attention=True)
+            times: dict[str, list[float]] = {"causal": [], "intra": []}
+            for i in range(args.warmup + args.iters):
+                for name, batch in (("causal", causal), ("intra", intra)):
+                    dt = time_step(model, batch)
+                    if i >= args.warmup:
+                        times[name].append(dt)
+            c, m = min(times["causal"]), min(times["intra"])
+            med = statistics.median(times["intra"]) / statistics.median(times["causal"])
+            print(f"{preset:>7} {seq_len:>5} {c * 1e3:>10.1f} {m * 1e3:>13.1f} {m / c:>10.3f} {med:>13.3f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
