@@ -124,6 +124,13 @@ def write_config(out: Path, cfg: ModelConfig, meta: dict, dtype_name: str) -> No
         architectures=["LlamaForCausalLM"], torch_dtype=torch_dtype,
     )
     hf.save_pretrained(out)
+    # transformers 5 writes rope_theta only inside rope_parameters; transformers 4 reads the top-level key
+    # and would silently fall back to 10000. Write both (5 accepts the duplicate), plus 4's torch_dtype.
+    path = out / "config.json"
+    d = json.loads(path.read_text())
+    d.setdefault("rope_theta", cfg.rope_theta)
+    d.setdefault("torch_dtype", torch_dtype)
+    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     GenerationConfig(bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"],
                      pad_token_id=ids["pad_id"]).save_pretrained(out)
 
