@@ -14,10 +14,10 @@ mkdir -p "$RUN"
 stage() { printf '\n==> [%s] %s\n' "$(date +%T)" "$*"; }
 
 stage "1/5 train tokenizer (BPE, vocab 8000) on $CORPUS"
-python -m data_pipeline train-tokenizer --input "$CORPUS" --vocab-size 8000 --output "$RUN/tokenizer"
+python -m data_pipeline train-tokenizer --input "$CORPUS/wikipedia" "$CORPUS/books" --vocab-size 8000 --output "$RUN/tokenizer"
 
 stage "2/5 tokenize into Megatron-format shards"
-python -m data_pipeline preprocess --input "$CORPUS" --tokenizer "$RUN/tokenizer/tokenizer.model" \
+python -m data_pipeline preprocess --input "$CORPUS/wikipedia" "$CORPUS/books" --tokenizer "$RUN/tokenizer/tokenizer.model" \
   --output "$RUN/data" --valid-fraction 0.05 --strip-gutenberg
 
 stage "3/5 train the tiny preset on $NPROC CPU ranks, ZeRO-2 (TensorBoard: tensorboard --logdir $RUN/tensorboard)"
