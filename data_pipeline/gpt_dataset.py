@@ -8,16 +8,24 @@ samples of ``seq_len + 1`` tokens packed across document boundaries (sample i co
 the first input of the next); finally the sample order is shuffled. Epochs are added until
 ``num_samples`` samples exist.
 
+Unlike Megatron (one shuffle over all epochs' documents, one over all samples, both depending on the
+total sample count), each epoch is shuffled on its own from ``RandomState([seed, epoch])``: the samples
+starting in epoch e are permuted among themselves. So every document appears once per epoch, and the
+order of samples [0, n) does not depend on ``num_samples``: a run extended to more steps resumes at its
+``consumed_samples`` into the very same order (``order_fingerprint`` identifies that order).
+
 Nothing is ever materialised per token. Three index arrays describe the order:
 
-    doc_idx     (epochs * docs,)     document id at each stream position   int32 (int64 if needed)
-    sample_idx  (num_samples, 2)     (doc_idx position, token offset) where sample i starts
-    shuffle_idx (num_samples,)       sample order                          int32 (int64 if needed)
+    doc_idx     ((epochs+1) * docs,) document id at each stream position   int32 (int64 if needed)
+    sample_idx  (held, 2)            (doc_idx position, token offset) where sample i starts
+    shuffle_idx (held,)              sample order                          int32 (int64 if needed)
 
-They are cached as ``.npy`` files named by ``fingerprint``, a hash of everything that determines them
-(the ``.idx`` contents of each prefix, seq_len, seed, num_samples, format version) and nothing else
-(not paths or mtimes), so the same data copied elsewhere reuses the cache. Resume needs only the number
-of consumed samples: the order is global and independent of the data-parallel size.
+``held`` = all samples starting in the first ``num_epochs`` epochs (>= num_samples; the last ones
+read into one further epoch, hence epochs+1). They are cached as ``.npy`` files named by
+``fingerprint``, a hash of everything that determines them (the ``.idx`` contents of each prefix,
+seq_len, seed, epoch count, format version) and nothing else (not paths or mtimes), so the same data
+copied elsewhere reuses the cache. Resume needs only the number of consumed samples: the order is
+global and independent of the data-parallel size.
 
 numpy only: this module is imported by data tools that must not need torch.
 """
@@ -222,19 +230,30 @@ class PackedDataset:
                 f"{name}: {self.prefixes[0]}{' ...' if len(prefixes) > 1 else ''} holds "
                 f"{self.tokens_per_epoch} tokens, fewer than one sample of seq_len+1={self.seq_len + 1}"
             )
-        if num_samples <= 0:
+        if num_samples <= 0:  # samples lying wholly inside epoch 0
             num_samples = (self.tokens_per_epoch - 1) // self.seq_len
         self.num_samples = int(num_samples)
-        # The last sample ends at stream position num_samples*seq_len (inclusive).
-        self.num_epochs = math.ceil((self.num_samples * self.seq_len + 1) / self.tokens_per_epoch)
+        # Samples starting in epochs [0, e) number ceil(e*E/T); the fewest epochs holding num_samples:
+        self.num_epochs = (self.num_samples - 1) * self.seq_len // self.tokens_per_epoch + 1
         self._arrays: dict[str, np.ndarray] | None = None
+
+    def _epoch_first_sample(self, e: int) -> int:
+        """Index of the first sample starting in epoch e (= samples starting before it)."""
+        return -(-e * self.tokens_per_epoch // self.seq_len)
+
+    @cached_property
+    def order_fingerprint(self) -> str:
+        """Identifies the sample order; it holds for any num_samples (the arrays' length does not)."""
+        ident = {
+            "kind": "packed", "version": INDEX_FORMAT_VERSION, "seq_len": self.seq_len, "seed": self.seed,
+            "idx_sha256": [_idx_identity(p) for p in self.prefixes],
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     @cached_property
     def fingerprint(self) -> str:
-        ident = {
-            "kind": "packed", "version": INDEX_FORMAT_VERSION, "seq_len": self.seq_len, "seed": self.seed,
-            "num_samples": self.num_samples, "idx_sha256": [_idx_identity(p) for p in self.prefixes],
-        }
+        """Identifies the cached arrays: the order plus how many epochs of it they hold."""
+        ident = {"order": self.order_fingerprint, "num_epochs": self.num_epochs}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     @cached_property
@@ -253,31 +272,33 @@ class PackedDataset:
         return np.concatenate([ds.sequence_lengths for ds in self.datasets])
 
     def _build_arrays(self) -> dict[str, np.ndarray]:
-        rng = np.random.RandomState(self.seed)
-        # One independent permutation per epoch (not one shuffle of all epochs tiled, as Megatron
-        # does): every document appears exactly once in each epoch.
-        doc_dtype = _index_dtype(self.num_docs)
-        doc_idx = np.empty(self.num_epochs * self.num_docs, dtype=doc_dtype)
-        for e in range(self.num_epochs):
+        held = self._epoch_first_sample(self.num_epochs)
+        # Epoch e's RNG draws its document permutation, then its sample permutation: both depend on
+        # (seed, e) only, which is what keeps the order independent of num_samples.
+        rngs = [np.random.RandomState([self.seed, e]) for e in range(self.num_epochs + 1)]
+        doc_idx = np.empty((self.num_epochs + 1) * self.num_docs, dtype=_index_dtype(self.num_docs))
+        for e, rng in enumerate(rngs):
             doc_idx[e * self.num_docs : (e + 1) * self.num_docs] = rng.permutation(self.num_docs)
         # ends[j] = stream position just past document doc_idx[j]: O(documents), not O(tokens).
         lengths = self._sequence_lengths()
         ends = np.cumsum(lengths[doc_idx], dtype=np.int64)
-        pos_dtype = _index_dtype(max(len(doc_idx), int(lengths.max(initial=0))))
-        sample_idx = np.empty((self.num_samples, 2), dtype=pos_dtype)
-        for lo in range(0, self.num_samples, _CHUNK):
-            starts = np.arange(lo, min(lo + _CHUNK, self.num_samples), dtype=np.int64) * self.seq_len
+        sample_idx = np.empty((held, 2), dtype=_index_dtype(max(len(doc_idx), int(lengths.max(initial=0)))))
+        for lo in range(0, held, _CHUNK):
+            starts = np.arange(lo, min(lo + _CHUNK, held), dtype=np.int64) * self.seq_len
             # side='right' skips zero-length documents: the first j with ends[j] > start.
             j = np.searchsorted(ends, starts, side="right")
             sample_idx[lo : lo + len(j), 0] = j
             sample_idx[lo : lo + len(j), 1] = starts - (ends[j] - lengths[doc_idx[j]])
-        shuffle_idx = rng.permutation(self.num_samples).astype(_index_dtype(self.num_samples))
+        shuffle_idx = np.empty(held, dtype=_index_dtype(held))
+        for e in range(self.num_epochs):
+            lo, hi = self._epoch_first_sample(e), self._epoch_first_sample(e + 1)
+            shuffle_idx[lo:hi] = lo + rngs[e].permutation(hi - lo)
         return {"doc_idx": doc_idx, "sample_idx": sample_idx, "shuffle_idx": shuffle_idx}
 
     def _meta(self) -> dict:
         return {
-            "fingerprint": self.fingerprint, "kind": "packed", "name": self.name, "seq_len": self.seq_len,
-            "seed": self.seed, "num_samples": self.num_samples, "num_epochs": self.num_epochs,
+            "fingerprint": self.fingerprint, "order_fingerprint": self.order_fingerprint, "kind": "packed",
+            "name": self.name, "seq_len": self.seq_len, "seed": self.seed, "num_epochs": self.num_epochs,
             "num_docs": self.num_docs, "tokens_per_epoch": self.tokens_per_epoch, "prefixes": self.prefixes,
         }
 
@@ -370,11 +391,17 @@ class BlendedDataset:
         self._arrays: dict[str, np.ndarray] | None = None
 
     @cached_property
+    def order_fingerprint(self) -> str:
+        """The greedy interleave of sample i does not depend on num_samples, nor do the components'
+        orders: this identifies the blended order for any length."""
+        ident = {"kind": "blended", "version": INDEX_FORMAT_VERSION, "weights": [float(x) for x in self.weights],
+                 "children": [d.order_fingerprint for d in self.datasets]}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    @cached_property
     def fingerprint(self) -> str:
-        ident = {
-            "kind": "blended", "version": INDEX_FORMAT_VERSION, "num_samples": self.num_samples,
-            "weights": [float(x) for x in self.weights], "children": [d.fingerprint for d in self.datasets],
-        }
+        ident = {"order": self.order_fingerprint, "num_samples": self.num_samples,
+                 "children": [d.fingerprint for d in self.datasets]}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     @cached_property

@@ -81,24 +81,33 @@ def test_epoch_holds_every_document_once_in_order(corpus):
     ds = PackedDataset(corpus["wiki"], seq_len, num_samples=total // seq_len + 10, seed=1234)
     assert ds.num_epochs == 2 and ds.num_docs == len(docs) and ds.tokens_per_epoch == total
     doc_idx = np.asarray(ds._ensure()["doc_idx"])
-    assert sorted(doc_idx[: len(docs)]) == list(range(len(docs)))  # epoch 1: a permutation
-    assert sorted(doc_idx[len(docs):]) == list(range(len(docs)))  # epoch 2: another one
-    assert not np.array_equal(doc_idx[: len(docs)], doc_idx[len(docs):])
+    epochs = doc_idx.reshape(3, len(docs))  # two epochs + the one the last samples read into
+    for e in range(3):
+        assert sorted(epochs[e]) == list(range(len(docs)))  # each epoch: a permutation of all documents
+    assert not np.array_equal(epochs[0], epochs[1])
     expected = np.concatenate([docs[d] for d in doc_idx])
     got = _stream(ds, len(ds))
     np.testing.assert_array_equal(got, expected[: len(got)])
     assert len(got) == len(ds) * seq_len + 1 > total
+    # The sample shuffle stays within an epoch: samples starting in epoch 0 come first.
+    first_of_epoch1 = -(-total // seq_len)
+    shuffle = np.asarray(ds._ensure()["shuffle_idx"])
+    assert sorted(shuffle[:first_of_epoch1]) == list(range(first_of_epoch1))
 
 
 def test_samples_overlap_by_one_and_shuffle_is_a_permutation(corpus):
     ds = PackedDataset(corpus["wiki"], 32, num_samples=300, seed=7)
-    plain = [ds.unshuffled(i) for i in range(len(ds))]
+    held = len(ds._ensure()["sample_idx"])  # every sample starting in epoch 0 (> 300)
+    plain = [ds.unshuffled(i) for i in range(held)]
     for a, b in zip(plain, plain[1:]):
         assert a[-1] == b[0]
     assert all(s.dtype == np.int64 and s.shape == (33,) for s in plain)
-    shuffled = {ds[i].tobytes() for i in range(len(ds))}
-    assert shuffled == {s.tobytes() for s in plain}
-    assert not all(np.array_equal(ds[i], plain[i]) for i in range(10))
+    # The 300 samples are distinct samples drawn from the whole epoch, not its first 300.
+    shuffled = [ds[i].tobytes() for i in range(len(ds))]
+    assert len(set(shuffled)) == 300 and set(shuffled) <= {s.tobytes() for s in plain}
+    assert max(np.asarray(ds._ensure()["shuffle_idx"][:300])) > 300
+    full = PackedDataset(corpus["wiki"], 32, num_samples=held, seed=7)
+    assert sorted(full[i].tobytes() for i in range(held)) == sorted(s.tobytes() for s in plain)
     with pytest.raises(IndexError):
         ds[len(ds)]
 
@@ -131,12 +140,29 @@ def test_cache_written_once_reloaded_identically(corpus, tmp_path):
     assert arrays["doc_idx"].dtype == np.int32 and arrays["shuffle_idx"].dtype == np.int32
     assert all(np.array_equal(again[i], mem[i]) for i in range(len(mem)))
     meta = json.loads(next(f for f in files if f.name.endswith("meta.json")).read_text())
-    assert meta["fingerprint"] == ds.fingerprint and meta["num_samples"] == 500
-    # Another seed_len / seed / size is another key; no stray temp files are left behind.
-    for kw in ({"seq_len": 41}, {"seed": 12}, {"num_samples": 501}):
+    assert meta["fingerprint"] == ds.fingerprint and meta["num_epochs"] == 1
+    # A size within the same epochs reuses the cache; another seq_len / seed / epoch count is another
+    # key; no stray temp files are left behind.
+    same = PackedDataset(corpus["wiki"], 40, 510, seed=11, cache_dir=str(cache))
+    assert same.fingerprint == ds.fingerprint and isinstance(same._ensure()["doc_idx"], np.memmap)
+    for kw in ({"seq_len": 41}, {"seed": 12}, {"num_samples": 1500}):
         args = {"seq_len": 40, "num_samples": 500, "seed": 11, **kw}
         PackedDataset(corpus["wiki"], cache_dir=str(cache), **args).build_cache()
     assert len(list(cache.iterdir())) == 16 and not list(cache.glob("*.tmp*"))
+
+
+def test_order_does_not_depend_on_num_samples(corpus):
+    """A run extended to more steps (more epochs) resumes into the same order."""
+    short = PackedDataset(corpus["wiki"], 40, 300, seed=5)
+    long = PackedDataset(corpus["wiki"], 40, 5000, seed=5)
+    assert short.num_epochs == 1 and long.num_epochs > 5
+    assert short.order_fingerprint == long.order_fingerprint and short.fingerprint != long.fingerprint
+    assert all(np.array_equal(short[i], long[i]) for i in range(len(short)))
+    blend = [(corpus["wiki"][0], 0.6), (corpus["shakes"], 0.4)]
+    b1 = build_dataset(blend, "train", 32, 400, seed=5, cache_dir=None)
+    b2 = build_dataset(blend, "train", 32, 4000, seed=5, cache_dir=None)
+    assert b1.order_fingerprint == b2.order_fingerprint and b1.fingerprint != b2.fingerprint
+    assert all(np.array_equal(b1[i], b2[i]) for i in range(len(b1)))
 
 
 def test_fingerprint_ignores_location(corpus, tmp_path):
