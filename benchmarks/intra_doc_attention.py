@@ -4,9 +4,9 @@ Times forward+backward of ``model.LlamaForCausalLM`` on packed rows (documents s
   * causal:     SDPA ``is_causal=True`` (documents attend across boundaries);
   * intra-doc:  ``segment_ids`` -> boolean (B, 1, T, T) mask in SDPA, plus position ids reset per document
                 (what the trainer passes with ``data.intra_doc_attention``).
-The two variants alternate every iteration so background load hits both alike. The ratio uses the
-minimum over iterations (the least-disturbed run: on a shared machine the median mostly measures the
-neighbours); the median ratio is printed too.
+The two variants alternate every iteration so background load hits both alike. Two clocks: CPU time of
+this process (robust on a shared machine: time spent descheduled by neighbours is not counted; with
+--threads 1 it is exactly the work done) and wall time; each is the minimum over iterations.
 
     .venv/bin/python benchmarks/intra_doc_attention.py --presets debug tiny --seq-lens 256 512 1024
 """
@@ -14,7 +14,6 @@ neighbours); the median ratio is printed too.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,12 +41,13 @@ def packed_rows(batch: int, seq_len: int, vocab: int, mean_doc: int, rng: np.ran
     return rows
 
 
-def time_step(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> float:
-    t0 = time.perf_counter()
+def time_step(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(cpu seconds, wall seconds) of one forward+backward."""
+    c0, t0 = time.process_time(), time.perf_counter()
     loss = model(**batch)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return time.process_time() - c0, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -59,15 +59,15 @@ def main() -> None:
     ap.add_argument("--mean-doc-len", type=int, default=200, help="mean packed document length, tokens")
     ap.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU time = work)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, "
           f"vocab {args.vocab_size}, mean doc {args.mean_doc_len} tokens, {args.iters} iterations")
-    print(f"{'preset':>7} {'seq':>5} {'causal ms':>10} {'intra-doc ms':>13} {'ratio(min)':>10} "
-          f"{'ratio(median)':>13}")
+    print(f"{'preset':>7} {'seq':>5} {'causal cpu ms':>14} {'intra cpu ms':>13} {'ratio cpu':>10} "
+          f"{'causal wall ms':>15} {'intra wall ms':>14} {'ratio wall':>11}")
     for preset in args.presets:
         cfg = get_preset(preset, vocab_size=args.vocab_size,
                          max_position_embeddings=max(args.seq_lens + [get_preset(preset).max_position_embeddings]))
@@ -76,16 +76,16 @@ def main() -> None:
             rows = packed_rows(args.batch_size, seq_len, args.vocab_size, args.mean_doc_len, rng)
             causal = make_batch(rows, EOD)
             intra = make_batch(rows, EOD, reset_position_ids=True, intra_doc_attention=True)
-            times: dict[str, list[float]] = {"causal": [], "intra": []}
+            times: dict[str, list[tuple[float, float]]] = {"causal": [], "intra": []}
             for i in range(args.warmup + args.iters):
                 for name, batch in (("causal", causal), ("intra", intra)):
                     dt = time_step(model, batch)
                     if i >= args.warmup:
                         times[name].append(dt)
-            c, m = min(times["causal"]), min(times["intra"])
-            med = statistics.median(times["intra"]) / statistics.median(times["causal"])
-            print(f"{preset:>7} {seq_len:>5} {c * 1e3:>10.1f} {m * 1e3:>13.1f} {m / c:>10.3f} {med:>13.3f}",
-                  flush=True)
+            cc, ic = (min(t[0] for t in times[n]) for n in ("causal", "intra"))
+            cw, iw = (min(t[1] for t in times[n]) for n in ("causal", "intra"))
+            print(f"{preset:>7} {seq_len:>5} {cc * 1e3:>14.1f} {ic * 1e3:>13.1f} {ic / cc:>10.3f} "
+                  f"{cw * 1e3:>15.1f} {iw * 1e3:>14.1f} {iw / cw:>11.3f}", flush=True)
 
 
 if __name__ == "__main__":
