@@ -41,6 +41,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .indexed_dataset import IndexedDataset, exists
 
@@ -48,6 +49,8 @@ from .indexed_dataset import IndexedDataset, exists
 INDEX_FORMAT_VERSION = 1
 # Searchsorted in chunks so building for hundreds of millions of samples stays within a few 100 MB.
 _CHUNK = 1 << 22
+# Show a progress bar for blends big enough to take a few seconds (~0.6 s per million samples).
+_BLEND_PROGRESS_FROM = 5_000_000
 
 
 class DatasetConfigError(ValueError):
@@ -360,7 +363,11 @@ def _blend_indices(weights: np.ndarray, num_samples: int) -> tuple[np.ndarray, n
     drawn = [0] * k_count
     dataset_index = np.empty(num_samples, dtype=np.int16 if k_count < 2**15 else np.int32)
     dataset_sample = np.empty(num_samples, dtype=_index_dtype(num_samples))
+    bar = tqdm(total=num_samples, desc="blend index", unit="sample", unit_scale=True,
+               disable=num_samples < _BLEND_PROGRESS_FROM, mininterval=1.0)
     for i in range(num_samples):
+        if i & 0xFFFF == 0 and i:
+            bar.update(0x10000)
         t = float(max(i, 1))
         best, best_err = 0, w[0] * t - drawn[0]
         for k in range(1, k_count):
@@ -370,6 +377,8 @@ def _blend_indices(weights: np.ndarray, num_samples: int) -> tuple[np.ndarray, n
         dataset_index[i] = best
         dataset_sample[i] = drawn[best]
         drawn[best] += 1
+    bar.update(num_samples - bar.n)
+    bar.close()
     return dataset_index, dataset_sample
 
 
