@@ -183,7 +183,8 @@ def _build_in_child(prefixes, cache_dir):
 
 
 def test_concurrent_builders_on_one_cache_dir(corpus, tmp_path):
-    ctx = mp.get_context("fork")
+    # spawn, not fork: forking after torch (imported by other test modules) has started threads can hang.
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_build_in_child, args=(corpus["wiki"], str(tmp_path))) for _ in range(3)]
     for p in procs:
         p.start()
