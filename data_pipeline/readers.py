@@ -101,12 +101,57 @@ def open_binary(path: str) -> BinaryIO:
     if comp == "gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if comp == "zst":
+        return io.BufferedReader(_ZstdRaw(path), buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+class TruncatedError(EOFError):
+    pass
+
+
+class _ZstdRaw(io.RawIOBase):
+    """Multi-frame zstd decompression that raises on a truncated last frame.
+
+    (``zstandard``'s ``stream_reader`` returns a silent EOF in the middle of a cut-off frame, which
+    would turn a truncated download into a quietly shorter dataset.)
+    """
+
+    def __init__(self, path: str):
         import zstandard
 
-        raw = open(path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type]
-    return open(path, "rb", buffering=1 << 20)
+        self._zstd = zstandard
+        self._f = open(path, "rb")
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._buf = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise TruncatedError("zstd stream ends inside a frame (truncated file)")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._buf += self._d.decompress(chunk)
+                if self._d.eof:  # frame complete: the rest belongs to the next frame
+                    chunk = self._d.unused_data
+                    self._d = self._zstd.ZstdDecompressor().decompressobj()
+                    self._in_frame = False
+                else:
+                    chunk = b""
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def detect_format(path: str) -> str:

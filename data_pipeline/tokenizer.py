@@ -120,13 +120,16 @@ def train_tokenizer(
         "hard_vocab_limit": True,
     }
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
-        **settings,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+            **settings,
+        )
+    except RuntimeError as e:  # SentencePiece reports bad settings as RuntimeError("INTERNAL: ...")
+        raise ValueError(f"SentencePiece training failed: {e}") from None
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     blob = model.getvalue()

@@ -1,0 +1,222 @@
+"""preprocess end to end with real SentencePiece on real corpora: determinism across workers and MPI
+ranks, exact chunked tokenization, Megatron layout, bad-input accounting, resume after kill -9."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from conftest import BIN, CORPORA, ROOT, child_env, run_cmd
+from data_pipeline.indexed_dataset import IndexedDataset
+from data_pipeline.manifest import load_manifest, shard_prefixes
+from data_pipeline.preprocess import split_exact
+from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+from data_pipeline.tools import merge, verify
+
+PY = sys.executable
+INPUTS = [
+    CORPORA / "books/pg1080.txt", CORPORA / "books/pg1952.txt", CORPORA / "books/pg46.txt",
+    CORPORA / "books/74-0.txt", CORPORA / "wikipedia/mlm-pipeline", CORPORA / "wikipedia/WikiTasks/AA/wiki_00",
+    CORPORA / "wikipedia/zhwiki",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", *INPUTS, "--vocab-size", "1200",
+             "--character-coverage", "0.98", "--output", out, "--threads", "1"])
+    return out / "tokenizer.model"
+
+
+def preprocess(tok: Path, out: Path, *extra, inputs=INPUTS, check=True, launcher=()) -> subprocess.CompletedProcess:
+    return run_cmd([*launcher, PY, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok,
+                    "--output", out, "--no-progress", "--unit-bytes", "400k", "--max-shard-bytes", "300k",
+                    "--valid-fraction", "0.05", *extra], check=check)
+
+
+def same_tree(a: Path, b: Path) -> None:
+    """Every shard and the manifest byte-identical (the .state/ bookkeeping is excluded)."""
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and ".state" not in p.parts)
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and ".state" not in p.parts)
+    assert files_a == files_b
+    bad = [str(f) for f in files_a if not filecmp.cmp(a / f, b / f, shallow=False)]
+    assert not bad, f"differ: {bad}"
+
+
+def test_tokenizer_is_deterministic_and_llama_ids(tok, tmp_path):
+    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", *INPUTS, "--vocab-size", "1200",
+             "--character-coverage", "0.98", "--output", tmp_path, "--threads", "1"])
+    assert (tmp_path / "tokenizer.model").read_bytes() == tok.read_bytes()
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, -1)
+    assert all(sum(c.isdigit() for c in piece) <= 1 for piece in sp.encode("in 2024, 31415", out_type=str))
+    text = "naïve 数学 ½ \u2603 tabs\tand  spaces\n"
+    assert sp.decode(sp.encode(text)) == text  # byte fallback + identity normalization: lossless
+    meta = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert meta["settings"]["byte_fallback"] and meta["settings"]["split_digits"]
+    assert len(meta["sources"]) >= 7 and meta["corpus_fingerprint"]
+
+
+def test_split_exact_matches_whole_document_tokens(tok):
+    """The chunked tokenization the pipeline uses for long texts gives exactly the whole-text tokens."""
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    texts = [t for s in expand_inputs([str(p) for p in INPUTS] + [str(CORPORA / "wikipedia/wikitext-2-raw")])
+             for k, t, _ in iter_documents(s, ReadOptions()) if k == DOC]
+    long = [t for t in texts if len(t) > 4000]
+    assert len(long) > 20
+    for t in long:
+        pieces = split_exact(t, chunk=1000)
+        assert len(pieces) > 1 or " " not in t[1000:]
+        assert sum(sp.encode(pieces), []) == sp.encode(t)
+
+
+def test_workers_1_and_2_byte_identical_and_accounted(tok, tmp_path):
+    preprocess(tok, tmp_path / "w1", "--workers", "1")
+    preprocess(tok, tmp_path / "w2", "--workers", "2")
+    same_tree(tmp_path / "w1", tmp_path / "w2")
+    m = load_manifest(tmp_path / "w2")
+    assert m["format"] == "lmforge-shards-v1" and m["tokenizer"]["eos_id"] == 2
+    assert len(m["splits"]["train"]) > 3 and len(m["splits"]["valid"]) >= 1  # several units and shards
+    r = m["records"]
+    assert r["read"] == r["written"] + r["skipped"] and r["skipped"] == sum(m["skipped"].values())
+    assert m["skipped"]["invalid_utf8"] == 1 and m["skip_examples"]["invalid_utf8"][0].endswith("74-0.txt:50")
+    assert m["skipped"]["empty"] > 100  # WikiTasks stubs
+    docs = 0
+    for split in ("train", "valid"):
+        for prefix, sh in zip(shard_prefixes(tmp_path / "w2", split), m["splits"][split]):
+            ds = IndexedDataset(prefix)
+            assert ds.num_documents == sh["documents"] and ds.num_tokens == sh["tokens"]
+            assert os.path.getsize(prefix + ".bin") <= 300 * 1024 + 2 * ds.sequence_lengths.max()
+            ends = np.cumsum(ds.sequence_lengths.astype(np.int64)) - 1
+            assert (ds.tokens[ends] == 2).all()  # EOD closes every document
+            docs += ds.num_documents
+    assert docs == r["written"]
+    assert verify(tmp_path / "w2") == []
+
+
+def _megatron_reference(jsonl: Path, sp, prefix: Path) -> None:
+    """What Megatron-LM's tools/preprocess_data.py does with --tokenizer-type GPTSentencePieceTokenizer
+    --append-eod (read from its source): json.loads each line, encode_as_ids(data['text']), append
+    eos_id if non-empty, one sequence per document, IndexedDatasetBuilder layout with uint16."""
+    lengths, docs = [], [0]
+    with open(f"{prefix}.bin", "wb") as fb:
+        for line in open(jsonl, encoding="utf-8"):
+            ids = sp.encode_as_ids(json.loads(line)["text"])
+            if ids:
+                ids.append(sp.eos_id())
+                fb.write(np.array(ids, dtype=np.uint16).tobytes())
+                lengths.append(len(ids))
+            docs.append(len(lengths))
+    lens = np.array(lengths, dtype=np.int32)
+    ptrs = np.concatenate(([0], np.cumsum(lens[:-1].astype(np.int64) * 2)))
+    with open(f"{prefix}.idx", "wb") as fi:
+        fi.write(b"MMIDIDX\x00\x00" + np.uint64(1).tobytes() + np.uint8(8).tobytes())
+        fi.write(np.uint64(len(lens)).tobytes() + np.uint64(len(docs)).tobytes())
+        fi.write(lens.tobytes() + ptrs.astype(np.int64).tobytes() + np.array(docs, dtype=np.int64).tobytes())
+
+
+def test_megatron_layout_single_shard(tok, tmp_path):
+    src = CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00"
+    jsonl = tmp_path / "in.jsonl"
+    lines = src.read_text(encoding="utf-8").splitlines()[:20]
+    lines.insert(3, json.dumps({"text": ""}))  # Megatron keeps an empty document as an index entry
+    jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    preprocess(tok, tmp_path / "out", "--valid-fraction", "0", "--keep-empty", "--max-shard-bytes", "1G",
+               inputs=[jsonl])
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    _megatron_reference(jsonl, sp, tmp_path / "ref")
+    (prefix,) = shard_prefixes(tmp_path / "out", "train")
+    for ext in (".bin", ".idx"):
+        assert Path(prefix + ext).read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
+
+
+def test_bad_inputs_skip_and_fail(tok, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jsonl").write_bytes(b'{"text": "fine text here"}\n{oops\n{"text": 7}\n{"text": "\\ud800 lone"}\n'
+                                  b'{"text": "caf\xe9"}\n\n{"text": ""}\n{"body": "x"}\n')
+    (bad / "b.txt").write_bytes((CORPORA / "books/74-0.txt").read_bytes()[:20000])
+    p = preprocess(tok, tmp_path / "out", inputs=[bad])
+    m = load_manifest(tmp_path / "out")
+    assert m["skipped"] == {"blank_line": 1, "empty": 1, "invalid_json": 1, "invalid_utf8": 2,
+                            "missing_text": 1, "non_string_text": 1, "unencodable_text": 1}
+    assert m["records"] == {"read": 9, "written": 1, "skipped": 8}
+    assert "invalid_json: 1" in p.stdout and "a.jsonl:2" in p.stdout
+    p = preprocess(tok, tmp_path / "out2", "--on-error", "fail", inputs=[bad], check=False)
+    assert p.returncode == 2 and "a.jsonl:2: invalid_json" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_changed_input_is_refused_then_overwrite(tok, tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"text": "one two three"}\n')
+    preprocess(tok, tmp_path / "out", inputs=[f])
+    f.write_text('{"text": "one two three four"}\n')
+    p = preprocess(tok, tmp_path / "out", inputs=[f], check=False)
+    assert p.returncode == 2 and "changed" in p.stderr and "--overwrite" in p.stderr
+    preprocess(tok, tmp_path / "out", "--overwrite", inputs=[f])
+    assert load_manifest(tmp_path / "out")["totals"]["train"]["documents"] + \
+        load_manifest(tmp_path / "out")["totals"]["valid"]["documents"] == 1
+
+
+def test_inspect_verify_merge(tok, tmp_path):
+    preprocess(tok, tmp_path / "a", inputs=INPUTS[:3])
+    preprocess(tok, tmp_path / "b", inputs=INPUTS[4:5])
+    p = run_cmd([PY, "-m", "data_pipeline", "inspect", tmp_path / "a", "--samples", "1"])
+    assert "sample 0:" in p.stdout and "doc length" in p.stdout
+    m = merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab"))
+    ma, mb = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
+    assert m["totals"]["train"]["tokens"] == ma["totals"]["train"]["tokens"] + mb["totals"]["train"]["tokens"]
+    assert verify(tmp_path / "ab") == []
+    shard = Path(shard_prefixes(tmp_path / "ab", "train")[0] + ".bin")
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 1
+    shard.write_bytes(bytes(data))
+    p = run_cmd([PY, "-m", "data_pipeline", "verify", tmp_path / "ab"], check=False)
+    assert p.returncode == 1 and "sha256 mismatch" in p.stderr
+
+
+@pytest.mark.slow
+def test_mpirun_2_ranks_byte_identical(tok, tmp_path):
+    preprocess(tok, tmp_path / "one", "--workers", "1")
+    preprocess(tok, tmp_path / "mpi", "--workers", "1", launcher=[BIN / "mpirun", "-n", "2"])
+    same_tree(tmp_path / "one", tmp_path / "mpi")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_is_byte_identical(tok, tmp_path):
+    inputs = [*INPUTS, CORPORA / "books/pg345.txt"]
+    t0 = time.perf_counter()
+    preprocess(tok, tmp_path / "clean", "--workers", "2", inputs=inputs)
+    clean_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    kills = 0
+    for trial in range(3):
+        out = tmp_path / f"killed{trial}"
+        cmd = [PY, "-m", "data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
+               "--output", str(out), "--no-progress", "--unit-bytes", "400k", "--max-shard-bytes", "300k",
+               "--valid-fraction", "0.05", "--workers", "2"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(0.2, 0.9) * clean_s)  # a random moment, start-up included
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: main process and its workers
+            kills += 1
+        proc.wait()
+        leftovers = list(out.rglob("*.tmp.*"))
+        run_cmd(cmd)  # the same command again resumes
+        same_tree(tmp_path / "clean", out)
+        assert verify(out) == []
+        assert not [f for f in leftovers if f.exists()]  # temporary files of the killed run cleaned up
+    assert kills >= 2, f"runs finished before the kill ({clean_s=:.1f}s)"

@@ -1,0 +1,132 @@
+"""Streaming readers on the real shared corpora and on crafted bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import zstandard
+
+from conftest import CORPORA
+from data_pipeline.readers import (
+    DOC,
+    LAST,
+    PART,
+    SKIP,
+    InputError,
+    ReadOptions,
+    expand_inputs,
+    iter_documents,
+)
+
+
+def read_all(path, **opts):
+    (src,) = expand_inputs([str(path)])
+    return src, list(iter_documents(src, ReadOptions(**opts)))
+
+
+def test_wikiextractor_doc_format():
+    src, items = read_all(CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00")
+    assert src.format == "wikidoc"
+    docs = [t for k, t, _ in items if k == DOC]
+    assert len(docs) == 37  # README: 37 articles
+    assert docs[0].startswith("Anarchism\n") and "<doc" not in docs[0] and "</doc>" not in docs[0]
+
+
+def test_wikiextractor_empty_docs_are_counted_not_lost():
+    _, items = read_all(CORPORA / "wikipedia/WikiTasks/AA/wiki_00")
+    docs = sum(k == DOC for k, _, _ in items)
+    empty = [loc for k, r, loc in items if k == SKIP and r == "empty"]
+    assert docs > 50 and len(empty) > docs  # README: most are title-only stubs
+    assert empty[0].endswith("wiki_00:1")  # file:line of the <doc> tag
+
+
+def test_wikiextractor_json_lines():
+    src, items = read_all(CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00")
+    assert src.format == "jsonl"
+    assert sum(k == DOC for k, _, _ in items) == 35
+
+
+def test_book_bom_crlf_and_gutenberg_strip():
+    _, items = read_all(CORPORA / "books/1342-0.txt")
+    (kind, text, _), = items
+    assert kind == DOC and "\r" not in text and not text.startswith("\ufeff")
+    assert "START OF THIS PROJECT GUTENBERG" in text
+    _, items = read_all(CORPORA / "books/1342-0.txt", strip_gutenberg=True)
+    text = items[0][1]
+    assert "PROJECT GUTENBERG" not in text.upper()[:3000] and "End of the Project Gutenberg" not in text
+    assert "It is a truth universally acknowledged" in text[:5000]
+    # a body-only book is left alone by the stripper
+    _, plain = read_all(CORPORA / "books/11-0.txt")
+    _, stripped = read_all(CORPORA / "books/11-0.txt", strip_gutenberg=True)
+    assert plain == stripped
+
+
+def test_windows_1252_book_is_skipped_with_location():
+    _, items = read_all(CORPORA / "books/74-0.txt")
+    assert items == [(SKIP, "invalid_utf8", f"{CORPORA / 'books/74-0.txt'}:50")]
+
+
+def test_huge_document_is_streamed_in_pieces():
+    _, items = read_all(CORPORA / "books/2600-0.txt", max_doc_bytes=1 << 20)
+    kinds = [k for k, _, _ in items]
+    assert kinds[-1] == LAST and set(kinds[:-1]) == {PART} and len(kinds) >= 3
+    assert max(len(t) for _, t, _ in items) <= (1 << 20) + 10_000  # bounded by the limit plus one line
+    _, whole = read_all(CORPORA / "books/2600-0.txt")
+    assert "".join(t for _, t, _ in items).strip("\n") == whole[0][1]
+
+
+def test_bad_jsonl_every_reason(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"text": "good one"}).encode(),
+        b"{not json",
+        json.dumps({"txt": "wrong key"}).encode(),
+        json.dumps({"text": 42}).encode(),
+        json.dumps({"text": "   "}).encode(),
+        b"",
+        b'{"text": "caf\xe9"}',  # Latin-1 byte: invalid UTF-8
+        json.dumps({"text": "x" * 5000}).encode(),  # too long for max_line_bytes below
+        json.dumps({"text": "good two"}).encode(),
+    ]
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    _, items = read_all(p, max_line_bytes=1000)
+    got = [(k, t if k == SKIP else "DOC", loc.rsplit(":", 1)[1]) for k, t, loc in items]
+    assert got == [
+        (DOC, "DOC", "1"), (SKIP, "invalid_json", "2"), (SKIP, "missing_text", "3"),
+        (SKIP, "non_string_text", "4"), (SKIP, "empty", "5"), (SKIP, "blank_line", "6"),
+        (SKIP, "invalid_utf8", "7"), (SKIP, "line_too_long", "8"), (DOC, "DOC", "9"),
+    ]
+
+
+def test_compressed_and_truncated(tmp_path):
+    payload = b"".join(json.dumps({"text": f"document {i} " * 20}).encode() + b"\n" for i in range(2000))
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(payload))
+    z = zstandard.ZstdCompressor().compress(payload)
+    (tmp_path / "b.jsonl.zst").write_bytes(z)
+    (tmp_path / "c.jsonl.zst").write_bytes(z[: len(z) // 2])
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        _, items = read_all(tmp_path / name)
+        assert [k for k, _, _ in items] == [DOC] * 2000
+    _, items = read_all(tmp_path / "c.jsonl.zst")
+    assert items[-1][0] == SKIP and items[-1][1] == "truncated_compressed"
+    assert 0 < sum(k == DOC for k, _, _ in items) < 2000
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["alpha beta", None, "", "gamma"]}), tmp_path / "t.parquet")
+    _, items = read_all(tmp_path / "t.parquet")
+    assert [(k, t if k == SKIP else t) for k, t, _ in items] == [
+        (DOC, "alpha beta"), (SKIP, "missing_text"), (SKIP, "empty"), (DOC, "gamma")]
+
+
+def test_expand_inputs_dirs_globs_and_errors(tmp_path):
+    srcs = expand_inputs([str(CORPORA / "wikipedia/WikiTasks"), str(CORPORA / "books/pg*.txt")])
+    paths = [s.path for s in srcs]
+    assert len(paths) == 8 + 7 and paths[:8] == sorted(paths[:8])
+    with pytest.raises(InputError, match="no such file"):
+        expand_inputs([str(tmp_path / "missing.jsonl")])
