@@ -10,6 +10,7 @@ started again. SIGTERM/SIGINT/SIGUSR1 finish the current step, save, and exit 0.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -197,6 +198,11 @@ def train(cfg: RunConfig) -> int:
                              cfg.train.seed, cache_dir=cache_dir)
     valid_ds = None
     if cfg.eval.interval > 0:
+        if not cfg.data.valid and not (Path(sources[0][0]) / "manifest.json").is_file():
+            raise ConfigError(
+                "eval.interval > 0 but data.valid is not set and the first train source is not a preprocess "
+                "output with a valid split; set data.valid (or eval.interval=0)"
+            )
         vsrc = [(cfg.data.valid, 1.0)] if cfg.data.valid else [(sources[0][0], 1.0)]
         valid_ds = build_dataset(vsrc, "valid", seq_len,
                                  cfg.eval.steps * cfg.train.micro_batch_size * dp, cfg.train.seed + 1,
@@ -208,7 +214,8 @@ def train(cfg: RunConfig) -> int:
             if ds is not None:
                 ds.build_cache()
     dist.barrier()
-    data_fp = train_ds.fingerprint
+    # The order's identity, independent of its length: extending max_steps resumes into the same order.
+    data_fp = train_ds.order_fingerprint
 
     # Model: identical init on every rank from the seed (DeepSpeed also broadcasts rank 0's weights).
     torch.manual_seed(cfg.train.seed)
@@ -262,10 +269,12 @@ def train(cfg: RunConfig) -> int:
             f" | steps {step}->{cfg.train.max_steps}"
         )
 
-    it = DistributedSampleIterator(train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, dp_rank, dp,
-                                   consumed_samples=consumed)
     batch_kw = dict(mask_eod_loss=cfg.data.mask_eod_loss, reset_position_ids=cfg.data.reset_position_ids,
                     intra_doc_attention=cfg.data.intra_doc_attention)
+    # Reading and batch assembly run on a prefetch thread, overlapping the previous step's compute.
+    it = DistributedSampleIterator(train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, dp_rank, dp,
+                                   consumed_samples=consumed, prefetch=cfg.data.prefetch,
+                                   collate=functools.partial(make_batch, eod_id=eod_id, **batch_kw))
     fpt = flops_per_token(mcfg, seq_len)
     peak = cfg.log.peak_tflops or detect_peak_tflops(precision)
     tokens_per_step = global_batch * seq_len
@@ -302,8 +311,7 @@ def train(cfg: RunConfig) -> int:
     exit_reason = None
     while step < cfg.train.max_steps:
         t_data0 = time.time()
-        micro = it.next_microbatches()
-        batches = [{k: v.to(device) for k, v in make_batch(mb, eod_id, **batch_kw).items()} for mb in micro]
+        batches = [{k: v.to(device) for k, v in mb.items()} for mb in it.next_microbatches()]
         window_data += time.time() - t_data0
         loss_sum = 0.0
         for b in batches:
