@@ -129,3 +129,36 @@ if __name__ == "__main__":
     parser.add_argument("spec", help="JSON spec (see make_checkpoint)")
     spec = json.loads(parser.parse_args().spec)
     mp.start_processes(_worker, args=(spec,), nprocs=spec["world_size"], start_method="spawn")
+
+
+def shared_dir() -> Path:
+    """/work/shared locally; ../shared beside a CI clone."""
+    return REPO.parent / "shared"
+
+
+def train_test_tokenizer(out_prefix: Path, lossless: bool = True) -> Path:
+    """A ~1000-piece BPE SentencePiece model on a slice of English + Chinese Wikipedia (a second or two).
+
+    lossless=True trains like data_pipeline/tokenizer.py (identity normalization, whitespace kept);
+    False keeps SentencePiece's defaults (nmt_nfkc, folded whitespace) to test that path too."""
+    import sentencepiece as spm
+
+    corp = shared_dir() / "corpora" / "wikipedia"
+    en = (corp / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:200_000]
+    zh = (corp / "zhwiki" / "AA" / "wiki_00").read_text(encoding="utf-8")[:25_000]
+    text = out_prefix.with_suffix(".txt")
+    text.write_text(en + "\n" + zh, encoding="utf-8")
+    extra = dict(normalization_rule_name="identity", remove_extra_whitespaces=False) if lossless else {}
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out_prefix), vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.98,
+                                   minloglevel=2, **extra)
+    return out_prefix.with_suffix(".model")
+
+
+def held_out_texts() -> dict[str, str]:
+    """Text the test tokenizer never saw: a Gutenberg book and a later part of the Chinese file."""
+    corp = shared_dir() / "corpora"
+    zh = (corp / "wikipedia" / "zhwiki" / "AA" / "wiki_00").read_text(encoding="utf-8")
+    return {"english": (corp / "books" / "84-0.txt").read_text(encoding="utf-8")[20_000:26_000],
+            "chinese": zh[-6000:-2000]}

@@ -50,6 +50,24 @@ def _check_config(hf_cfg, cfg: ModelConfig) -> list[str]:
     return problems
 
 
+def _check_special_ids(model_dir: Path, hf) -> list[str]:
+    """config.json / generation_config.json special ids must be the tokenizer's, or generation never
+    stops (eos) or starts from the wrong token (bos)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    problems = []
+    if sp.get_piece_size() > hf.config.vocab_size:
+        problems.append(f"tokenizer has {sp.get_piece_size()} pieces but vocab_size is {hf.config.vocab_size}")
+    for name, want in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()), ("pad_token_id", sp.pad_id())):
+        want = want if want >= 0 else None
+        for where, c in (("config.json", hf.config), ("generation_config.json", hf.generation_config)):
+            got = getattr(c, name, None)
+            if got != want:
+                problems.append(f"{where} {name} is {got}, tokenizer.model says {want}")
+    return problems
+
+
 def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable[[], torch.Tensor]],
                   dtype: torch.dtype, extra_texts: list[str] = ()) -> list[str]:
     from trainer.hf_tokenizer import PARITY_TEXTS, check_tokenizer_parity
@@ -60,6 +78,7 @@ def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable
     except Exception as e:  # any load failure is the finding
         return [f"transformers cannot load the export: {type(e).__name__}: {e}"]
     problems += _check_config(hf.config, cfg)
+    problems += _check_special_ids(model_dir, hf)
 
     # Reference: lmforge's own model with the checkpoint's weights, rounded to the export dtype exactly
     # as the files were, so the logit comparison isolates the architecture mapping from the cast.
