@@ -1,5 +1,5 @@
 """preprocess end to end with real SentencePiece on real corpora: determinism across workers and MPI
-ranks, exact chunked tokenization, Megatron layout, bad-input accounting, resume after kill -9."""
+ranks, exact chunked tokenization, bad-input accounting, resume after kill -9."""
 
 from __future__ import annotations
 
@@ -104,42 +104,6 @@ def test_workers_1_and_2_byte_identical_and_accounted(tok, tmp_path):
             docs += ds.num_documents
     assert docs == r["written"]
     assert verify(tmp_path / "w2") == []
-
-
-def _megatron_reference(jsonl: Path, sp, prefix: Path) -> None:
-    """What Megatron-LM's tools/preprocess_data.py does with --tokenizer-type GPTSentencePieceTokenizer
-    --append-eod (read from its source): json.loads each line, encode_as_ids(data['text']), append
-    eos_id if non-empty, one sequence per document, IndexedDatasetBuilder layout with uint16."""
-    lengths, docs = [], [0]
-    with open(f"{prefix}.bin", "wb") as fb:
-        for line in open(jsonl, encoding="utf-8"):
-            ids = sp.encode_as_ids(json.loads(line)["text"])
-            if ids:
-                ids.append(sp.eos_id())
-                fb.write(np.array(ids, dtype=np.uint16).tobytes())
-                lengths.append(len(ids))
-            docs.append(len(lengths))
-    lens = np.array(lengths, dtype=np.int32)
-    ptrs = np.concatenate(([0], np.cumsum(lens[:-1].astype(np.int64) * 2)))
-    with open(f"{prefix}.idx", "wb") as fi:
-        fi.write(b"MMIDIDX\x00\x00" + np.uint64(1).tobytes() + np.uint8(8).tobytes())
-        fi.write(np.uint64(len(lens)).tobytes() + np.uint64(len(docs)).tobytes())
-        fi.write(lens.tobytes() + ptrs.astype(np.int64).tobytes() + np.array(docs, dtype=np.int64).tobytes())
-
-
-def test_megatron_layout_single_shard(tok, tmp_path):
-    src = CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00"
-    jsonl = tmp_path / "in.jsonl"
-    lines = src.read_text(encoding="utf-8").splitlines()[:20]
-    lines.insert(3, json.dumps({"text": ""}))  # Megatron keeps an empty document as an index entry
-    jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    preprocess(tok, tmp_path / "out", "--valid-fraction", "0", "--keep-empty", "--max-shard-bytes", "1G",
-               inputs=[jsonl])
-    sp = spm.SentencePieceProcessor(model_file=str(tok))
-    _megatron_reference(jsonl, sp, tmp_path / "ref")
-    (prefix,) = shard_prefixes(tmp_path / "out", "train")
-    for ext in (".bin", ".idx"):
-        assert Path(prefix + ext).read_bytes() == (tmp_path / f"ref{ext}").read_bytes()
 
 
 def test_bad_inputs_skip_and_fail(tok, tmp_path):
