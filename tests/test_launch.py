@@ -1,0 +1,113 @@
+"""Launchers other than plain `deepspeed --num_gpus`: two "nodes" on one machine and mpirun.
+
+All three launches run the same computation (world size 2, same global sample order, fp32, gloo), so
+their losses, gradient norms and final weights must be *bitwise* equal to the reference run's: any
+difference means a launcher changed rank assignment, data slicing or the process group.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import BIN, ROOT, deepspeed_train, free_port, read_metrics, run_cmd, write_config
+
+SCRIPTS = ROOT / "launch_scripts"
+STEPS = 4
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:
+    path = run_dir / "checkpoints" / f"step_{STEPS:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+
+
+def _assert_same_run(run_dir, ref_dir) -> None:
+    rows, ref = read_metrics(run_dir), read_metrics(ref_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # Both data-parallel ranks consumed their share: 2 samples × 2 ranks per step.
+    assert rows[-1]["consumed_samples"] == STEPS * 2 * 2
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in rows] == [r[key] for r in ref], key
+    w, w_ref = _final_weights(run_dir), _final_weights(ref_dir)
+    assert w.keys() == w_ref.keys()
+    for k in w:
+        assert torch.equal(w[k], w_ref[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """The same config run by `deepspeed --num_gpus 2` (2 ranks on one node)."""
+    tmp = tmp_path_factory.mktemp("launch")
+    cfg = write_config(tmp / "cfg.yaml", tiny_data, tmp / "ref", train={"max_steps": STEPS},
+                       checkpoint={"interval": 0})
+    out = deepspeed_train(cfg, [])
+    assert "world 2 = dp 2" in out.stdout
+    return cfg, tmp
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_match_single_node(reference):
+    cfg, tmp = reference
+    run = tmp / "two_nodes"
+    out = run_cmd(["bash", SCRIPTS / "two_nodes_local.sh", "-p", free_port(), cfg, f"run_dir={run}"])
+    # Node 1's launcher really started rank 1 of a 2-rank world and it finished cleanly.
+    node1 = [line for line in out.stdout.splitlines() if line.startswith("[node1]")]
+    assert any("node_rank=1" in line for line in node1)
+    assert any("dist_world_size=2" in line for line in node1)
+    assert any("exits successfully" in line for line in node1)
+    assert "[node0] lmforge:" in out.stdout and "world 2 = dp 2" in out.stdout
+    assert "both nodes finished" in out.stdout
+    _assert_same_run(run, tmp / "ref")
+
+
+@pytest.mark.slow
+def test_mpirun_matches_single_node(reference):
+    cfg, tmp = reference
+    run = tmp / "mpirun"
+    out = run_cmd(["bash", SCRIPTS / "mpirun.sh", "-n", 2, "-m", "127.0.0.1", "-p", free_port(), cfg,
+                   f"run_dir={run}"], MPIRUN=BIN / "mpirun", PYTHON=sys.executable)
+    assert "world 2 = dp 2" in out.stdout
+    _assert_same_run(run, tmp / "ref")
+
+
+_PROBE = (
+    "import os; from trainer.distributed import setup_env_from_launcher as s; s(); "
+    "print('PROBE', *(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', "
+    "'MASTER_ADDR', 'MASTER_PORT')))"
+)
+
+
+def _probe(**env) -> list[list[str]]:
+    out = run_cmd([BIN / "mpirun", "-n", 2, sys.executable, "-c", _PROBE], timeout=120, **env)
+    return sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PROBE"))
+
+
+def test_mpi_env_honours_explicit_master_addr():
+    # 127.0.0.3 is loopback but never what `hostname -I` returns: seeing it proves the user's value won.
+    rows = _probe(MASTER_ADDR="127.0.0.3", MASTER_PORT="29999")
+    assert rows == [["0", "2", "0", "2", "127.0.0.3", "29999"], ["1", "2", "1", "2", "127.0.0.3", "29999"]]
+
+
+def test_mpi_env_without_master_addr_agrees_on_rank0_address(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    rows = _probe()
+    assert [r[:4] for r in rows] == [["0", "2", "0", "2"], ["1", "2", "1", "2"]]
+    assert rows[0][4] == rows[1][4] and rows[0][4]  # one address, chosen by rank 0, on both ranks
+    assert rows[0][5] == "29500"
+
+
+@pytest.mark.parametrize("script", ["single_node.sh", "multinode_hostfile.sh", "mpirun.sh",
+                                    "two_nodes_local.sh", "slurm.sbatch"])
+def test_script_help_and_usage_errors(script):
+    path = SCRIPTS / script
+    run_cmd(["bash", "-n", path])
+    ok = run_cmd(["bash", path, "-h"])
+    assert "Usage:" in ok.stdout
+    bad = run_cmd(["bash", path], check=False)  # no CONFIG
+    assert bad.returncode == 2 and "Usage:" in bad.stderr + bad.stdout
+    if script != "slurm.sbatch":
+        missing = run_cmd(["bash", path, "/nonexistent/cfg.yaml"], check=False)
+        assert missing.returncode == 2 and "not found" in missing.stderr
