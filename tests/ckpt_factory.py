@@ -81,6 +81,7 @@ def _worker(rank: int, spec: dict) -> None:
         ds_config["tensor_parallel"] = {"autotp_size": spec["tp"]}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     gen = torch.Generator().manual_seed(1 + rank // spec["tp"])  # same data within a TP group
+    loss = None
     for _ in range(spec["steps"]):
         ids = torch.randint(0, cfg.vocab_size, (2, 32), generator=gen)
         loss = engine(ids[:, :-1], labels=ids[:, 1:].contiguous())  # pre-shifted labels
@@ -103,14 +104,14 @@ def _worker(rank: int, spec: dict) -> None:
             "format": "lmforge-checkpoint-v1", "step": step, "consumed_samples": step * 2 * spec["world_size"],
             "model_config": cfg.to_dict(),
             "config": {"model": {"preset": spec["preset"]}, "precision": spec["precision"],
-                       "zero_stage": spec["zero_stage"], "data": {"train": "random tokens (ckpt_factory)"}},
+                       "zero_stage": spec["zero_stage"], "data": {"train": [{"path": "random-tokens", "weight": 1.0}]}},
             "tokenizer": {"file": "tokenizer.model", "sha256": hashlib.sha256(tok_dst.read_bytes()).hexdigest(),
                           "vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
                           "pad_id": sp.pad_id(), "unk_id": sp.unk_id()},
             "data_fingerprint": "ckpt-factory", "precision": spec["precision"],
             "zero_stage": spec["zero_stage"], "tensor_parallel": spec["tp"],
             "data_parallel": spec["world_size"] // spec["tp"], "world_size": spec["world_size"],
-            "train_loss": float(loss), "eval_loss": eval_loss,
+            "train_loss": None if loss is None else float(loss), "eval_loss": eval_loss,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         tmp = ckpt / tag / "lmforge.json.tmp"

@@ -135,9 +135,30 @@ def write_config(out: Path, cfg: ModelConfig, meta: dict, dtype_name: str) -> No
                      pad_token_id=ids["pad_id"]).save_pretrained(out)
 
 
+def _manifest_summary(data: dict) -> list[str]:
+    """One line per training source: weight and, when its manifest.json is readable here, the token and
+    document counts per split (the manifest may live on another machine; then only the path is given)."""
+    lines = []
+    train = data.get("train")
+    for src in train if isinstance(train, list) else ([train] if train else []):
+        path = Path(str(src.get("path", ""))) if isinstance(src, dict) else Path(str(src))
+        weight = src.get("weight", 1.0) if isinstance(src, dict) else 1.0
+        line = f"- `{path}` (weight {weight})"
+        try:
+            man = json.loads((path / "manifest.json").read_text())
+            parts = [f"{name}: {len(shards)} shards, {sum(x.get('documents', 0) for x in shards):,} documents, "
+                     f"{sum(x.get('tokens', 0) for x in shards):,} tokens"
+                     for name, shards in (man.get("splits") or {}).items()]
+            line += ": " + "; ".join(parts)
+        except (OSError, ValueError, AttributeError, TypeError):
+            line += ": manifest not readable at export time"
+        lines.append(line)
+    return lines or ["- (no training sources recorded in the checkpoint)"]
+
+
 def write_readme(out: Path, meta: dict, cfg: ModelConfig, source: str, dtype_name: str) -> None:
     conf = meta.get("config") or {}
-    data = conf.get("data", {})
+    data = conf.get("data", {}) if isinstance(conf.get("data"), dict) else {}
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
         f"# lmforge export (step {meta.get('step')})", "",
@@ -151,8 +172,7 @@ def write_readme(out: Path, meta: dict, cfg: ModelConfig, source: str, dtype_nam
         f"Weights: {dtype_name}, from {source}. Training precision {meta.get('precision')}, ZeRO stage "
         f"{meta.get('zero_stage')}, tensor parallel {meta.get('tensor_parallel')}, data parallel "
         f"{meta.get('data_parallel')}.", "",
-        "## Data", "", f"- data fingerprint: `{meta.get('data_fingerprint')}`",
-        "```json", json.dumps(data, indent=2, default=str)[:4000], "```", "",
+        "## Data", "", f"Data fingerprint: `{meta.get('data_fingerprint')}`", "", *_manifest_summary(data), "",
         "## Training config", "", "```json", json.dumps(conf, indent=2, default=str)[:20000], "```", "",
     ]
     (out / "README.md").write_text("\n".join(lines))
