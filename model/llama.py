@@ -23,6 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 
 IGNORE_INDEX = -100
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5.
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class LlamaRMSNorm(nn.Module):
@@ -88,8 +90,14 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         n_rep = q.shape[1] // k.shape[1]
+        if attn_mask is None and n_rep > 1 and _SDPA_GQA:
+            # Grouped-query attention inside SDPA: no (B, H, T, D) copies of k and v, and the flash
+            # kernel reads each kv head once for its query group (as transformers' Llama does).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if n_rep > 1:
-            # (B, K, T, D) -> (B, H, T, D); explicit so every SDPA backend accepts it.
+            # (B, K, T, D) -> (B, H, T, D): with a mask only the math kernel takes enable_gqa, so the
+            # explicit copy keeps the memory-efficient kernel usable for intra-document attention.
             k = k.repeat_interleave(n_rep, dim=1)
             v = v.repeat_interleave(n_rep, dim=1)
         if attn_mask is None:
