@@ -1,0 +1,285 @@
+"""Training-step throughput of the real DeepSpeed engine on synthetic tokens, optionally against HF Llama.
+
+Builds ``model.LlamaForCausalLM`` for ``--preset`` under ``deepspeed.initialize`` with the DeepSpeed
+JSON the trainer derives (``trainer.ds_config.build_ds_config``: ZeRO stage, precision, micro batch,
+accumulation, clipping, AdamW), feeds it random token samples through the trainer's data path
+(``DistributedSampleIterator`` -> ``make_batch`` collate, optionally on the prefetch thread -> device copy)
+and times warmup + N optimizer steps. Prints tokens/s, model TFLOP/s per device, MFU (when a peak is
+known), peak memory and the data-wait fraction of the step.
+
+``--compare-hf`` also builds ``transformers.LlamaForCausalLM`` of the same shape with the same weights
+under the same DeepSpeed config, in the same process, and alternates timed rounds (ours, HF, HF, ours,
+...) so that load from other processes hits both alike; the step-time ratio ours/HF is reported per round
+and as the median. Both models get the same loss code (fp32 cross-entropy over the full logits), so the
+ratio compares the model bodies.
+
+Single process (a 1-rank gloo/NCCL group is created here):
+    .venv/bin/python benchmarks/train_throughput.py --preset tiny --seq-len 256 --micro-batch 4 --compare-hf
+Several ranks:
+    deepspeed --num_gpus 8 benchmarks/train_throughput.py --preset 1b --precision bf16 --zero-stage 2
+One H100, the MFU target (>= 50%):
+    python benchmarks/train_throughput.py --preset 1b --precision bf16 --seq-len 4096 --micro-batch 4 \\
+        --zero-stage 0 --steps 20
+Model FLOPs exclude activation recomputation (MFU, not HFU): see trainer/metrics.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_pipeline.batching import DistributedSampleIterator, make_batch  # noqa: E402
+from model import IGNORE_INDEX, PRESETS, LlamaForCausalLM, flops_per_token, get_preset, num_params  # noqa: E402
+from trainer import distributed  # noqa: E402
+from trainer.config import RunConfig  # noqa: E402
+from trainer.ds_config import build_ds_config, resolve_precision  # noqa: E402
+from trainer.metrics import detect_peak_tflops  # noqa: E402
+
+
+class SyntheticTokens:
+    """A dataset of random token samples (T+1 ids each), deterministic per index, never materialised."""
+
+    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int):
+        self.n, self.seq_len, self.vocab, self.seed = num_samples, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, i))
+        return rng.integers(0, self.vocab, self.seq_len + 1, dtype=np.int32)
+
+
+class HFWithOurLoss(nn.Module):
+    """transformers' LlamaForCausalLM body + lm_head, with our loss (labels are already shifted)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, labels, position_ids=None, segment_ids=None):
+        logits = self.hf(input_ids=input_ids, position_ids=position_ids).logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                               ignore_index=IGNORE_INDEX)
+
+
+def build_hf_twin(ours: LlamaForCausalLM, activation_checkpointing: int) -> nn.Module:
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    c = ours.config.to_dict()
+    c.pop("initializer_range")
+    hf = HFLlama(LlamaConfig(**c, attention_bias=False, mlp_bias=False, hidden_act="silu",
+                             attn_implementation="sdpa", use_cache=False))
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    if unexpected or not set(missing) <= {"lm_head.weight"}:  # tied lm_head: HF ties it itself
+        raise RuntimeError(f"HF twin state dict mismatch: missing {missing}, unexpected {unexpected}")
+    if activation_checkpointing:
+        # HF recomputes every layer; ours every N-th (equal work only for N=1).
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return HFWithOurLoss(hf)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    try:  # the trainer's own grouping where available
+        from trainer.engine import param_groups as pg
+    except ImportError:
+        from trainer.train import param_groups as pg
+    return pg(model, weight_decay)
+
+
+def run_config(a: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig()
+    cfg.train.micro_batch_size, cfg.train.grad_accum = a.micro_batch, a.grad_accum
+    cfg.train.precision = a.precision
+    cfg.parallel.zero_stage, cfg.parallel.offload = a.zero_stage, a.offload
+    cfg.parallel.activation_checkpointing = a.activation_checkpointing
+    return cfg
+
+
+class Runner:
+    """One engine with its own sample iterator; ``steps(n)`` returns per-step (total, data-wait) seconds."""
+
+    def __init__(self, name: str, engine, it: DistributedSampleIterator):
+        self.name, self.engine, self.it = name, engine, it
+        self.device = engine.device
+        self.cuda = self.device.type == "cuda"
+
+    def steps(self, n: int) -> list[tuple[float, float]]:
+        out = []
+        for _ in range(n):
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            micro = self.it.next_microbatches()  # collated on the prefetch thread when prefetching
+            batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+            t_data = time.perf_counter() - t0
+            loss = None
+            for b in batches:
+                loss = self.engine(**b)
+                self.engine.backward(loss)
+                self.engine.step()
+            loss.item()  # waits for the step (the trainer reads the loss every step too)
+            if self.cuda:
+                torch.cuda.synchronize()
+            out.append((time.perf_counter() - t0, t_data))
+        return out
+
+
+def peak_memory_gb() -> tuple[float, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "CUDA max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size preset")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--micro-batch", type=int, default=4, help="samples per rank per forward")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
+    ap.add_argument("--offload", default="none", choices=["none", "optimizer", "optimizer+params"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="auto = bf16 on CUDA with bf16, fp32 on CPU (as the trainer)")
+    ap.add_argument("--activation-checkpointing", type=int, default=0,
+                    help="recompute every N-th layer (0 = off; HF twin: every layer when > 0)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timed rounds (default 1, or 4 with --compare-hf: ours/HF alternate)")
+    ap.add_argument("--compare-hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    ap.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                    help="build batches on the training thread instead of the prefetch thread")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="per-device peak for MFU (default: auto-detected for known GPUs; none on CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    a = ap.parse_args(argv)
+    if a.rounds is None:
+        a.rounds = 4 if a.compare_hf else 1
+    for name in ("seq_len", "micro_batch", "grad_accum", "steps", "rounds"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    import deepspeed
+
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ and "PMI_RANK" not in os.environ \
+            and "OMPI_COMM_WORLD_RANK" not in os.environ and "MASTER_PORT" not in os.environ:
+        # Not launched: a 1-rank group on a free port (29500 may belong to a concurrent run).
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    distributed.init()
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    say = print if rank == 0 else (lambda *x, **k: None)
+    precision = resolve_precision(a.precision)
+    cfg = run_config(a)
+    ds_config = build_ds_config(cfg, world, precision)
+    mcfg = get_preset(a.preset, vocab_size=a.vocab_size)
+    tokens_per_step = a.micro_batch * a.grad_accum * world * a.seq_len
+    fpt = flops_per_token(mcfg, a.seq_len)
+    peak = a.peak_tflops or detect_peak_tflops(precision)
+
+    torch.manual_seed(a.seed)
+    ours = LlamaForCausalLM(mcfg)
+    ours.set_activation_checkpointing(a.activation_checkpointing)
+    models = {"ours": ours}
+    if a.compare_hf:
+        models["hf"] = build_hf_twin(ours, a.activation_checkpointing)  # copies ours' initial weights
+
+    n_samples = (a.warmup + a.steps * a.rounds + 2) * a.micro_batch * a.grad_accum * world
+    collate = functools.partial(make_batch, eod_id=2)
+    runners = {}
+    for name, m in models.items():
+        engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=param_groups(m, 0.1), config=ds_config)
+        it = DistributedSampleIterator(SyntheticTokens(n_samples, a.seq_len, mcfg.vocab_size, a.seed),
+                                       a.micro_batch, a.grad_accum, rank, world, prefetch=a.prefetch,
+                                       collate=collate)
+        runners[name] = Runner(name, engine, it)
+
+    dev = runners["ours"].device
+    say(f"train_throughput: preset {a.preset} ({num_params(mcfg) / 1e6:.1f}M params, vocab {mcfg.vocab_size}) | "
+        f"world {world} on {dev.type}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''} | {precision} | "
+        f"ZeRO-{a.zero_stage} | micro batch {a.micro_batch} × accum {a.grad_accum} × seq {a.seq_len} = "
+        f"{tokens_per_step} tokens/step | act. ckpt {a.activation_checkpointing} | "
+        f"prefetch {'on' if a.prefetch else 'off'} | torch threads {torch.get_num_threads()}")
+    for r in runners.values():
+        r.steps(a.warmup)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
+    per_round: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for rnd in range(a.rounds):
+        for name in order if rnd % 2 == 0 else order[::-1]:
+            t = runners[name].steps(a.steps)
+            times[name] += t
+            per_round[name].append(statistics.median(x[0] for x in t))
+    mem, mem_kind = peak_memory_gb()
+
+    results: dict = {"preset": a.preset, "precision": precision, "zero_stage": a.zero_stage, "world": world,
+                     "device": dev.type, "tokens_per_step": tokens_per_step, "seq_len": a.seq_len,
+                     "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "peak_tflops": peak,
+                     "peak_memory_gb": mem, "peak_memory_kind": mem_kind}
+    for name, t in times.items():
+        step = statistics.median(x[0] for x in t)
+        mean = statistics.fmean(x[0] for x in t)
+        wait = sum(x[1] for x in t) / sum(x[0] for x in t)
+        tok_s = tokens_per_step / step
+        tflops = fpt * tok_s / world / 1e12
+        r = {"step_time_median_s": step, "step_time_mean_s": mean, "tokens_per_s": tok_s,
+             "tflops_per_device": tflops, "data_wait_frac": wait, "mfu": tflops / peak if peak else None,
+             "round_medians_s": per_round[name]}
+        results[name] = r
+        mfu = f"{100 * r['mfu']:.1f}%" if peak else "n/a (no known peak; pass --peak-tflops)"
+        say(f"[{name:>4}] step {1e3 * step:.1f} ms (median of {len(t)}; mean {1e3 * mean:.1f}) | "
+            f"{tok_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device | MFU {mfu} | data wait {100 * wait:.2f}%")
+    say(f"peak memory ({mem_kind}, rank 0{', both models' if a.compare_hf and dev.type == 'cpu' else ''}): "
+        f"{mem:.2f} GiB")
+    if a.compare_hf:
+        ratios = [o / h for o, h in zip(per_round["ours"], per_round["hf"])]
+        results["ratio_ours_over_hf"] = statistics.median(ratios)
+        results["ratio_per_round"] = ratios
+        say(f"step-time ratio ours/HF: median {statistics.median(ratios):.3f} over {len(ratios)} rounds "
+            f"({', '.join(f'{x:.3f}' for x in ratios)}); <= 1.0 means ours is no slower")
+    if a.json and rank == 0:
+        tmp = Path(a.json).with_name(f".{Path(a.json).name}.tmp.{os.getpid()}")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, a.json)
+    for r in runners.values():
+        r.it.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
