@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of documents (by text hash) written to the valid split (default 0.01)")
     p.add_argument("--max-shard-bytes", type=_size, default=1 << 30, help="shard .bin size bound (default 1G)")
     p.add_argument("--unit-bytes", type=_size, default=64 << 20,
-                   help="input bytes per work unit: the resume and MPI granularity (default 64M)")
+                   help="input bytes per work unit: the resume and MPI granularity (default 64M). Small "
+                        "files are grouped; an uncompressed .jsonl or WikiExtractor file larger than this is "
+                        "cut into byte ranges at record boundaries; .gz/.zst, text and parquet files are "
+                        "one unit each. Output shards are per unit: the same --unit-bytes gives the same "
+                        "bytes for any --workers/ranks; another --unit-bytes gives the same documents in "
+                        "the same order in differently cut shards")
     p.add_argument("--no-eod", dest="append_eod", action="store_false",
                    help="do not append the EOD (eos) id to each document")
     p.add_argument("--keep-empty", action="store_true",
@@ -93,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="skip bad records and count them by reason (default), or stop at the first one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of a different job")
+    p.add_argument("--fingerprint", choices=["sampled", "full"], default="sampled",
+                   help="how inputs are fingerprinted for the resume/changed-input check (recorded in the "
+                        "manifest as fingerprint_method): sampled = size + 16 x 64 KiB blocks per file "
+                        "(default: fast on huge corpora, misses same-size edits between the blocks); "
+                        "full = sha256 of every byte (reads the corpus once more, split across MPI ranks)")
     p.add_argument("--batch-chars", type=_size, default=1 << 20, help="characters per tokenizer batch")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
                              batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,
-                             progress=args.progress)
+                             progress=args.progress, fingerprint=args.fingerprint)
             m = preprocess(args.input, args.tokenizer, args.output, settings, run)
             if m is not None:
                 st = m["_run"]

@@ -73,6 +73,7 @@ class IndexedDatasetWriter:
         self._lengths: list[int] = []
         self._doc_index: list[int] = [0]
         self.num_tokens = 0
+        self._doc_start_tokens = 0
         self._closed = False
 
     def add_sequence(self, tokens) -> None:
@@ -83,6 +84,18 @@ class IndexedDatasetWriter:
 
     def end_document(self) -> None:
         self._doc_index.append(len(self._lengths))
+        self._doc_start_tokens = self.num_tokens
+
+    def drop_open_document(self) -> int:
+        """Remove the sequences added since the last document boundary (a document abandoned half-way,
+        e.g. a streamed one whose later bytes turn out to be bad); returns the tokens removed."""
+        removed = self.num_tokens - self._doc_start_tokens
+        del self._lengths[self._doc_index[-1] :]
+        self._bin.flush()
+        self._bin.seek(self._doc_start_tokens * self.dtype.itemsize)
+        self._bin.truncate()
+        self.num_tokens = self._doc_start_tokens
+        return removed
 
     def add_document(self, tokens) -> None:
         """One document of one sequence (the layout preprocess_data.py writes without splitting).
@@ -96,6 +109,11 @@ class IndexedDatasetWriter:
     @property
     def num_documents(self) -> int:
         return len(self._doc_index) - 1
+
+    @property
+    def open_document_tokens(self) -> int:
+        """Tokens added since the last document boundary."""
+        return self.num_tokens - self._doc_start_tokens
 
     @property
     def num_sequences(self) -> int:

@@ -3,8 +3,12 @@
 Design (why the output is byte-identical for any ``--workers`` and any number of MPI ranks):
 
 - The inputs are expanded into an ordered source list, then grouped into *units*: consecutive sources
-  totalling about ``--unit-bytes`` on disk. The plan depends only on the inputs, never on the worker or
-  rank count.
+  totalling about ``--unit-bytes`` on disk. An uncompressed JSON-lines or WikiExtractor file larger than
+  ``--unit-bytes`` is cut into byte ranges of ``--unit-bytes``, one unit each, aligned to record
+  boundaries by the reader (``readers.ReadRange``), so one 40 GB file spreads over all ranks and workers
+  and resumes per range. Compressed files (.gz/.zst cannot seek), text files (one document each: a huge
+  one is streamed in pieces anyway), parquet and hf: sources are never cut. The plan depends only on the
+  inputs and ``--unit-bytes``, never on the worker or rank count.
 - A unit is read in order, tokenized in batches by a pool of worker processes (results consumed in
   submission order), and written to its own shards ``{split}/shard_{unit:05d}_{part:03d}``; a shard is
   closed when the next document would push it past ``--max-shard-bytes``. So every shard's bytes depend
@@ -17,6 +21,15 @@ Design (why the output is byte-identical for any ``--workers`` and any number of
   so kill -9 at any moment loses at most the units in flight.
 - The train/valid split is by a hash of each document's text (``--valid-fraction``), so it too is
   independent of how the work was distributed.
+
+Shards are per unit, so a different ``--unit-bytes`` gives different shard files, but the same documents
+in the same order (the concatenated token stream is identical). Error locations are ``file:line``; a
+range counts lines from its own start and the manifest adds the line counts of the file's earlier ranges.
+
+Nothing is lost silently: every record read is either written or counted as skipped by reason. A document
+streamed in pieces (longer than ``--max-doc-bytes``) that turns out bad after some pieces were written
+(invalid UTF-8, a read error, a missing ``</doc>``) is rolled back from its shard and counted as skipped:
+a document is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -39,7 +52,21 @@ import numpy as np
 from . import mpi
 from .indexed_dataset import IndexedDatasetWriter, optimal_dtype, sha256_file
 from .manifest import MANIFEST_NAME, write_json_atomic
-from .readers import DOC, ERROR_REASONS, LAST, PART, SKIP, ReadOptions, Source, expand_inputs, fingerprint
+from .readers import (
+    DOC,
+    ERROR_REASONS,
+    FINGERPRINT_METHODS,
+    LAST,
+    PART,
+    SKIP,
+    ReadOptions,
+    ReadRange,
+    Source,
+    count_newlines,
+    expand_inputs,
+    fingerprint,
+    splittable,
+)
 from .readers import iter_documents as _iter_documents
 from .tokenizer import tokenizer_info
 
@@ -89,26 +116,43 @@ class RunOptions:
     on_error: str = "skip"
     overwrite: bool = False
     progress: bool = True
+    fingerprint: str = "sampled"  # or "full": sha256 of every input file (recorded in the manifest)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Planning
 
 
-def plan_units(sources: list[Source], unit_bytes: int) -> list[list[int]]:
-    """Group consecutive sources into units of about ``unit_bytes`` (a big file is a unit alone)."""
-    units: list[list[int]] = []
-    cur: list[int] = []
+# (source index, start byte, end byte); end -1 = the whole source, read without a range.
+Segment = tuple[int, int, int]
+
+
+def plan_units(sources: list[Source], unit_bytes: int) -> list[list[Segment]]:
+    """Group consecutive sources into units of about ``unit_bytes``; a splittable file larger than that
+    becomes one unit per ``unit_bytes`` byte range, any other big file a unit alone."""
+    units: list[list[Segment]] = []
+    cur: list[Segment] = []
     size = 0
     for i, s in enumerate(sources):
+        if s.size > unit_bytes and splittable(s):
+            if cur:
+                units.append(cur)
+                cur, size = [], 0
+            units.extend([(i, lo, min(lo + unit_bytes, s.size))] for lo in range(0, s.size, unit_bytes))
+            continue
         if cur and size + s.size > unit_bytes:
             units.append(cur)
             cur, size = [], 0
-        cur.append(i)
+        cur.append((i, 0, -1))
         size += max(s.size, 1)
     if cur:
         units.append(cur)
     return units
+
+
+def _segment_bytes(sources: list[Source], seg: Segment) -> int:
+    i, lo, hi = seg
+    return max(sources[i].size if hi < 0 else hi - lo, 1)
 
 
 def assign_units(unit_sizes: list[int], world: int) -> list[list[int]]:
@@ -201,28 +245,35 @@ def split_exact(text: str, chunk: int = CHUNK_CHARS) -> list[str]:
 @dataclass
 class UnitRecord:
     unit: int
-    sources: list[int]
+    segments: list[Segment]
     shards: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     records_read: int = 0
     documents_written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
+    # For a byte-range unit: the lines it owned, and whether its example line numbers count from the
+    # range start (made absolute in the manifest).
+    range_lines: int = 0
+    relative_lines: bool = False
 
 
 class UnitWriter:
-    def __init__(self, out: Path, unit: int, sources: list[int], settings: Settings, dtype, eod: int):
+    def __init__(self, out: Path, unit: int, segments: list[Segment], settings: Settings, dtype, eod: int):
         self.out, self.settings, self.dtype = out, settings, np.dtype(dtype)
-        self.rec = UnitRecord(unit, sources)
+        self.rec = UnitRecord(unit, segments)
         self.writers: dict[str, IndexedDatasetWriter | None] = {s: None for s in SPLITS}
         self.parts = {s: 0 for s in SPLITS}
         self.eod = np.asarray([eod], dtype=self.dtype)
         # Fraction of the 64-bit hash space that goes to valid.
         self.valid_threshold = int(settings.valid_fraction * (1 << 64))
-        self.doc_split: str | None = None  # split of the multi-piece document in progress
-        self.doc_tokens = 0
+        self.doc_writer: IndexedDatasetWriter | None = None  # holds the streamed document in progress
         self.tokens = 0
 
     def skip(self, reason: str, loc: str) -> None:
+        if self.doc_writer is not None:
+            # A SKIP instead of the LAST piece: the streamed document is abandoned; drop its pieces.
+            self.tokens -= self.doc_writer.drop_open_document()
+            self.doc_writer = None
         self.rec.records_read += 1
         self.rec.skipped[reason] = self.rec.skipped.get(reason, 0) + 1
         ex = self.rec.skip_examples.setdefault(reason, [])
@@ -243,6 +294,10 @@ class UnitWriter:
         w = self.writers[split]
         if w is None:
             return
+        self.writers[split] = None
+        if w.num_documents == 0:  # only held a rolled-back document
+            w.abort()
+            return
         w.finalize()
         self.rec.shards[split].append(
             {
@@ -255,7 +310,6 @@ class UnitWriter:
             }
         )
         self.parts[split] += 1
-        self.writers[split] = None
 
     def add(self, kind: int, tokens: np.ndarray, text_hash: int) -> None:
         eod = self.settings.append_eod
@@ -270,28 +324,25 @@ class UnitWriter:
             self.tokens += len(tokens)
             return
         # A document streamed in pieces: all pieces go to one shard as consecutive sequences of one
-        # document; the split is decided by the first piece's hash.
-        if self.doc_split is None:
-            self.doc_split = "valid" if text_hash < self.valid_threshold else "train"
-            self.doc_tokens = 0
-        split = self.doc_split
-        if kind == LAST and eod and (len(tokens) or self.doc_tokens):
-            tokens = np.concatenate((tokens, self.eod))
-        w = self.writers[split] if self.doc_tokens else self._writer(split, tokens.nbytes)
+        # document; the split (and the shard) is decided at the first piece, by its hash.
+        w = self.doc_writer
         if w is None:
-            w = self._writer(split, tokens.nbytes)
+            split = "valid" if text_hash < self.valid_threshold else "train"
+            w = self.doc_writer = self._writer(split, tokens.nbytes)
+        if kind == LAST and eod and (len(tokens) or w.open_document_tokens):
+            tokens = np.concatenate((tokens, self.eod))
         if len(tokens):
             w.add_sequence(tokens)
-        self.doc_tokens += len(tokens)
         self.tokens += len(tokens)
         if kind == LAST:
             w.end_document()
             self.rec.records_read += 1
             self.rec.documents_written += 1
-            self.doc_split = None
-            self.doc_tokens = 0
+            self.doc_writer = None
 
     def finish(self) -> UnitRecord:
+        if self.doc_writer is not None:
+            raise PipelineError(f"internal error: unit {self.rec.unit} ended inside a streamed document")
         for split in SPLITS:
             self._close(split)
         return self.rec
@@ -306,13 +357,31 @@ class UnitWriter:
 # Run
 
 
-def _config(sources: list[Source], tok: dict, settings: Settings) -> dict:
+def _fingerprints(sources: list[Source], method: str, comm, threads: int) -> list[str]:
+    """Source fingerprints. "full" hashes whole files: rank r hashes sources r, r+K, ... on ``threads``
+    threads (hashlib releases the GIL) and the results are shared, so K ranks read the corpus once
+    between them. (Without a shared filesystem each node then checks only its share of its own copy.)"""
+    if method == "sampled":
+        return [fingerprint(s) for s in sources]
+    from concurrent.futures import ThreadPoolExecutor
+
+    mine = list(range(comm.rank, len(sources), comm.size))
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        local = dict(zip(mine, ex.map(lambda i: fingerprint(sources[i], method), mine)))
+    merged: dict[int, str] = {}
+    for part in comm.bcast(comm.gather(local, root=0), root=0):
+        merged.update(part)
+    return [merged[i] for i in range(len(sources))]
+
+
+def _config(sources: list[Source], tok: dict, settings: Settings, prints: list[str], method: str) -> dict:
     return {
         "format": FORMAT,
         "tokenizer": {k: tok[k] for k in ("sha256", "vocab_size", "eos_id", "bos_id", "unk_id", "pad_id")},
         "dtype": optimal_dtype(tok["vocab_size"]).name,
+        "fingerprint_method": method,
         "sources": [
-            {"path": s.path, "format": s.format, "size": s.size, "fingerprint": fingerprint(s)} for s in sources
+            {"path": s.path, "format": s.format, "size": s.size, "fingerprint": fp} for s, fp in zip(sources, prints)
         ],
         "settings": asdict(settings),
     }
@@ -321,6 +390,9 @@ def _config(sources: list[Source], tok: dict, settings: Settings) -> dict:
 def _config_diff(old: dict, new: dict) -> str:
     if old.get("tokenizer") != new.get("tokenizer"):
         return "the tokenizer differs"
+    if old.get("fingerprint_method") != new.get("fingerprint_method"):
+        return (f"the fingerprint method differs ({old.get('fingerprint_method')} -> "
+                f"{new.get('fingerprint_method')}; rerun with the original --fingerprint)")
     if old.get("settings") != new.get("settings"):
         keys = [k for k in new["settings"] if old.get("settings", {}).get(k) != new["settings"][k]]
         return f"settings differ ({', '.join(keys)})"
@@ -365,19 +437,33 @@ def _clean_unit(out: Path, unit: int) -> None:
         f.unlink()
 
 
+def _absolute_loc(src: Source, rng: ReadRange | None, loc: str) -> str:
+    """``file:line`` with the line counted from the file start (a range counts from its own start)."""
+    if rng is None or rng.first_byte == 0:
+        return loc
+    path, _, line = loc.rpartition(":")
+    return f"{path}:{count_newlines(src.path, rng.first_byte) + int(line)}"
+
+
 def _batches(
-    sources: list[Source], idxs: list[int], settings: Settings, run: RunOptions, progress
+    sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress,
+    ranges: list[ReadRange],
 ) -> Iterator[tuple[list[tuple[int, str, str, int]], list[str]]]:
     """Yield (metas, texts): metas are (kind, skip reason or "", loc, text hash) in input order, with one
-    text per non-SKIP meta. Hashing happens here, on the whole document, before any cutting."""
+    text per non-SKIP meta. Hashing happens here, on the whole document, before any cutting. The
+    ``ReadRange`` of each byte-range segment is appended to ``ranges`` (its line count is final once
+    the generator is exhausted)."""
     opts = settings.read_options()
     metas: list[tuple[int, str, str, int]] = []
     texts: list[str] = []
     chars = 0
-    for si in idxs:
+    for si, lo, hi in segments:
         src = sources[si]
+        rng = ReadRange(lo, hi) if hi >= 0 else None
+        if rng is not None:
+            ranges.append(rng)
         counted = 0
-        for kind, text, loc in _iter_documents(src, opts):
+        for kind, text, loc in _iter_documents(src, opts, rng):
             if kind != SKIP:
                 try:
                     h = _doc_hash(text.encode("utf-8"))
@@ -387,7 +473,7 @@ def _batches(
                     kind, text = SKIP, "unencodable_text"
             if kind == SKIP:
                 if run.on_error == "fail" and text in ERROR_REASONS:
-                    raise PipelineError(f"{loc}: {text} (--on-error fail)")
+                    raise PipelineError(f"{_absolute_loc(src, rng, loc)}: {text} (--on-error fail)")
                 metas.append((SKIP, text, loc, 0))
                 continue
             n = len(text)
@@ -404,8 +490,9 @@ def _batches(
             if chars >= run.batch_chars or len(texts) >= 8192:
                 yield metas, texts
                 metas, texts, chars = [], [], 0
-        if progress is not None and src.size > counted:
-            progress.update(src.size - counted)  # markup, skipped records, compression
+        seg_bytes = _segment_bytes(sources, (si, lo, hi))
+        if progress is not None and seg_bytes > counted:
+            progress.update(seg_bytes - counted)  # markup, skipped records, compression
     if metas:
         yield metas, texts
 
@@ -442,7 +529,7 @@ class _Progress:
 
 
 def _process_units(
-    out: Path, sources: list[Source], units: list[list[int]], mine: list[int], settings: Settings,
+    out: Path, sources: list[Source], units: list[list[Segment]], mine: list[int], settings: Settings,
     run: RunOptions, model_path: str, tok: dict, rank: int,
 ) -> tuple[list[dict], dict]:
     dtype = optimal_dtype(tok["vocab_size"])
@@ -458,7 +545,7 @@ def _process_units(
     if done:
         print(f"[rank {rank}] resuming: {len(done)} unit(s) verified and kept, {len(todo)} to do",
               file=sys.stderr)
-    total = sum(sources[i].size for u in todo for i in units[u])
+    total = sum(_segment_bytes(sources, seg) for u in todo for seg in units[u])
     progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
     stats = {"tokens": 0, "documents": 0, "bytes": total}
 
@@ -509,11 +596,15 @@ def _process_units(
     try:
         for u in todo:
             writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
-            for metas, texts in _batches(sources, units[u], settings, run, progress):
+            ranges: list[ReadRange] = []
+            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges):
                 res = pool.apply_async(encode_batch, (texts,)) if pool is not None else encode_batch(texts)
                 inflight.append((writer, metas, res, False))
                 while len(inflight) > max_inflight:
                     drain_one()
+            if ranges:  # a byte-range unit (always alone in its unit)
+                writer.rec.range_lines = ranges[0].lines
+                writer.rec.relative_lines = ranges[0].start > 0
             inflight.append((writer, None, None, True))
         while inflight:
             drain_one()
@@ -532,12 +623,31 @@ def _process_units(
     return [done[u] for u in sorted(done)], stats
 
 
+def _absolute_examples(unit_records: list[dict]) -> None:
+    """Rewrite the range-relative ``file:line`` examples of byte-range units to file lines, adding the
+    line counts of the same file's earlier ranges (``unit_records`` sorted by unit)."""
+    base: dict[int, int] = {}
+    for rec in unit_records:
+        segs = rec["segments"]
+        if len(segs) != 1 or segs[0][2] < 0:
+            continue
+        src = segs[0][0]
+        b = base.get(src, 0) if rec["relative_lines"] else 0
+        if b:
+            for reason, locs in rec["skip_examples"].items():
+                rec["skip_examples"][reason] = [
+                    f"{p}:{b + int(n)}" for p, _, n in (loc.rpartition(":") for loc in locs)]
+        base[src] = b + rec["range_lines"]
+
+
 def _assemble_manifest(config: dict, unit_records: list[dict], tok_path: str) -> dict:
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     read = written = 0
-    for rec in sorted(unit_records, key=lambda r: r["unit"]):
+    unit_records = sorted(unit_records, key=lambda r: r["unit"])
+    _absolute_examples(unit_records)
+    for rec in unit_records:
         for s in SPLITS:
             splits[s].extend(rec["shards"][s])
         read += rec["records_read"]
@@ -558,6 +668,7 @@ def _assemble_manifest(config: dict, unit_records: list[dict], tok_path: str) ->
         "format": FORMAT,
         "tokenizer": {**config["tokenizer"], "file": "tokenizer.model", "source_path": tok_path},
         "dtype": config["dtype"],
+        "fingerprint_method": config["fingerprint_method"],
         "splits": splits,
         "totals": totals,
         "records": {"read": read, "written": written, "skipped": sum(skipped.values())},
@@ -575,12 +686,15 @@ def preprocess(
     """Run (or resume) a preprocessing job; returns the manifest on rank 0, None elsewhere."""
     if run.on_error not in ("skip", "fail"):
         raise PipelineError(f"--on-error must be skip or fail, not {run.on_error!r}")
+    if run.fingerprint not in FINGERPRINT_METHODS:
+        raise PipelineError(f"--fingerprint must be one of {', '.join(FINGERPRINT_METHODS)}")
     comm = mpi.world()
     rank, world = comm.rank, comm.size
     out = Path(output)
     sources = expand_inputs(inputs, settings.format)
     tok = tokenizer_info(model_path)
-    config = _config(sources, tok, settings)
+    prints = _fingerprints(sources, run.fingerprint, comm, run.workers)
+    config = _config(sources, tok, settings, prints, run.fingerprint)
     state = out / ".state" / "config.json"
     if run.overwrite:  # every rank: nodes without a shared filesystem have their own copies
         for name in (*SPLITS, ".state"):
@@ -607,7 +721,7 @@ def preprocess(
         write_json_atomic(state, config)  # each node of a cluster without a shared filesystem needs it
 
     units = plan_units(sources, settings.unit_bytes)
-    sizes = [sum(max(sources[i].size, 1) for i in u) for u in units]
+    sizes = [sum(_segment_bytes(sources, seg) for seg in u) for u in units]
     mine = assign_units(sizes, world)[rank]
     err: BaseException | None = None
     try:

@@ -14,6 +14,19 @@ Sources are plain files (optionally ``.gz``/``.zst`` compressed) in one of the f
 blocks), ``text`` (one document per file: books; BOM and CRLF handled, Gutenberg boilerplate optionally
 stripped) and ``parquet``; or a Hugging Face dataset ``hf:NAME[:CONFIG][@SPLIT]`` read with
 ``datasets.load_dataset(..., streaming=True)``.
+
+Byte ranges (``ReadRange``) let one huge uncompressed ``jsonl``/``wikidoc`` file be read as several
+independent parts whose records, in order, are exactly the records of the whole file:
+
+- ``jsonl``: a range ``[start, end)`` owns the lines whose first byte lies in it;
+- ``wikidoc``: a range starts just after the first ``</doc>`` line that starts at or after ``start``
+  (the file start for ``start == 0``) and ends with the first ``</doc>`` line that starts at or after
+  ``end``. After any ``</doc>`` line the whole-file reader is outside a document, so a range reader that
+  begins there in that state sees exactly what the whole-file reader sees.
+
+Line numbers in a range's ``loc`` count from the range's first owned line (``ReadRange.lines`` tells
+how many lines it owned, so the caller can make them absolute without re-reading the file).
+Compressed files cannot seek and are always read whole.
 """
 
 from __future__ import annotations
@@ -72,6 +85,31 @@ class Source:
     @property
     def is_hf(self) -> bool:
         return self.path.startswith("hf:")
+
+
+@dataclass
+class ReadRange:
+    """A byte range of an uncompressed file (see the module docstring for who owns which record)."""
+
+    start: int = 0
+    end: int | None = None  # None: to the end of the file
+    first_byte: int = 0  # set by the reader: offset of the first line the range owns
+    lines: int = 0  # set by the reader: number of lines the range owns
+
+
+def splittable(src: Source) -> bool:
+    """Whether ``src`` can be read in byte ranges (uncompressed JSON lines or WikiExtractor files)."""
+    return src.format in ("jsonl", "wikidoc") and not _compression(src.path)
+
+
+def count_newlines(path: str, end: int, chunk: int = 1 << 22) -> int:
+    """Newlines in ``path[:end]`` (for absolute line numbers of a range in an error message)."""
+    n = 0
+    with open(path, "rb") as f:
+        while end > 0 and (block := f.read(min(chunk, end))):
+            n += block.count(b"\n")
+            end -= len(block)
+    return n
 
 
 @dataclass(frozen=True)
@@ -216,18 +254,27 @@ def expand_inputs(specs: list[str], fmt: str = "auto") -> list[Source]:
     return sources
 
 
-def fingerprint(src: Source, samples: int = 16, block: int = 1 << 16) -> str:
-    """Cheap content fingerprint: sha256 of the size and ``samples`` evenly spaced 64 KiB blocks.
+FINGERPRINT_METHODS = ("sampled", "full")
 
-    Reading whole inputs twice (once to hash, once to tokenize) would double the I/O of a 40 GB run;
-    sampled blocks catch truncation, appends and replaced files, which is what resume checks need.
+
+def fingerprint(src: Source, method: str = "sampled", samples: int = 16, block: int = 1 << 16) -> str:
+    """Content fingerprint of a source.
+
+    ``sampled`` (default): sha256 of the path, the size and ``samples`` evenly spaced 64 KiB blocks
+    (the whole file when smaller). Reading whole inputs twice (once to hash, once to tokenize) would
+    double the I/O of a 40 GB run; sampled blocks catch truncation, appends and replaced files, which is
+    what resume checks need, but not an edit that keeps the size and misses every block.
+    ``full``: sha256 of the path, the size and every byte (streamed), for a guarantee.
     """
+    if method not in FINGERPRINT_METHODS:
+        raise InputError(f"unknown fingerprint method {method!r}; choose from {', '.join(FINGERPRINT_METHODS)}")
     h = hashlib.sha256(f"{src.path}|{src.size}|".encode())
     if src.is_hf:
         return h.hexdigest()
     with open(src.path, "rb") as f:
-        if src.size <= samples * block:
-            h.update(f.read())
+        if method == "full" or src.size <= samples * block:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
         else:
             step = (src.size - block) // (samples - 1)
             for i in range(samples):
@@ -240,11 +287,14 @@ def fingerprint(src: Source, samples: int = 16, block: int = 1 << 16) -> str:
 # Readers
 
 
-def iter_documents(src: Source, opts: ReadOptions) -> Iterator[Item]:
+def iter_documents(src: Source, opts: ReadOptions, rng: ReadRange | None = None) -> Iterator[Item]:
+    """Items of ``src`` (or of the byte range ``rng`` of it: only for ``splittable`` sources)."""
+    if rng is not None and not splittable(src):
+        raise InputError(f"{src.path}: a {src.format} source cannot be read in byte ranges")
     if src.format == "jsonl":
-        yield from _read_jsonl(src.path, opts)
+        yield from _read_jsonl(src.path, opts, rng)
     elif src.format == "wikidoc":
-        yield from _read_wikidoc(src.path, opts)
+        yield from _read_wikidoc(src.path, opts, rng)
     elif src.format == "text":
         yield from _read_text(src.path, opts)
     elif src.format == "parquet":
@@ -255,24 +305,68 @@ def iter_documents(src: Source, opts: ReadOptions) -> Iterator[Item]:
         raise InputError(f"{src.path}: unknown format {src.format!r}")
 
 
-def _lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, str | None]]:
-    """(line number, raw line or None, error reason or None); bounded memory per line."""
+def _drain(f: BinaryIO, line: bytes) -> int:
+    """Consume the rest of an oversized line without keeping it; returns the bytes consumed."""
+    n = 0
+    while not line.endswith(b"\n") and (line := f.readline(1 << 20)):
+        n += len(line)
+    return n
+
+
+def _lines(
+    path: str, max_line_bytes: int, rng: ReadRange | None = None, boundary: bytes | None = None
+) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(line number, raw line or None, error reason or None); bounded memory per line; a UTF-8 BOM at
+    the start of the file is dropped.
+
+    With ``rng``: only the lines the range owns (module docstring). ``boundary`` (``b"</doc>"``) makes
+    the range start after the first such line at or after ``rng.start`` and end with the first such line
+    at or after ``rng.end``; without it, the range is the lines starting in ``[start, end)``.
+    """
     try:
         f = open_binary(path)
     except OSError as e:
         yield 1, None, f"read_error: {e}"
         return
+    start = rng.start if rng is not None else 0
+    end = rng.end if rng is not None and rng.end is not None else None
     lineno = 0
+    pos = 0  # offset of the next line
     with f:
+        try:
+            if start > 0:
+                f.seek(start - 1)
+                first = f.readline(1 << 20)  # the rest of the line that straddles `start`
+                pos = start - 1 + len(first) + _drain(f, first)
+                while boundary is not None:  # skip to just after the first boundary line
+                    line = f.readline(max_line_bytes + 1)
+                    if not line:
+                        break
+                    line_start, pos = pos, pos + len(line) + _drain(f, line)
+                    if line.rstrip() == boundary:
+                        if end is not None and line_start >= end:
+                            return  # it is also where the next range starts: this range owns nothing
+                        break
+            if rng is not None:
+                rng.first_byte = pos
+        except OSError as e:
+            yield 1, None, f"read_error: {e}"
+            return
         while True:
+            if end is not None and pos >= end and boundary is None:
+                return
             lineno += 1
             try:
                 line = f.readline(max_line_bytes + 1)
                 if not line:
                     return
+                line_start, pos = pos, pos + len(line)
+                if line_start == 0 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                        pass  # drain the rest of the oversized line without keeping it
+                    pos += _drain(f, line)
+                    if rng is not None:
+                        rng.lines = lineno
                     yield lineno, None, "line_too_long"
                     continue
             except (EOFError, gzip.BadGzipFile) as e:
@@ -286,7 +380,11 @@ def _lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, 
                     yield lineno, None, f"truncated_compressed: {e}"
                     return
                 raise
+            if rng is not None:
+                rng.lines = lineno
             yield lineno, line, None
+            if end is not None and boundary is not None and line_start >= end and line.rstrip() == boundary:
+                return
 
 
 def _reason(err: str) -> str:
@@ -303,15 +401,13 @@ def _check_text(text: object, loc: str, opts: ReadOptions) -> Item:
     return (DOC, text, loc)
 
 
-def _read_jsonl(path: str, opts: ReadOptions) -> Iterator[Item]:
-    for lineno, raw, err in _lines(path, opts.max_line_bytes):
+def _read_jsonl(path: str, opts: ReadOptions, rng: ReadRange | None = None) -> Iterator[Item]:
+    for lineno, raw, err in _lines(path, opts.max_line_bytes, rng):
         loc = f"{path}:{lineno}"
         if err is not None:
             yield (SKIP, _reason(err), loc)
             continue
         assert raw is not None
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
         if not raw.strip():
             yield (SKIP, "blank_line", loc)
             continue
@@ -349,11 +445,13 @@ class _DocAssembler:
             yield (PART, piece, self.loc)
 
     def finish(self, body_check: bool = True) -> Item:
+        # A bad line anywhere skips the whole document, even after PART pieces were emitted: the
+        # consumer drops an open streamed document when a SKIP arrives instead of its LAST piece.
+        if self.bad:
+            return (SKIP, self.bad, self.bad_loc)
         text = "".join(self.buf)
         if self.emitted_parts:
             return (LAST, text, self.loc)
-        if self.bad:
-            return (SKIP, self.bad, self.bad_loc)
         return _check_text(text.strip("\n") if body_check else text, self.loc, self.opts)
 
 
@@ -370,9 +468,9 @@ def _decode_line(raw: bytes) -> str | None:
     return s
 
 
-def _read_wikidoc(path: str, opts: ReadOptions) -> Iterator[Item]:
+def _read_wikidoc(path: str, opts: ReadOptions, rng: ReadRange | None = None) -> Iterator[Item]:
     doc: _DocAssembler | None = None
-    for lineno, raw, err in _lines(path, opts.max_line_bytes):
+    for lineno, raw, err in _lines(path, opts.max_line_bytes, rng, boundary=b"</doc>"):
         loc = f"{path}:{lineno}"
         if err is not None:
             if doc is not None:
@@ -380,8 +478,6 @@ def _read_wikidoc(path: str, opts: ReadOptions) -> Iterator[Item]:
             yield (SKIP, _reason(err), loc)
             continue
         assert raw is not None
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
         if doc is None:
             if _DOC_OPEN.match(raw):
                 doc = _DocAssembler(loc, opts)
@@ -418,8 +514,6 @@ def _read_text(path: str, opts: ReadOptions) -> Iterator[Item]:
             yield (SKIP, _reason(err), loc)
             return
         assert raw is not None
-        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
         line = _decode_line(raw)
         if line is None:
             if doc.bad is None:

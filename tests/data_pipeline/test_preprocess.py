@@ -4,6 +4,7 @@ ranks, exact chunked tokenization, bad-input accounting, resume after kill -9.""
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
 import random
@@ -21,7 +22,7 @@ from conftest import BIN, CORPORA, ROOT, child_env, run_cmd
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.manifest import load_manifest, shard_prefixes
 from data_pipeline.preprocess import split_exact
-from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+from data_pipeline.readers import DOC, ReadOptions, expand_inputs, fingerprint, iter_documents
 from data_pipeline.tools import merge, verify
 
 PY = sys.executable
@@ -120,6 +121,99 @@ def test_bad_inputs_skip_and_fail(tok, tmp_path):
     assert "invalid_json: 1" in p.stdout and "a.jsonl:2" in p.stdout
     p = preprocess(tok, tmp_path / "out2", "--on-error", "fail", inputs=[bad], check=False)
     assert p.returncode == 2 and "a.jsonl:2: invalid_json" in p.stderr and "Traceback" not in p.stderr
+
+
+def token_stream(out: Path) -> dict[str, np.ndarray]:
+    """Each split's tokens, shards concatenated in manifest order."""
+    return {split: np.concatenate([np.asarray(IndexedDataset(p).tokens) for p in shard_prefixes(out, split)]
+                                  or [np.zeros(0, np.uint16)])
+            for split in ("train", "valid")}
+
+
+def test_big_files_split_into_byte_ranges(tok, tmp_path):
+    """A ~1 MB .jsonl and a ~1 MB WikiExtractor file cut into ~100 KB ranges: same bytes for 1 and 2
+    workers; the same token stream, counts and absolute error lines as reading each file as one unit."""
+    lines = (CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_bytes().splitlines(keepends=True)
+    bad_at = {len(lines) // 3: b"{oops\n", 2 * len(lines) // 3: b'{"text": "caf\xe9"}\n'}
+    for i in sorted(bad_at, reverse=True):
+        lines.insert(i, bad_at[i])
+    (tmp_path / "big.jsonl").write_bytes(b"".join(lines))
+    inputs = [tmp_path / "big.jsonl", CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00"]
+    for name, unit, workers in (("r1", "100k", "1"), ("r2", "100k", "2"), ("whole", "1G", "2")):
+        preprocess(tok, tmp_path / name, "--unit-bytes", unit, "--workers", workers, "--max-shard-bytes", "1G",
+                   inputs=inputs)
+    same_tree(tmp_path / "r1", tmp_path / "r2")
+    ranged, whole = load_manifest(tmp_path / "r2"), load_manifest(tmp_path / "whole")
+    assert len(list((tmp_path / "r2" / ".state").glob("unit_*.json"))) >= 20  # two files, ~11 ranges each
+    assert len(ranged["splits"]["train"]) > len(whole["splits"]["train"])
+    for split, toks in token_stream(tmp_path / "r2").items():
+        assert np.array_equal(toks, token_stream(tmp_path / "whole")[split]), split
+    for key in ("records", "skipped", "totals"):
+        if key == "totals":
+            for s in ("train", "valid"):
+                assert {k: v for k, v in ranged[key][s].items() if k != "shards"} == \
+                    {k: v for k, v in whole[key][s].items() if k != "shards"}
+        else:
+            assert ranged[key] == whole[key], key
+    big = str(tmp_path / "big.jsonl")
+    expect = {"invalid_json": [f"{big}:{min(bad_at) + 1}"], "invalid_utf8": [f"{big}:{max(bad_at) + 2}"]}
+    for m in (ranged, whole):
+        assert {r: m["skip_examples"][r] for r in expect} == expect
+    p = preprocess(tok, tmp_path / "fail", "--unit-bytes", "100k", "--on-error", "fail", inputs=inputs[:1],
+                   check=False)
+    assert p.returncode == 2 and f"{big}:{min(bad_at) + 1}: invalid_json" in p.stderr
+
+
+def test_bad_bytes_after_streamed_pieces_roll_the_document_back(tok, tmp_path):
+    """A document longer than --max-doc-bytes with invalid UTF-8 (or no </doc>) after pieces of it were
+    written is removed whole and counted: read = written + skipped, and the shards hold exactly what the
+    input without that document gives."""
+    wiki = (CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00").read_bytes()
+    docs = wiki.split(b"</doc>\n")[:6]
+    body = b"\n".join([b"A long paragraph of plain words that goes on and on."] * 2000)
+    bad_doc = b'<doc id="x" title="Bad">\nBad\n\n' + body + b"\ncaf\xe9\n" + body + b"\n"
+    good = b"</doc>\n".join(docs[:3]) + b"</doc>\n"
+    rest = b"</doc>\n".join(docs[3:]) + b"</doc>\n"
+    (tmp_path / "with").mkdir()
+    (tmp_path / "without").mkdir()
+    (tmp_path / "with/wiki_00").write_bytes(good + bad_doc + b"</doc>\n" + rest + b'<doc id="y">\nY\n' + body)
+    (tmp_path / "without/wiki_00").write_bytes(good + rest)
+    for name in ("with", "without"):
+        preprocess(tok, tmp_path / f"out_{name}", "--max-doc-bytes", "20k", "--workers", "2",
+                   inputs=[tmp_path / name])
+    m = load_manifest(tmp_path / "out_with")
+    r = m["records"]
+    assert r["read"] == r["written"] + r["skipped"] == 8 and m["skipped"] == {"invalid_utf8": 1, "unterminated_doc": 1}
+    bad_line = (good + bad_doc).split(b"caf\xe9")[0].count(b"\n") + 1
+    assert m["skip_examples"]["invalid_utf8"] == [f"{tmp_path / 'with/wiki_00'}:{bad_line}"]
+    assert load_manifest(tmp_path / "out_without")["records"]["written"] == r["written"]
+    for split, toks in token_stream(tmp_path / "out_with").items():
+        assert np.array_equal(toks, token_stream(tmp_path / "out_without")[split]), split
+    assert verify(tmp_path / "out_with") == []
+
+
+def test_fingerprint_methods(tok, tmp_path):
+    """sampled (default) misses a same-size edit between its blocks, full does not; the method is in the
+    manifest and a rerun with another method is refused with a clear reason."""
+    f = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "word " * 200}).encode() + b"\n"
+    f.write_bytes(line * (3 * (1 << 20) // len(line)))
+    (src,) = expand_inputs([str(f)])
+    before = {m: fingerprint(src, m) for m in ("sampled", "full")}
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2 + (1 << 15) + 100  # between two sampled 64 KiB blocks
+    data[mid] = ord("W") if data[mid] == ord("w") else ord("w")
+    f.write_bytes(bytes(data))
+    assert fingerprint(src, "sampled") == before["sampled"]
+    assert fingerprint(src, "full") != before["full"]
+    assert fingerprint(src, "full") == hashlib.sha256(f"{f}|{len(data)}|".encode() + bytes(data)).hexdigest()
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "one two three"}\n')
+    preprocess(tok, tmp_path / "out", "--fingerprint", "full", inputs=[small])
+    m = load_manifest(tmp_path / "out")
+    assert m["fingerprint_method"] == "full"
+    p = preprocess(tok, tmp_path / "out", inputs=[small], check=False)
+    assert p.returncode == 2 and "fingerprint method differs" in p.stderr
 
 
 def test_changed_input_is_refused_then_overwrite(tok, tmp_path):

@@ -16,6 +16,7 @@ from data_pipeline.readers import (
     SKIP,
     InputError,
     ReadOptions,
+    ReadRange,
     expand_inputs,
     iter_documents,
 )
@@ -130,3 +131,60 @@ def test_expand_inputs_dirs_globs_and_errors(tmp_path):
     assert len(paths) == 8 + 7 and paths[:8] == sorted(paths[:8])
     with pytest.raises(InputError, match="no such file"):
         expand_inputs([str(tmp_path / "missing.jsonl")])
+
+
+def _read_in_ranges(path, unit: int, **opts) -> list:
+    """Items of every byte range of ``unit`` bytes, in order, with line numbers made absolute from the
+    ranges' line counts (what the pipeline does for the manifest)."""
+    (src,) = expand_inputs([str(path)])
+    out, base = [], 0
+    for start in range(0, max(src.size, 1), unit):
+        rng = ReadRange(start, min(start + unit, src.size))
+        for kind, text, loc in iter_documents(src, ReadOptions(**opts), rng):
+            p, line = loc.rsplit(":", 1)
+            out.append((kind, text, f"{p}:{base + int(line)}"))
+        base += rng.lines
+    return out
+
+
+def test_byte_ranges_read_exactly_the_whole_file(tmp_path):
+    """Any split into byte ranges yields the whole file's items, locations included: real JSON lines and
+    WikiExtractor files plus crafted edge cases (text outside documents, a '</doc>' inside nothing,
+    invalid UTF-8, blank and oversized lines, a document longer than several ranges, CRLF, BOM)."""
+    wiki = (CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00").read_bytes()
+    crafted = tmp_path / "crafted"
+    crafted.write_bytes(
+        b"\xef\xbb\xbf<doc id=\"1\" title=\"A\">\r\nA\r\n\r\nfirst body\r\n</doc>\r\nstray text\n</doc>\n"
+        + b"<doc id=\"2\">\nB\n" + b"long line " * 300 + b"\n" + b"x" * 3000 + b"\n</doc>\n"
+        + b"<doc id=\"3\">\nC\ncaf\xe9\n</doc>\n<doc id=\"4\">\nD\nbody\n</doc>\n" + wiki[:5000]
+        + b"<doc id=\"5\">\nE\nunterminated\n")
+    jsonl = tmp_path / "crafted.jsonl"
+    jsonl.write_bytes((CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_bytes()[:60000]
+                      + b'\n{bad json\n\n{"text": "caf\xe9"}\n' + b'{"text": "' + b"y" * 5000 + b'"}\n'
+                      + b'{"text": "last, no newline"}')
+    cases = [(CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00", {}), (crafted, {"max_line_bytes": 2000}),
+             (jsonl, {"max_line_bytes": 2000}), (CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00", {})]
+    for path, opts in cases:
+        (src,) = expand_inputs([str(path)])
+        whole = list(iter_documents(src, ReadOptions(**opts)))
+        assert len(whole) > 5
+        for unit in (5, 97, 1000, 4096, 65536, src.size, src.size + 1):
+            if unit < 50 and src.size > 50_000:
+                continue  # thousands of ranges each scanning to a boundary: slow, and no new case
+            assert _read_in_ranges(path, unit, **opts) == whole, (path, unit)
+    (src,) = expand_inputs([str(crafted)])
+    kinds = {t if k == SKIP else k for k, t, _ in iter_documents(src, ReadOptions(max_line_bytes=2000))}
+    assert {"text_outside_doc", "invalid_utf8", "line_too_long", "unterminated_doc", DOC} <= kinds
+
+
+def test_invalid_utf8_after_streamed_pieces_skips_the_document(tmp_path):
+    """A document streamed in PART pieces whose later line is not UTF-8 ends in a SKIP, not a LAST:
+    the consumer drops what it wrote of it, so nothing is silently truncated."""
+    book = (CORPORA / "books/pg1080.txt").read_bytes()
+    (tmp_path / "bad.txt").write_bytes(book + b"\ncaf\xe9\n" + book)
+    _, items = read_all(tmp_path / "bad.txt", max_doc_bytes=5000)
+    kinds = [k for k, _, _ in items]
+    assert kinds[:-1] == [PART] * (len(kinds) - 1) and len(kinds) > 2
+    assert items[-1][0] == SKIP and items[-1][1] == "invalid_utf8"
+    bad_line = (book + b"\ncaf").count(b"\n") + 1
+    assert items[-1][2].endswith(f":{bad_line}")
