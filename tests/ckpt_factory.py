@@ -65,7 +65,7 @@ def _worker(rank: int, spec: dict) -> None:
                       MASTER_PORT=str(spec["port"]))
     deepspeed.init_distributed(dist_backend="gloo")
     sp = spm.SentencePieceProcessor(model_file=spec["tokenizer"])
-    cfg = get_preset(spec["preset"], vocab_size=sp.get_piece_size(), **spec["overrides"])
+    cfg = get_preset(spec["preset"], **{"vocab_size": sp.get_piece_size(), **spec["overrides"]})
     torch.manual_seed(0)  # same init on every rank, as the trainer does
     model = LlamaForCausalLM(cfg)
     ds_config = {
