@@ -111,3 +111,58 @@ def test_script_help_and_usage_errors(script):
     if script != "slurm.sbatch":
         missing = run_cmd(["bash", path, "/nonexistent/cfg.yaml"], check=False)
         assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+_SRUN_SHIM = """#!/usr/bin/env bash
+# Stand-in for srun on a machine without Slurm: drop srun's options, run the command as the only task
+# of a job step, with the per-task variables srun exports.
+while [[ $1 == --* ]]; do shift; done
+export SLURM_PROCID=0 SLURM_STEP_NUM_TASKS=1 SLURM_LOCALID=0 SLURM_STEP_TASKS_PER_NODE=1 SLURM_STEP_ID=0
+exec "$@"
+"""
+_SCONTROL_SHIM = """#!/usr/bin/env bash
+if [[ $1 == show ]]; then echo 127.0.0.1; else echo "scontrol $*" >> "$SCONTROL_LOG"; fi
+"""
+
+
+@pytest.mark.slow
+def test_slurm_template_saves_on_usr1_and_requeues(tmp_path, tiny_data):
+    """The sbatch script's USR1 path: forward to the ranks, trainer saves and exits 0, job requeued.
+
+    Slurm is not installed here, so srun and scontrol are small stand-ins on PATH (srun runs the task
+    directly, as one task of a step; scontrol records the requeue). Script, trainer and signal are real.
+    """
+    import signal
+    import subprocess
+    import time
+
+    from conftest import child_env
+
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, text in (("srun", _SRUN_SHIM), ("scontrol", _SCONTROL_SHIM)):
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, train={"max_steps": 100000},
+                       checkpoint={"interval": 0})
+    env = child_env(SLURM_JOB_ID=4242, SLURM_JOB_NODELIST="node1", SLURM_SUBMIT_DIR=ROOT,
+                    MASTER_PORT=free_port(), SCONTROL_LOG=tmp_path / "scontrol.log")
+    env["PATH"] = f"{shims}:{env['PATH']}"
+    p = subprocess.Popen(["bash", str(SCRIPTS / "slurm.sbatch"), str(cfg)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+            assert p.poll() is None and time.time() < deadline, "training never started"
+            time.sleep(1)
+        p.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@180` does before the time limit
+        out, _ = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-4000:]
+    assert "stopping on SIGUSR1" in out and "requeueing job 4242" in out, out[-4000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["scontrol", "requeue", "4242"]
+    step = read_metrics(run)[-1]["step"]
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
