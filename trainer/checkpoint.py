@@ -7,6 +7,9 @@ Layout (documented in README "Checkpoints"):
     RUN_DIR/checkpoints/step_00000200/       engine.save_checkpoint(..., tag, save_latest=False)
         lmforge.json                         step, consumed samples, configs, fingerprints (written last)
         rng_state_rank{R}.pt                 per-rank Python/NumPy/torch/CUDA RNG states
+    RUN_DIR/checkpoints/step_00000200_universal/
+                                             DeepSpeed universal-checkpoint conversion of that tag, made
+                                             by ``trainer.resume`` when a run resumes on another layout
 
 A tag directory without ``lmforge.json`` is incomplete (a crash mid-save) and is never loaded.
 ``latest`` moves only after a barrier that follows every rank's write. The checkpoint directory must be
@@ -31,10 +34,24 @@ STATE_FILE = "lmforge.json"
 LATEST = "latest"
 FORMAT = "lmforge-checkpoint-v1"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
+UNIVERSAL_SUFFIX = "_universal"
+_UNIVERSAL_RE = re.compile(r"^(step_\d{8})_universal$")
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    m = _TAG_RE.match(tag)
+    if not m:
+        raise ValueError(f"{tag!r} is not a checkpoint tag (step_NNNNNNNN)")
+    return int(m.group(1))
+
+
+def universal_tag(tag: str) -> str:
+    """Sibling directory holding the DeepSpeed universal conversion of ``tag``."""
+    return tag + UNIVERSAL_SUFFIX
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -103,6 +120,9 @@ def save(engine, ckpt_dir: Path, step: int, state: dict) -> str:
     """Collective: every rank must call it. Returns the tag."""
     tag = tag_for(step)
     rank = dist.get_rank()
+    if rank == 0:
+        _clear_tag(ckpt_dir, tag)
+    dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_state_rank{rank}.pt")
     # Every rank's files are on disk before the state file marks the tag complete.
@@ -115,28 +135,51 @@ def save(engine, ckpt_dir: Path, step: int, state: dict) -> str:
     return tag
 
 
+def _clear_tag(ckpt_dir: Path, tag: str) -> None:
+    """Make room to (re)write ``tag``: a leftover of a crashed save, or an older complete checkpoint of
+    the same step (a run resumed from an earlier tag got here again). The state file goes first, so a
+    crash in the middle leaves an incomplete tag, never a complete-looking mix of old and new files;
+    the universal conversion of the old contents goes too."""
+    path = ckpt_dir / tag
+    (path / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(ckpt_dir / universal_tag(tag), ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[str]:
     """Delete complete checkpoints beyond the newest ``keep_last`` unless step % keep_every == 0.
-    Rank 0 only. Incomplete tags older than the newest complete one are removed too (crash debris)."""
+    Rank 0 only. Incomplete tags older than the newest complete one are removed too (crash debris),
+    and universal conversions whose source tag is gone. Never touches the tag ``latest`` names."""
     tags = complete_tags(ckpt_dir)
     keep = set(tags[-keep_last:]) if keep_last > 0 else set(tags)
+    current = latest_tag(ckpt_dir)
+    if current is not None:
+        keep.add(current)
     removed = []
     for tag in tags:
-        step = int(_TAG_RE.match(tag).group(1))
-        if tag in keep or (keep_every and step % keep_every == 0):
+        if tag in keep or (keep_every and step_of(tag) % keep_every == 0):
             continue
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        _clear_tag(ckpt_dir, tag)
         removed.append(tag)
     if tags:
         newest = tags[-1]
         for p in ckpt_dir.iterdir():
             if _TAG_RE.match(p.name) and p.name < newest and not (p / STATE_FILE).is_file():
-                shutil.rmtree(p, ignore_errors=True)
+                _clear_tag(ckpt_dir, p.name)
                 removed.append(p.name)
+    for p in ckpt_dir.iterdir():
+        m = _UNIVERSAL_RE.match(p.name)
+        if m and not (ckpt_dir / m.group(1) / STATE_FILE).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
     return removed
 
 
-def load_rng(ckpt_dir: Path, tag: str, rank: int) -> None:
+def load_rng(ckpt_dir: Path, tag: str, rank: int) -> bool:
+    """Restore this rank's RNG states; False if the checkpoint has none for ``rank`` (it was saved by
+    fewer ranks), in which case the states stay as the seed left them."""
     path = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
-    if path.is_file():
-        set_rng_state(torch.load(path, weights_only=True))
+    if not path.is_file():
+        return False
+    set_rng_state(torch.load(path, weights_only=True))
+    return True

@@ -93,6 +93,8 @@ class TrainSection:
     seed: seeds the model init, data order and dropout-free RNG streams.
     precision: auto (bf16 where the accelerator has native bf16, i.e. CUDA; fp32 on CPU) | bf16 | fp16 | fp32.
     exit_after_minutes: save and exit cleanly after this long (0 = never).
+    max_nonfinite_steps: abort after this many consecutive optimizer steps with a non-finite loss or
+    gradient (each one is skipped: no weight or optimizer-state change); 0 = never abort.
     """
 
     micro_batch_size: int = 4
@@ -102,6 +104,7 @@ class TrainSection:
     seed: int = 1234
     precision: str = "auto"
     exit_after_minutes: float = 0.0
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -148,13 +151,17 @@ class ParallelSection:
 class CheckpointSection:
     """interval: save every N steps (0 = only at the end/exit). keep_last: keep the newest K.
     keep_every: also keep every M-th step forever (0 = none). resume: auto-resume from RUN_DIR.
-    allow_data_change: resume even if data or tokenizer fingerprints changed."""
+    allow_data_change: resume even if data or tokenizer fingerprints changed.
+    allow_batch_change: resume with a different global batch size (the sample sequence continues, in
+    steps of the new size); without it a changed global batch is refused, naming the grad_accum that
+    keeps it (e.g. after halving the GPU count)."""
 
     interval: int = 100
     keep_last: int = 2
     keep_every: int = 0
     resume: bool = True
     allow_data_change: bool = False
+    allow_batch_change: bool = False
 
 
 @dataclass
@@ -299,6 +306,8 @@ def validate(cfg: RunConfig) -> None:
     t, p = cfg.train, cfg.parallel
     if t.micro_batch_size < 1 or t.grad_accum < 1:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
+    if t.max_nonfinite_steps < 0:
+        raise ConfigError("train.max_nonfinite_steps must be >= 0 (0 = never abort)")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: {p.zero_stage} is not 0, 1, 2 or 3")
     if p.tensor_parallel < 1:

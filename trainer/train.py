@@ -29,7 +29,7 @@ from data_pipeline.gpt_dataset import DatasetConfigError
 from model import LlamaForCausalLM, ModelConfig, flops_per_token, get_preset, num_params
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, faults, resume
 from .config import ConfigError, RunConfig, check_global_batch, dump_config, load_config
 from .ds_config import build_ds_config, resolve_precision
 from .metrics import MetricsLogger, detect_peak_tflops, format_eta, memory_stats
@@ -135,6 +135,8 @@ class StopFlag:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if self.signal == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.signal = signal.Signals(signum).name
 
 
@@ -217,6 +219,12 @@ def train(cfg: RunConfig) -> int:
     # The order's identity, independent of its length: extending max_steps resumes into the same order.
     data_fp = train_ds.order_fingerprint
 
+    # What to resume from is decided before the engine exists: another parallel layout needs DeepSpeed's
+    # universal loader, which is chosen in its config (trainer/resume.py).
+    plan = resume.plan(cfg, ckpt_dir, dp=dp, tp=tp, tokenizer_sha=tok_sha, data_fingerprint=data_fp,
+                       global_batch=global_batch)
+    resume.prepare(plan, ckpt_dir, log=log.console)
+
     # Model: identical init on every rank from the seed (DeepSpeed also broadcasts rank 0's weights).
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -224,7 +232,7 @@ def train(cfg: RunConfig) -> int:
     if init_state is not None:
         model.load_state_dict(init_state, strict=True)
     model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
-    ds_config = build_ds_config(cfg, dp, precision)
+    ds_config = resume.ds_config_for(plan, build_ds_config(cfg, dp, precision))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
@@ -232,34 +240,16 @@ def train(cfg: RunConfig) -> int:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     device = engine.device
+    faults.install_nonfinite_guard(engine)
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
 
     # Resume.
     step, consumed = 0, 0
-    tag = ckpt.latest_tag(ckpt_dir) if cfg.checkpoint.resume else None
-    if tag is not None:
-        state = ckpt.read_state(ckpt_dir, tag)
-        changed = []
-        if state["tokenizer"]["sha256"] != tok_sha:
-            changed.append("tokenizer")
-        if state["data_fingerprint"] != data_fp:
-            changed.append("data (sources, seq_len, seed or max_steps)")
-        if changed and not cfg.checkpoint.allow_data_change:
-            raise ConfigError(
-                f"{ckpt_dir / tag}: refusing to resume, the {' and '.join(changed)} changed since this "
-                "checkpoint; set checkpoint.allow_data_change=true to resume anyway, or use a new run_dir"
-            )
-        if state["data_parallel"] != dp or state["tensor_parallel"] != tp:
-            raise ConfigError(
-                f"{ckpt_dir / tag}: saved with data-parallel {state['data_parallel']} × tensor-parallel "
-                f"{state['tensor_parallel']}, now {dp} × {tp}; resuming on a different layout is not "
-                "supported yet"
-            )
-        engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        ckpt.load_rng(ckpt_dir, tag, rank)
-        step, consumed = state["step"], state["consumed_samples"]
-        log.console(f"resumed from {ckpt_dir / tag}: step {step}, {consumed} samples consumed")
+    if plan is not None:
+        step, consumed = resume.load(engine, plan, ckpt_dir, rank)
+        how = f" ({'universal checkpoint, ' if plan.universal else ''}{plan.reason})" if plan.reason else ""
+        log.console(f"resumed from {ckpt_dir / plan.tag}{how}: step {step}, {consumed} samples consumed")
 
     if rank == 0:
         n = num_params(mcfg)
@@ -286,7 +276,7 @@ def train(cfg: RunConfig) -> int:
                           "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "pad_id": sp.pad_id(),
                           "unk_id": sp.unk_id()},
             "data_fingerprint": data_fp, "precision": precision, "zero_stage": cfg.parallel.zero_stage,
-            "tensor_parallel": tp, "data_parallel": dp, "world_size": world,
+            "tensor_parallel": tp, "data_parallel": dp, "world_size": world, "global_batch_size": global_batch,
             "train_loss": last_loss, "eval_loss": eval_loss,
         }
         t0 = time.time()
@@ -309,13 +299,20 @@ def train(cfg: RunConfig) -> int:
     last_loss, eval_loss = None, None
     window_t0, window_data, window_steps = time.time(), 0.0, 0
     exit_reason = None
+    nonfinite = faults.NonFiniteTracker(cfg.train.max_nonfinite_steps, precision)
+    nan_steps = faults.injected_nan_steps()
+    if nan_steps:
+        log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps {sorted(nan_steps)}")
     while step < cfg.train.max_steps:
         t_data0 = time.time()
         batches = [{k: v.to(device) for k, v in mb.items()} for mb in it.next_microbatches()]
         window_data += time.time() - t_data0
         loss_sum = 0.0
+        skipped_before = engine.skipped_steps
         for b in batches:
             loss = engine(**b)
+            if rank == 0 and step + 1 in nan_steps:
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
@@ -323,9 +320,11 @@ def train(cfg: RunConfig) -> int:
         consumed += global_batch
         window_steps += 1
         last_loss = mean_across_ranks(loss_sum / len(batches))
-        if not math.isfinite(last_loss):
-            raise RuntimeError(f"step {step}: non-finite loss {last_loss}; last good checkpoint: "
-                               f"{ckpt.latest_tag(ckpt_dir)}")
+        # DeepSpeed (or faults' ZeRO-0 guard) skipped the update if any gradient was non-finite.
+        if nonfinite.observe(step, last_loss, engine.skipped_steps > skipped_before,
+                             lambda: str(ckpt_dir / t) if (t := ckpt.latest_tag(ckpt_dir)) else None):
+            log.console(f"step {step}: non-finite loss or gradient (loss {last_loss}), update skipped "
+                        f"({nonfinite.streak} in a row, {nonfinite.total} in this run)")
 
         if step % cfg.log.interval == 0 or step == cfg.train.max_steps:
             dt = time.time() - window_t0
@@ -337,7 +336,8 @@ def train(cfg: RunConfig) -> int:
                 "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / world,
                 "tflops_per_device": tflops, "step_time_s": step_time,
                 "data_wait_frac": window_data / dt, "consumed_samples": consumed,
-                "skipped_steps": int(getattr(engine, "skipped_steps", 0)), **memory_stats(),
+                "skipped_steps": int(getattr(engine, "skipped_steps", 0)), "nonfinite_steps": nonfinite.total,
+                **memory_stats(),
             }
             if peak:
                 m["mfu"] = tflops / peak
@@ -359,9 +359,11 @@ def train(cfg: RunConfig) -> int:
 
         timed_out = cfg.train.exit_after_minutes > 0 and (time.time() - t_start) / 60 > cfg.train.exit_after_minutes
         if all_agree(stop.signal is not None or timed_out):
-            exit_reason = stop.signal or "exit_after_minutes"
+            exit_reason = stop.signal or ("exit_after_minutes" if timed_out else "a stop request on another rank")
             break
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.max_steps:
+        # No periodic save inside a non-finite streak: keep_last must not rotate out the good checkpoints.
+        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.max_steps
+                and nonfinite.streak == 0):
             save(step, consumed, last_loss, eval_loss)
 
     if ckpt.latest_tag(ckpt_dir) != ckpt.tag_for(step):
@@ -389,6 +391,9 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except faults.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
