@@ -13,6 +13,9 @@ STAMP  := $(VENV)/.lmforge-setup
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
+# DeepSpeed JIT-builds its CPU ops (shared-memory all-reduce, CPU Adam) into TORCH_EXTENSIONS_DIR; keep
+# them per checkout so two checkouts on one machine do not rebuild each other's ops over and over.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo test test-quick lint format clean
 
