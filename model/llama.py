@@ -150,8 +150,13 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary_emb(x, position_ids)
         for i, layer in enumerate(self.layers):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                # Non-reentrant torch checkpointing: works with ZeRO-3's parameter hooks and with
-                # inputs that do not require grad; recomputes the layer forward during backward.
+                # torch's non-reentrant checkpointing, not deepspeed.checkpointing: recomputation
+                # re-runs the layer's module hooks, so ZeRO-3 re-gathers its parameters and AutoTP's
+                # sharded layers just work; inputs that need no grad (cos/sin/mask) are fine; model/
+                # stays DeepSpeed-free. DeepSpeed's (reentrant) version would add partition_activations
+                # (saved inputs split across TP ranks) and CPU checkpointing, which only pays off when
+                # the one saved (B, T, d) input per layer is what limits memory. Only the layer input
+                # is kept; gradients are bitwise identical (tests/test_parallel_parity.py).
                 x = checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attn_mask)
@@ -182,18 +187,28 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        for name, module in self.named_modules():
+            self.init_module_weights(name, module)
+
+    @torch.no_grad()
+    def init_module_weights(self, name: str, module: nn.Module) -> None:
+        """Initialise the parameters ``module`` owns directly; ``name`` as in ``named_modules()``.
+
+        One module at a time so that a trainer which builds the model with partitioned parameters
+        (DeepSpeed ZeRO-3 ``zero.Init``, where ``reset_parameters`` in ``__init__`` sees empty shards)
+        can gather each module's weights, call this in ``named_modules()`` order, and get the same
+        values, RNG draw for RNG draw, as an unpartitioned build."""
         std = self.config.initializer_range
         # Residual-output projections get std / sqrt(2L) (GPT-2): keeps the residual stream's
         # variance from growing with depth at init.
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                s = out_std if name.endswith(("o_proj", "down_proj")) else std
-                nn.init.normal_(module.weight, mean=0.0, std=s)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, LlamaRMSNorm):
-                nn.init.ones_(module.weight)
+        if isinstance(module, nn.Linear):
+            s = out_std if name.endswith(("o_proj", "down_proj")) else std
+            nn.init.normal_(module.weight, mean=0.0, std=s)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LlamaRMSNorm):
+            nn.init.ones_(module.weight)
 
     def set_activation_checkpointing(self, every: int) -> None:
         """0 disables; N recomputes every N-th decoder layer (N=1: all of them)."""

@@ -133,11 +133,15 @@ class OptimSection:
 class ParallelSection:
     """Parallelism and memory.
 
-    zero_stage: DeepSpeed ZeRO stage 0, 1, 2 or 3.
-    tensor_parallel: tensor-parallel degree through DeepSpeed AutoTP (1 = off).
-    activation_checkpointing: 0 = off, N = recompute every N-th decoder layer (1 = every layer).
+    zero_stage: DeepSpeed ZeRO stage 0, 1, 2 or 3 (3 builds the model under deepspeed.zero.Init).
+    tensor_parallel: tensor-parallel degree through DeepSpeed AutoTP (1 = off); must divide the world
+        size, num_key_value_heads and intermediate_size. Combines with every zero_stage and offload
+        (data-parallel size = world / tensor_parallel).
+    activation_checkpointing: 0 = off, N = recompute every N-th decoder layer (1 = every layer);
+        torch non-reentrant checkpointing, bitwise-identical gradients.
     offload: none | optimizer | optimizer+params (ZeRO CPU offload; params needs stage 3).
-    ds_config: optional DeepSpeed JSON template supplying settings this config does not own.
+    ds_config: optional DeepSpeed JSON template supplying settings this config does not own
+        (documented examples in ds_configs/).
     """
 
     zero_stage: int = 2

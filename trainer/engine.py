@@ -1,0 +1,155 @@
+"""Parallel layout, model construction and the DeepSpeed engine (ZeRO 0-3, AutoTP, offload).
+
+What this module decides, and why:
+
+* **Layout from DeepSpeed's own groups.** With ``parallel.tensor_parallel`` = T > 1 we create DeepSpeed's
+  (data, tensor) device mesh *before* ``deepspeed.initialize`` (``deepspeed.utils.groups``) and pass that
+  module as ``mpu``. Then the batch-size check in DeepSpeed's config counts data-parallel ranks (not the
+  whole world), ZeRO partitions over the data-parallel group only, and the trainer reads its data-parallel
+  rank/size from the same groups the engine uses instead of assuming a rank formula. (The mesh puts
+  tensor-parallel on the inner dimension: ranks [k*T, (k+1)*T) form one TP group.)
+* **ZeRO-3 builds under ``deepspeed.zero.Init``**, so no rank ever holds more than one module's full
+  weights. ``LlamaForCausalLM.__init__`` runs ``reset_parameters`` on what are by then empty shards, so we
+  re-initialise afterwards, one module at a time inside ``GatheredParameters(modifier_rank=0)``, with the
+  model's own ``init_module_weights`` in ``named_modules()`` order: the weights are bitwise those of an
+  unpartitioned build with the same seed (tests/test_parallel_parity.py checks ZeRO-3 against ZeRO-0..2).
+  ``model.init_from_hf`` weights are copied in the same gathered pass.
+* **Param groups from logical shapes.** Under zero.Init a parameter's ``.data`` is an empty 1-D shard; the
+  decay / no-decay split must use ``ds_shape`` or every matrix would silently lose weight decay.
+* **AutoTP.** DeepSpeed's heuristic AutoTP (our module names are HF Llama's) column-shards q/k/v/gate/up,
+  row-shards o/down (all-reduce of the partial outputs), and keeps embeddings, the tied ``lm_head`` and
+  the norms replicated; their gradients are averaged over the TP group by DeepSpeed's replicated-grad
+  hooks. Each TP rank must hold whole query *and* key/value heads (the attention derives its local head
+  count from shapes), so T must divide ``num_key_value_heads``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model import LlamaForCausalLM, ModelConfig
+
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the world = data-parallel × tensor-parallel grid."""
+
+    world: int
+    rank: int
+    tp: int
+    tp_rank: int
+    dp: int
+    dp_rank: int
+    mpu: Any = None  # deepspeed.utils.groups when tp > 1 (passed to deepspeed.initialize / zero.Init)
+
+
+def init_layout(tp: int) -> Layout:
+    """Create DeepSpeed's tensor/data-parallel groups (collective; after init_distributed)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if tp < 1 or world % tp:
+        raise ConfigError(f"world size {world} is not divisible by parallel.tensor_parallel={tp}")
+    if tp == 1:
+        return Layout(world, rank, 1, 0, world, rank)
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+    layout = Layout(world, rank, tp, groups.get_tensor_model_parallel_rank(), groups.get_data_parallel_world_size(),
+                    groups.get_data_parallel_rank(), groups)
+    if layout.dp * tp != world:
+        raise RuntimeError(f"DeepSpeed groups: dp {layout.dp} × tp {tp} != world {world}")
+    return layout
+
+
+def check_tensor_parallel(mcfg: ModelConfig, tp: int) -> None:
+    """AutoTP shards attention by heads and the MLP by columns; refuse layouts it would split unevenly."""
+    if tp == 1:
+        return
+    if mcfg.num_key_value_heads % tp:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} must divide num_key_value_heads={mcfg.num_key_value_heads}: every "
+            "tensor-parallel rank needs whole key/value heads (and their query groups)"
+        )
+    if mcfg.intermediate_size % tp:
+        raise ConfigError(f"parallel.tensor_parallel={tp} must divide intermediate_size={mcfg.intermediate_size}")
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params keep the logical shape here
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices (incl. embeddings); no decay on norms and biases (1-D tensors)."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if len(_shape(p)) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(mcfg: ModelConfig, ds_config: dict, zero_stage: int, seed: int, layout: Layout,
+                init_state: dict | None = None, activation_checkpointing: int = 0) -> LlamaForCausalLM:
+    """The same initial weights on every rank and at every ZeRO stage for a given seed."""
+    torch.manual_seed(seed)
+    if zero_stage != 3:
+        model = LlamaForCausalLM(mcfg)
+        if init_state is not None:
+            model.load_state_dict(init_state, strict=True)
+    else:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=layout.mpu):
+            model = LlamaForCausalLM(mcfg)
+        if init_state is not None:
+            missing = set(model.state_dict()) ^ set(init_state)
+            if missing:
+                raise ConfigError(f"model.init_from_hf: state dict keys differ from the model: {sorted(missing)[:5]}")
+        # No re-seed: construction drew the same default-init numbers as an eager build, and the no-op
+        # reset_parameters on empty shards drew none, so the RNG stands where an eager reset would start.
+        _reinit_partitioned(model, init_state)
+    model.set_activation_checkpointing(activation_checkpointing)
+    return model
+
+
+@torch.no_grad()
+def _reinit_partitioned(model: LlamaForCausalLM, init_state: dict | None) -> None:
+    import deepspeed
+
+    for name, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if init_state is None:
+                model.init_module_weights(name, module)
+            else:
+                for pname, p in params:
+                    p.copy_(init_state[f"{name}.{pname}" if name else pname])
+
+
+def keep_zero0_grad_norm(engine) -> bool:
+    """Make ``engine.get_global_grad_norm()`` work without ZeRO too.
+
+    With ZeRO 1-3 (and DeepSpeed's bf16/fp16 wrappers) the optimizer records the global norm. Plain
+    ZeRO-0 fp32 clips with ``deepspeed.runtime.utils.clip_grad_norm_`` (tensor-parallel aware: replicated
+    parameters counted once, sharded ones summed over the TP group) but drops the norm it computed; keep
+    it. Only when clipping is on (``optim.grad_clip`` > 0): otherwise DeepSpeed computes no norm at all.
+    Returns whether the hook was installed."""
+    if engine.zero_optimization() or engine.gradient_clipping() <= 0 or hasattr(engine.optimizer,
+                                                                                 "_global_grad_norm"):
+        return False
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep_norm() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_keep_norm
+    return True
