@@ -26,12 +26,13 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.gpt_dataset import DatasetConfigError
-from model import LlamaForCausalLM, ModelConfig, flops_per_token, get_preset, num_params
+from model import ModelConfig, flops_per_token, get_preset, num_params
 
 from . import checkpoint as ckpt
 from . import distributed, faults, resume
 from .config import ConfigError, RunConfig, check_global_batch, dump_config, load_config
 from .ds_config import build_ds_config, resolve_precision
+from .engine import build_model, check_tensor_parallel, init_layout, keep_zero0_grad_norm, param_groups
 from .metrics import MetricsLogger, detect_peak_tflops, format_eta, memory_stats
 
 
@@ -73,21 +74,6 @@ def build_model_config(cfg: RunConfig, vocab_size: int) -> tuple[ModelConfig, di
     if m.preset:
         return get_preset(m.preset, **shape), None
     return ModelConfig(**shape), None
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay 2-D weight matrices; no decay on norms, biases (1-D tensors)."""
-    decay, no_decay = [], []
-    seen = set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def lr_lambda(cfg: RunConfig):
@@ -164,11 +150,9 @@ def train(cfg: RunConfig) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     tp = cfg.parallel.tensor_parallel
-    if world % tp:
-        raise ConfigError(f"world size {world} is not divisible by parallel.tensor_parallel={tp}")
-    dp = world // tp
-    # AutoTP groups consecutive ranks into one tensor-parallel group: ranks [k*tp, (k+1)*tp) share data.
-    dp_rank = rank // tp
+    # Data-parallel rank/size from DeepSpeed's own groups, which the engine will use (trainer/engine.py).
+    layout = init_layout(tp)
+    dp, dp_rank = layout.dp, layout.dp_rank
     global_batch = check_global_batch(cfg, dp)
     precision = resolve_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
@@ -226,21 +210,22 @@ def train(cfg: RunConfig) -> int:
     resume.prepare(plan, ckpt_dir, log=log.console)
 
     # Model: identical init on every rank from the seed (DeepSpeed also broadcasts rank 0's weights).
-    torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model = LlamaForCausalLM(mcfg)
-    if init_state is not None:
-        model.load_state_dict(init_state, strict=True)
-    model.set_activation_checkpointing(cfg.parallel.activation_checkpointing)
+    check_tensor_parallel(mcfg, tp)
     ds_config = resume.ds_config_for(plan, build_ds_config(cfg, dp, precision))
+    # ZeRO-3 builds under zero.Init with the same weights as an eager build (trainer/engine.py).
+    model = build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state,
+                        cfg.parallel.activation_checkpointing)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds_config,
+        mpu=layout.mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
     device = engine.device
     faults.install_nonfinite_guard(engine)
+    keep_zero0_grad_norm(engine)  # grad_norm in the metrics at ZeRO-0 too
     if rank == 0:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
 
