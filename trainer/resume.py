@@ -187,10 +187,24 @@ def convert_to_universal(ckpt_dir: Path, tag: str, log=print, workers: int | Non
 
 def load(engine, plan: ResumePlan, ckpt_dir: Path, rank: int) -> tuple[int, int]:
     """Load weights, optimizer, LR schedule and this rank's RNG states. Returns (step, consumed_samples)."""
+    groups = _group_specific_hyperparams(engine.optimizer)
     load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=plan.load_tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / plan.load_tag}")
+    if plan.universal:
+        # DeepSpeed 0.19.8's ZeRO-3 universal loader copies param_groups[0]'s hyperparameters into every
+        # group, which gives the no-decay group (norms) weight decay. Restore the values that differ
+        # between our groups (weight_decay); the rest (lr, betas, ...) are the same in all groups.
+        for group, specific in zip(engine.optimizer.param_groups, groups, strict=True):
+            group.update(specific)
     # RNG states are per rank and follow the rank index; a rank the saving run did not have keeps its
     # seeded state (the sample order does not depend on it).
     ckpt.load_rng(ckpt_dir, plan.tag, rank)
     return plan.state["step"], plan.state["consumed_samples"]
+
+
+def _group_specific_hyperparams(optimizer) -> list[dict]:
+    """Per param group, the hyperparameters whose values differ between groups (as constructed)."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    keys = {k for g in groups for k in g if any(g.get(k) != other.get(k) for other in groups)}
+    return [{k: g[k] for k in keys if k in g} for g in groups]
