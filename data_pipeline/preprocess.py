@@ -478,12 +478,19 @@ def _batches(
                 continue
             n = len(text)
             pieces = split_exact(text) if n > CHUNK_CHARS else [text]
+            # A long document's pieces may straddle batches (the consumer carries CONT tokens over), so
+            # one book does not make one worker's batch while the others idle.
             for piece in pieces[:-1]:
                 metas.append((CONT, "", loc, 0))
                 texts.append(piece)
+                chars += len(piece)
+                if chars >= run.batch_chars:
+                    yield metas, texts
+                    metas, texts, chars = [], [], 0
             metas.append((kind, "", loc, h))
             texts.append(pieces[-1])
-            chars += n
+            chars += len(pieces[-1])
+            text = pieces = None  # not held while the reader assembles the next document
             if progress is not None:
                 progress.update(n)
                 counted += n

@@ -450,9 +450,12 @@ class _DocAssembler:
         if self.bad:
             return (SKIP, self.bad, self.bad_loc)
         text = "".join(self.buf)
+        self.buf = []  # the assembler outlives this call in the reader: do not hold the lines twice
         if self.emitted_parts:
             return (LAST, text, self.loc)
-        return _check_text(text.strip("\n") if body_check else text, self.loc, self.opts)
+        if body_check:
+            text = text.strip("\n")  # rebinding frees the unstripped copy before the caller gets it
+        return _check_text(text, self.loc, self.opts)
 
 
 def _decode_line(raw: bytes) -> str | None:
