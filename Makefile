@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.lmforge-setup
 # On a CPU machine whose index serves CUDA builds by default, add the CPU wheel index, e.g.
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_VERSION ?= 2.13.0
+HAS_CUDA      := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
 # DeepSpeed JIT-builds its CPU ops (shared-memory all-reduce, CPU Adam) into TORCH_EXTENSIONS_DIR; keep
@@ -23,9 +24,14 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -r requirements-lock.txt
+	grep -v '^deepspeed==' requirements-lock.txt > $(VENV)/lock-without-deepspeed.txt
+	$(PY) -m pip install -q -r $(VENV)/lock-without-deepspeed.txt
+	# DeepSpeed from source with its CPU ops compiled now, not JIT-built at run time: without CUDA every
+	# rank of every run would otherwise (re)build the shared-memory all-reduce op in the first collective.
+	$(if $(HAS_CUDA),,DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1) $(PY) -m pip install -q --no-build-isolation \
+	  --no-deps --no-cache-dir "$$(grep '^deepspeed==' requirements-lock.txt)"
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -c "import torch, deepspeed, sentencepiece, transformers, mpi4py; print('setup ok: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| cuda', torch.cuda.is_available())"
 	touch $@

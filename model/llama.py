@@ -232,5 +232,5 @@ class LlamaForCausalLM(nn.Module):
             return logits
         # Cross-entropy in fp32: bf16 log-softmax over a large vocab loses ~2 digits.
         return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX
+            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )
