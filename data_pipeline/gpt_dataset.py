@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import atomic_open, atomic_write_json
 from .indexed_dataset import IndexedDataset, exists
 
 # Bump when the construction of the index arrays changes, so stale caches are never reused.
@@ -156,21 +157,8 @@ def _index_dtype(max_value: int) -> np.dtype:
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{os.urandom(4).hex()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _IndexCache:
@@ -197,7 +185,7 @@ class _IndexCache:
         os.makedirs(self.cache_dir, exist_ok=True)
         for n in self.names:
             _save_atomic(self._path(f"{n}.npy"), arrays[n])
-        _write_json_atomic(self._path("meta.json"), meta)
+        atomic_write_json(self._path("meta.json"), meta, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from .atomic import atomic_write_json
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "lmforge-shards-v1"
 
@@ -52,12 +54,4 @@ def shard_prefixes(path_or_dir: str | os.PathLike, split: str = "train") -> list
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import random
 from pathlib import Path
 
+from .atomic import atomic_write_bytes, atomic_write_json
 from .readers import DOC, LAST, PART, ReadOptions, Source, expand_inputs, fingerprint, iter_documents
 
 MAX_SENTENCE_BYTES = 4000  # SentencePiece's default max_sentence_length is 4192 bytes
@@ -133,7 +133,7 @@ def train_tokenizer(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     blob = model.getvalue()
-    _atomic_write(out / "tokenizer.model", blob)
+    atomic_write_bytes(out / "tokenizer.model", blob)
     meta = {
         "format": "lmforge-tokenizer-v1",
         "sha256": hashlib.sha256(blob).hexdigest(),
@@ -145,17 +145,10 @@ def train_tokenizer(
             "".join(fingerprint(s) for s in sources).encode()
         ).hexdigest(),
     }
-    _atomic_write(out / "tokenizer.json", (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_json(out / "tokenizer.json", meta, indent=2)
     return out / "tokenizer.model"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tokenizer_info(model_path: str) -> dict:

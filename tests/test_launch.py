@@ -74,8 +74,9 @@ def test_mpirun_matches_single_node(reference):
 
 _PROBE = (
     "import os; from trainer.distributed import setup_env_from_launcher as s; s(); "
-    "print('PROBE', *(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', "
-    "'MASTER_ADDR', 'MASTER_PORT')))"
+    # One write per rank: with PYTHONUNBUFFERED, print(a, b, ...) writes piecewise and ranks interleave.
+    "os.write(1, (' '.join(['PROBE', *(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', "
+    "'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))]) + chr(10)).encode())"
 )
 
 

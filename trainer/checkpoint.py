@@ -19,7 +19,6 @@ visible to every rank under the same path (a shared filesystem), as DeepSpeed re
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from data_pipeline.atomic import atomic_write_text
 
 STATE_FILE = "lmforge.json"
 LATEST = "latest"
@@ -52,15 +53,6 @@ def step_of(tag: str) -> int:
 def universal_tag(tag: str) -> str:
     """Sibling directory holding the DeepSpeed universal conversion of ``tag``."""
     return tag + UNIVERSAL_SUFFIX
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
