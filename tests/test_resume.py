@@ -2,8 +2,9 @@
 plus unit tests of what makes a checkpoint eligible (complete tags, ``latest``, pruning) and of the
 resume decisions (layout change -> universal, changed global batch / data -> refused).
 
-Real 2-rank and 1-rank DeepSpeed runs (gloo on CPU). One uninterrupted 2-rank run is the reference for
-both scenarios; it checkpoints every 2 steps and keeps them all.
+Real 2-rank and 1-rank DeepSpeed runs (gloo on CPU). One uninterrupted 2-rank ZeRO-2 run is the reference
+for the kill -9 and 2->1 rank scenarios; it checkpoints every 2 steps and keeps them all. ZeRO-3 2->1 rank
+and tensor-parallel 2->1 resumes have short references of their own (6 steps, checkpoint at step 3).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import BIN, ROOT, child_env, deepspeed_train, free_port, write_config
 from trainer import checkpoint as ckpt
@@ -26,6 +29,18 @@ MAX_STEPS = 12
 SECTIONS = dict(train={"micro_batch_size": 2, "grad_accum": 1, "max_steps": MAX_STEPS, "seed": 7,
                        "precision": "fp32"},
                 checkpoint={"interval": 2, "keep_last": 20})
+
+
+def copy_checkpoint(src_run: Path, tag: str, run: Path) -> Path:
+    """A new run directory whose only checkpoint is ``src_run``'s ``tag`` (as a move to other machines
+    would leave it). Returns its checkpoints/ directory."""
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True)
+    src = src_run / "checkpoints"
+    shutil.copytree(src / tag, ckdir / tag)
+    shutil.copy(src / "tokenizer.model", ckdir / "tokenizer.model")
+    (ckdir / "latest").write_text(tag)
+    return ckdir
 
 
 def last_rows(run) -> dict[int, dict]:
@@ -100,12 +115,7 @@ def test_two_ranks_to_one_rank_continues_the_same_samples(tmp_path, tiny_data, r
     the reference's loss moves by 4e-4 to 7e-3 relative from one step to the next.
     """
     run = tmp_path / "run"
-    ckdir = run / "checkpoints"
-    ckdir.mkdir(parents=True)
-    src = reference["run"] / "checkpoints"
-    shutil.copytree(src / "step_00000004", ckdir / "step_00000004")
-    shutil.copy(src / "tokenizer.model", ckdir / "tokenizer.model")
-    (ckdir / "latest").write_text("step_00000004")
+    ckdir = copy_checkpoint(reference["run"], "step_00000004", run)
     sections = dict(SECTIONS, train=dict(SECTIONS["train"], grad_accum=2))
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, **sections)
 
@@ -121,6 +131,96 @@ def test_two_ranks_to_one_rank_continues_the_same_samples(tmp_path, tiny_data, r
         assert rows[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-12)
     state = ckpt.read_state(ckdir, ckpt.tag_for(MAX_STEPS))
     assert state["data_parallel"] == 1 and state["consumed_samples"] == 4 * MAX_STEPS
+
+
+SHORT_STEPS = 6  # checkpoint at 3, three steps after the resume
+
+
+def _short_sections(**parallel) -> dict:
+    return dict(train=dict(SECTIONS["train"], max_steps=SHORT_STEPS), parallel=parallel,
+                checkpoint={"interval": 3, "keep_last": 20})
+
+
+def _resume_on_one_rank(tmp_path, tiny_data, ref_run, train: dict, parallel: dict) -> dict[int, dict]:
+    """Resume ``ref_run``'s step-3 checkpoint in a new run directory on one rank; its train rows."""
+    run = tmp_path / "resumed"
+    ckdir = copy_checkpoint(ref_run, "step_00000003", run)
+    sections = _short_sections(**parallel)
+    sections["train"].update(train)
+    out = deepspeed_train(write_config(tmp_path / "resumed.yaml", tiny_data, run, **sections), [], nproc=1)
+    assert "(universal checkpoint, saved with" in out.stdout, out.stdout[-3000:]
+    assert (ckdir / "step_00000003_universal" / resume.UNIVERSAL_MARKER).is_file()
+    rows = last_rows(run)
+    assert sorted(rows) == list(range(4, SHORT_STEPS + 1))
+    return rows
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_to_one_rank_is_bitwise(tmp_path, tiny_data):
+    """ZeRO-3, 2 ranks (global batch 4) -> 1 rank × grad_accum 2, through the universal checkpoint.
+
+    Bitwise: a fresh 1-rank ZeRO-3 run is bitwise the 2-rank run here, so any difference is the restore.
+    Without the step-counter fix in trainer/resume.load (DeepSpeed 0.19.8's ZeRO-3 universal loader
+    shares one Adam `step` tensor between the decay and no-decay partitions) steps 5 and 6 were off by
+    2.4e-7 and 9.4e-5 relative."""
+    ref = tmp_path / "ref"
+    deepspeed_train(write_config(tmp_path / "ref.yaml", tiny_data, ref, **_short_sections(zero_stage=3)), [])
+    ref_rows = last_rows(ref)
+    rows = _resume_on_one_rank(tmp_path, tiny_data, ref, {"grad_accum": 2}, {"zero_stage": 3})
+    for s in range(4, SHORT_STEPS + 1):
+        assert rows[s]["consumed_samples"] == ref_rows[s]["consumed_samples"] == 4 * s
+        assert rows[s]["loss"] == ref_rows[s]["loss"], (s, rows[s]["loss"], ref_rows[s]["loss"])
+        assert rows[s]["lr"] == ref_rows[s]["lr"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_to_one_rank(tmp_path, tiny_data):
+    """AutoTP 2 × data-parallel 1 (2 ranks, ZeRO-1) -> 1 rank without tensor parallelism: ds_to_universal
+    merges the column/row shards of q/k/v/o/gate/up/down (weights and both Adam moments).
+
+    Tolerance 1e-6 relative: sharded matmuls with an all-reduce of partial sums round differently from
+    unsharded ones, so a TP=2 run and a fresh TP=1 run differ by up to 1.4e-7 relative (one fp32 ulp of
+    the loss) from the first step on (measured; the resumed run was bitwise the fresh TP=1 run). A
+    mis-sliced shard changes the loss at step 4 itself by orders of magnitude more, and a lost or wrong
+    Adam moment moved the loss by 9.4e-5 within two steps in the ZeRO-3 case above."""
+    ref = tmp_path / "ref"
+    sections = _short_sections(zero_stage=1, tensor_parallel=2)
+    deepspeed_train(write_config(tmp_path / "ref.yaml", tiny_data, ref, **sections), [])
+    ref_rows = last_rows(ref)
+    assert ckpt.read_state(ref / "checkpoints", "step_00000003")["tensor_parallel"] == 2
+    rows = _resume_on_one_rank(tmp_path, tiny_data, ref, {}, {"zero_stage": 1, "tensor_parallel": 1})
+    for s in range(4, SHORT_STEPS + 1):
+        assert rows[s]["consumed_samples"] == ref_rows[s]["consumed_samples"] == 2 * s
+        assert rows[s]["loss"] == pytest.approx(ref_rows[s]["loss"], rel=1e-6), (s, rows[s]["loss"],
+                                                                                 ref_rows[s]["loss"])
+        assert rows[s]["lr"] == ref_rows[s]["lr"]
+    state = ckpt.read_state(tmp_path / "resumed" / "checkpoints", ckpt.tag_for(SHORT_STEPS))
+    assert (state["tensor_parallel"], state["data_parallel"]) == (1, 1)
+
+
+def test_universal_load_step_counters_are_unshared():
+    """The post-load fix on a real torch AdamW as DeepSpeed's ZeRO-3 universal loader leaves it: two
+    param groups whose states hold the same `step` tensor. After the fix each group counts its own
+    steps (before it, one optimizer.step() advanced the shared counter once per group)."""
+    def loaded_like_deepspeed() -> tuple[torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+        a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}])
+        (a.sum() + b.sum()).backward()
+        opt.step()
+        opt.state[a]["step"] = opt.state[b]["step"] = torch.tensor(3.0)
+        return opt, a, b
+
+    opt, a, b = loaded_like_deepspeed()  # the bug as DeepSpeed leaves it: one step counts twice
+    opt.step()
+    assert opt.state[a]["step"].item() == opt.state[b]["step"].item() == 5.0
+    opt, a, b = loaded_like_deepspeed()
+    assert resume._unshare_step_counters(opt) == 1
+    assert opt.state[a]["step"] is not opt.state[b]["step"]
+    opt.step()
+    assert opt.state[a]["step"].item() == opt.state[b]["step"].item() == 4.0
+    assert resume._unshare_step_counters(opt) == 0  # idempotent
+    opt.state[a]["step"] = opt.state[b]["step"] = 4  # int counters (DeepSpeed's CPU Adam) cannot alias
+    assert resume._unshare_step_counters(opt) == 0
 
 
 # ---------------------------------------------------------------------------------------------------
