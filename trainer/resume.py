@@ -10,6 +10,9 @@ The conversion runs automatically, once per checkpoint: global rank 0 runs
 ``<tag>_universal`` next to the tag (atomic; a later resume from the same tag reuses it), while the
 other ranks wait for it on the filesystem. ZeRO-0 keeps whole optimizer states on every rank, so a
 ZeRO-0 checkpoint loads plainly at any data-parallel size (another tensor-parallel size is refused).
+``load`` corrects two DeepSpeed 0.19.8 ZeRO-3 universal-loader bugs afterwards (per-group weight decay,
+a shared Adam step counter). tests/test_resume.py: data-parallel 2 -> 1 at ZeRO-2 and ZeRO-3 continue
+bitwise; AutoTP 2 -> 1 at ZeRO-1 within one fp32 ulp of the loss (sharded matmuls round differently).
 
 The sample order is global (``DistributedSampleIterator`` continues from ``consumed_samples`` whatever
 the data-parallel size), so a resumed run reads exactly the samples an uninterrupted run would, as long
