@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
+import torch
 
-from conftest import deepspeed_train, read_metrics, write_config
+from conftest import deepspeed_train, read_metrics, run_cmd, write_config
+from data_pipeline.batching import make_batch
+from data_pipeline.gpt_dataset import build_dataset
 from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -31,6 +35,8 @@ def test_two_rank_run_writes_everything_and_resumes_exactly(tmp_path, tiny_data)
     assert (ckdir / "tokenizer.model").is_file()
     state = ckpt.read_state(ckdir, "step_00000006")
     assert state["consumed_samples"] == 24 and state["data_parallel"] == 2
+    check_tensorboard(run, rows)
+    check_export_matches_trainer_eval(tmp_path, run, tiny_data)
 
     # Resume from step 3 (as after a crash right after that save): steps 4..6 must repeat bitwise,
     # since the sample order, the weights, the optimizer and the LR schedule all come back exactly.
@@ -54,3 +60,39 @@ def test_refuses_resume_on_changed_data(tmp_path, tiny_data):
     p = deepspeed_train(cfg, ["data.seq_len=32"], nproc=1, check=False)
     assert p.returncode != 0
     assert "refusing to resume" in p.stderr + p.stdout
+
+
+def check_tensorboard(run, rows):
+    """Every scalar logged to metrics.jsonl is in the TensorBoard event file with the same value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device",
+                "step_time_s", "data_wait_frac", "skipped_steps", "rss_peak_gb"):
+        assert f"train/{key}" in tags, key
+        events = {e.step: e.value for e in acc.Scalars(f"train/{key}")}
+        for r in rows:
+            assert events[r["step"]] == pytest.approx(r[key], rel=1e-6), (key, r["step"])  # float32 in TB
+    assert {"eval/loss", "eval/perplexity"} <= tags
+
+
+def check_export_matches_trainer_eval(tmp_path, run, tiny_data):
+    """The exported model's validation loss computed by transformers equals the trainer's eval loss."""
+    out = tmp_path / "hf"
+    run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", run / "checkpoints", "--output", out])
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    trainer_eval = read_metrics(run, "eval")[-1]
+    assert trainer_eval["step"] == 6
+    # The trainer evaluates the first eval.steps × micro_batch × dp = 8 samples of the valid order
+    # (seed + 1); every micro-batch has the same token count, so its mean of means is the token mean.
+    valid = build_dataset([(str(tiny_data["data"]), 1.0)], "valid", 64, 8, 7 + 1, cache_dir=None)
+    b = make_batch([valid[i] for i in range(8)], eod_id=2)
+    with torch.no_grad():
+        logits = hf(b["input_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
+    # fp32 on both sides; only summation order differs (~1e-6 relative on a loss of ~7).
+    assert abs(loss.item() - trainer_eval["loss"]) < 1e-5, (loss.item(), trainer_eval["loss"])
