@@ -355,6 +355,7 @@ def train(cfg: RunConfig) -> int:
         save(step, consumed, last_loss, eval_loss)
     if exit_reason:
         log.console(f"stopping on {exit_reason} at step {step}: checkpoint saved, exiting cleanly")
+    it.close()
     log.close()
     dist.barrier()
     dist.destroy_process_group()
