@@ -23,6 +23,8 @@ import os
 import socket
 import subprocess
 
+import torch
+
 # Per-rank variables that MPI launchers export: Open MPI, MPICH/Intel MPI (hydra), PMIx (Open MPI 5, srun).
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
@@ -109,3 +111,12 @@ def init(timeout_minutes: int = 30) -> None:
     deepspeed.init_distributed(
         auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
     )
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

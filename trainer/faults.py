@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .distributed import collective_device
+
 INJECT_ENV = "LMFORGE_INJECT_NAN_AT_STEP"
 
 
@@ -57,7 +59,7 @@ def install_nonfinite_guard(engine) -> bool:
 
     def guarded_step(*args, **kwargs):
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
+        bad = torch.zeros(1, device=grads[0].device if grads else collective_device())
         if grads:
             # One reduction over all tensors (a per-tensor .item() would sync once per parameter).
             bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().reshape(1)

@@ -127,13 +127,13 @@ class StopFlag:
 
 
 def all_agree(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=distributed.collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
 def mean_across_ranks(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=distributed.collective_device())
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
