@@ -1,23 +1,30 @@
 """Weights out of an lmforge DeepSpeed checkpoint, one tensor at a time, and a streaming safetensors writer.
 
-Sources (chosen from lmforge.json, never from the current world size or devices):
+Sources (chosen from lmforge.json and the files present, never from the current world size or devices).
+A half-precision run's export always comes from its fp32 optimizer masters when the checkpoint has
+them (see trainer/fp32_masters.py for DeepSpeed's layouts), and each master is checked to round to the
+saved bf16/fp16 module weight bit for bit:
 - ZeRO 0/1/2 in fp32, tensor parallel 1: ``mp_rank_00_model_states.pt['module']`` holds the full
   weights, which equal the fp32 optimizer masters in an fp32 run. Loaded with ``mmap=True`` and
   ``weights_only=True``, so a tensor is read from disk only when it is asked for.
-- ZeRO 1/2 in bf16/fp16 and ZeRO 3 (any precision): DeepSpeed's own consolidation
+- ZeRO 0 in bf16/fp16: the masters in ``mp_rank_XX_model_states.pt['optimizer']`` (unnamed, in
+  optimizer param-group order, which fp32_masters reconstructs and the rounding check confirms).
+- ZeRO 1 in bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer): the masters' slices in
+  ``bf16_zero_pp_rank_*_optim_states.pt``, joined per parameter by their recorded name and offsets.
+- ZeRO 1/2 in bf16/fp16 otherwise and ZeRO 3 (any precision): DeepSpeed's own consolidation
   (``deepspeed.utils.zero_to_fp32``) from the fp32 master partitions in ``*_optim_states.pt``. In lazy
   mode ZeRO-3 tensors are gathered per parameter from mmapped files; for ZeRO 1/2 DeepSpeed
   concatenates each parameter group's partitions first (its implementation, so peak memory there is
   one fp32 copy of the model). DeepSpeed's optimizer files hold python objects (fragment mappings), so
-  zero_to_fp32 loads them with ``weights_only=False``; we only ever pass it files from the checkpoint
-  directory the user named.
-- ZeRO 0 in bf16/fp16: the module weights (bf16/fp16) are used and upcast: exact for an export in the
-  training dtype; the bf16 optimizer's fp32 masters are not read (that layout is untested here).
-- Tensor parallel (AutoTP) > 1: one ``mp_rank_XX_model_states.pt`` per TP rank; each parameter is
+  they are loaded with ``weights_only=False``; we only ever do so for files of the checkpoint
+  directory the user named. (ZeRO-3 saves no module weights, so its masters are not cross-checked.)
+- Tensor parallel (AutoTP) > 1: one ``mp_rank_XX_model_states.pt`` per TP rank (ZeRO-0 half precision:
+  its masters, as above, per rank); each parameter is
   merged by comparing its shard shapes with the full shape from the model config: shards equal to the
   full shape are replicated (rank 0's copy is used), otherwise they are concatenated in rank order
   along the one dimension that differs (q/k/v/gate/up: dim 0, o/down: dim 1, vocab-parallel
-  embedding/lm_head: dim 0). ZeRO-3 with AutoTP is rejected (DeepSpeed does not combine them).
+  embedding/lm_head: dim 0). ZeRO-3 with AutoTP is rejected (DeepSpeed does not combine them); ZeRO 1/2
+  with AutoTP in half precision exports the module weights (its per-TP-rank optimizer shards are not read).
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ from pathlib import Path
 import torch
 
 from model import LlamaForCausalLM, ModelConfig
+from trainer import fp32_masters
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Getter = Callable[[], torch.Tensor]
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -47,7 +56,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _load_module(path: Path) -> dict[str, torch.Tensor]:
+def _load_states(path: Path) -> dict:
+    """A model-states file (mmapped, weights only); its 'module' entry is checked to be a state dict."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (checkpoint incomplete or deleted while reading?)")
     try:
@@ -56,7 +66,7 @@ def _load_module(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as a DeepSpeed model state file ({e})") from e
     if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
         raise CheckpointError(f"{path}: has no 'module' state dict")
-    return sd["module"]
+    return sd
 
 
 def _merge_tp(name: str, shards: list[torch.Tensor], full: torch.Size, files: list[Path]) -> torch.Tensor:
@@ -70,6 +80,60 @@ def _merge_tp(name: str, shards: list[torch.Tensor], full: torch.Size, files: li
     return torch.cat(shards, dim=diff[0])
 
 
+def _tensor_parallel(tag_dir: Path, cfg: ModelConfig, tp: int, stage: int, half: bool, shapes: dict,
+                     wanted: list[str]) -> tuple[dict[str, Getter], list[str], str]:
+    if stage == 3:
+        raise CheckpointError(f"{tag_dir}: ZeRO-3 with tensor parallelism is not supported")
+    files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+    states = [_load_states(f) for f in files]
+    modules = [s["module"] for s in states]
+    extra = sorted(set().union(*map(set, modules)) - set(shapes))
+    masters = None
+    if half and stage == 0:
+        found = [fp32_masters.zero0_masters(f, s, s["module"], cfg) for f, s in zip(files, states)]
+        if all(m is not None for m in found):
+            masters = [fp32_masters.checked_against_module(m, s["module"], f) for m, s, f in zip(found, states, files)]
+    src = masters or [{k: (lambda t=t: t) for k, t in m.items()} for m in modules]
+    getters = {}
+    for k in wanted:
+        if any(k not in m for m in src):
+            raise CheckpointError(f"{tag_dir}: parameter {k} missing from a tensor-parallel shard")
+        getters[k] = (lambda k=k: _merge_tp(k, [m[k]() for m in src], shapes[k], files))
+    what = "fp32 master weights (checked against the module weights)" if masters else "module weights"
+    return getters, extra, f"{what} of {len(files)} tensor-parallel shards (mp_rank_XX_model_states.pt)"
+
+
+def _zero_optimizer(tag_dir: Path, stage: int, shapes: dict,
+                    wanted: list[str]) -> tuple[dict[str, Getter], list[str], str]:
+    """fp32 masters from the ``*_optim_states.pt`` files: BF16_Optimizer's layout or zero_to_fp32."""
+    files = fp32_masters.optim_files(tag_dir)
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no *_optim_states.pt files (ZeRO-{stage} checkpoint incomplete?)")
+    if stage < 3 and fp32_masters.is_bf16_optimizer(fp32_masters.load_optim(files[0])):
+        masters = fp32_masters.bf16_optimizer_masters(files, shapes)
+        source = f"fp32 master weights of DeepSpeed's BF16_Optimizer in {len(files)} bf16_zero_pp_rank_* files"
+    else:
+        from deepspeed.utils import zero_to_fp32
+
+        try:
+            sd = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), False)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{tag_dir}: DeepSpeed ZeRO consolidation failed: {e}") from e
+        # GatheredTensor (ZeRO-3, lazy) or a view (ZeRO 1/2): .contiguous() materialises one tensor.
+        masters = {k: (lambda k=k: sd[k].contiguous()) for k in sd}
+        source = f"fp32 master weights via deepspeed zero_to_fp32 (ZeRO-{stage})"
+    extra = sorted(set(masters) - set(shapes))
+    for k in wanted:
+        if k not in masters:
+            raise CheckpointError(f"{tag_dir}: parameter {k} not in the optimizer's fp32 masters")
+    getters = {k: masters[k] for k in wanted}
+    if stage < 3:  # ZeRO-3 saves no module weights to compare with
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        getters = fp32_masters.checked_against_module(getters, _load_states(path)["module"], path)
+        source += ", each checked to round to the saved module weight"
+    return getters, extra, source
+
+
 def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig) -> tuple[dict[str, Callable[[], torch.Tensor]], str]:
     """Map every parameter name to a function returning its full tensor; also says which source it used.
 
@@ -79,42 +143,34 @@ def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig) -> tuple[dict[str
     precision = meta.get("precision", "fp32")
     shapes = expected_shapes(cfg)
     wanted = [k for k in shapes if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
-    getters: dict[str, Callable[[], torch.Tensor]] = {}
-
-    if tp > 1:
-        if stage == 3:
-            raise CheckpointError(f"{tag_dir}: ZeRO-3 with tensor parallelism is not supported")
-        files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
-        modules = [_load_module(f) for f in files]
-        extra = sorted(set().union(*map(set, modules)) - set(shapes))
-        for k in wanted:
-            if any(k not in m for m in modules):
-                raise CheckpointError(f"{tag_dir}: parameter {k} missing from a tensor-parallel shard")
-            getters[k] = (lambda k=k: _merge_tp(k, [m[k] for m in modules], shapes[k], files))
-        source = f"module weights of {tp} tensor-parallel shards (mp_rank_XX_model_states.pt)"
-    elif stage == 3 or (stage in (1, 2) and precision != "fp32"):
-        from deepspeed.utils import zero_to_fp32
-
-        try:
-            sd = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), False)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{tag_dir}: DeepSpeed ZeRO consolidation failed: {e}") from e
-        extra = sorted(set(sd) - set(shapes))
-        for k in wanted:
-            if k not in sd:
-                raise CheckpointError(f"{tag_dir}: parameter {k} not found by zero_to_fp32")
-            # GatheredTensor (ZeRO-3, lazy) or a view (ZeRO 1/2): .contiguous() materialises one tensor.
-            getters[k] = (lambda k=k: sd[k].contiguous())
-        source = f"fp32 master weights via deepspeed zero_to_fp32 (ZeRO-{stage})"
-    else:
-        path = tag_dir / "mp_rank_00_model_states.pt"
-        module = _load_module(path)
-        extra = sorted(set(module) - set(shapes))
-        for k in wanted:
-            if k not in module:
-                raise CheckpointError(f"{path}: parameter {k} missing from the module state dict")
-            getters[k] = (lambda k=k: module[k])
-        source = f"module weights in mp_rank_00_model_states.pt (ZeRO-{stage}, {precision})"
+    half = precision != "fp32"
+    try:
+        if tp > 1:
+            getters, extra, source = _tensor_parallel(tag_dir, cfg, tp, stage, half, shapes, wanted)
+        elif stage == 3 or (stage in (1, 2) and half):
+            getters, extra, source = _zero_optimizer(tag_dir, stage, shapes, wanted)
+        else:
+            path = tag_dir / "mp_rank_00_model_states.pt"
+            states = _load_states(path)
+            module = states["module"]
+            extra = sorted(set(module) - set(shapes))
+            masters = fp32_masters.zero0_masters(path, states, module, cfg) if half else None
+            src = module if masters is None else masters
+            for k in wanted:
+                if k not in src:
+                    raise CheckpointError(f"{path}: parameter {k} missing from the "
+                                          f"{'module state dict' if masters is None else 'fp32 masters'}")
+            if masters is None:
+                getters = {k: (lambda k=k: module[k]) for k in wanted}
+                source = f"module weights in mp_rank_00_model_states.pt (ZeRO-{stage}, {precision})"
+                if half:
+                    source += "; the checkpoint holds no fp32 masters (saved without optimizer state)"
+            else:
+                getters = fp32_masters.checked_against_module({k: masters[k] for k in wanted}, module, path)
+                source = (f"fp32 master weights of the ZeRO-{stage} {precision} optimizer in "
+                          "mp_rank_00_model_states.pt, each checked to round to the saved module weight")
+    except fp32_masters.MasterError as e:
+        raise CheckpointError(str(e)) from e
     # Anything DeepSpeed saved that our model does not have means config and weights disagree.
     extra = [k for k in extra if not re.search(r"(inv_freq|_extra_state)$", k)]
     if extra:
@@ -122,7 +178,10 @@ def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig) -> tuple[dict[str
 
     def checked(k: str, get: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            t = get()
+            try:
+                t = get()
+            except fp32_masters.MasterError as e:  # raised lazily, while the export reads this tensor
+                raise CheckpointError(str(e)) from e
             if t.shape != shapes[k]:
                 raise CheckpointError(f"{tag_dir}: {k} has shape {tuple(t.shape)}, the model config says "
                                       f"{tuple(shapes[k])}")
