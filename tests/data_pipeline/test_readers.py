@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 import zstandard
@@ -188,3 +189,49 @@ def test_invalid_utf8_after_streamed_pieces_skips_the_document(tmp_path):
     assert items[-1][0] == SKIP and items[-1][1] == "invalid_utf8"
     bad_line = (book + b"\ncaf").count(b"\n") + 1
     assert items[-1][2].endswith(f":{bad_line}")
+
+
+def _line_items(src, opts):
+    """The line readers' items (the reference the block readers must reproduce)."""
+    from data_pipeline import readers
+
+    return list(readers._read_text(src.path, opts) if src.format == "text" else readers._read_wikidoc(src.path, opts))
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 4096, 61])
+def test_block_readers_match_line_readers(tmp_path, monkeypatch, block_bytes):
+    """Uncompressed text and WikiExtractor files are read in blocks; the items must be exactly the line
+    readers' (same PART cuts, locations and skip reasons), on every such file of the shared corpora and
+    on crafted edge cases, with blocks small enough that lines and documents straddle them."""
+    from data_pipeline import readers
+
+    monkeypatch.setattr(readers, "_BLOCK_BYTES", block_bytes)
+    crafted = {
+        "crlf_bom.txt": b"\xef\xbb\xbfline one\r\nline two\r\r\n\r\nlast line without newline\r",
+        "bad_utf8.txt": b"good\n" * 40 + b"bad \xff byte\n" + b"more\n" * 40,
+        "long_line.txt": b"ok\n" + b"x" * 300 + b"\nafter\n",
+        "long_last.txt": b"ok\n" + b"y" * 300,
+        "docs.wiki": (b"<doc id=1 title=a>\r\nA\r\n\r\nbody one\r\n</doc>  \r\n\n"
+                      b"stray text\n<doc id=2>\nB\n</doc>\n"  # title only: empty
+                      b"<doc id=3>\nC\nbad \xc3 utf8\nrest\n</doc>\n"
+                      b"<doc id=4>\nD\n" + b"z" * 300 + b"\nafter the long line\n</doc>\n"
+                      b"<doc id=5>\nE\n" + b"words and more words\n" * 30 + b"</doc>\n"
+                      b"<doc id=6>\nF\nno end"),
+    }
+    for name, data in crafted.items():
+        (tmp_path / name).write_bytes(data)
+    sources = [s for s in expand_inputs([str(CORPORA), str(tmp_path)], "auto")
+               if s.format in ("text", "wikidoc") and not s.path.endswith((".gz", ".zst"))]
+    fmt = {"docs.wiki": "wikidoc"}
+    sources = [readers.Source(s.path, fmt.get(os.path.basename(s.path), s.format), s.size) for s in sources]
+    assert len(sources) > 20
+    small = block_bytes < 1000  # (the block readers need max_line_bytes >= the block size)
+    for src in sources:
+        for opts in (ReadOptions(max_line_bytes=max(block_bytes, 200 if small else block_bytes)),
+                     ReadOptions(max_doc_bytes=700, max_line_bytes=max(block_bytes, 256))):
+            blocks = list(iter_documents(src, opts))
+            assert blocks == _line_items(src, opts), (src.path, opts)
+    reasons = {t for s in sources for k, t, _ in iter_documents(s, ReadOptions(max_line_bytes=256))
+               if k == SKIP} if small else set()
+    if small:
+        assert {"invalid_utf8", "line_too_long", "text_outside_doc", "empty", "unterminated_doc"} <= reasons
