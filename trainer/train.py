@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -25,7 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.gpt_dataset import DatasetConfigError
+from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
+from data_pipeline.batching import DistributedSampleIterator, make_batch
+from data_pipeline.gpt_dataset import DatasetConfigError, build_dataset
 from model import ModelConfig, flops_per_token, get_preset, num_params
 
 from . import checkpoint as ckpt
@@ -138,228 +139,270 @@ def mean_across_ranks(x: float) -> float:
     return t.item() / dist.get_world_size()
 
 
-def train(cfg: RunConfig) -> int:
-    import deepspeed
-    import sentencepiece as spm
+class Trainer:
+    """One rank's run: set-up in ``__init__`` (process group, data, model, engine, resume), then ``run()``.
 
-    from data_pipeline.batching import DistributedSampleIterator, make_batch
-    from data_pipeline.gpt_dataset import build_dataset
+    Each method owns one concern: ``_build_data`` the sample order, ``_build_engine`` the model and
+    DeepSpeed, ``train_step`` one optimizer step, ``evaluate`` validation, ``save`` checkpoints,
+    ``_log`` metrics. All collectives are called by every rank in the same order.
+    """
 
-    stop = StopFlag()
-    distributed.init()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    tp = cfg.parallel.tensor_parallel
-    # Data-parallel rank/size from DeepSpeed's own groups, which the engine will use (trainer/engine.py).
-    layout = init_layout(tp)
-    dp, dp_rank = layout.dp, layout.dp_rank
-    global_batch = check_global_batch(cfg, dp)
-    precision = resolve_precision(cfg.train.precision)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    log = MetricsLogger(run_dir, enabled=rank == 0)
-    t_start = time.time()
+    def __init__(self, cfg: RunConfig):
+        import sentencepiece as spm
 
-    # Tokenizer: its vocabulary sizes the model; its EOS is the end-of-document token in the shards.
-    if not Path(cfg.tokenizer).is_file():
-        raise ConfigError(f"tokenizer: {cfg.tokenizer} not found")
-    sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer)
-    eod_id = sp.eos_id()
-    tok_sha = file_sha256(cfg.tokenizer)
+        self.cfg = cfg
+        self.stop = StopFlag()
+        distributed.init()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.tp = cfg.parallel.tensor_parallel
+        # Data-parallel rank/size from DeepSpeed's own groups, which the engine will use (trainer/engine.py).
+        self.layout = init_layout(self.tp)
+        self.dp, self.dp_rank = self.layout.dp, self.layout.dp_rank
+        self.global_batch = check_global_batch(cfg, self.dp)
+        self.precision = resolve_precision(cfg.train.precision)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.log = MetricsLogger(self.run_dir, enabled=self.rank == 0)
+        self.t_start = time.time()
 
-    mcfg, init_state = build_model_config(cfg, sp.get_piece_size())
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        if not (ckpt_dir / "tokenizer.model").is_file() or file_sha256(ckpt_dir / "tokenizer.model") != tok_sha:
-            tmp = ckpt_dir / f".tokenizer.model.tmp.{os.getpid()}"
-            shutil.copyfile(cfg.tokenizer, tmp)
-            os.replace(tmp, ckpt_dir / "tokenizer.model")
+        # Tokenizer: its vocabulary sizes the model; its EOS is the end-of-document token in the shards.
+        if not Path(cfg.tokenizer).is_file():
+            raise ConfigError(f"tokenizer: {cfg.tokenizer} not found")
+        self.sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer)
+        self.eod_id = self.sp.eos_id()
+        self.tok_sha = file_sha256(cfg.tokenizer)
+        self.mcfg, init_state = build_model_config(cfg, self.sp.get_piece_size())
+        if self.rank == 0:
+            self._write_run_files()
 
-    # Data: one global sample order; this rank's slice of each step is chosen by the iterator.
-    seq_len = cfg.data.seq_len
-    cache_dir = cfg.data.cache_dir or str(run_dir / "data_cache")
-    sources = [(s.path, s.weight) for s in cfg.data.train]
-    train_ds = build_dataset(sources, "train", seq_len, cfg.train.max_steps * global_batch,
-                             cfg.train.seed, cache_dir=cache_dir)
-    valid_ds = None
-    if cfg.eval.interval > 0:
-        if not cfg.data.valid and not (Path(sources[0][0]) / "manifest.json").is_file():
-            raise ConfigError(
-                "eval.interval > 0 but data.valid is not set and the first train source is not a preprocess "
-                "output with a valid split; set data.valid (or eval.interval=0)"
-            )
-        vsrc = [(cfg.data.valid, 1.0)] if cfg.data.valid else [(sources[0][0], 1.0)]
-        valid_ds = build_dataset(vsrc, "valid", seq_len,
-                                 cfg.eval.steps * cfg.train.micro_batch_size * dp, cfg.train.seed + 1,
-                                 cache_dir=cache_dir)
-    # Index arrays are built once per node (local rank 0, atomic writes: safe on a shared filesystem)
-    # and memory-mapped by every rank; no rank builds them at every start.
-    if local_rank == 0:
-        for ds in (train_ds, valid_ds):
-            if ds is not None:
-                ds.build_cache()
-    dist.barrier()
-    # The order's identity, independent of its length: extending max_steps resumes into the same order.
-    data_fp = train_ds.order_fingerprint
+        self._build_data()
+        # What to resume from is decided before the engine exists: another parallel layout needs
+        # DeepSpeed's universal loader, which is chosen in its config (trainer/resume.py).
+        self.plan = resume.plan(cfg, self.ckpt_dir, dp=self.dp, tp=self.tp, tokenizer_sha=self.tok_sha,
+                                data_fingerprint=self.data_fp, global_batch=self.global_batch)
+        resume.prepare(self.plan, self.ckpt_dir, log=self.log.console)
+        self._build_engine(init_state)
 
-    # What to resume from is decided before the engine exists: another parallel layout needs DeepSpeed's
-    # universal loader, which is chosen in its config (trainer/resume.py).
-    plan = resume.plan(cfg, ckpt_dir, dp=dp, tp=tp, tokenizer_sha=tok_sha, data_fingerprint=data_fp,
-                       global_batch=global_batch)
-    resume.prepare(plan, ckpt_dir, log=log.console)
-
-    # Model: identical init on every rank from the seed (DeepSpeed also broadcasts rank 0's weights).
-    np.random.seed(cfg.train.seed)
-    check_tensor_parallel(mcfg, tp)
-    ds_config = resume.ds_config_for(plan, build_ds_config(cfg, dp, precision))
-    # ZeRO-3 builds under zero.Init with the same weights as an eager build (trainer/engine.py).
-    model = build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state,
-                        cfg.parallel.activation_checkpointing)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=ds_config,
-        mpu=layout.mpu,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
-    )
-    device = engine.device
-    faults.install_nonfinite_guard(engine)
-    keep_zero0_grad_norm(engine)  # grad_norm in the metrics at ZeRO-0 too
-    if rank == 0:
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
-
-    # Resume.
-    step, consumed = 0, 0
-    if plan is not None:
-        step, consumed = resume.load(engine, plan, ckpt_dir, rank)
-        how = f" ({'universal checkpoint, ' if plan.universal else ''}{plan.reason})" if plan.reason else ""
-        log.console(f"resumed from {ckpt_dir / plan.tag}{how}: step {step}, {consumed} samples consumed")
-
-    if rank == 0:
-        n = num_params(mcfg)
-        log.console(
-            f"lmforge: {n / 1e6:.1f}M params | world {world} = dp {dp} × tp {tp} | ZeRO-{cfg.parallel.zero_stage}"
-            f" | {precision} | global batch {global_batch} × {seq_len} = {global_batch * seq_len} tokens/step"
-            f" | steps {step}->{cfg.train.max_steps}"
+        self.step, self.consumed = 0, 0
+        if self.plan is not None:
+            self.step, self.consumed = resume.load(self.engine, self.plan, self.ckpt_dir, self.rank)
+            p = self.plan
+            how = f" ({'universal checkpoint, ' if p.universal else ''}{p.reason})" if p.reason else ""
+            self.log.console(f"resumed from {self.ckpt_dir / p.tag}{how}: step {self.step}, "
+                             f"{self.consumed} samples consumed")
+        self.log.console(
+            f"lmforge: {num_params(self.mcfg) / 1e6:.1f}M params | world {self.world} = dp {self.dp} × tp {self.tp}"
+            f" | ZeRO-{cfg.parallel.zero_stage} | {self.precision} | global batch {self.global_batch} × "
+            f"{cfg.data.seq_len} = {self.global_batch * cfg.data.seq_len} tokens/step"
+            f" | steps {self.step}->{cfg.train.max_steps}"
         )
+        # Reading and batch assembly run on a prefetch thread, overlapping the previous step's compute.
+        self.it = DistributedSampleIterator(
+            self.train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, self.dp_rank, self.dp,
+            consumed_samples=self.consumed, prefetch=cfg.data.prefetch,
+            collate=functools.partial(make_batch, eod_id=self.eod_id, **self.batch_kw))
+        self.nonfinite = faults.NonFiniteTracker(cfg.train.max_nonfinite_steps, self.precision)
+        self.nan_steps = faults.injected_nan_steps()
+        if self.nan_steps:
+            self.log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps "
+                             f"{sorted(self.nan_steps)}")
 
-    batch_kw = dict(mask_eod_loss=cfg.data.mask_eod_loss, reset_position_ids=cfg.data.reset_position_ids,
-                    intra_doc_attention=cfg.data.intra_doc_attention)
-    # Reading and batch assembly run on a prefetch thread, overlapping the previous step's compute.
-    it = DistributedSampleIterator(train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, dp_rank, dp,
-                                   consumed_samples=consumed, prefetch=cfg.data.prefetch,
-                                   collate=functools.partial(make_batch, eod_id=eod_id, **batch_kw))
-    fpt = flops_per_token(mcfg, seq_len)
-    peak = cfg.log.peak_tflops or detect_peak_tflops(precision)
-    tokens_per_step = global_batch * seq_len
+    # -- set-up ----------------------------------------------------------------------------------
 
-    def save(step: int, consumed: int, last_loss: float | None, eval_loss: float | None) -> None:
+    def _write_run_files(self) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
+        # The checkpoint folder carries its tokenizer, so export needs nothing from the run config.
+        dst = self.ckpt_dir / "tokenizer.model"
+        if not dst.is_file() or file_sha256(dst) != self.tok_sha:
+            atomic_write_bytes(dst, Path(self.cfg.tokenizer).read_bytes())
+
+    def _build_data(self) -> None:
+        """One global sample order; this rank's slice of each step is chosen by the iterator."""
+        cfg = self.cfg
+        seq_len = cfg.data.seq_len
+        cache_dir = cfg.data.cache_dir or str(self.run_dir / "data_cache")
+        sources = [(s.path, s.weight) for s in cfg.data.train]
+        self.train_ds = build_dataset(sources, "train", seq_len, cfg.train.max_steps * self.global_batch,
+                                      cfg.train.seed, cache_dir=cache_dir)
+        self.valid_ds = None
+        if cfg.eval.interval > 0:
+            if not cfg.data.valid and not (Path(sources[0][0]) / "manifest.json").is_file():
+                raise ConfigError(
+                    "eval.interval > 0 but data.valid is not set and the first train source is not a "
+                    "preprocess output with a valid split; set data.valid (or eval.interval=0)"
+                )
+            vsrc = [(cfg.data.valid, 1.0)] if cfg.data.valid else [(sources[0][0], 1.0)]
+            self.valid_ds = build_dataset(vsrc, "valid", seq_len,
+                                          cfg.eval.steps * cfg.train.micro_batch_size * self.dp,
+                                          cfg.train.seed + 1, cache_dir=cache_dir)
+        # Index arrays are built once per node (local rank 0, atomic writes: safe on a shared filesystem)
+        # and memory-mapped by every rank; no rank builds them at every start.
+        if self.local_rank == 0:
+            for ds in (self.train_ds, self.valid_ds):
+                if ds is not None:
+                    ds.build_cache()
+        dist.barrier()
+        # The order's identity, independent of its length: extending max_steps resumes into the same order.
+        self.data_fp = self.train_ds.order_fingerprint
+        self.batch_kw = dict(mask_eod_loss=cfg.data.mask_eod_loss,
+                             reset_position_ids=cfg.data.reset_position_ids,
+                             intra_doc_attention=cfg.data.intra_doc_attention)
+
+    def _build_engine(self, init_state: dict | None) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        # Model: identical init on every rank from the seed (DeepSpeed also broadcasts rank 0's weights).
+        np.random.seed(cfg.train.seed)
+        check_tensor_parallel(self.mcfg, self.tp)
+        self.ds_config = resume.ds_config_for(self.plan, build_ds_config(cfg, self.dp, self.precision))
+        # ZeRO-3 builds under zero.Init with the same weights as an eager build (trainer/engine.py).
+        model = build_model(self.mcfg, self.ds_config, cfg.parallel.zero_stage, cfg.train.seed, self.layout,
+                            init_state, cfg.parallel.activation_checkpointing)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=self.ds_config,
+            mpu=self.layout.mpu,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+        )
+        self.device = self.engine.device
+        faults.install_nonfinite_guard(self.engine)
+        keep_zero0_grad_norm(self.engine)  # grad_norm in the metrics at ZeRO-0 too
+        if self.rank == 0:
+            atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=1))
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss across ranks, data wait s)."""
+        t0 = time.time()
+        batches = [{k: v.to(self.device) for k, v in mb.items()} for mb in self.it.next_microbatches()]
+        data_wait = time.time() - t0
+        loss_sum = 0.0
+        skipped_before = self.engine.skipped_steps
+        for b in batches:
+            loss = self.engine(**b)
+            if self.rank == 0 and self.step + 1 in self.nan_steps:
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            loss_sum += loss.item()
+        self.step += 1
+        self.consumed += self.global_batch
+        loss = mean_across_ranks(loss_sum / len(batches))
+        # DeepSpeed (or faults' ZeRO-0 guard) skipped the update if any gradient was non-finite.
+        if self.nonfinite.observe(self.step, loss, self.engine.skipped_steps > skipped_before,
+                                  lambda: str(self.ckpt_dir / t) if (t := ckpt.latest_tag(self.ckpt_dir)) else None):
+            self.log.console(f"step {self.step}: non-finite loss or gradient (loss {loss}), update skipped "
+                             f"({self.nonfinite.streak} in a row, {self.nonfinite.total} in this run)")
+        return loss, data_wait
+
+    def evaluate(self) -> float:
+        """Mean loss over the first eval.steps × micro_batch × dp samples of the validation order."""
+        cfg = self.cfg
+        self.engine.eval()
+        total = 0.0
+        with torch.no_grad():
+            vit = DistributedSampleIterator(self.valid_ds, cfg.train.micro_batch_size, cfg.eval.steps,
+                                            self.dp_rank, self.dp)
+            for mb in vit.next_microbatches():
+                b = {k: v.to(self.device) for k, v in make_batch(mb, self.eod_id, **self.batch_kw).items()}
+                total += self.engine(**b).item()
+        self.engine.train()
+        return mean_across_ranks(total / cfg.eval.steps)
+
+    def save(self, last_loss: float | None, eval_loss: float | None) -> None:
+        """Collective: every rank writes its DeepSpeed shards; rank 0 then marks the tag complete."""
+        sp = self.sp
         state = {
-            "consumed_samples": consumed, "model_config": mcfg.to_dict(), "config": cfg.to_dict(),
-            "tokenizer": {"file": "tokenizer.model", "sha256": tok_sha, "vocab_size": sp.get_piece_size(),
+            "consumed_samples": self.consumed, "model_config": self.mcfg.to_dict(), "config": self.cfg.to_dict(),
+            "tokenizer": {"file": "tokenizer.model", "sha256": self.tok_sha, "vocab_size": sp.get_piece_size(),
                           "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "pad_id": sp.pad_id(),
                           "unk_id": sp.unk_id()},
-            "data_fingerprint": data_fp, "precision": precision, "zero_stage": cfg.parallel.zero_stage,
-            "tensor_parallel": tp, "data_parallel": dp, "world_size": world, "global_batch_size": global_batch,
+            "data_fingerprint": self.data_fp, "precision": self.precision,
+            "zero_stage": self.cfg.parallel.zero_stage, "tensor_parallel": self.tp, "data_parallel": self.dp,
+            "world_size": self.world, "global_batch_size": self.global_batch,
             "train_loss": last_loss, "eval_loss": eval_loss,
         }
         t0 = time.time()
-        tag = ckpt.save(engine, ckpt_dir, step, state)
-        if rank == 0:
-            ckpt.prune(ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-            log.console(f"saved checkpoint {ckpt_dir / tag} in {time.time() - t0:.1f}s")
+        tag = ckpt.save(self.engine, self.ckpt_dir, self.step, state)
+        if self.rank == 0:
+            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+            self.log.console(f"saved checkpoint {self.ckpt_dir / tag} in {time.time() - t0:.1f}s")
 
-    def evaluate() -> float:
-        engine.eval()
-        total = 0.0
-        with torch.no_grad():
-            vit = DistributedSampleIterator(valid_ds, cfg.train.micro_batch_size, cfg.eval.steps, dp_rank, dp)
-            for mb in vit.next_microbatches():
-                b = {k: v.to(device) for k, v in make_batch(mb, eod_id, **batch_kw).items()}
-                total += engine(**b).item()
-        engine.train()
-        return mean_across_ranks(total / cfg.eval.steps)
+    def _log(self, loss: float, window: dict) -> None:
+        cfg = self.cfg
+        dt = time.time() - window["t0"]
+        step_time = dt / window["steps"]
+        tok_s = self.global_batch * cfg.data.seq_len * window["steps"] / dt
+        tflops = flops_per_token(self.mcfg, cfg.data.seq_len) * tok_s / self.world / 1e12
+        m = {
+            "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
+            "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / self.world,
+            "tflops_per_device": tflops, "step_time_s": step_time,
+            "data_wait_frac": window["data"] / dt, "consumed_samples": self.consumed,
+            "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+            "nonfinite_steps": self.nonfinite.total, **memory_stats(),
+        }
+        peak = cfg.log.peak_tflops or detect_peak_tflops(self.precision)
+        if peak:
+            m["mfu"] = tflops / peak
+        if self.precision == "fp16":
+            m["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        self.log.log(self.step, m)
+        eta = (cfg.train.max_steps - self.step) * step_time
+        self.log.console(
+            f"step {self.step}/{cfg.train.max_steps} | loss {loss:.4f} | lr {m['lr']:.2e} | "
+            f"{tok_s / 1e3:.1f}k tok/s | {tflops:.2f} TFLOP/s/dev | {step_time * 1e3:.0f} ms/step | "
+            f"data {100 * m['data_wait_frac']:.1f}% | eta {format_eta(eta)}"
+        )
 
-    last_loss, eval_loss = None, None
-    window_t0, window_data, window_steps = time.time(), 0.0, 0
-    exit_reason = None
-    nonfinite = faults.NonFiniteTracker(cfg.train.max_nonfinite_steps, precision)
-    nan_steps = faults.injected_nan_steps()
-    if nan_steps:
-        log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps {sorted(nan_steps)}")
-    while step < cfg.train.max_steps:
-        t_data0 = time.time()
-        batches = [{k: v.to(device) for k, v in mb.items()} for mb in it.next_microbatches()]
-        window_data += time.time() - t_data0
-        loss_sum = 0.0
-        skipped_before = engine.skipped_steps
-        for b in batches:
-            loss = engine(**b)
-            if rank == 0 and step + 1 in nan_steps:
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
-        step += 1
-        consumed += global_batch
-        window_steps += 1
-        last_loss = mean_across_ranks(loss_sum / len(batches))
-        # DeepSpeed (or faults' ZeRO-0 guard) skipped the update if any gradient was non-finite.
-        if nonfinite.observe(step, last_loss, engine.skipped_steps > skipped_before,
-                             lambda: str(ckpt_dir / t) if (t := ckpt.latest_tag(ckpt_dir)) else None):
-            log.console(f"step {step}: non-finite loss or gradient (loss {last_loss}), update skipped "
-                        f"({nonfinite.streak} in a row, {nonfinite.total} in this run)")
+    def run(self) -> int:
+        cfg = self.cfg
+        last_loss, eval_loss = None, None
+        window = {"t0": time.time(), "data": 0.0, "steps": 0}
+        exit_reason = None
+        while self.step < cfg.train.max_steps:
+            last_loss, data_wait = self.train_step()
+            window["data"] += data_wait
+            window["steps"] += 1
+            if self.step % cfg.log.interval == 0 or self.step == cfg.train.max_steps:
+                self._log(last_loss, window)
+                window = {"t0": time.time(), "data": 0.0, "steps": 0}
 
-        if step % cfg.log.interval == 0 or step == cfg.train.max_steps:
-            dt = time.time() - window_t0
-            step_time = dt / window_steps
-            tok_s = tokens_per_step * window_steps / dt
-            tflops = fpt * tok_s / world / 1e12
-            m = {
-                "loss": last_loss, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine),
-                "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / world,
-                "tflops_per_device": tflops, "step_time_s": step_time,
-                "data_wait_frac": window_data / dt, "consumed_samples": consumed,
-                "skipped_steps": int(getattr(engine, "skipped_steps", 0)), "nonfinite_steps": nonfinite.total,
-                **memory_stats(),
-            }
-            if peak:
-                m["mfu"] = tflops / peak
-            if precision == "fp16":
-                m["loss_scale"] = float(engine.optimizer.cur_scale)
-            log.log(step, m)
-            eta = (cfg.train.max_steps - step) * step_time
-            log.console(
-                f"step {step}/{cfg.train.max_steps} | loss {last_loss:.4f} | lr {m['lr']:.2e} | "
-                f"{tok_s / 1e3:.1f}k tok/s | {tflops:.2f} TFLOP/s/dev | {step_time * 1e3:.0f} ms/step | "
-                f"data {100 * m['data_wait_frac']:.1f}% | eta {format_eta(eta)}"
-            )
-            window_t0, window_data, window_steps = time.time(), 0.0, 0
+            if self.valid_ds is not None and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.max_steps):
+                eval_loss = self.evaluate()
+                ppl = math.exp(min(eval_loss, 50))
+                self.log.log(self.step, {"loss": eval_loss, "perplexity": ppl}, prefix="eval")
+                self.log.console(f"eval step {self.step} | loss {eval_loss:.4f} | ppl {ppl:.2f}")
 
-        if valid_ds is not None and (step % cfg.eval.interval == 0 or step == cfg.train.max_steps):
-            eval_loss = evaluate()
-            log.log(step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50))}, prefix="eval")
-            log.console(f"eval step {step} | loss {eval_loss:.4f} | ppl {math.exp(min(eval_loss, 50)):.2f}")
+            elapsed_min = (time.time() - self.t_start) / 60
+            timed_out = cfg.train.exit_after_minutes > 0 and elapsed_min > cfg.train.exit_after_minutes
+            if all_agree(self.stop.signal is not None or timed_out):
+                exit_reason = self.stop.signal or ("exit_after_minutes" if timed_out
+                                                   else "a stop request on another rank")
+                break
+            # No periodic save inside a non-finite streak: keep_last must not rotate out the good checkpoints.
+            if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
+                    and self.step < cfg.train.max_steps and self.nonfinite.streak == 0):
+                self.save(last_loss, eval_loss)
 
-        timed_out = cfg.train.exit_after_minutes > 0 and (time.time() - t_start) / 60 > cfg.train.exit_after_minutes
-        if all_agree(stop.signal is not None or timed_out):
-            exit_reason = stop.signal or ("exit_after_minutes" if timed_out else "a stop request on another rank")
-            break
-        # No periodic save inside a non-finite streak: keep_last must not rotate out the good checkpoints.
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < cfg.train.max_steps
-                and nonfinite.streak == 0):
-            save(step, consumed, last_loss, eval_loss)
+        if ckpt.latest_tag(self.ckpt_dir) != ckpt.tag_for(self.step):
+            self.save(last_loss, eval_loss)
+        if exit_reason:
+            self.log.console(f"stopping on {exit_reason} at step {self.step}: checkpoint saved, exiting cleanly")
+        self.it.close()
+        self.log.close()
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
 
-    if ckpt.latest_tag(ckpt_dir) != ckpt.tag_for(step):
-        save(step, consumed, last_loss, eval_loss)
-    if exit_reason:
-        log.console(f"stopping on {exit_reason} at step {step}: checkpoint saved, exiting cleanly")
-    it.close()
-    log.close()
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+
+def train(cfg: RunConfig) -> int:
+    return Trainer(cfg).run()
 
 
 def _grad_norm(engine) -> float:
