@@ -54,6 +54,7 @@ def _split_group(tensors: list[torch.Tensor], names: list[str], module: dict) ->
     """Name the masters of one group if their sizes fit ``names`` (per-parameter or one flat tensor)."""
     if any(n not in module for n in names):
         return None
+    tensors = [t.detach() for t in tensors]  # DeepSpeed saves the masters as nn.Parameters
     sizes = [module[n].numel() for n in names]
     if len(tensors) == len(names) and [t.numel() for t in tensors] == sizes:
         return {n: (lambda t=t, n=n: t.view(module[n].shape)) for n, t in zip(names, tensors)}
