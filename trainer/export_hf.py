@@ -8,8 +8,13 @@ passed; on any failure the temporary directory is removed and the exit status is
 reason. Only complete checkpoints are read (a tag directory counts once its ``lmforge.json`` exists;
 ``latest`` names the newest), so a running job's folder is safe to export from.
 
+Weights come from the fp32 optimizer masters whenever the checkpoint has them (a bf16/fp16 run at any
+ZeRO stage; see trainer/hf_weights.py), so ``--dtype fp32`` of a bf16 run gives the masters bit for bit
+and ``--dtype bf16`` gives them rounded to bf16; each master is also checked to round to the
+half-precision module weight DeepSpeed saved beside it (ZeRO 0-2).
+
 Verification (on by default) loads DIR with ``transformers`` in fp32 and checks: config values;
-every weight bit-exact against the checkpoint (after the cast to --dtype); logits on fixed token
+every weight bit-exact against the checkpoint's source weights (after the cast to --dtype); logits on fixed token
 batches equal to lmforge's own model run on the same (cast) weights within 1e-4; SentencePiece id
 parity and decode round trip for the fast and slow HF tokenizers; and that ``generate`` runs.
 """
