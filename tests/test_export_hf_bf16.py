@@ -49,8 +49,8 @@ def _train_bf16(tmp_path, tiny_data, stage: int, ds_template: dict | None = None
     return ckpt, ModelConfig.from_dict(meta["model_config"])
 
 
-def _masters_zero0(tag_dir, cfg) -> dict[str, torch.Tensor]:
-    sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=True)
+def _masters_zero0(states_file, cfg) -> dict[str, torch.Tensor]:
+    sd = torch.load(states_file, weights_only=True)
     module = {k: v for k, v in sd["module"].items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     masters = [t for group in sd["optimizer"]["fp32_groups"] for t in group]
     out = {}
@@ -94,7 +94,7 @@ def _check_logits(out, cfg, weights: dict[str, torch.Tensor]):
 
 
 SCENARIOS = {
-    "zero0": (0, None, lambda ckpt, cfg: _masters_zero0(ckpt / TAG, cfg)),
+    "zero0": (0, None, lambda ckpt, cfg: _masters_zero0(ckpt / TAG / "mp_rank_00_model_states.pt", cfg)),
     # fp32 gradient accumulation makes DeepSpeed use BF16_Optimizer (bf16_zero_pp_rank_* files that
     # zero_to_fp32 rejects) instead of the ZeRO-1 optimizer
     "zero1_bf16_optimizer": (1, {"data_types": {"grad_accum_dtype": "fp32"}}, _masters_universal),
@@ -136,3 +136,23 @@ def test_bf16_run_exports_fp32_masters(name, tmp_path, tiny_data):
         with pytest.raises(CheckpointError, match="does not round to the saved"):
             export(ckpt, tmp_path / "bad")
         assert not (tmp_path / "bad").exists() and not list(tmp_path.glob("bad.tmp-*"))
+
+
+def test_bf16_zero0_tensor_parallel_2_exports_masters(tmp_path):
+    """AutoTP-2 ZeRO-0 bf16 (ckpt_factory: one optimizer group in model order, the exporter's other
+    group layout): each TP rank's masters are value-matched to its shards; sharded q_proj is their
+    concatenation, replicated norms are rank 0's master."""
+    from ckpt_factory import make_checkpoint, train_test_tokenizer
+
+    tok = train_test_tokenizer(tmp_path / "sp")
+    ckpt = make_checkpoint(tmp_path / "run", tok, [[1, 5, 6, 7, 8, 9]] * 2, zero_stage=0, world_size=2, tp=2,
+                           precision="bf16")
+    meta = json.loads((ckpt / TAG / "lmforge.json").read_text())
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    shards = [_masters_zero0(ckpt / TAG / f"mp_rank_{r:02d}_model_states.pt", cfg) for r in range(2)]
+    out = export(ckpt, tmp_path / "hf")  # verified: weights + logits vs transformers
+    _, state = load_hf_weights(out)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert shards[0][q].shape[0] * 2 == state[q].shape[0]
+    assert torch.equal(state[q], torch.cat([shards[0][q], shards[1][q]]))
+    assert torch.equal(state["model.norm.weight"], shards[0]["model.norm.weight"])
