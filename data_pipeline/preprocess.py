@@ -176,14 +176,22 @@ def shard_prefix(split: str, unit: int, part: int) -> str:
 _SP = None
 _DTYPE: np.dtype = np.dtype(np.uint16)
 _THREADS = 1
+_NUMPY_OUT = False
 
 
 def _init_worker(model_path: str, dtype: str, threads: int) -> None:
-    global _SP, _DTYPE, _THREADS
+    global _SP, _DTYPE, _THREADS, _NUMPY_OUT
     import sentencepiece as spm
 
     _SP = spm.SentencePieceProcessor(model_file=model_path)
     _DTYPE, _THREADS = np.dtype(dtype), threads
+    # SentencePiece >= 0.2.1 can return each text's ids as an int32 buffer wrapped in numpy: no Python
+    # int per token to build and then convert (~7% of the tokenizing CPU here). Older versions: lists.
+    try:
+        _NUMPY_OUT = [list(a) for a in _SP.encode(["a b"], return_type="numpy", num_threads=1)] == _SP.encode(
+            ["a b"], num_threads=1)
+    except (TypeError, ValueError):
+        _NUMPY_OUT = False
 
 
 def _doc_hash(data: bytes) -> int:
@@ -193,7 +201,13 @@ def _doc_hash(data: bytes) -> int:
 def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokenize a batch -> (lengths, concatenated ids in the shard dtype)."""
     assert _SP is not None
-    ids = _SP.encode(texts, num_threads=_THREADS) if _THREADS > 1 else _SP.encode(texts)
+    # num_threads explicitly: SentencePiece's default (-1) starts a thread per core in every worker.
+    if _NUMPY_OUT:
+        arrays = _SP.encode(texts, return_type="numpy", num_threads=_THREADS)
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        flat = np.concatenate(arrays).astype(_DTYPE, copy=False) if arrays else np.zeros(0, _DTYPE)
+        return lengths, flat
+    ids = _SP.encode(texts, num_threads=_THREADS)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(chain.from_iterable(ids), dtype=_DTYPE, count=int(lengths.sum()))
     return lengths, flat

@@ -399,7 +399,7 @@ def _check_text(text: object, loc: str, opts: ReadOptions) -> Item:
         return (SKIP, "missing_text", loc)
     if not isinstance(text, str):
         return (SKIP, "non_string_text", loc)
-    if not opts.keep_empty and not text.strip():
+    if not opts.keep_empty and (not text or text.isspace()):  # (strip() would copy the document)
         return (SKIP, "empty", loc)
     return (DOC, text, loc)
 
