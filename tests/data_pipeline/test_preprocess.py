@@ -21,7 +21,7 @@ import sentencepiece as spm
 from conftest import BIN, CORPORA, ROOT, child_env, run_cmd
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.manifest import load_manifest, shard_prefixes
-from data_pipeline.preprocess import split_exact
+from data_pipeline.preprocess import BACKEND_ENV, resolve_backend, split_exact
 from data_pipeline.readers import DOC, ReadOptions, expand_inputs, fingerprint, iter_documents
 from data_pipeline.tools import merge, verify
 
@@ -83,10 +83,15 @@ def test_split_exact_matches_whole_document_tokens(tok):
         assert sum(sp.encode(pieces), []) == sp.encode(t)
 
 
-def test_workers_1_and_2_byte_identical_and_accounted(tok, tmp_path):
+def test_workers_1_and_2_byte_identical_and_accounted(tok, tmp_path, monkeypatch):
     preprocess(tok, tmp_path / "w1", "--workers", "1")
     preprocess(tok, tmp_path / "w2", "--workers", "2")
     same_tree(tmp_path / "w1", tmp_path / "w2")
+    # Both tokenizer backends (auto picks threads with this SentencePiece): the same bytes.
+    assert resolve_backend() == "thread", "SentencePiece without numpy output: update this test"
+    monkeypatch.setenv(BACKEND_ENV, "process")
+    preprocess(tok, tmp_path / "w2p", "--workers", "2")
+    same_tree(tmp_path / "w1", tmp_path / "w2p")
     m = load_manifest(tmp_path / "w2")
     assert m["format"] == "lmforge-shards-v1" and m["tokenizer"]["eos_id"] == 2
     assert len(m["splits"]["train"]) > 3 and len(m["splits"]["valid"]) >= 1  # several units and shards
