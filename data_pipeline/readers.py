@@ -498,7 +498,6 @@ def _decode_line(raw: bytes) -> str | None:
 
 _BLOCK_BYTES = 1 << 20
 _DOC_OPEN_AT = re.compile(rb"<doc\b[^>\n]*>")  # _DOC_OPEN for Pattern.match(block, pos, end)
-_DOC_CLOSE = re.compile(rb"^</doc>[ \t\r\x0b\x0c]*(?:\n|\Z)", re.M)  # a line whose rstrip() is </doc>
 
 
 def _blocks(
@@ -554,6 +553,20 @@ def _blocks(
                 lineno += block.count(b"\n")
 
 
+def _find_close(block: bytes, pos: int) -> tuple[int, int] | None:
+    """(start, end) of the first line at or after ``pos`` (a line start) whose rstrip() is ``</doc>``.
+    (bytes.find, not a multi-line regex: Python's re tries ``^`` at every position of the body.)"""
+    i = pos
+    while (i := block.find(b"</doc>", i)) >= 0:
+        if i == pos or block[i - 1] == 10:  # at a line start
+            eol = block.find(b"\n", i + 6)
+            end = len(block) if eol < 0 else eol + 1
+            if not block[i + 6 : end].strip():
+                return i, end
+        i += 6
+    return None
+
+
 def _decode_block(block: bytes, lineno: int) -> tuple[str, int]:
     """-> (text of the whole lines before the first invalid UTF-8 line, CRLF -> LF as ``_decode_line``;
     that line's number, or 0 if the block is valid)."""
@@ -603,8 +616,8 @@ def _read_wikidoc_blocks(path: str, opts: ReadOptions) -> Iterator[Item]:
                     yield (SKIP, "text_outside_doc", f"{path}:{lineno}")
                 pos, lineno = end, lineno + 1
                 continue
-            m = _DOC_CLOSE.search(block, pos)
-            stop = n if m is None else m.start()
+            m = _find_close(block, pos)
+            stop = n if m is None else m[0]
             if stop > pos and doc.bad is None:
                 text, bad = _decode_block(block[pos:stop], lineno)
                 yield from doc.add_text(text)
@@ -618,7 +631,7 @@ def _read_wikidoc_blocks(path: str, opts: ReadOptions) -> Iterator[Item]:
                 item = (SKIP, "empty", doc.loc)  # title only (see _read_wikidoc)
             yield item
             doc = None
-            pos, lineno = m.end(), lineno + 1
+            pos, lineno = m[1], lineno + 1
     if doc is not None:
         yield (SKIP, "unterminated_doc", doc.loc)
 

@@ -216,6 +216,7 @@ def test_block_readers_match_line_readers(tmp_path, monkeypatch, block_bytes):
                       b"<doc id=3>\nC\nbad \xc3 utf8\nrest\n</doc>\n"
                       b"<doc id=4>\nD\n" + b"z" * 300 + b"\nafter the long line\n</doc>\n"
                       b"<doc id=5>\nE\n" + b"words and more words\n" * 30 + b"</doc>\n"
+                      b"<doc id=7>\nG\ntext with </doc> inside\n  </doc>\n</doc>x\nmore\n</doc>\t\x0c\n"
                       b"<doc id=6>\nF\nno end"),
     }
     for name, data in crafted.items():
