@@ -69,7 +69,7 @@ from .readers import (
     splittable,
 )
 from .readers import iter_documents as _iter_documents
-from .tokenizer import tokenizer_info
+from .tokenizer import load_processor, tokenizer_info
 
 FORMAT = "lmforge-shards-v1"
 SPLITS = ("train", "valid")
@@ -207,9 +207,7 @@ _NUMPY_OUT = False
 
 def _init_worker(model_path: str, dtype: str, threads: int) -> None:
     global _SP, _DTYPE, _THREADS, _NUMPY_OUT
-    import sentencepiece as spm
-
-    _SP = spm.SentencePieceProcessor(model_file=model_path)
+    _SP = load_processor(model_path)
     _DTYPE, _THREADS = np.dtype(dtype), threads
     # SentencePiece >= 0.2.1 can return each text's ids as an int32 buffer wrapped in numpy: no Python
     # int per token to build and then convert (~7% of the tokenizing CPU here). Older versions: lists.
@@ -567,10 +565,11 @@ class _Progress:
             self.bar.update(n)
 
     def batch_limit(self, batch_chars: int, workers: int) -> int:
-        """Batches shrink as the input runs out (to 1/(2 workers) of what is left, at least 32K
-        characters), so that the workers finish together instead of one idling while another encodes a
-        full last batch. (Batching never changes the output.)"""
-        return min(batch_chars, max(32768, (self.total - self.done) // (2 * workers)))
+        """Batches grow from 32K characters (no bigger than what was read so far: every worker gets work
+        soon after start) and shrink as the input runs out (to 1/(2 workers) of what is left), so that
+        the workers finish together instead of one idling while another encodes a full last batch.
+        (Batching never changes the output.)"""
+        return min(batch_chars, max(32768, min(self.done, (self.total - self.done) // (2 * workers))))
 
     def count(self, docs: int, tokens: int) -> None:
         self.docs += docs

@@ -151,11 +151,25 @@ def train_tokenizer(
 
 
 
-def tokenizer_info(model_path: str) -> dict:
-    """sha256, vocab size and special ids of a SentencePiece model (what the manifest records)."""
+_LOADED: dict = {}
+
+
+def load_processor(model_path: str):
+    """A SentencePieceProcessor for ``model_path``, loaded once per process (and file version): preprocess
+    asks for it for the manifest and again for tokenizing, and forked workers inherit it."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    st = os.stat(model_path)
+    key = (os.path.realpath(model_path), st.st_size, st.st_mtime_ns)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = spm.SentencePieceProcessor(model_file=str(model_path))
+    return _LOADED[key]
+
+
+def tokenizer_info(model_path: str) -> dict:
+    """sha256, vocab size and special ids of a SentencePiece model (what the manifest records)."""
+    sp = load_processor(model_path)
     with open(model_path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     return {
