@@ -3,7 +3,9 @@
 Each repeat runs, one after the other, on the same tokenizer and all cores:
 - the pipeline end to end (``python -m data_pipeline preprocess``: files in -> shards out, including
   process start-up, reading, decoding, hashing, writing and checksumming), on the corpus and, with
-  ``--double``, on the corpus twice over (to show that peak RSS does not grow with the corpus);
+  ``--double``, on the corpus twice over (to show that peak RSS does not grow with the corpus). Its
+  tokenizer backend is the default ("auto": threads when SentencePiece releases the GIL); set
+  ``LMFORGE_TOKENIZE_BACKEND=process`` to measure worker processes instead;
 - raw batched ``SentencePieceProcessor.encode(texts, num_threads=N)`` on the same documents already in
   memory (in a subprocess of its own, so the pipeline's RSS is measured alone): on whole documents, and
   on the same documents cut by ``split_exact`` (identical tokens; faster, since BPE is superlinear in the
