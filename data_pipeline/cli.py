@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file")
     p.add_argument("--output", required=True, metavar="OUT")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer processes per rank (default: all cores)")
+                   help="tokenizer workers per rank (default: all cores)")
+    p.add_argument("--backend", choices=("auto", "thread", "process"), default="auto",
+                   help="tokenizer workers as threads (SentencePiece builds that release the GIL while "
+                        "encoding) or processes; auto picks threads when possible. Output bytes never depend on it")
     p.add_argument("--threads-per-worker", type=int, default=1,
                    help="SentencePiece C++ threads inside each worker's batch encode (default 1)")
     p.add_argument("--valid-fraction", type=float, default=0.01,
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
                              batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,
-                             progress=args.progress, fingerprint=args.fingerprint)
+                             progress=args.progress, fingerprint=args.fingerprint, backend=args.backend)
             m = preprocess(args.input, args.tokenizer, args.output, settings, run)
             if m is not None:
                 st = m["_run"]
