@@ -24,6 +24,8 @@ Python environment at the same paths. Example:
   launch_scripts/mpirun.sh -n 2 -m 127.0.0.1 -p 29533 configs/demo.yaml train.max_steps=20
 USAGE
 }
+# shellcheck source=launch_scripts/common.sh
+source "$(dirname "$0")/common.sh"
 
 NPROC=1; HOSTFILE=""
 MASTER=${MASTER_ADDR:-}
@@ -35,23 +37,18 @@ while getopts ":hn:f:m:p:" opt; do
     f) HOSTFILE=$OPTARG ;;
     m) MASTER=$OPTARG ;;
     p) PORT=$OPTARG ;;
-    :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-    *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+    :|\?) opt_error "$opt" "$OPTARG" ;;
   esac
 done
 shift $((OPTIND - 1))
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-CONFIG=$1; shift
-[[ -f $CONFIG ]] || { echo "error: config $CONFIG not found" >&2; exit 2; }
-[[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: -n must be a positive integer, got '$NPROC'" >&2; exit 2; }
-[[ $PORT =~ ^[0-9]+$ ]] || { echo "error: -p must be a port number, got '$PORT'" >&2; exit 2; }
+need_config "$@"; shift
+check_posint -n "$NPROC"
+check_port "$PORT"
 [[ -z $HOSTFILE || -f $HOSTFILE ]] || { echo "error: hostfile $HOSTFILE not found" >&2; exit 2; }
 
 MPIRUN=${MPIRUN:-mpirun}
 PYTHON=${PYTHON:-python}
 command -v "$MPIRUN" >/dev/null || { echo "error: $MPIRUN not found (pip install mpich, or load your MPI)" >&2; exit 2; }
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export MASTER_PORT=$PORT
 [[ -n $MASTER ]] && export MASTER_ADDR=$MASTER
 

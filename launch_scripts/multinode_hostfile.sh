@@ -43,8 +43,9 @@ Example:
       configs/my_run.yaml train.max_steps=100000
 USAGE
 }
+# shellcheck source=launch_scripts/common.sh
+source "$(dirname "$0")/common.sh"
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HOSTFILE=$ROOT/launch_scripts/hostfile
 NODES=""; GPUS=""; MASTER=""
 PORT=${MASTER_PORT:-29500}
@@ -56,22 +57,18 @@ while getopts ":hH:N:n:m:p:" opt; do
     n) GPUS=$OPTARG ;;
     m) MASTER=$OPTARG ;;
     p) PORT=$OPTARG ;;
-    :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-    *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+    :|\?) opt_error "$opt" "$OPTARG" ;;
   esac
 done
 shift $((OPTIND - 1))
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-CONFIG=$1; shift
-[[ -f $CONFIG ]] || { echo "error: config $CONFIG not found" >&2; exit 2; }
+need_config "$@"; shift
 [[ -f $HOSTFILE ]] || { echo "error: hostfile $HOSTFILE not found" >&2; exit 2; }
 command -v pdsh >/dev/null || { echo "error: pdsh not found (apt-get install pdsh)" >&2; exit 2; }
-for v in "$NODES" "$GPUS"; do
-  [[ -z $v || $v =~ ^[1-9][0-9]*$ ]] || { echo "error: -N/-n must be positive integers, got '$v'" >&2; exit 2; }
-done
-[[ $PORT =~ ^[0-9]+$ ]] || { echo "error: -p must be a port number, got '$PORT'" >&2; exit 2; }
+check_posint -N "$NODES" allow-empty
+check_posint -n "$GPUS" allow-empty
+check_port "$PORT"
 
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # forwarded to every node (PYTHON* prefix)
+# PYTHONPATH (set in common.sh) is forwarded to every node by the launcher (PYTHON* prefix).
 args=(--hostfile "$HOSTFILE" --launcher pdsh --master_port "$PORT")
 [[ -n $NODES ]] && args+=(--num_nodes "$NODES")
 [[ -n $GPUS ]] && args+=(--num_gpus "$GPUS")

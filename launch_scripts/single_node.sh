@@ -19,6 +19,8 @@ Examples:
 Relative paths inside CONFIG are resolved against the current directory.
 USAGE
 }
+# shellcheck source=launch_scripts/common.sh
+source "$(dirname "$0")/common.sh"
 
 NPROC=""
 PORT=${MASTER_PORT:-29500}
@@ -27,22 +29,17 @@ while getopts ":hn:p:" opt; do
     h) usage; exit 0 ;;
     n) NPROC=$OPTARG ;;
     p) PORT=$OPTARG ;;
-    :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-    *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+    :|\?) opt_error "$opt" "$OPTARG" ;;
   esac
 done
 shift $((OPTIND - 1))
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-CONFIG=$1; shift
-[[ -f $CONFIG ]] || { echo "error: config $CONFIG not found" >&2; exit 2; }
+need_config "$@"; shift
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # trainer/ importable from any directory
 if [[ -z $NPROC ]]; then
   NPROC=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
-[[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: -n must be a positive integer, got '$NPROC'" >&2; exit 2; }
-[[ $PORT =~ ^[0-9]+$ ]] || { echo "error: -p must be a port number, got '$PORT'" >&2; exit 2; }
+check_posint -n "$NPROC"
+check_port "$PORT"
 
 exec deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
   --module trainer.train --config "$CONFIG" "$@"

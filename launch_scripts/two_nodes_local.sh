@@ -21,6 +21,8 @@ script exits non-zero if either node fails (and then stops the other).
 Example: launch_scripts/two_nodes_local.sh -p 29533 configs/demo.yaml train.max_steps=20
 USAGE
 }
+# shellcheck source=launch_scripts/common.sh
+source "$(dirname "$0")/common.sh"
 
 GPUS=1
 PORT=${MASTER_PORT:-29500}
@@ -29,19 +31,14 @@ while getopts ":hg:p:" opt; do
     h) usage; exit 0 ;;
     g) GPUS=$OPTARG ;;
     p) PORT=$OPTARG ;;
-    :) echo "error: -$OPTARG needs a value" >&2; usage >&2; exit 2 ;;
-    *) echo "error: unknown option -$OPTARG" >&2; usage >&2; exit 2 ;;
+    :|\?) opt_error "$opt" "$OPTARG" ;;
   esac
 done
 shift $((OPTIND - 1))
-if [[ $# -lt 1 ]]; then usage >&2; exit 2; fi
-CONFIG=$1; shift
-[[ -f $CONFIG ]] || { echo "error: config $CONFIG not found" >&2; exit 2; }
-[[ $GPUS =~ ^[1-9][0-9]*$ ]] || { echo "error: -g must be a positive integer, got '$GPUS'" >&2; exit 2; }
-[[ $PORT =~ ^[0-9]+$ ]] || { echo "error: -p must be a port number, got '$PORT'" >&2; exit 2; }
+need_config "$@"; shift
+check_posint -g "$GPUS"
+check_port "$PORT"
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/lmforge-hostfile.XXXXXX")
 printf 'fake-node-0 slots=%s\nfake-node-1 slots=%s\n' "$GPUS" "$GPUS" > "$HOSTFILE"
 
