@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -43,3 +44,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj, **dump_kw) -> None:
     dump_kw.setdefault("indent", 1)
     atomic_write_text(path, json.dumps(obj, **dump_kw) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike):
+    """Build a directory under a temporary sibling name and move it to ``out`` only on success.
+
+    Yields the temporary path. An existing ``out`` is replaced only after the new one is complete (it is
+    renamed aside first, so ``out`` is never half-written); on any exception the temporary is removed.
+    """
+    out = Path(out)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from data_pipeline.atomic import atomic_dir
 from model import ModelConfig
 from trainer import hf_weights
 from trainer.hf_verify import LOGIT_ATOL  # noqa: F401  (re-exported: the stated bound)
@@ -231,10 +230,7 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
     getters, source = hf_weights.weight_source(tag_dir, meta, cfg)
     shapes = hf_weights.expected_shapes(cfg)
 
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         t0 = time.time()
         write_weights(tmp, getters, shapes, torch_dtype, max_bytes)
         write_config(tmp, cfg, meta, dtype)
@@ -247,16 +243,6 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
             problems = verify_export(tmp, cfg, getters, torch_dtype, extra_texts=verify_texts or [])
             if problems:
                 raise ExportError("verification failed:\n  " + "\n  ".join(problems))
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data_pipeline.atomic import atomic_dir
 from model import ModelConfig
 from trainer.hf_weights import expected_shapes
 
@@ -178,10 +179,7 @@ def import_hf(model_dir: str | Path, output_dir: str | Path, verify: bool = True
         problems = verify_import(src, cfg, state)
         if problems:
             raise HFImportError("verification failed: " + "; ".join(problems))
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
         files = {k: v for k, v in state.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         save_file({k: v.contiguous() for k, v in files.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -194,12 +192,6 @@ def import_hf(model_dir: str | Path, output_dir: str | Path, verify: bool = True
             "dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in files.values()}),
         }
         (tmp / "lmforge_init.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
