@@ -45,9 +45,14 @@ def run_cmd(args: list[str], timeout: int = 600, check: bool = True, **env) -> s
 def deepspeed_train(config: Path | str, overrides: list[str], nproc: int = 2, timeout: int = 600,
                     check: bool = True, **env) -> subprocess.CompletedProcess:
     """A real multi-process run: `deepspeed --num_gpus N --module trainer.train` on loopback (gloo on CPU)."""
-    args = [BIN / "deepspeed", "--num_gpus", nproc, "--master_addr", "127.0.0.1", "--master_port", free_port(),
+    port = free_port()
+    args = [BIN / "deepspeed", "--num_gpus", nproc, "--master_addr", "127.0.0.1", "--master_port", port,
             "--module", "trainer.train", "--config", config, *overrides]
-    return run_cmd(args, timeout=timeout, check=check, **env)
+    proc = run_cmd(args, timeout=timeout, check=check, **env)
+    # DeepSpeed's CPU shm all-reduce segments (~66 MB of RAM each) must not outlive the run.
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    assert not leaked, f"run left shared-memory segments behind: {[p.name for p in leaked]}"
+    return proc
 
 
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -111,6 +112,34 @@ def init(timeout_minutes: int = 30) -> None:
     deepspeed.init_distributed(
         auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
     )
+    release_shm_segment()
+
+
+def shm_segment_path(rank: int | None = None) -> Path:
+    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for `rank` of this job."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    return Path("/dev/shm") / (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    )
+
+
+def release_shm_segment() -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce segment as soon as every rank has mapped it.
+
+    When all ranks of a CPU job share one node, DeepSpeed's shm all-reduce op (0.19.x) creates a ~66 MB
+    segment per rank in /dev/shm during `init_distributed` (each rank maps every other rank's segment
+    before returning) and never unlinks it. /dev/shm is RAM: every run leaked 66 MB per rank until the
+    machine ran out of memory. After a barrier every mapping exists, so the names can go now; the memory is
+    freed when the last process exits, however it exits (kill -9 included).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_backend() != "gloo":
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    shm_segment_path(dist.get_rank()).unlink(missing_ok=True)
 
 
 def collective_device() -> torch.device:
