@@ -49,11 +49,13 @@ def child(mode: str, preset: str, seq_len: int, batch: int, grads_out: str) -> d
         import deepspeed
 
         from model import llama
+        from trainer import distributed
 
         # Swap the model's checkpoint function for DeepSpeed's (the model itself never imports DeepSpeed).
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
         deepspeed.init_distributed(dist_backend="gloo")  # configure() asks for the rank
+        distributed.release_shm_segment()
         deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
         llama.checkpoint = lambda fn, *args, use_reentrant=False: deepspeed.checkpointing.checkpoint(fn, *args)
         model.set_activation_checkpointing(1)
