@@ -109,6 +109,45 @@ def test_tensor_parallel_2_export_matches_engine(tmp_path_factory, tokenizer, ev
     assert torch.equal(q[: q.shape[0] // 2], shard0["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_tensor_parallel_2_zero3_export_matches_engine(tmp_path_factory, tokenizer, eval_ids, tmp_path):
+    """AutoTP-2 with ZeRO-3: the masters are partitioned inside each TP rank; DeepSpeed's universal
+    conversion merges them in a scratch directory beside the output, never inside the checkpoint."""
+    ckpt = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=3, world_size=2, tp=2)
+    out = export(ckpt, tmp_path / "hf")
+    loss, engine_loss = _hf_eval_loss(out, ckpt.parent)
+    assert abs(loss - engine_loss) <= 1e-5, (loss, engine_loss)  # fp32: as in _check_export
+    assert "universal-checkpoint conversion" in (out / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # scratch removed
+    assert not [p.name for p in ckpt.iterdir() if "universal" in p.name]  # nothing written to the checkpoint
+
+
+def test_tensor_parallel_2_bf16_exports_fp32_masters_for_zero1_and_zero3(tmp_path_factory, tokenizer, eval_ids,
+                                                                         tmp_path):
+    """bf16 AutoTP-2 runs export their fp32 masters, not the bf16 weights: ZeRO-1's are checked by the
+    exporter to round to the saved bf16 shards; ZeRO-3 (same seed and data) gives the same masters; an
+    existing complete <tag>_universal (made by a resume) is reused."""
+    from trainer import resume
+
+    z1 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=1, world_size=2, tp=2, precision="bf16")
+    z3 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=3, world_size=2, tp=2, precision="bf16")
+    a = export(z1, tmp_path / "a")
+    resume.convert_to_universal(z3, TAG)
+    b = export(z3, tmp_path / "b")
+    assert "existing universal checkpoint" in (b / "README.md").read_text()
+    _, sa = load_hf_weights(a)
+    _, sb = load_hf_weights(b)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    shard0 = torch.load(z1 / TAG / "mp_rank_00_model_states.pt", weights_only=True)["module"][q]
+    assert shard0.dtype == torch.bfloat16 and sa[q].dtype == torch.float32
+    top = sa[q][: sa[q].shape[0] // 2]
+    assert torch.equal(top.to(torch.bfloat16), shard0)
+    assert not torch.equal(top, shard0.float())  # more precision than the bf16 weights: the masters
+    # ZeRO-1 and ZeRO-3 differ only in the order of gradient reductions (fp32 rounding, ~1e-7); a merge
+    # error (wrong rank order, dimension or replica) moves weights by their own scale (~2e-2).
+    assert set(sa) == set(sb)
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) <= 1e-6
+
+
 def _copy(ckpt, tmp_path):
     dst = tmp_path / "checkpoints"
     shutil.copytree(ckpt, dst)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -227,22 +229,27 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
     tag_dir = resolve_tag(Path(checkpoint_dir), step)
     meta, cfg, tok_file = read_meta(tag_dir)
     print(f"exporting {tag_dir} (step {meta.get('step')}) -> {out}", file=sys.stderr)
-    getters, source = hf_weights.weight_source(tag_dir, meta, cfg)
-    shapes = hf_weights.expected_shapes(cfg)
+    # Scratch for a universal conversion (tensor-parallel ZeRO masters), beside the output, not in the
+    # checkpoint folder, which may belong to a running job; removed however the export ends.
+    scratch = out.parent / f".{out.name}.scratch-{os.getpid()}"
+    try:
+        getters, source = hf_weights.weight_source(tag_dir, meta, cfg, scratch=scratch)
+        shapes = hf_weights.expected_shapes(cfg)
+        with atomic_dir(out) as tmp:
+            t0 = time.time()
+            write_weights(tmp, getters, shapes, torch_dtype, max_bytes)
+            write_config(tmp, cfg, meta, dtype)
+            write_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
+            write_readme(tmp, meta, cfg, source, dtype)
+            print(f"wrote {tmp.name} in {time.time() - t0:.1f}s from {source}", file=sys.stderr)
+            if verify:
+                from trainer.hf_verify import verify_export
 
-    with atomic_dir(out) as tmp:
-        t0 = time.time()
-        write_weights(tmp, getters, shapes, torch_dtype, max_bytes)
-        write_config(tmp, cfg, meta, dtype)
-        write_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
-        write_readme(tmp, meta, cfg, source, dtype)
-        print(f"wrote {tmp.name} in {time.time() - t0:.1f}s from {source}", file=sys.stderr)
-        if verify:
-            from trainer.hf_verify import verify_export
-
-            problems = verify_export(tmp, cfg, getters, torch_dtype, extra_texts=verify_texts or [])
-            if problems:
-                raise ExportError("verification failed:\n  " + "\n  ".join(problems))
+                problems = verify_export(tmp, cfg, getters, torch_dtype, extra_texts=verify_texts or [])
+                if problems:
+                    raise ExportError("verification failed:\n  " + "\n  ".join(problems))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 

@@ -23,8 +23,14 @@ saved bf16/fp16 module weight bit for bit:
   merged by comparing its shard shapes with the full shape from the model config: shards equal to the
   full shape are replicated (rank 0's copy is used), otherwise they are concatenated in rank order
   along the one dimension that differs (q/k/v/gate/up: dim 0, o/down: dim 1, vocab-parallel
-  embedding/lm_head: dim 0). ZeRO-3 with AutoTP is rejected (DeepSpeed does not combine them); ZeRO 1/2
-  with AutoTP in half precision exports the module weights (its per-TP-rank optimizer shards are not read).
+  embedding/lm_head: dim 0).
+- Tensor parallel > 1 with ZeRO-3 (any precision) or ZeRO 1/2 in half precision: the fp32 masters are
+  partitioned over data-parallel ranks within each TP rank, a layout zero_to_fp32 does not read. DeepSpeed's
+  universal-checkpoint conversion (``ds_to_universal``, the one resume uses) merges them into one full
+  fp32 tensor per parameter; an existing complete ``<tag>_universal`` beside the tag is reused, otherwise
+  the conversion is written to a scratch directory the caller owns (it also holds the Adam moments, so
+  it needs about three times the masters' size on disk). ZeRO 1/2 masters are checked to round to the
+  merged module weights.
 """
 
 from __future__ import annotations
@@ -80,10 +86,67 @@ def _merge_tp(name: str, shards: list[torch.Tensor], full: torch.Size, files: li
     return torch.cat(shards, dim=diff[0])
 
 
+class _MergedModule:
+    """``get(name)``: a module weight merged over the tensor-parallel model-states files (lazily)."""
+
+    def __init__(self, modules: list[dict], shapes: dict, files: list[Path]):
+        self.modules, self.shapes, self.files = modules, shapes, files
+
+    def get(self, name: str) -> torch.Tensor | None:
+        if any(name not in m for m in self.modules):
+            return None
+        return _merge_tp(name, [m[name] for m in self.modules], self.shapes[name], self.files)
+
+
+def _universal_masters(tag_dir: Path, tp: int, stage: int, shapes: dict, wanted: list[str],
+                       scratch: Path | None) -> tuple[dict[str, Getter], list[str], str]:
+    """fp32 masters of a tensor-parallel ZeRO checkpoint through DeepSpeed's universal conversion."""
+    import sys
+
+    from trainer import checkpoint as ckpt
+    from trainer import resume
+
+    uni = tag_dir.parent / ckpt.universal_tag(tag_dir.name)
+    if resume.universal_complete(uni, tag_dir.name):
+        where = f"the existing universal checkpoint {uni.name}"
+    else:
+        if scratch is None:
+            raise CheckpointError(f"{tag_dir}: tensor-parallel ZeRO-{stage} masters need a universal conversion "
+                                  "and no scratch directory was given")
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            uni = resume.ds_to_universal(tag_dir, scratch / ckpt.universal_tag(tag_dir.name),
+                                         log=lambda m: print(m, file=sys.stderr))
+        except RuntimeError as e:
+            raise CheckpointError(str(e)) from e
+        where = "DeepSpeed's universal-checkpoint conversion"
+    zero = uni / "zero"
+    missing = [k for k in wanted if not (zero / k / "fp32.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"{uni}: no fp32 master for {missing[:5]} (conversion incomplete?)")
+    extra = sorted(p.name for p in zero.iterdir() if p.is_dir() and p.name not in shapes)
+
+    def get(k: str) -> torch.Tensor:
+        f = zero / k / "fp32.pt"
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)["param"]
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot be read as a universal-checkpoint fp32 tensor ({e})") from e
+
+    getters = {k: (lambda k=k: get(k)) for k in wanted}
+    source = f"fp32 master weights of {tp} tensor-parallel ZeRO-{stage} ranks merged by {where}"
+    if stage < 3:  # ZeRO-3 saves no module weights to compare with
+        files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+        merged = _MergedModule([_load_states(f)["module"] for f in files], shapes, files)
+        getters = fp32_masters.checked_against_module(getters, merged, tag_dir)
+        source += ", each checked to round to the saved module weights"
+    return getters, extra, source
+
+
 def _tensor_parallel(tag_dir: Path, cfg: ModelConfig, tp: int, stage: int, half: bool, shapes: dict,
-                     wanted: list[str]) -> tuple[dict[str, Getter], list[str], str]:
-    if stage == 3:
-        raise CheckpointError(f"{tag_dir}: ZeRO-3 with tensor parallelism is not supported")
+                     wanted: list[str], scratch: Path | None) -> tuple[dict[str, Getter], list[str], str]:
+    if stage == 3 or (stage in (1, 2) and half):
+        return _universal_masters(tag_dir, tp, stage, shapes, wanted, scratch)
     files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
     states = [_load_states(f) for f in files]
     modules = [s["module"] for s in states]
@@ -134,10 +197,13 @@ def _zero_optimizer(tag_dir: Path, stage: int, shapes: dict,
     return getters, extra, source
 
 
-def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig) -> tuple[dict[str, Callable[[], torch.Tensor]], str]:
+def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig,
+                  scratch: Path | None = None) -> tuple[dict[str, Callable[[], torch.Tensor]], str]:
     """Map every parameter name to a function returning its full tensor; also says which source it used.
 
-    Tied ``lm_head.weight`` is left out (HF omits tied weights from the files)."""
+    Tied ``lm_head.weight`` is left out (HF omits tied weights from the files). ``scratch``: a directory
+    the caller deletes after the getters are used, for the universal conversion tensor-parallel ZeRO
+    checkpoints need (see the module docstring)."""
     stage = int(meta.get("zero_stage", 0))
     tp = int(meta.get("tensor_parallel", 1))
     precision = meta.get("precision", "fp32")
@@ -146,7 +212,7 @@ def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig) -> tuple[dict[str
     half = precision != "fp32"
     try:
         if tp > 1:
-            getters, extra, source = _tensor_parallel(tag_dir, cfg, tp, stage, half, shapes, wanted)
+            getters, extra, source = _tensor_parallel(tag_dir, cfg, tp, stage, half, shapes, wanted, scratch)
         elif stage == 3 or (stage in (1, 2) and half):
             getters, extra, source = _zero_optimizer(tag_dir, stage, shapes, wanted)
         else:

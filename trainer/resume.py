@@ -132,7 +132,7 @@ def prepare(plan: ResumePlan | None, ckpt_dir: Path, log=print, poll_s: float = 
     out = ckpt_dir / plan.load_tag
     failed = ckpt_dir / f".{plan.load_tag}{_FAILED_SUFFIX}"
     if dist.get_rank() == 0:
-        if _complete(out, plan.tag):
+        if universal_complete(out, plan.tag):
             log(f"reusing universal checkpoint {out}")
         else:
             failed.unlink(missing_ok=True)
@@ -142,7 +142,7 @@ def prepare(plan: ResumePlan | None, ckpt_dir: Path, log=print, poll_s: float = 
                 ckpt.atomic_write_text(failed, str(e))
                 raise
     else:
-        while not _complete(out, plan.tag):
+        while not universal_complete(out, plan.tag):
             if failed.is_file():
                 raise RuntimeError(f"universal conversion of {ckpt_dir / plan.tag} failed on rank 0: "
                                    f"{failed.read_text()}")
@@ -150,20 +150,24 @@ def prepare(plan: ResumePlan | None, ckpt_dir: Path, log=print, poll_s: float = 
     dist.barrier()
 
 
-def _complete(out: Path, tag: str) -> bool:
+def universal_complete(out: Path, tag: str) -> bool:
     marker = out / UNIVERSAL_MARKER
     return marker.is_file() and json.loads(marker.read_text()).get("source_tag") == tag
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str, log=print, workers: int | None = None) -> Path:
     """Convert checkpoints/<tag> into checkpoints/<tag>_universal (atomically). Single process."""
-    src = ckpt_dir / tag
-    out = ckpt_dir / ckpt.universal_tag(tag)
+    return ds_to_universal(ckpt_dir / tag, ckpt_dir / ckpt.universal_tag(tag), log=log, workers=workers)
+
+
+def ds_to_universal(src: Path, out: Path, log=print, workers: int | None = None) -> Path:
+    """Run DeepSpeed's converter on the checkpoint tag folder ``src``; ``out`` appears only when complete
+    (with UNIVERSAL_MARKER naming the source tag). Single process."""
     # The converter also writes a `latest_universal` file next to its output folder: give it a private
-    # parent so nothing lands in checkpoints/ except the finished directory.
-    for stale in ckpt_dir.glob(f".{out.name}.staging.*"):  # left by a conversion that was killed
+    # parent so nothing lands beside `out` except the finished directory.
+    for stale in out.parent.glob(f".{out.name}.staging.*"):  # left by a conversion that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    staging = ckpt_dir / f".{out.name}.staging.{os.getpid()}"
+    staging = out.parent / f".{out.name}.staging.{os.getpid()}"
     staging.mkdir()
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
@@ -172,7 +176,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str, log=print, workers: int | Non
            # Our model sets no UNIVERSAL_CHECKPOINT_INFO of its own (no Megatron-style vocab padding or
            # fused QKV to describe); AutoTP checkpoints carry DeepSpeed's, which this does not replace.
            "--inject_missing_state"]
-    log(f"converting {src} to a DeepSpeed universal checkpoint for the new layout ...")
+    log(f"converting {src} to a DeepSpeed universal checkpoint ...")
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (staging / "convert.log").write_text(proc.stdout + proc.stderr)
@@ -181,7 +185,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str, log=print, workers: int | Non
                            f"{staging / 'convert.log'}:\n{(proc.stdout + proc.stderr)[-3000:]}")
     shutil.move(str(staging / "convert.log"), staging / out.name / "convert.log")
     ckpt.atomic_write_text(staging / out.name / UNIVERSAL_MARKER,
-                           json.dumps({"source_tag": tag, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+                           json.dumps({"source_tag": src.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging / out.name, out)
     shutil.rmtree(staging, ignore_errors=True)
