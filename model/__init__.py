@@ -1,7 +1,7 @@
 """lmforge model: a plain-PyTorch Llama-family decoder (no DeepSpeed, no torch.distributed)."""
 
 from .config import PRESETS, ModelConfig, flops_per_token, get_preset, num_params
-from .llama import IGNORE_INDEX, LlamaForCausalLM, document_attention_mask
+from .llama import IGNORE_INDEX, LlamaForCausalLM, document_attention_mask, document_spans
 
 __all__ = [
     "IGNORE_INDEX",
@@ -9,6 +9,7 @@ __all__ = [
     "LlamaForCausalLM",
     "ModelConfig",
     "document_attention_mask",
+    "document_spans",
     "flops_per_token",
     "get_preset",
     "num_params",

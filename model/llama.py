@@ -25,6 +25,8 @@ from .config import ModelConfig
 IGNORE_INDEX = -100
 # scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5.
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+# Packed documents per batch row: ((start, end), ...) token ranges covering the row, in order.
+DocSpans = tuple[tuple[tuple[int, int], ...], ...]
 
 
 class LlamaRMSNorm(nn.Module):
@@ -83,29 +85,35 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, docs: DocSpans | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         n_rep = q.shape[1] // k.shape[1]
-        if attn_mask is None and n_rep > 1 and _SDPA_GQA:
-            # Grouped-query attention inside SDPA: no (B, H, T, D) copies of k and v, and the flash
-            # kernel reads each kv head once for its query group (as transformers' Llama does).
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        gqa = {}
         if n_rep > 1:
-            # (B, K, T, D) -> (B, H, T, D): with a mask only the math kernel takes enable_gqa, so the
-            # explicit copy keeps the memory-efficient kernel usable for intra-document attention.
-            k = k.repeat_interleave(n_rep, dim=1)
-            v = v.repeat_interleave(n_rep, dim=1)
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            if _SDPA_GQA:
+                # Grouped-query attention inside SDPA: no (B, H, T, D) copies of k and v, and the flash
+                # kernel reads each kv head once for its query group (as transformers' Llama does).
+                gqa = {"enable_gqa": True}
+            else:
+                k = k.repeat_interleave(n_rep, dim=1)
+                v = v.repeat_interleave(n_rep, dim=1)
+        if docs is None or all(len(row) == 1 for row in docs):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y)
+            # Intra-document attention: causal SDPA on each packed document's own span. Per span the
+            # fast causal kernels apply (flash on GPUs, the blocked CPU kernel), and the work is the sum
+            # of the documents' triangles, not T^2 as with a dense (B, 1, T, T) mask, which would
+            # also rule out the flash kernel (benchmarks/intra_doc_attention.py measures both).
+            y = torch.stack([
+                torch.cat([F.scaled_dot_product_attention(q[b, :, s:e], k[b, :, s:e], v[b, :, s:e],
+                                                          is_causal=True, **gqa) for s, e in row], dim=1)
+                for b, row in enumerate(docs)
+            ])
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -127,8 +135,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, docs: DocSpans | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,7 +150,7 @@ class LlamaModel(nn.Module):
         # 0 = off; N = recompute every N-th layer's activations in backward (1 = every layer).
         self.checkpoint_every = 0
 
-    def forward(self, input_ids, position_ids=None, attn_mask=None) -> torch.Tensor:
+    def forward(self, input_ids, position_ids=None, docs: DocSpans | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -152,19 +160,35 @@ class LlamaModel(nn.Module):
             if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
                 # torch's non-reentrant checkpointing, not deepspeed.checkpointing: recomputation
                 # re-runs the layer's module hooks, so ZeRO-3 re-gathers its parameters and AutoTP's
-                # sharded layers just work; inputs that need no grad (cos/sin/mask) are fine; model/
+                # sharded layers just work; inputs that need no grad (cos/sin/spans) are fine; model/
                 # stays DeepSpeed-free. DeepSpeed's (reentrant) version would add partition_activations
                 # (saved inputs split across TP ranks) and CPU checkpointing, which only pays off when
                 # the one saved (B, T, d) input per layer is what limits memory. Only the layer input
                 # is kept; gradients are bitwise identical (tests/test_parallel_parity.py).
-                x = checkpoint(layer, x, cos, sin, attn_mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask)
+                x = layer(x, cos, sin, docs)
         return self.norm(x)
 
 
+def document_spans(segment_ids: torch.Tensor) -> DocSpans:
+    """Per row, the (start, end) token ranges of its packed documents, in order.
+
+    segment_ids (B, T) int, non-decreasing along each row: tokens with equal ids belong to the same
+    document. Read on the host (one device-to-host copy of B x T ints per forward on a GPU)."""
+    seg = segment_ids.detach().cpu()
+    T = seg.shape[1]
+    spans = []
+    for row in seg:
+        cuts = (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist()
+        edges = [0, *cuts, T]
+        spans.append(tuple(zip(edges[:-1], edges[1:])))
+    return tuple(spans)
+
+
 def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that also forbids attention across packed documents.
+    """Causal mask that also forbids attention across packed documents (the dense reference for
+    ``document_spans``; the model itself attends per span).
 
     segment_ids (B, T) int: tokens with equal ids belong to the same document.
     Returns a boolean mask (B, 1, T, T), True where attention is allowed.
@@ -225,8 +249,8 @@ class LlamaForCausalLM(nn.Module):
     ):
         """input_ids (B, T). With labels (B, T) (IGNORE_INDEX = masked) returns the mean token loss;
         otherwise the logits (B, T, V). segment_ids (B, T) enable intra-document attention."""
-        attn_mask = document_attention_mask(segment_ids) if segment_ids is not None else None
-        h = self.model(input_ids, position_ids=position_ids, attn_mask=attn_mask)
+        docs = document_spans(segment_ids) if segment_ids is not None else None
+        h = self.model(input_ids, position_ids=position_ids, docs=docs)
         logits = self.lm_head(h)
         if labels is None:
             return logits

@@ -11,6 +11,7 @@ import torch
 from conftest import deepspeed_train, read_metrics, run_cmd, write_config
 from data_pipeline.batching import make_batch
 from data_pipeline.gpt_dataset import build_dataset
+from model import document_spans
 from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -90,9 +91,15 @@ def check_export_matches_trainer_eval(tmp_path, run, tiny_data):
     # The trainer evaluates the first eval.steps × micro_batch × dp = 8 samples of the valid order
     # (seed + 1); every micro-batch has the same token count, so its mean of means is the token mean.
     valid = build_dataset([(str(tiny_data["data"]), 1.0)], "valid", 64, 8, 7 + 1, cache_dir=None)
-    b = make_batch([valid[i] for i in range(8)], eod_id=2)
+    # The trainer ran with intra-document attention (the default): transformers sees each packed
+    # document on its own, from position 0 (rotary attention depends only on relative positions).
+    b = make_batch([valid[i] for i in range(8)], eod_id=2, intra_doc_attention=True)
+    spans = document_spans(b["segment_ids"])
+    assert sum(len(row) for row in spans) > len(spans)  # the check below is about packed documents
     with torch.no_grad():
-        logits = hf(b["input_ids"]).logits
+        logits = torch.cat([torch.cat([hf(b["input_ids"][i:i + 1, s:e]).logits for s, e in row], dim=1)
+                            for i, row in enumerate(spans)])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
-    # fp32 on both sides; only summation order differs (~1e-6 relative on a loss of ~7).
+    # fp32 on both sides; only summation order and the rotary angles' rounding differ (~1e-6 relative
+    # on a loss of ~7); a document seeing its neighbour moves the loss by > 1e-3.
     assert abs(loss.item() - trainer_eval["loss"]) < 1e-5, (loss.item(), trainer_eval["loss"])

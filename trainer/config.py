@@ -67,7 +67,8 @@ class DataSection:
     seq_len: tokens per sample (the model sees seq_len inputs, predicts seq_len targets).
     mask_eod_loss: do not train on the token that follows an end-of-document.
     reset_position_ids: restart rotary positions at each document start.
-    intra_doc_attention: forbid attention across packed documents.
+    intra_doc_attention: forbid attention across packed documents (causal attention per document span;
+        on by default: it cost -6% to +3% step time on CPU, benchmarks/intra_doc_attention.py).
     cache_dir: where sample-index arrays are cached (null = RUN_DIR/data_cache).
     prefetch: read the next step's samples in a background thread.
     """
@@ -77,7 +78,7 @@ class DataSection:
     seq_len: int = 1024
     mask_eod_loss: bool = False
     reset_position_ids: bool = False
-    intra_doc_attention: bool = False
+    intra_doc_attention: bool = True
     cache_dir: str | None = None
     prefetch: bool = True
 

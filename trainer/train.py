@@ -276,10 +276,15 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
 
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors to the engine's device, except segment_ids: the model reads document spans from them on
+        the host, and a copy there and back would make every forward wait for the GPU."""
+        return {k: v if k == "segment_ids" else v.to(self.device) for k, v in batch.items()}
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss across ranks, data wait s)."""
         t0 = time.time()
-        batches = [{k: v.to(self.device) for k, v in mb.items()} for mb in self.it.next_microbatches()]
+        batches = [self._to_device(mb) for mb in self.it.next_microbatches()]
         data_wait = time.time() - t0
         loss_sum = 0.0
         skipped_before = self.engine.skipped_steps
@@ -309,7 +314,7 @@ class Trainer:
             vit = DistributedSampleIterator(self.valid_ds, cfg.train.micro_batch_size, cfg.eval.steps,
                                             self.dp_rank, self.dp)
             for mb in vit.next_microbatches():
-                b = {k: v.to(self.device) for k, v in make_batch(mb, self.eod_id, **self.batch_kw).items()}
+                b = self._to_device(make_batch(mb, self.eod_id, **self.batch_kw))
                 total += self.engine(**b).item()
         self.engine.train()
         return mean_across_ranks(total / cfg.eval.steps)

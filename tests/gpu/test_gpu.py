@@ -82,6 +82,28 @@ def test_flash_attention_runs_and_matches_math():
     assert grel < 5e-2, grel  # gradients go through two more bf16 matmul chains: looser
 
 
+def test_intra_document_attention_uses_flash_and_matches_documents_alone():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = _flash_model()
+    lengths = [[100, 1, 155], [256], [64, 64, 128]]
+    x = torch.randint(3, 512, (3, 256), device="cuda")
+    seg = torch.tensor([sum(([i] * n for i, n in enumerate(row)), []) for row in lengths])  # host, as the trainer
+    pos = torch.tensor([sum((list(range(n)) for n in row), []) for row in lengths], device="cuda")
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # per span: flash or "No available kernel"
+        packed = model(x, segment_ids=seg, position_ids=pos).float()
+        for b, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone = model(x[b:b + 1, start:start + n])[0].float()
+                part = packed[b, start:start + n]
+                # bf16 (see test_flash_attention_runs_and_matches_math): batch shapes change the kernels'
+                # accumulation order only; attending across documents would be ~100% off.
+                rel = ((part - alone).norm() / alone.norm()).item()
+                assert rel < 2e-2, (b, start, rel)
+                start += n
+
+
 @pytest.mark.slow
 def test_throughput_benchmark_runs_on_gpu(tmp_path):
     out = run_cmd([sys.executable, ROOT / "benchmarks" / "train_throughput.py", "--preset", "debug",
