@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_pipeline.batching import make_batch  # noqa: E402
-from model import LlamaForCausalLM, get_preset  # noqa: E402
+from model import LlamaForCausalLM, get_preset, llama  # noqa: E402
 
 EOD = 2
 
@@ -61,12 +61,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU time = work)")
+    ap.add_argument("--mode", choices=["auto", "spans", "mask"], default="auto",
+                    help="intra-doc kernel: one SDPA call per document span, one call with a dense mask, or "
+                         "the model's choice (mask when documents average < SPAN_ATTENTION_MIN_MEAN_TOKENS)")
     args = ap.parse_args()
+    if args.mode != "auto":
+        llama.SPAN_ATTENTION_MIN_MEAN_TOKENS = 0 if args.mode == "spans" else 10**9
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, "
-          f"vocab {args.vocab_size}, mean doc {args.mean_doc_len} tokens, {args.iters} iterations")
+          f"vocab {args.vocab_size}, mean doc {args.mean_doc_len} tokens, {args.iters} iterations, "
+          f"intra-doc mode {args.mode}")
     print(f"{'preset':>7} {'seq':>5} {'causal cpu ms':>14} {'intra cpu ms':>13} {'ratio cpu':>10} "
           f"{'causal wall ms':>15} {'intra wall ms':>14} {'ratio wall':>11}")
     for preset in args.presets:

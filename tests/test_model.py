@@ -82,10 +82,15 @@ def test_loss_masking_and_segments():
     assert (packed[:, 6:] - second).abs().max().item() < 1e-5
 
 
-def test_intra_document_attention_equals_each_document_run_alone():
+@pytest.mark.parametrize("min_mean_tokens", [0, 10**9], ids=["per-span", "dense-mask"])
+def test_intra_document_attention_equals_each_document_run_alone(monkeypatch, min_mean_tokens):
     """Rows packed with documents of different lengths (1 token included) and intra-document attention
-    (causal SDPA per span, grouped-query heads) give every document the logits and the gradient
-    contributions it has when run alone, with activation checkpointing off and on."""
+    (causal SDPA per span, or the dense mask used for batches of very short documents; grouped-query
+    heads) give every document the logits and the gradient contributions it has when run alone, with
+    activation checkpointing off and on."""
+    from model import llama
+
+    monkeypatch.setattr(llama, "SPAN_ATTENTION_MIN_MEAN_TOKENS", min_mean_tokens)
     cfg = get_preset("debug", vocab_size=100)  # 4 query heads, 2 kv heads: the GQA path
     lengths = [[5, 1, 18], [24], [3, 3, 3, 15]]
     x = torch.randint(3, 100, (3, 24), generator=torch.Generator().manual_seed(0))
