@@ -29,10 +29,11 @@ _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 DocSpans = tuple[tuple[tuple[int, int], ...], ...]
 # Intra-document attention runs one causal SDPA call per document span, unless a batch's documents
 # average fewer tokens than this: then one call with a dense (B, 1, T, T) mask is cheaper than many tiny
-# calls. Measured on CPU (tiny preset, seq 1024; benchmarks/intra_doc_attention.py --mode spans|mask):
-# step time vs plain causal at documents of ~16 tokens 1.22 (spans) / 1.16 (mask), ~32: 0.99 / 1.16,
-# ~128: 0.87 / 1.12. GPUs pay more per small kernel launch, hence the upper end of the crossover.
-SPAN_ATTENTION_MIN_MEAN_TOKENS = 32
+# calls. Measured on CPU (tiny preset, seq 1024; benchmarks/intra_doc_attention.py --mode spans|mask),
+# step time vs plain causal with documents of ~8 tokens: 1.36 (spans) / 1.10 (mask); ~12: 1.24 / 1.18;
+# ~16: 1.09 / 1.16; ~32: 0.92 / 1.16; ~128: 0.86 / 1.12. Not yet measured on GPUs, where small kernel
+# launches cost relatively more.
+SPAN_ATTENTION_MIN_MEAN_TOKENS = 16
 
 
 class LlamaRMSNorm(nn.Module):
@@ -118,9 +119,12 @@ class LlamaAttention(nn.Module):
             # fast causal kernels apply (flash on GPUs, the blocked CPU kernel), and the work is the sum
             # of the documents' triangles, not T^2 as with a dense (B, 1, T, T) mask, which would
             # also rule out the flash kernel (benchmarks/intra_doc_attention.py measures both).
-            y = torch.stack([
-                torch.cat([F.scaled_dot_product_attention(q[b, :, s:e], k[b, :, s:e], v[b, :, s:e],
-                                                          is_causal=True, **gqa) for s, e in row], dim=1)
+            # 4-D (1, H, L, D) slices: SDPA's fused kernels (flash, CPU flash) take only 4-D inputs and
+            # would silently fall back to the math kernel on 3-D ones.
+            y = torch.cat([
+                torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e],
+                                                          v[b:b + 1, :, s:e], is_causal=True, **gqa)
+                           for s, e in row], dim=2)
                 for b, row in enumerate(docs)
             ])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

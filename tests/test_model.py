@@ -121,6 +121,23 @@ def test_intra_document_attention_equals_each_document_run_alone(monkeypatch, mi
             assert torch.allclose(g_packed[n], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item()), n
 
 
+def test_intra_document_spans_take_the_fused_kernel(monkeypatch):
+    """Each span's SDPA call must be one the fused (flash) kernel accepts: with only that backend allowed,
+    SDPA raises "No available kernel" instead of silently using the slow math kernel (it does for 3-D
+    slices, for instance)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from model import llama
+
+    monkeypatch.setattr(llama, "SPAN_ATTENTION_MIN_MEAN_TOKENS", 0)
+    m = LlamaForCausalLM(get_preset("debug", vocab_size=100)).train()  # GQA: 4 query heads, 2 kv heads
+    x = torch.randint(3, 100, (2, 32))
+    seg = torch.tensor([[0] * 10 + [1] * 22, [0] * 3 + [1] * 29])
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        m(x, labels=x, segment_ids=seg).backward()
+    assert m.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
 def test_activation_checkpointing_same_gradients():
     torch.manual_seed(0)
     cfg = get_preset("debug", vocab_size=100)

@@ -68,7 +68,8 @@ class DataSection:
     mask_eod_loss: do not train on the token that follows an end-of-document.
     reset_position_ids: restart rotary positions at each document start.
     intra_doc_attention: forbid attention across packed documents (causal attention per document span;
-        on by default: it cost -6% to +3% step time on CPU, benchmarks/intra_doc_attention.py).
+        on by default: on CPU it ran 2-14% faster than plain causal attention,
+        benchmarks/intra_doc_attention.py).
     cache_dir: where sample-index arrays are cached (null = RUN_DIR/data_cache).
     prefetch: read the next step's samples in a background thread.
     """
