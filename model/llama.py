@@ -201,8 +201,8 @@ def document_spans(segment_ids: torch.Tensor) -> DocSpans:
 
 
 def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that also forbids attention across packed documents (the dense reference for
-    ``document_spans``; the model itself attends per span).
+    """Causal mask that also forbids attention across packed documents: what per-span attention
+    computes, as one dense mask (the model uses it for batches of very short documents).
 
     segment_ids (B, T) int: tokens with equal ids belong to the same document.
     Returns a boolean mask (B, 1, T, T), True where attention is allowed.
