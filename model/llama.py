@@ -112,7 +112,7 @@ class LlamaAttention(nn.Module):
             # Dense document mask (many short documents). k/v were expanded above: with a mask only the
             # math kernel takes enable_gqa, and the expansion keeps the faster kernels usable.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=docs)
-        elif docs is None or all(len(row) == 1 for row in docs):
+        elif docs is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
             # Intra-document attention: causal SDPA on each packed document's own span. Per span the
@@ -266,7 +266,10 @@ class LlamaForCausalLM(nn.Module):
         docs = None
         if segment_ids is not None:
             docs = document_spans(segment_ids)
-            if segment_ids.numel() < SPAN_ATTENTION_MIN_MEAN_TOKENS * sum(len(row) for row in docs):
+            n_docs = sum(len(row) for row in docs)
+            if n_docs == len(docs):  # one document per row: plain causal attention
+                docs = None
+            elif segment_ids.numel() < SPAN_ATTENTION_MIN_MEAN_TOKENS * n_docs:
                 docs = document_attention_mask(segment_ids.to(input_ids.device))
         h = self.model(input_ids, position_ids=position_ids, docs=docs)
         logits = self.lm_head(h)

@@ -50,8 +50,10 @@ def deepspeed_train(config: Path | str, overrides: list[str], nproc: int = 2, ti
             "--module", "trainer.train", "--config", config, *overrides]
     proc = run_cmd(args, timeout=timeout, check=check, **env)
     # DeepSpeed's CPU shm all-reduce segments (~66 MB of RAM each) must not outlive the run.
-    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
-    assert not leaked, f"run left shared-memory segments behind: {[p.name for p in leaked]}"
+    from trainer.distributed import shm_segment_path
+
+    leaked = [p.name for r in range(nproc) if (p := shm_segment_path(r, "127.0.0.1", port)).exists()]
+    assert not leaked, f"run left shared-memory segments behind: {leaked}"
     return proc
 
 

@@ -115,13 +115,12 @@ def init(timeout_minutes: int = 30) -> None:
     release_shm_segment()
 
 
-def shm_segment_path(rank: int | None = None) -> Path:
-    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for `rank` of this job."""
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    return Path("/dev/shm") / (
-        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-        f"{os.environ.get('MASTER_PORT', '')}_{rank}"
-    )
+def shm_segment_path(rank: int, addr: str | None = None, port: int | str | None = None) -> Path:
+    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for `rank` of the job whose
+    rendezvous is addr:port (default: this process's MASTER_ADDR/MASTER_PORT)."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def release_shm_segment() -> None:
