@@ -1,4 +1,9 @@
-"""Pipeline throughput vs raw SentencePiece on the shared corpora (ISSUE3 item 9).
+"""Pipeline throughput vs raw SentencePiece on a real corpus (ISSUE3 item 9).
+
+Needs a corpus directory (``--corpora``, default ``../shared/corpora`` beside the repository: ~26 MB of
+Wikipedia and Project Gutenberg text, see its README.md) holding ``books/`` and ``wikipedia/``; every file
+below them is read, in any format the pipeline reads. The repository's own ``tests/data/corpus`` (1 MB)
+works too, for a quick run. A tokenizer of ``--vocab`` is trained on it once and cached in ``--cache``.
 
 Each repeat runs, one after the other, on the same tokenizer and all cores:
 - the pipeline end to end (``python -m data_pipeline preprocess``: files in -> shards out, including
@@ -88,7 +93,8 @@ def raw_reference(inputs: list[str], model: str, threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpora", default=str(ROOT.parent / "shared" / "corpora"))
+    ap.add_argument("--corpora", default=str(ROOT.parent / "shared" / "corpora"),
+                    help="directory with books/ and wikipedia/ (default: ../shared/corpora)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs of each measurement")
@@ -105,6 +111,8 @@ def main() -> None:
 
     corpora = Path(args.corpora)
     inputs = [str(corpora / "books"), str(corpora / "wikipedia")]
+    if not all(Path(p).is_dir() for p in inputs):
+        sys.exit(f"{corpora}: needs books/ and wikipedia/ directories (pass --corpora DIR)")
     cache = Path(args.cache)
     model = cache / f"tok{args.vocab}" / "tokenizer.model"
     if not model.exists():

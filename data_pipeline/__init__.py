@@ -1,5 +1,17 @@
 """lmforge offline data pipeline: streaming readers, SentencePiece training, Megatron MMIDIDX shards.
 
+The flow, one owner per step:
+
+    readers/          input files -> documents (one module per format), bad records counted by reason
+    tokenizer.py      SentencePiece training on a bounded sample; loading a model
+    preprocess/       documents -> tokenized shards, parallel, multi-node, resumable, deterministic
+    indexed_dataset.py  the MMIDIDX .idx/.bin format (docs/indexed_dataset_format.md)
+    manifest.py       manifest.json: the contract between the pipeline and the trainer
+    tools.py          inspect, verify, merge
+    gpt_dataset.py    shards -> packed, shuffled, blended training samples
+    cli.py            ``python -m data_pipeline ...``
+    common/           what every lmforge command shares: files, errors and exit codes, launcher env
+
 Run ``python -m data_pipeline --help``. Light imports only here: the trainer imports
 ``data_pipeline.manifest`` and ``data_pipeline.indexed_dataset`` without pulling in the readers.
 """

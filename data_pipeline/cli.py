@@ -1,6 +1,8 @@
 """Command line: ``python -m data_pipeline {train-tokenizer,preprocess,inspect,verify,merge} ...``.
 
 ``main(argv)`` is also what ``lmforge train-tokenizer|preprocess|inspect|verify|merge`` dispatches to.
+Exit codes follow ``common.errors``: 0 done, 2 bad input (an ``error:`` line), 1 ``verify`` found
+problems or an internal error (with its traceback).
 """
 
 from __future__ import annotations
@@ -9,6 +11,13 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .common.errors import EXIT_FAILED, run_cli
+
+if TYPE_CHECKING:  # the commands import their modules when they run: --help stays instant
+    from .readers import ReadOptions
 
 EPILOG = """examples:
   python -m data_pipeline train-tokenizer --input corpora/books corpora/wikipedia --vocab-size 32000 \\
@@ -125,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_settings(a):
+def _read_options(a: argparse.Namespace) -> ReadOptions:
     from .readers import ReadOptions
 
     return ReadOptions(text_key=a.text_key, strip_gutenberg=a.strip_gutenberg, max_doc_bytes=a.max_doc_bytes)
@@ -143,64 +152,79 @@ def _summary(m: dict) -> str:
     return "\n".join(lines)
 
 
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from .tokenizer import train_tokenizer
+
+    path = train_tokenizer(
+        args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
+        seed=args.seed, sample_sentences_max=args.sample_sentences, sample_bytes_max=args.sample_bytes,
+        user_symbols=args.user_symbols, pad=args.pad, character_coverage=args.character_coverage,
+        num_threads=args.threads, read_opts=_read_options(args), fmt=args.format,
+    )
+    meta = json.loads((path.parent / "tokenizer.json").read_text())
+    print(f"wrote {path} (vocab {args.vocab_size}, sha256 {meta['sha256'][:16]}..., "
+          f"{meta['sample']['lines_sampled']:,} sampled lines of {meta['sample']['lines_seen']:,})")
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from .preprocess import RunOptions, Settings, preprocess
+
+    settings = Settings(
+        text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
+        keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
+        valid_fraction=args.valid_fraction, max_shard_bytes=args.max_shard_bytes,
+        unit_bytes=args.unit_bytes,
+    )
+    run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
+                     batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,
+                     progress=args.progress, fingerprint=args.fingerprint, backend=args.backend)
+    m = preprocess(args.input, args.tokenizer, args.output, settings, run)
+    if m is not None:
+        st = m["_run"]
+        rate = st["tokens_processed"] / max(st["seconds"], 1e-9)
+        print(f"wrote {os.path.join(args.output, 'manifest.json')}\n{_summary(m)}\n"
+              f"  this run: {st['tokens_processed']:,} tokens in {st['seconds']:.1f}s "
+              f"({rate / 1e6:.2f} M tokens/s, {st['ranks']} rank(s) x {st['workers_per_rank']} workers)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .tools import inspect
+
+    print(inspect(args.output, samples=args.samples, chars=args.chars))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .tools import verify
+
+    problems = verify(args.output)
+    if problems:  # a check that failed, not bad input: exit 1
+        print("\n".join(problems), file=sys.stderr)
+        print(f"verify: {len(problems)} problem(s)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"verify: OK ({args.output})")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .tools import merge
+
+    m = merge(args.inputs, args.output)
+    print(f"merged {len(args.inputs)} outputs into {args.output}\n{_summary(m)}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train-tokenizer": _train_tokenizer,
+    "preprocess": _preprocess,
+    "inspect": _inspect,
+    "verify": _verify,
+    "merge": _merge,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .indexed_dataset import IndexedDatasetError
-    from .manifest import ManifestError
-    from .preprocess import PipelineError
-    from .readers import InputError
-
-    try:
-        if args.command == "train-tokenizer":
-            from .tokenizer import train_tokenizer
-
-            path = train_tokenizer(
-                args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
-                seed=args.seed, sample_sentences_max=args.sample_sentences, sample_bytes_max=args.sample_bytes,
-                user_symbols=args.user_symbols, pad=args.pad, character_coverage=args.character_coverage,
-                num_threads=args.threads, read_opts=_read_settings(args), fmt=args.format,
-            )
-            meta = json.loads((path.parent / "tokenizer.json").read_text())
-            print(f"wrote {path} (vocab {args.vocab_size}, sha256 {meta['sha256'][:16]}..., "
-                  f"{meta['sample']['lines_sampled']:,} sampled lines of {meta['sample']['lines_seen']:,})")
-        elif args.command == "preprocess":
-            from .preprocess import RunOptions, Settings, preprocess
-
-            settings = Settings(
-                text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
-                keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
-                valid_fraction=args.valid_fraction, max_shard_bytes=args.max_shard_bytes,
-                unit_bytes=args.unit_bytes,
-            )
-            run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
-                             batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,
-                             progress=args.progress, fingerprint=args.fingerprint, backend=args.backend)
-            m = preprocess(args.input, args.tokenizer, args.output, settings, run)
-            if m is not None:
-                st = m["_run"]
-                rate = st["tokens_processed"] / max(st["seconds"], 1e-9)
-                print(f"wrote {os.path.join(args.output, 'manifest.json')}\n{_summary(m)}\n"
-                      f"  this run: {st['tokens_processed']:,} tokens in {st['seconds']:.1f}s "
-                      f"({rate / 1e6:.2f} M tokens/s, {st['ranks']} rank(s) x {st['workers_per_rank']} workers)")
-        elif args.command == "inspect":
-            from .tools import inspect
-
-            print(inspect(args.output, samples=args.samples, chars=args.chars))
-        elif args.command == "verify":
-            from .tools import verify
-
-            problems = verify(args.output)
-            if problems:
-                print("\n".join(problems), file=sys.stderr)
-                print(f"verify: {len(problems)} problem(s)", file=sys.stderr)
-                return 1
-            print(f"verify: OK ({args.output})")
-        elif args.command == "merge":
-            from .tools import merge
-
-            m = merge(args.inputs, args.output)
-            print(f"merged {len(args.inputs)} outputs into {args.output}\n{_summary(m)}")
-    except (PipelineError, InputError, ManifestError, IndexedDatasetError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: COMMANDS[args.command](args), prog="python -m data_pipeline")

@@ -1,7 +1,7 @@
 """Training samples from Megatron indexed datasets: packing, seeded global order, blending, caching.
 
 Semantics follow Megatron-LM's ``GPTDataset`` / ``BlendedDataset`` (see
-``shared/specs/indexed_dataset_format.md``): every sequence of every prefix is a document; documents
+``docs/indexed_dataset_format.md``): every sequence of every prefix is a document; documents
 are shuffled per epoch with a seeded ``numpy.random.RandomState``; the shuffled token stream is cut into
 samples of ``seq_len + 1`` tokens packed across document boundaries (sample i covers stream positions
 ``[i*seq_len, i*seq_len + seq_len]``, so consecutive samples share one token: the last label of one is
@@ -38,13 +38,14 @@ import json
 import math
 import os
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import atomic_open, atomic_write_json
+from .common.errors import InputError
+from .common.files import atomic_open, atomic_write_json, sha256_file_cached
 from .indexed_dataset import IndexedDataset, exists
+from .manifest import MANIFEST_NAME, ManifestError, shard_prefixes
 
 # Bump when the construction of the index arrays changes, so stale caches are never reused.
 INDEX_FORMAT_VERSION = 1
@@ -54,7 +55,7 @@ _CHUNK = 1 << 22
 _BLEND_PROGRESS_FROM = 5_000_000
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(InputError):
     """A data path, split or size that cannot be used, with the reason."""
 
 
@@ -62,36 +63,14 @@ class DatasetConfigError(ValueError):
 # Locating data
 
 
-def _read_manifest_prefixes(directory: str, split: str) -> list[str]:
-    """Shard prefixes of ``split`` from ``directory/manifest.json`` (preprocess output), absolute.
-
-    Kept private and tiny on purpose so this module does not depend on the preprocess package.
-    """
-    manifest = os.path.join(directory, "manifest.json")
+def _manifest_prefixes(directory: str, split: str) -> list[str]:
+    """The shards of ``split`` listed in ``directory``'s manifest: all present, at least one."""
     try:
-        with open(manifest, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetConfigError(f"{manifest}: line {e.lineno}: not valid JSON ({e.msg})") from e
-    splits = data.get("splits") if isinstance(data, dict) else None
-    if not isinstance(splits, dict):
-        raise DatasetConfigError(f"{manifest}: no 'splits' object")
-    if split not in splits:
-        raise DatasetConfigError(
-            f"{manifest}: no split {split!r}; it has {', '.join(sorted(splits)) or 'none'}"
-        )
-    prefixes = []
-    for i, entry in enumerate(splits[split]):
-        if not isinstance(entry, dict) or "prefix" not in entry:
-            raise DatasetConfigError(f"{manifest}: splits.{split}[{i}] has no 'prefix'")
-        prefix = os.path.abspath(os.path.join(directory, entry["prefix"]))
-        if not exists(prefix):
-            raise DatasetConfigError(
-                f"{manifest}: splits.{split}[{i}]: {prefix}.idx/.bin missing (incomplete copy?)"
-            )
-        prefixes.append(prefix)
+        prefixes = shard_prefixes(directory, split)
+    except ManifestError as e:  # one error type for whatever the data path names
+        raise DatasetConfigError(str(e)) from None
     if not prefixes:
-        raise DatasetConfigError(f"{manifest}: split {split!r} has no shards")
+        raise DatasetConfigError(f"{os.path.join(directory, MANIFEST_NAME)}: split {split!r} has no shards")
     return prefixes
 
 
@@ -106,8 +85,8 @@ def resolve_prefixes(path: str, split: str) -> list[str]:
     """
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "manifest.json")):
-            return _read_manifest_prefixes(path, split)
+        if os.path.exists(os.path.join(path, MANIFEST_NAME)):
+            return _manifest_prefixes(path, split)
         hint = " (it holds .idx files: pass a glob such as DIR/*)" if glob.glob(f"{path}/*.idx") else ""
         raise DatasetConfigError(f"{path}: directory without manifest.json{hint}")
     for suffix in (".idx", ".bin"):
@@ -132,24 +111,6 @@ def resolve_prefixes(path: str, split: str) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
-
-
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def _idx_identity(prefix: str) -> str:
-    """sha256 of ``prefix.idx`` (lengths, pointers, document index, dtype: all the arrays depend on),
-    memoised per process by (path, size, mtime) so several datasets over one prefix hash it once."""
-    idx = os.path.realpath(f"{prefix}.idx")
-    st = os.stat(idx)
-    key = (idx, st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(idx, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        _SHA_MEMO[key] = h.hexdigest()
-    return _SHA_MEMO[key]
 
 
 def _index_dtype(max_value: int) -> np.dtype:
@@ -237,7 +198,8 @@ class PackedDataset:
         """Identifies the sample order; it holds for any num_samples (the arrays' length does not)."""
         ident = {
             "kind": "packed", "version": INDEX_FORMAT_VERSION, "seq_len": self.seq_len, "seed": self.seed,
-            "idx_sha256": [_idx_identity(p) for p in self.prefixes],
+            # The .idx holds lengths, pointers, document index and dtype: all the arrays depend on.
+            "idx_sha256": [sha256_file_cached(f"{p}.idx") for p in self.prefixes],
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -474,13 +436,3 @@ def build_dataset(sources: list[tuple[str, float]], split: str, seq_len: int, nu
         n = math.ceil(weight / total * num_samples * _BLEND_MARGIN) + 1
         children.append(PackedDataset(resolve_prefixes(path, split), seq_len, n, seed, cache_dir, split))
     return BlendedDataset(children, [w for _, w in sources], num_samples, cache_dir)
-
-
-def describe(dataset: PackedDataset | BlendedDataset) -> str:
-    """One log line: what the trainer is about to read."""
-    if isinstance(dataset, BlendedDataset):
-        parts = ", ".join(f"{w:.3f}x{describe(d)}" for w, d in zip(dataset.weights, dataset.datasets))
-        return f"blend of {len(dataset)} samples [{parts}]"
-    return (f"{Path(dataset.prefixes[0]).name}{'..' if len(dataset.prefixes) > 1 else ''}"
-            f"({len(dataset.prefixes)} prefixes, {dataset.num_docs} docs, {dataset.tokens_per_epoch} tokens, "
-            f"{len(dataset)} samples, {dataset.num_epochs} epochs)")

@@ -1,6 +1,6 @@
-"""Megatron MMIDIDX indexed dataset: writer and memory-mapped reader.
+"""Megatron MMIDIDX indexed dataset: the one module that writes and reads ``.idx``/``.bin`` pairs.
 
-The on-disk format is specified in ``shared/specs/indexed_dataset_format.md`` and is byte-compatible
+The on-disk format is specified in ``docs/indexed_dataset_format.md`` and is byte-compatible
 with Megatron-LM, Megatron-DeepSpeed and GPT-NeoX (``{prefix}.idx`` + ``{prefix}.bin``):
 
     idx = magic(9) | version u64 | dtype code u8 | N u64 | D u64
@@ -14,12 +14,13 @@ complete (``.bin`` first, then ``.idx``), so a prefix whose ``.idx`` exists is a
 from __future__ import annotations
 
 import array
-import hashlib
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from .common.errors import InputError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -38,21 +39,13 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
 _CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(InputError):
     """A ``.idx``/``.bin`` pair that is malformed, truncated or inconsistent."""
 
 
 def optimal_dtype(vocab_size: int) -> np.dtype:
     """Megatron's rule: uint16 when every id fits comfortably, else int32."""
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class IndexedDatasetWriter:
@@ -249,4 +242,5 @@ class IndexedDataset:
 
 
 def exists(prefix: str | os.PathLike) -> bool:
+    """Whether both files of ``prefix`` are there (a writer renames ``.idx`` into place last)."""
     return os.path.exists(f"{prefix}.idx") and os.path.exists(f"{prefix}.bin")

@@ -1,57 +1,201 @@
-"""The ``manifest.json`` contract between the data pipeline and the trainer.
+"""``manifest.json``, the contract between the data pipeline and the trainer: the one module that builds,
+writes, reads and checks it (``preprocess`` and ``merge`` write it; ``inspect``, ``verify``, the trainer's
+datasets and its summaries read it).
 
 ``manifest["splits"][split]`` is a list of shards in order; each has ``prefix`` (relative to the
 manifest's directory, Megatron-style: ``prefix + ".bin"``/``".idx"``), ``documents``, ``sequences``,
 ``tokens``, ``sha256_bin`` and ``sha256_idx``. ``manifest["tokenizer"]`` has ``sha256``, ``vocab_size``,
 ``eos_id`` (the EOD appended to every document), ``bos_id``; ``manifest["dtype"]`` is the token dtype.
+``totals`` sums each split (``split_totals``); ``records``/``skipped``/``skip_examples`` account for
+every input record (read = written + skipped).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from .atomic import atomic_write_json
+from .common.errors import InputError
+from .common.files import atomic_write_json, sha256_file
+from .indexed_dataset import IndexedDataset, exists
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "lmforge-shards-v1"
+SPLITS = ("train", "valid")  # what preprocess writes (a merge keeps the splits of its inputs)
+MAX_EXAMPLES = 5  # example locations kept per skip reason
 
 
-class ManifestError(ValueError):
-    pass
+class ManifestError(InputError):
+    """A manifest that is missing, malformed, or names shards that are not there."""
 
 
-def _manifest_path(path_or_dir: str | os.PathLike) -> Path:
+def manifest_path(path_or_dir: str | os.PathLike) -> Path:
+    """``DIR/manifest.json`` for an output directory, else the path itself."""
     p = Path(path_or_dir)
     return p / MANIFEST_NAME if p.is_dir() else p
 
 
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
 def load_manifest(path_or_dir: str | os.PathLike) -> dict:
     """Read and sanity-check ``manifest.json`` (given the file or the output directory)."""
-    p = _manifest_path(path_or_dir)
+    p = manifest_path(path_or_dir)
     try:
         m = json.loads(p.read_text())
     except FileNotFoundError:
         raise ManifestError(f"{p}: no manifest (did preprocess finish?)") from None
-    except ValueError as e:
+    except ValueError as e:  # the message names the line and column
         raise ManifestError(f"{p}: not valid JSON ({e})") from None
-    if m.get("format") != FORMAT:
-        raise ManifestError(f"{p}: format {m.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        found = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise ManifestError(f"{p}: format {found!r}, expected {FORMAT!r}")
     for key in ("tokenizer", "splits"):
         if key not in m:
             raise ManifestError(f"{p}: missing {key!r}")
+    if not isinstance(m["splits"], dict):
+        raise ManifestError(f"{p}: no 'splits' object")
     return m
 
 
 def shard_prefixes(path_or_dir: str | os.PathLike, split: str = "train") -> list[str]:
-    """Absolute shard prefixes of ``split`` (empty list when the split has no shards)."""
-    p = _manifest_path(path_or_dir)
-    m = load_manifest(p)
-    if split not in m["splits"]:
-        raise ManifestError(f"{p}: no split {split!r} (have {sorted(m['splits'])})")
-    return [str((p.parent / s["prefix"]).resolve()) for s in m["splits"][split]]
+    """Absolute shard prefixes of ``split`` in order (empty when the split has no shards). Every prefix
+    must have its ``.idx`` and ``.bin``: a manifest naming missing files is an incomplete copy."""
+    p = manifest_path(path_or_dir)
+    splits = load_manifest(p)["splits"]
+    if split not in splits:
+        raise ManifestError(f"{p}: no split {split!r}; it has {', '.join(sorted(splits)) or 'none'}")
+    prefixes = []
+    for i, shard in enumerate(splits[split]):
+        if not isinstance(shard, dict) or "prefix" not in shard:
+            raise ManifestError(f"{p}: splits.{split}[{i}] has no 'prefix'")
+        prefix = os.path.abspath(p.parent / shard["prefix"])
+        if not exists(prefix):
+            raise ManifestError(f"{p}: splits.{split}[{i}]: {prefix}.idx/.bin missing (incomplete copy?)")
+        prefixes.append(prefix)
+    return prefixes
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    atomic_write_json(path, obj, indent=1)
+def split_totals(splits: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    """Shards, documents and tokens of each split, e.g. ``split_totals(load_manifest(d)["splits"])``."""
+    return {
+        split: {
+            "shards": len(shards),
+            "documents": sum(sh["documents"] for sh in shards),
+            "tokens": sum(sh["tokens"] for sh in shards),
+        }
+        for split, shards in splits.items()
+    }
+
+
+def shard_files(root: str | os.PathLike, shard: dict) -> list[tuple[Path, str]]:
+    """The shard's two files under ``root`` with the sha256 the manifest records for each."""
+    base = Path(root) / shard["prefix"]
+    return [(Path(f"{base}.bin"), shard["sha256_bin"]), (Path(f"{base}.idx"), shard["sha256_idx"])]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def shard_entry(root: str | os.PathLike, prefix: str) -> dict:
+    """The manifest's record of the finished shard ``root/prefix``: counts read back from its index,
+    checksums of both files."""
+    base = Path(root) / prefix
+    ds = IndexedDataset(base)
+    return {
+        "prefix": prefix,
+        "documents": ds.num_documents,
+        "sequences": len(ds),
+        "tokens": ds.num_tokens,
+        "sha256_bin": sha256_file(f"{base}.bin"),
+        "sha256_idx": sha256_file(f"{base}.idx"),
+    }
+
+
+def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
+    """``root/manifest.json``, atomically (a reader sees the old manifest or the new one, whole)."""
+    atomic_write_json(Path(root) / MANIFEST_NAME, manifest, indent=1)
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for key, n in counts.items():
+        total[key] = total.get(key, 0) + n
+
+
+def _absolute_examples(unit_records: list[dict]) -> None:
+    """Rewrite the range-relative ``file:line`` examples of byte-range units to file lines, adding the
+    line counts of the same file's earlier ranges (``unit_records`` sorted by unit)."""
+    base: dict[int, int] = {}
+    for rec in unit_records:
+        segs = rec["segments"]
+        if len(segs) != 1 or segs[0][2] < 0:
+            continue
+        src = segs[0][0]
+        b = base.get(src, 0) if rec["relative_lines"] else 0
+        if b:
+            for why, locs in rec["skip_examples"].items():
+                rec["skip_examples"][why] = [f"{p}:{b + int(n)}" for p, _, n in (loc.rpartition(":") for loc in locs)]
+        base[src] = b + rec["range_lines"]
+
+
+def assemble(config: dict, unit_records: list[dict], tokenizer_path: str) -> dict:
+    """The manifest of a preprocess run from its configuration and the records of all its units (any
+    order: listed by unit, which is what makes the output independent of ranks and workers)."""
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    read = written = 0
+    unit_records = sorted(unit_records, key=lambda r: r["unit"])
+    _absolute_examples(unit_records)
+    for rec in unit_records:
+        for s in SPLITS:
+            splits[s].extend(rec["shards"][s])
+        read += rec["records_read"]
+        written += rec["documents_written"]
+        _add_counts(skipped, rec["skipped"])
+        for why in rec["skipped"]:
+            ex = examples.setdefault(why, [])
+            ex.extend(rec["skip_examples"][why][: MAX_EXAMPLES - len(ex)])
+    return {
+        "format": FORMAT,
+        "tokenizer": {**config["tokenizer"], "file": "tokenizer.model", "source_path": tokenizer_path},
+        "dtype": config["dtype"],
+        "fingerprint_method": config["fingerprint_method"],
+        "splits": splits,
+        "totals": split_totals(splits),
+        "records": {"read": read, "written": written, "skipped": sum(skipped.values())},
+        "skipped": dict(sorted(skipped.items())),
+        "skip_examples": dict(sorted(examples.items())),
+        "sources": config["sources"],
+        "settings": config["settings"],
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def assemble_merged(inputs: list[tuple[str, dict]], splits: dict[str, list[dict]]) -> dict:
+    """The manifest of ``merge``: ``inputs`` are (path as given, manifest) in merge order, ``splits``
+    their shards under the merged output's prefixes."""
+    ref = inputs[0][1]
+    skipped: dict[str, int] = {}
+    records = {"read": 0, "written": 0, "skipped": 0}
+    for _, m in inputs:
+        _add_counts(skipped, m.get("skipped", {}))
+        _add_counts(records, {key: m.get("records", {}).get(key, 0) for key in records})
+    return {
+        "format": ref["format"],
+        "tokenizer": ref["tokenizer"],
+        "dtype": ref.get("dtype"),
+        "splits": splits,
+        "totals": split_totals(splits),
+        "records": records,
+        "skipped": dict(sorted(skipped.items())),
+        "skip_examples": {},
+        "sources": [src for _, m in inputs for src in m.get("sources", [])],
+        "settings": {"merged_from": [p for p, _ in inputs]},
+        "merged_from": [{"path": p, "config_sha256": m.get("config_sha256")} for p, m in inputs],
+        "config_sha256": hashlib.sha256(json.dumps([m.get("config_sha256") for _, m in inputs]).encode()).hexdigest(),
+    }

@@ -1,6 +1,6 @@
-"""SentencePiece tokenizer training from a bounded-memory sample of a document stream.
+"""The SentencePiece tokenizer: training from a bounded-memory sample of a document stream, and loading.
 
-The stream (any reader in ``readers.py``) is cut into lines; lines longer than SentencePiece's
+The stream (any format ``data_pipeline.readers`` reads) is cut into lines; lines longer than SentencePiece's
 ``max_sentence_length`` are split at whitespace so nothing is silently dropped by the trainer; a
 seeded reservoir sample (Algorithm R) of at most ``sample_sentences`` lines and ``sample_bytes`` bytes
 is kept, so memory is bounded whatever the corpus size. Ids are Llama-compatible: unk 0, bos 1, eos 2,
@@ -16,10 +16,15 @@ import os
 import random
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, atomic_write_json
+from .common.errors import InputError
+from .common.files import atomic_write_bytes, atomic_write_json, sha256_file
 from .readers import DOC, LAST, PART, ReadOptions, Source, expand_inputs, fingerprint, iter_documents
 
 MAX_SENTENCE_BYTES = 4000  # SentencePiece's default max_sentence_length is 4192 bytes
+
+
+class TokenizerError(InputError):
+    """Nothing to train on, settings SentencePiece rejects, or a file that is not a SentencePiece model."""
 
 
 def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> list[str]:
@@ -96,9 +101,12 @@ def train_tokenizer(
 
     opts = read_opts or ReadOptions()
     sources = expand_inputs(inputs, fmt)
-    sentences, stats = sample_sentences(sources, opts, sample_sentences_max, sample_bytes_max, seed)
+    try:
+        sentences, stats = sample_sentences(sources, opts, sample_sentences_max, sample_bytes_max, seed)
+    except UnicodeEncodeError as e:  # a lone surrogate (a JSON "\ud800" escape): SentencePiece takes UTF-8
+        raise TokenizerError(str(e)) from None
     if not sentences:
-        raise ValueError("no text found in the inputs to train a tokenizer on")
+        raise TokenizerError("no text found in the inputs to train a tokenizer on")
     settings = {
         "model_type": model_type,
         "vocab_size": vocab_size,
@@ -129,7 +137,7 @@ def train_tokenizer(
             **settings,
         )
     except RuntimeError as e:  # SentencePiece reports bad settings as RuntimeError("INTERNAL: ...")
-        raise ValueError(f"SentencePiece training failed: {e}") from None
+        raise TokenizerError(f"SentencePiece training failed: {e}") from None
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     blob = model.getvalue()
@@ -149,8 +157,6 @@ def train_tokenizer(
     return out / "tokenizer.model"
 
 
-
-
 _LOADED: dict = {}
 
 
@@ -163,17 +169,18 @@ def load_processor(model_path: str):
     key = (os.path.realpath(model_path), st.st_size, st.st_mtime_ns)
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = spm.SentencePieceProcessor(model_file=str(model_path))
+        try:
+            _LOADED[key] = spm.SentencePieceProcessor(model_file=str(model_path))
+        except RuntimeError as e:  # SentencePiece's "Internal: ... ParseFromArray failed" and the like
+            raise TokenizerError(f"{model_path}: not a SentencePiece model ({e})") from None
     return _LOADED[key]
 
 
 def tokenizer_info(model_path: str) -> dict:
     """sha256, vocab size and special ids of a SentencePiece model (what the manifest records)."""
     sp = load_processor(model_path)
-    with open(model_path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
     return {
-        "sha256": sha,
+        "sha256": sha256_file(model_path),
         "vocab_size": sp.vocab_size(),
         "eos_id": sp.eos_id(),
         "bos_id": sp.bos_id(),

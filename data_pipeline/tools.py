@@ -1,20 +1,26 @@
-"""``inspect``, ``verify`` and ``merge`` for preprocess outputs."""
+"""``inspect``, ``verify`` and ``merge`` of preprocess outputs (through the manifest API)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .indexed_dataset import IndexedDataset, IndexedDatasetError, sha256_file
-from .manifest import MANIFEST_NAME, ManifestError, load_manifest, write_json_atomic
+from .common.files import atomic_copy, sha256_file
+from .indexed_dataset import IndexedDataset, IndexedDatasetError
+from .manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    assemble_merged,
+    load_manifest,
+    shard_files,
+    write_manifest,
+)
 
 
 def _root(out: str | os.PathLike) -> Path:
+    """The output directory, given it or its manifest.json."""
     p = Path(out)
     return p.parent if p.name == MANIFEST_NAME else p
 
@@ -27,11 +33,10 @@ def verify(out: str | os.PathLike) -> list[str]:
     for shards in m["splits"].values():
         for sh in shards:
             base = root / sh["prefix"]
-            for ext, key in ((".bin", "sha256_bin"), (".idx", "sha256_idx")):
-                f = Path(f"{base}{ext}")
+            for f, sha in shard_files(root, sh):
                 if not f.exists():
                     problems.append(f"{f}: missing")
-                elif sha256_file(f) != sh[key]:
+                elif sha256_file(f) != sha:
                     problems.append(f"{f}: sha256 mismatch (file changed or corrupt)")
             if any(p.startswith(str(base)) for p in problems):
                 continue
@@ -53,6 +58,8 @@ def verify(out: str | os.PathLike) -> list[str]:
 
 
 def inspect(out: str | os.PathLike, samples: int = 3, chars: int = 300) -> str:
+    """A report: records and skips, per split the document-length percentiles, the token histogram's
+    head, and decoded sample documents."""
     root = _root(out)
     m = load_manifest(root)
     tk = m["tokenizer"]
@@ -102,52 +109,28 @@ def inspect(out: str | os.PathLike, samples: int = 3, chars: int = 300) -> str:
 
 def merge(inputs: list[str], output: str) -> dict:
     """Copy shards of several outputs (same tokenizer and dtype) into ``output`` with one manifest."""
-    ms = [(Path(p), load_manifest(p)) for p in inputs]
-    ref = ms[0][1]
-    for p, m in ms[1:]:
+    parts = [(Path(p), load_manifest(p)) for p in inputs]
+    ref_path, ref = parts[0]
+    for p, m in parts[1:]:
         if m["tokenizer"]["sha256"] != ref["tokenizer"]["sha256"] or m.get("dtype") != ref.get("dtype"):
-            raise ManifestError(f"{p}: different tokenizer or dtype from {ms[0][0]}; cannot merge")
+            raise ManifestError(f"{p}: different tokenizer or dtype from {ref_path}; cannot merge")
     out = Path(output)
     if (out / MANIFEST_NAME).exists():
         raise ManifestError(f"{out}: already holds a manifest; choose a new directory")
     splits: dict[str, list[dict]] = {}
-    skipped: dict[str, int] = {}
-    records = {"read": 0, "written": 0, "skipped": 0}
-    for k, (root, m) in enumerate(ms):
+    for k, (p, m) in enumerate(parts):
+        root = _root(p)
         for split, shards in m["splits"].items():
-            dst_list = splits.setdefault(split, [])
+            merged = splits.setdefault(split, [])
             for sh in shards:
-                new_prefix = f"{split}/m{k:03d}_{Path(sh['prefix']).name}"
-                for ext, key in ((".bin", "sha256_bin"), (".idx", "sha256_idx")):
-                    src, dst = Path(f"{root / sh['prefix']}{ext}"), Path(f"{out / new_prefix}{ext}")
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = dst.with_name(dst.name + f".tmp.{os.getpid()}")
-                    shutil.copyfile(src, tmp)
-                    if sha256_file(tmp) != sh[key]:
-                        tmp.unlink()
-                        raise ManifestError(f"{src}: checksum mismatch; run verify on {root}")
-                    os.replace(tmp, dst)
-                dst_list.append({**sh, "prefix": new_prefix})
-        for reason, n in m.get("skipped", {}).items():
-            skipped[reason] = skipped.get(reason, 0) + n
-        for key in records:
-            records[key] += m.get("records", {}).get(key, 0)
-    shutil.copyfile(ms[0][0] / ref["tokenizer"].get("file", "tokenizer.model"), out / "tokenizer.model")
-    merged = {
-        "format": ref["format"],
-        "tokenizer": ref["tokenizer"],
-        "dtype": ref.get("dtype"),
-        "splits": splits,
-        "totals": {s: {"shards": len(v), "documents": sum(x["documents"] for x in v),
-                       "tokens": sum(x["tokens"] for x in v)} for s, v in splits.items()},
-        "records": records,
-        "skipped": dict(sorted(skipped.items())),
-        "skip_examples": {},
-        "sources": [src for _, m in ms for src in m.get("sources", [])],
-        "settings": {"merged_from": [str(p) for p, _ in ms]},
-        "merged_from": [{"path": str(p), "config_sha256": m.get("config_sha256")} for p, m in ms],
-        "config_sha256": hashlib.sha256(
-            json.dumps([m.get("config_sha256") for _, m in ms]).encode()).hexdigest(),
-    }
-    write_json_atomic(out / MANIFEST_NAME, merged)
-    return merged
+                new = {**sh, "prefix": f"{split}/m{k:03d}_{Path(sh['prefix']).name}"}
+                for (src, sha), (dst, _) in zip(shard_files(root, sh), shard_files(out, new)):
+                    try:
+                        atomic_copy(src, dst, expect_sha256=sha)
+                    except ValueError:  # the copy's checksum is not the recorded one
+                        raise ManifestError(f"{src}: checksum mismatch; run verify on {root}") from None
+                merged.append(new)
+    atomic_copy(_root(ref_path) / ref["tokenizer"].get("file", "tokenizer.model"), out / "tokenizer.model")
+    manifest = assemble_merged([(str(p), m) for p, m in parts], splits)
+    write_manifest(out, manifest)
+    return manifest

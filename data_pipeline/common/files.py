@@ -120,3 +120,16 @@ def atomic_dir(out: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, missing: str = "not found"):
+    """A JSON file's contents; a missing file or invalid JSON raises ``error`` naming the file (and the
+    line and reason for invalid JSON)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None

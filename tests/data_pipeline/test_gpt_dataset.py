@@ -23,10 +23,11 @@ from data_pipeline.gpt_dataset import (
     resolve_prefixes,
 )
 from data_pipeline.indexed_dataset import IndexedDatasetWriter
+from data_pipeline.manifest import FORMAT, shard_entry, write_manifest
+from tests.helpers.paths import CORPUS
 
-CORPORA = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
-WIKI = CORPORA / "wikipedia" / "wikitext-2-raw" / "wiki.test.raw"
-SHAKESPEARE = CORPORA / "books" / "tinyshakespeare" / "input.txt"
+WIKI = CORPUS / "wikipedia" / "wikitext-2-raw" / "wiki.test.raw"
+SHAKESPEARE = CORPUS / "books" / "tinyshakespeare" / "input.txt"
 EOD = 2
 
 
@@ -242,10 +243,9 @@ def test_resolve_prefixes(corpus, tmp_path):
                      (corpus["shakes"], "valid/shard_00000")):
         for ext in (".idx", ".bin"):
             shutil.copy(src + ext, out / (dst + ext))
-    manifest = {"splits": {"train": [{"prefix": "train/shard_00000"}, {"prefix": "train/shard_00001"}],
-                           "valid": [{"prefix": "valid/shard_00000"}]},
-                "tokenizer": {"sha256": "x", "vocab_size": 400, "eos_id": EOD}}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    splits = {"train": ["train/shard_00000", "train/shard_00001"], "valid": ["valid/shard_00000"]}
+    write_manifest(out, {"format": FORMAT, "tokenizer": {"sha256": "x", "vocab_size": 400, "eos_id": EOD},
+                         "splits": {s: [shard_entry(out, p) for p in ps] for s, ps in splits.items()}})
     train = resolve_prefixes(str(out), "train")
     assert train == [str(out / "train/shard_00000"), str(out / "train/shard_00001")]
     ds = build_dataset([(str(out), 1.0)], "valid", 32, 0, seed=1, cache_dir=None)

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import CORPORA, run_cmd
 from data_pipeline.gpt_dataset import PackedDataset
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.manifest import load_manifest, shard_prefixes
+from tests.helpers.paths import CORPUS, SAMPLE
+from tests.helpers.process import run_cmd
 
 PY = sys.executable
 
@@ -33,8 +34,8 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok")
-    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", CORPORA / "books/pg1080.txt",
-             CORPORA / "wikipedia/Wikipedia_Json2conll", CORPORA / "wikipedia/zhwiki", "--vocab-size", "2000",
+    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", SAMPLE / "books/pg1952.txt",
+             CORPUS / "wikipedia/Wikipedia_Json2conll", CORPUS / "wikipedia/zhwiki", "--vocab-size", "2000",
              "--character-coverage", "0.98", "--output", out, "--threads", "1"])
     return out / "tokenizer.model"
 
@@ -76,13 +77,12 @@ def megatron_preprocess(jsonl: Path, model: Path, prefix: Path, split_lines: boo
 def write_jsonl(path: Path) -> None:
     """Real Wikipedia JSON lines, an empty document, a whitespace-only one and a whole book on one line
     (long enough for the pipeline's exact chunked tokenization)."""
-    lines = (CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_text(encoding="utf-8").splitlines()
+    lines = (CORPUS / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_text(encoding="utf-8").splitlines()
     lines.insert(3, json.dumps({"text": ""}))
     lines.insert(7, json.dumps({"text": "  \n "}))
-    book = (CORPORA / "books/pg1080.txt").read_text(encoding="utf-8-sig")
-    lines.insert(10, json.dumps({"text": book}))
-    zh = (CORPORA / "wikipedia/zhwiki").rglob("*")
-    zh_text = next(p for p in sorted(zh) if p.is_file()).read_text(encoding="utf-8")[:20000]
+    book = (SAMPLE / "books/pg1952.txt").read_text(encoding="utf-8-sig")
+    lines.insert(9, json.dumps({"text": book}))
+    zh_text = (CORPUS / "wikipedia/zhwiki/AA/wiki_00").read_text(encoding="utf-8")[:20000]
     lines.append(json.dumps({"text": zh_text}, ensure_ascii=False))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -104,7 +104,7 @@ def test_preprocess_bytes_equal_megatron_preprocess_data(tok, tmp_path):
 
 def test_megatron_reads_our_shards(tok, tmp_path):
     """Several units and shards, books streamed in pieces (documents of several sequences)."""
-    inputs = [CORPORA / "books/pg1080.txt", CORPORA / "books/pg46.txt", CORPORA / "wikipedia/mlm-pipeline"]
+    inputs = [SAMPLE / "books/pg1952.txt", SAMPLE / "books/11-0.txt", SAMPLE / "wikipedia"]
     run_cmd([PY, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok, "--output",
              tmp_path / "ours", "--no-progress", "--workers", "2", "--max-doc-bytes", "40k",
              "--max-shard-bytes", "200k", "--unit-bytes", "100k", "--valid-fraction", "0.1"])

@@ -1,5 +1,6 @@
-"""preprocess end to end with real SentencePiece on real corpora: determinism across workers and MPI
-ranks, exact chunked tokenization, bad-input accounting, resume after kill -9."""
+"""preprocess end to end with real SentencePiece on real text (tests/data/corpus and the demo's sample
+corpus): determinism across workers and MPI ranks, exact chunked tokenization, bad-input accounting,
+resume after kill -9."""
 
 from __future__ import annotations
 
@@ -18,18 +19,20 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import BIN, CORPORA, ROOT, child_env, run_cmd
 from data_pipeline.indexed_dataset import IndexedDataset
 from data_pipeline.manifest import load_manifest, shard_prefixes
 from data_pipeline.preprocess import BACKEND_ENV, resolve_backend, split_exact
 from data_pipeline.readers import DOC, ReadOptions, expand_inputs, fingerprint, iter_documents
 from data_pipeline.tools import merge, verify
+from tests.helpers.paths import BIN, CORPUS, ROOT, SAMPLE
+from tests.helpers.process import child_env, run_cmd
 
 PY = sys.executable
+# Three books (one with BOM, CRLF and the Gutenberg header, one not UTF-8), 37 long Wikipedia articles,
+# WikiExtractor stubs and Chinese: 1.6 MB, six sources.
 INPUTS = [
-    CORPORA / "books/pg1080.txt", CORPORA / "books/pg1952.txt", CORPORA / "books/pg46.txt",
-    CORPORA / "books/74-0.txt", CORPORA / "wikipedia/mlm-pipeline", CORPORA / "wikipedia/WikiTasks/AA/wiki_00",
-    CORPORA / "wikipedia/zhwiki",
+    SAMPLE / "books/pg1952.txt", CORPUS / "books/1342-0.txt", CORPUS / "books/74-0.txt",
+    SAMPLE / "wikipedia", CORPUS / "wikipedia/WikiTasks/AA/wiki_00", CORPUS / "wikipedia/zhwiki",
 ]
 
 
@@ -67,13 +70,13 @@ def test_tokenizer_is_deterministic_and_llama_ids(tok, tmp_path):
     assert sp.decode(sp.encode(text)) == text  # byte fallback + identity normalization: lossless
     meta = json.loads((tmp_path / "tokenizer.json").read_text())
     assert meta["settings"]["byte_fallback"] and meta["settings"]["split_digits"]
-    assert len(meta["sources"]) >= 7 and meta["corpus_fingerprint"]
+    assert len(meta["sources"]) == 6 and meta["corpus_fingerprint"]
 
 
 def test_split_exact_matches_whole_document_tokens(tok):
     """The chunked tokenization the pipeline uses for long texts gives exactly the whole-text tokens."""
     sp = spm.SentencePieceProcessor(model_file=str(tok))
-    texts = [t for s in expand_inputs([str(p) for p in INPUTS] + [str(CORPORA / "wikipedia/wikitext-2-raw")])
+    texts = [t for s in expand_inputs([str(p) for p in INPUTS] + [str(CORPUS / "wikipedia/wikitext-2-raw")])
              for k, t, _ in iter_documents(s, ReadOptions()) if k == DOC]
     long = [t for t in texts if len(t) > 4000]
     assert len(long) > 20
@@ -98,7 +101,7 @@ def test_workers_1_and_2_byte_identical_and_accounted(tok, tmp_path, monkeypatch
     r = m["records"]
     assert r["read"] == r["written"] + r["skipped"] and r["skipped"] == sum(m["skipped"].values())
     assert m["skipped"]["invalid_utf8"] == 1 and m["skip_examples"]["invalid_utf8"][0].endswith("74-0.txt:50")
-    assert m["skipped"]["empty"] > 100  # WikiTasks stubs
+    assert m["skipped"]["empty"] == 203  # WikiTasks stubs (tests/data/corpus/README.md)
     docs = 0
     for split in ("train", "valid"):
         for prefix, sh in zip(shard_prefixes(tmp_path / "w2", split), m["splits"][split]):
@@ -117,7 +120,7 @@ def test_bad_inputs_skip_and_fail(tok, tmp_path):
     bad.mkdir()
     (bad / "a.jsonl").write_bytes(b'{"text": "fine text here"}\n{oops\n{"text": 7}\n{"text": "\\ud800 lone"}\n'
                                   b'{"text": "caf\xe9"}\n\n{"text": ""}\n{"body": "x"}\n')
-    (bad / "b.txt").write_bytes((CORPORA / "books/74-0.txt").read_bytes()[:20000])
+    (bad / "b.txt").write_bytes((CORPUS / "books/74-0.txt").read_bytes()[:20000])
     p = preprocess(tok, tmp_path / "out", inputs=[bad])
     m = load_manifest(tmp_path / "out")
     assert m["skipped"] == {"blank_line": 1, "empty": 1, "invalid_json": 1, "invalid_utf8": 2,
@@ -128,6 +131,26 @@ def test_bad_inputs_skip_and_fail(tok, tmp_path):
     assert p.returncode == 2 and "a.jsonl:2: invalid_json" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_bad_input_exits_2_with_one_error_line(tok, tmp_path):
+    """Every user-facing failure is a typed error: ``error: ...`` and exit 2, never a traceback (exit 1
+    with a traceback is kept for bugs)."""
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    cases = [
+        (["preprocess", "--input", tmp_path / "missing.jsonl", "--tokenizer", tok, "--output", tmp_path / "o1"],
+         "missing.jsonl: no such file or directory"),
+        (["preprocess", "--input", INPUTS[0], "--tokenizer", garbage, "--output", tmp_path / "o2"],
+         "not a SentencePiece model"),
+        (["train-tokenizer", "--input", INPUTS[0], "--vocab-size", "100000", "--output", tmp_path / "t"],
+         "SentencePiece training failed"),
+        (["inspect", tmp_path], "no manifest"),
+    ]
+    for args, message in cases:
+        p = run_cmd([PY, "-m", "data_pipeline", *args], check=False)
+        assert (p.returncode, p.stderr.count("error: "), "Traceback" in p.stderr) == (2, 1, False), p.stderr
+        assert message in p.stderr
+
+
 def token_stream(out: Path) -> dict[str, np.ndarray]:
     """Each split's tokens, shards concatenated in manifest order."""
     return {split: np.concatenate([np.asarray(IndexedDataset(p).tokens) for p in shard_prefixes(out, split)]
@@ -136,20 +159,20 @@ def token_stream(out: Path) -> dict[str, np.ndarray]:
 
 
 def test_big_files_split_into_byte_ranges(tok, tmp_path):
-    """A ~1 MB .jsonl and a ~1 MB WikiExtractor file cut into ~100 KB ranges: same bytes for 1 and 2
+    """A 344 KB .jsonl and a 1 MB WikiExtractor file cut into 100 KB ranges: same bytes for 1 and 2
     workers; the same token stream, counts and absolute error lines as reading each file as one unit."""
-    lines = (CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_bytes().splitlines(keepends=True)
+    lines = (CORPUS / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_bytes().splitlines(keepends=True)
     bad_at = {len(lines) // 3: b"{oops\n", 2 * len(lines) // 3: b'{"text": "caf\xe9"}\n'}
     for i in sorted(bad_at, reverse=True):
         lines.insert(i, bad_at[i])
     (tmp_path / "big.jsonl").write_bytes(b"".join(lines))
-    inputs = [tmp_path / "big.jsonl", CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00"]
+    inputs = [tmp_path / "big.jsonl", SAMPLE / "wikipedia/wiki_00"]
     for name, unit, workers in (("r1", "100k", "1"), ("r2", "100k", "2"), ("whole", "1G", "2")):
         preprocess(tok, tmp_path / name, "--unit-bytes", unit, "--workers", workers, "--max-shard-bytes", "1G",
                    inputs=inputs)
     same_tree(tmp_path / "r1", tmp_path / "r2")
     ranged, whole = load_manifest(tmp_path / "r2"), load_manifest(tmp_path / "whole")
-    assert len(list((tmp_path / "r2" / ".state").glob("unit_*.json"))) >= 20  # two files, ~11 ranges each
+    assert len(list((tmp_path / "r2" / ".state").glob("unit_*.json"))) == 4 + 11  # the two files' ranges
     assert len(ranged["splits"]["train"]) > len(whole["splits"]["train"])
     for split, toks in token_stream(tmp_path / "r2").items():
         assert np.array_equal(toks, token_stream(tmp_path / "whole")[split]), split
@@ -173,7 +196,7 @@ def test_bad_bytes_after_streamed_pieces_roll_the_document_back(tok, tmp_path):
     """A document longer than --max-doc-bytes with invalid UTF-8 (or no </doc>) after pieces of it were
     written is removed whole and counted: read = written + skipped, and the shards hold exactly what the
     input without that document gives."""
-    wiki = (CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00").read_bytes()
+    wiki = (SAMPLE / "wikipedia/wiki_00").read_bytes()
     docs = wiki.split(b"</doc>\n")[:6]
     body = b"\n".join([b"A long paragraph of plain words that goes on and on."] * 2000)
     bad_doc = b'<doc id="x" title="Bad">\nBad\n\n' + body + b"\ncaf\xe9\n" + body + b"\n"
@@ -257,29 +280,44 @@ def test_mpirun_2_ranks_byte_identical(tok, tmp_path):
     same_tree(tmp_path / "one", tmp_path / "mpi")
 
 
+def _finished_units(out: Path) -> int:
+    return len(list((out / ".state").glob("unit_*.json")))
+
+
 @pytest.mark.slow
 def test_kill_9_and_resume_is_byte_identical(tok, tmp_path):
-    inputs = [*INPUTS, CORPORA / "books/pg345.txt"]
-    t0 = time.perf_counter()
-    preprocess(tok, tmp_path / "clean", "--workers", "2", inputs=inputs)
-    clean_s = time.perf_counter() - t0
+    """kill -9 of the whole process group mid-run, then the same command again: the output is
+    byte-identical to an uninterrupted run. Every file of the test corpora (2.8 MB) in 100 KB units; each
+    run is killed a random moment after a random number of its units finished (watching the unit state
+    files, not a clock: a busy machine must not let the run finish first), so others are in flight."""
+    inputs = [*INPUTS, SAMPLE / "books", CORPUS / "books", CORPUS / "wikipedia"]
+    cmd = [PY, "-m", "data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
+           "--no-progress", "--unit-bytes", "100k", "--max-shard-bytes", "300k", "--valid-fraction", "0.05",
+           "--workers", "2"]
+    run_cmd([*cmd, "--output", tmp_path / "clean"])
+    units = _finished_units(tmp_path / "clean")
     rng = random.Random(0)
-    kills = 0
+    kills = mid_way = 0
     for trial in range(3):
         out = tmp_path / f"killed{trial}"
-        cmd = [PY, "-m", "data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
-               "--output", str(out), "--no-progress", "--unit-bytes", "400k", "--max-shard-bytes", "300k",
-               "--valid-fraction", "0.05", "--workers", "2"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([*cmd, "--output", str(out)], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(0.2, 0.9) * clean_s)  # a random moment, start-up included
+        target = round(rng.uniform(0.2, 0.8) * units)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _finished_units(out) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.01))  # somewhere inside the next units' work
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group: main process and its workers
             kills += 1
         proc.wait()
+        finished = _finished_units(out)
+        mid_way += 0 < finished < units
         leftovers = list(out.rglob("*.tmp.*"))
-        run_cmd(cmd)  # the same command again resumes
+        p = run_cmd([*cmd, "--output", out])  # the same command again resumes
+        assert (f"{finished} unit(s) verified and kept" in p.stderr) == (finished > 0)
         same_tree(tmp_path / "clean", out)
         assert verify(out) == []
         assert not [f for f in leftovers if f.exists()]  # temporary files of the killed run cleaned up
-    assert kills >= 2, f"runs finished before the kill ({clean_s=:.1f}s)"
+    assert kills >= 2, "runs finished before the kill"
+    assert mid_way >= 2, f"fewer than 2 kills landed between the first and the last of {units} units"

@@ -1,4 +1,5 @@
-"""Streaming readers on the real shared corpora and on crafted bad input."""
+"""Streaming readers on the real test corpus (tests/data/corpus, the demo's sample corpus) and on crafted
+bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import pytest
 import zstandard
 
-from conftest import CORPORA
 from data_pipeline.readers import (
     DOC,
     LAST,
@@ -18,9 +18,14 @@ from data_pipeline.readers import (
     InputError,
     ReadOptions,
     ReadRange,
+    Source,
     expand_inputs,
     iter_documents,
 )
+from data_pipeline.readers import lines as reader_lines
+from data_pipeline.readers import text as text_reader
+from data_pipeline.readers import wikidoc as wikidoc_reader
+from tests.helpers.paths import CORPUS, SAMPLE
 
 
 def read_all(path, **opts):
@@ -29,7 +34,7 @@ def read_all(path, **opts):
 
 
 def test_wikiextractor_doc_format():
-    src, items = read_all(CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00")
+    src, items = read_all(SAMPLE / "wikipedia/wiki_00")
     assert src.format == "wikidoc"
     docs = [t for k, t, _ in items if k == DOC]
     assert len(docs) == 37  # README: 37 articles
@@ -37,45 +42,45 @@ def test_wikiextractor_doc_format():
 
 
 def test_wikiextractor_empty_docs_are_counted_not_lost():
-    _, items = read_all(CORPORA / "wikipedia/WikiTasks/AA/wiki_00")
+    _, items = read_all(CORPUS / "wikipedia/WikiTasks/AA/wiki_00")
     docs = sum(k == DOC for k, _, _ in items)
     empty = [loc for k, r, loc in items if k == SKIP and r == "empty"]
-    assert docs > 50 and len(empty) > docs  # README: most are title-only stubs
+    assert (docs, len(empty)) == (122, 203)  # most are title-only stubs (tests/data/corpus/README.md)
     assert empty[0].endswith("wiki_00:1")  # file:line of the <doc> tag
 
 
 def test_wikiextractor_json_lines():
-    src, items = read_all(CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00")
+    src, items = read_all(CORPUS / "wikipedia/Wikipedia_Json2conll/AA/wiki_00")
     assert src.format == "jsonl"
-    assert sum(k == DOC for k, _, _ in items) == 35
+    assert sum(k == DOC for k, _, _ in items) == len(items) == 8  # its first 8 articles
 
 
 def test_book_bom_crlf_and_gutenberg_strip():
-    _, items = read_all(CORPORA / "books/1342-0.txt")
+    _, items = read_all(CORPUS / "books/1342-0.txt")
     (kind, text, _), = items
     assert kind == DOC and "\r" not in text and not text.startswith("\ufeff")
     assert "START OF THIS PROJECT GUTENBERG" in text
-    _, items = read_all(CORPORA / "books/1342-0.txt", strip_gutenberg=True)
+    _, items = read_all(CORPUS / "books/1342-0.txt", strip_gutenberg=True)
     text = items[0][1]
     assert "PROJECT GUTENBERG" not in text.upper()[:3000] and "End of the Project Gutenberg" not in text
     assert "It is a truth universally acknowledged" in text[:5000]
     # a body-only book is left alone by the stripper
-    _, plain = read_all(CORPORA / "books/11-0.txt")
-    _, stripped = read_all(CORPORA / "books/11-0.txt", strip_gutenberg=True)
+    _, plain = read_all(SAMPLE / "books/11-0.txt")
+    _, stripped = read_all(SAMPLE / "books/11-0.txt", strip_gutenberg=True)
     assert plain == stripped
 
 
 def test_windows_1252_book_is_skipped_with_location():
-    _, items = read_all(CORPORA / "books/74-0.txt")
-    assert items == [(SKIP, "invalid_utf8", f"{CORPORA / 'books/74-0.txt'}:50")]
+    _, items = read_all(CORPUS / "books/74-0.txt")
+    assert items == [(SKIP, "invalid_utf8", f"{CORPUS / 'books/74-0.txt'}:50")]
 
 
 def test_huge_document_is_streamed_in_pieces():
-    _, items = read_all(CORPORA / "books/2600-0.txt", max_doc_bytes=1 << 20)
+    _, items = read_all(SAMPLE / "books/84-0.txt", max_doc_bytes=100_000)  # Frankenstein, 421 KB
     kinds = [k for k, _, _ in items]
     assert kinds[-1] == LAST and set(kinds[:-1]) == {PART} and len(kinds) >= 3
-    assert max(len(t) for _, t, _ in items) <= (1 << 20) + 10_000  # bounded by the limit plus one line
-    _, whole = read_all(CORPORA / "books/2600-0.txt")
+    assert max(len(t) for _, t, _ in items) <= 100_000 + 1_000  # bounded by the limit plus one line
+    _, whole = read_all(SAMPLE / "books/84-0.txt")
     assert "".join(t for _, t, _ in items).strip("\n") == whole[0][1]
 
 
@@ -127,9 +132,10 @@ def test_parquet(tmp_path):
 
 
 def test_expand_inputs_dirs_globs_and_errors(tmp_path):
-    srcs = expand_inputs([str(CORPORA / "wikipedia/WikiTasks"), str(CORPORA / "books/pg*.txt")])
+    srcs = expand_inputs([str(CORPUS / "wikipedia"), str(SAMPLE / "books/*.txt"), str(CORPUS / "wikipedia/zhwiki")])
     paths = [s.path for s in srcs]
-    assert len(paths) == 8 + 7 and paths[:8] == sorted(paths[:8])
+    assert len(paths) == 4 + 3 and paths[:4] == sorted(paths[:4])  # zhwiki listed once, in the directory
+    assert [s.format for s in srcs] == ["wikidoc", "jsonl", "text", "wikidoc", "text", "text", "text"]
     with pytest.raises(InputError, match="no such file"):
         expand_inputs([str(tmp_path / "missing.jsonl")])
 
@@ -152,7 +158,7 @@ def test_byte_ranges_read_exactly_the_whole_file(tmp_path):
     """Any split into byte ranges yields the whole file's items, locations included: real JSON lines and
     WikiExtractor files plus crafted edge cases (text outside documents, a '</doc>' inside nothing,
     invalid UTF-8, blank and oversized lines, a document longer than several ranges, CRLF, BOM)."""
-    wiki = (CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00").read_bytes()
+    wiki = (SAMPLE / "wikipedia/wiki_00").read_bytes()
     crafted = tmp_path / "crafted"
     crafted.write_bytes(
         b"\xef\xbb\xbf<doc id=\"1\" title=\"A\">\r\nA\r\n\r\nfirst body\r\n</doc>\r\nstray text\n</doc>\n"
@@ -160,11 +166,11 @@ def test_byte_ranges_read_exactly_the_whole_file(tmp_path):
         + b"<doc id=\"3\">\nC\ncaf\xe9\n</doc>\n<doc id=\"4\">\nD\nbody\n</doc>\n" + wiki[:5000]
         + b"<doc id=\"5\">\nE\nunterminated\n")
     jsonl = tmp_path / "crafted.jsonl"
-    jsonl.write_bytes((CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_bytes()[:60000]
+    jsonl.write_bytes((CORPUS / "wikipedia/Wikipedia_Json2conll/AA/wiki_00").read_bytes()[:60000]
                       + b'\n{bad json\n\n{"text": "caf\xe9"}\n' + b'{"text": "' + b"y" * 5000 + b'"}\n'
                       + b'{"text": "last, no newline"}')
-    cases = [(CORPORA / "wikipedia/mlm-pipeline/AA/wiki_00", {}), (crafted, {"max_line_bytes": 2000}),
-             (jsonl, {"max_line_bytes": 2000}), (CORPORA / "wikipedia/Wikipedia_Json2conll/AA/wiki_00", {})]
+    cases = [(SAMPLE / "wikipedia/wiki_00", {}), (crafted, {"max_line_bytes": 2000}),
+             (jsonl, {"max_line_bytes": 2000}), (CORPUS / "wikipedia/Wikipedia_Json2conll/AA/wiki_00", {})]
     for path, opts in cases:
         (src,) = expand_inputs([str(path)])
         whole = list(iter_documents(src, ReadOptions(**opts)))
@@ -181,7 +187,7 @@ def test_byte_ranges_read_exactly_the_whole_file(tmp_path):
 def test_invalid_utf8_after_streamed_pieces_skips_the_document(tmp_path):
     """A document streamed in PART pieces whose later line is not UTF-8 ends in a SKIP, not a LAST:
     the consumer drops what it wrote of it, so nothing is silently truncated."""
-    book = (CORPORA / "books/pg1080.txt").read_bytes()
+    book = (SAMPLE / "books/pg1952.txt").read_bytes()
     (tmp_path / "bad.txt").write_bytes(book + b"\ncaf\xe9\n" + book)
     _, items = read_all(tmp_path / "bad.txt", max_doc_bytes=5000)
     kinds = [k for k, _, _ in items]
@@ -193,19 +199,16 @@ def test_invalid_utf8_after_streamed_pieces_skips_the_document(tmp_path):
 
 def _line_items(src, opts):
     """The line readers' items (the reference the block readers must reproduce)."""
-    from data_pipeline import readers
-
-    return list(readers._read_text(src.path, opts) if src.format == "text" else readers._read_wikidoc(src.path, opts))
+    reader = text_reader if src.format == "text" else wikidoc_reader
+    return list(reader.read_lines(src.path, opts))
 
 
 @pytest.mark.parametrize("block_bytes", [1 << 20, 4096, 61])
 def test_block_readers_match_line_readers(tmp_path, monkeypatch, block_bytes):
     """Uncompressed text and WikiExtractor files are read in blocks; the items must be exactly the line
-    readers' (same PART cuts, locations and skip reasons), on every such file of the shared corpora and
+    readers' (same PART cuts, locations and skip reasons), on every such file of the test corpora and
     on crafted edge cases, with blocks small enough that lines and documents straddle them."""
-    from data_pipeline import readers
-
-    monkeypatch.setattr(readers, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(reader_lines, "BLOCK_BYTES", block_bytes)
     crafted = {
         "crlf_bom.txt": b"\xef\xbb\xbfline one\r\nline two\r\r\n\r\nlast line without newline\r",
         "bad_utf8.txt": b"good\n" * 40 + b"bad \xff byte\n" + b"more\n" * 40,
@@ -221,11 +224,11 @@ def test_block_readers_match_line_readers(tmp_path, monkeypatch, block_bytes):
     }
     for name, data in crafted.items():
         (tmp_path / name).write_bytes(data)
-    sources = [s for s in expand_inputs([str(CORPORA), str(tmp_path)], "auto")
+    sources = [s for s in expand_inputs([str(CORPUS / "books"), str(CORPUS / "wikipedia"), str(SAMPLE), str(tmp_path)])
                if s.format in ("text", "wikidoc") and not s.path.endswith((".gz", ".zst"))]
     fmt = {"docs.wiki": "wikidoc"}
-    sources = [readers.Source(s.path, fmt.get(os.path.basename(s.path), s.format), s.size) for s in sources]
-    assert len(sources) > 20
+    sources = [Source(s.path, fmt.get(os.path.basename(s.path), s.format), s.size) for s in sources]
+    assert len(sources) == 6 + 5 + 5  # test corpus, sample corpus (with its README), crafted
     small = block_bytes < 1000  # (the block readers need max_line_bytes >= the block size)
     for src in sources:
         for opts in (ReadOptions(max_line_bytes=max(block_bytes, 200 if small else block_bytes)),

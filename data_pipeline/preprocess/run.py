@@ -1,0 +1,408 @@
+"""``preprocess()``: one run from inputs to manifest, on one process or across MPI ranks.
+
+In order: expand and fingerprint the inputs, check the output directory against the recorded
+configuration (a resumable job refuses changed inputs or settings), plan the units and take this rank's
+share, process each unfinished unit (read -> batches -> tokenizer workers -> ``UnitWriter``, results
+consumed in submission order), then rank 0 gathers every unit's record over MPI (no shared filesystem
+needed for it) and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..common.files import atomic_copy, atomic_write_json, remove_temp_files, sha256_file
+from ..common.launch_env import mpi_world
+from ..indexed_dataset import optimal_dtype
+from ..manifest import FORMAT, MANIFEST_NAME, SPLITS, assemble, write_manifest
+from ..readers import (
+    DOC,
+    ERROR_REASONS,
+    FINGERPRINT_METHODS,
+    PART,
+    SKIP,
+    ReadRange,
+    Source,
+    count_newlines,
+    expand_inputs,
+    fingerprint,
+    iter_documents,
+)
+from ..tokenizer import tokenizer_info
+from .encode import CHUNK_CHARS, CONT, Encoded, EncodePool, resolve_backend, split_exact
+from .plan import Segment, assign_units, plan_units, segment_bytes, unit_bytes_of
+from .settings import PipelineError, RunOptions, Settings
+from .writer import UnitWriter, clean_unit, doc_hash, load_done_unit, save_done_unit
+
+# (kind, skip reason or "", loc, hash of the whole document's text); kinds are the readers' plus CONT.
+Meta = tuple[int, str, str, int]
+_MAX_BATCH_TEXTS = 8192
+
+# --------------------------------------------------------------------------------------------------
+# Configuration: what the output depends on, recorded in .state/config.json and checked on a rerun
+
+
+def _fingerprints(sources: list[Source], method: str, comm, threads: int) -> list[str]:
+    """Source fingerprints. "full" hashes whole files: rank r hashes sources r, r+K, ... on ``threads``
+    threads (hashlib releases the GIL) and the results are shared, so K ranks read the corpus once
+    between them. (Without a shared filesystem each node then checks only its share of its own copy.)"""
+    if method == "sampled":
+        return [fingerprint(s) for s in sources]
+    mine = list(range(comm.rank, len(sources), comm.size))
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        local = dict(zip(mine, ex.map(lambda i: fingerprint(sources[i], method), mine)))
+    merged: dict[int, str] = {}
+    for part in comm.bcast(comm.gather(local, root=0), root=0):
+        merged.update(part)
+    return [merged[i] for i in range(len(sources))]
+
+
+def _config(sources: list[Source], tok: dict, settings: Settings, prints: list[str], method: str) -> dict:
+    return {
+        "format": FORMAT,
+        "tokenizer": {k: tok[k] for k in ("sha256", "vocab_size", "eos_id", "bos_id", "unk_id", "pad_id")},
+        "dtype": optimal_dtype(tok["vocab_size"]).name,
+        "fingerprint_method": method,
+        "sources": [
+            {"path": s.path, "format": s.format, "size": s.size, "fingerprint": fp} for s, fp in zip(sources, prints)
+        ],
+        "settings": asdict(settings),
+    }
+
+
+def _config_diff(old: dict, new: dict) -> str:
+    if old.get("tokenizer") != new.get("tokenizer"):
+        return "the tokenizer differs"
+    if old.get("fingerprint_method") != new.get("fingerprint_method"):
+        return (f"the fingerprint method differs ({old.get('fingerprint_method')} -> "
+                f"{new.get('fingerprint_method')}; rerun with the original --fingerprint)")
+    if old.get("settings") != new.get("settings"):
+        keys = [k for k in new["settings"] if old.get("settings", {}).get(k) != new["settings"][k]]
+        return f"settings differ ({', '.join(keys)})"
+    olds, news = old.get("sources", []), new.get("sources", [])
+    if len(olds) != len(news):
+        return f"the number of input sources changed ({len(olds)} -> {len(news)})"
+    for a, b in zip(olds, news):
+        if a != b:
+            return f"input {b['path']} changed (was {a['path']}, size {a['size']} -> {b['size']})"
+    return "the configuration differs"
+
+
+def _claim_output(out: Path, config: dict, overwrite: bool, comm) -> None:
+    """Make ``out`` this job's: emptied with ``overwrite``, else refused if it holds another job's output;
+    temporary files of a killed run removed; ``.state/config.json`` written."""
+    state = out / ".state" / "config.json"
+    if overwrite:  # every rank: nodes without a shared filesystem have their own copies
+        for name in (*SPLITS, ".state"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (MANIFEST_NAME, "tokenizer.model"):
+            (out / name).unlink(missing_ok=True)
+    comm.barrier()
+    if state.exists():
+        try:
+            old = json.loads(state.read_text())
+        except ValueError as e:
+            raise PipelineError(f"{state}: unreadable ({e}); pass --overwrite to start again") from None
+        if old != config:
+            raise PipelineError(
+                f"{out} holds output of a different job: {_config_diff(old, config)}. "
+                "Use a new --output directory or pass --overwrite to replace it."
+            )
+    elif (out / MANIFEST_NAME).exists():
+        raise PipelineError(f"{out} holds a manifest from another job; pass --overwrite to replace it")
+    # Temporary files of a killed run (unit files are cleaned per unit later). Before the barrier,
+    # so that no rank deletes a file another rank is writing.
+    remove_temp_files(out, MANIFEST_NAME)
+    remove_temp_files(out, "tokenizer.model")
+    remove_temp_files(state.parent, state.name)
+    comm.barrier()  # every rank has compared before anyone writes
+    if comm.rank == 0 or not state.exists():
+        atomic_write_json(state, config, indent=1)  # each node of a cluster without a shared filesystem needs it
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading into batches
+
+
+def _absolute_loc(src: Source, rng: ReadRange | None, loc: str) -> str:
+    """``file:line`` with the line counted from the file start (a range counts from its own start)."""
+    if rng is None or rng.first_byte == 0:
+        return loc
+    path, _, line = loc.rpartition(":")
+    return f"{path}:{count_newlines(src.path, rng.first_byte) + int(line)}"
+
+
+def _batches(
+    sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress: _Progress,
+    ranges: list[ReadRange],
+) -> Iterator[tuple[list[Meta], list[str]]]:
+    """Yield (metas, texts): one meta per item in input order, with one text per non-SKIP meta. Hashing
+    happens here, on the whole document, before any cutting. The ``ReadRange`` of each byte-range segment
+    is appended to ``ranges`` (its line count is final once the generator is exhausted)."""
+    opts = settings.read_options()
+    limit = run.batch_chars
+    metas: list[Meta] = []
+    texts: list[str] = []
+    chars = 0
+    for si, lo, hi in segments:
+        src = sources[si]
+        rng = ReadRange(lo, hi) if hi >= 0 else None
+        if rng is not None:
+            ranges.append(rng)
+        counted = 0
+        for kind, text, loc in iter_documents(src, opts, rng):
+            if kind != SKIP:
+                try:
+                    h = doc_hash(text.encode("utf-8"))
+                except UnicodeEncodeError:  # lone surrogates from a JSON "\ud800" escape
+                    if kind != DOC:  # part of a streamed document: cannot drop just a piece
+                        raise PipelineError(f"{loc}: unencodable text inside a streamed document") from None
+                    kind, text = SKIP, "unencodable_text"
+            if kind == SKIP:
+                if run.on_error == "fail" and text in ERROR_REASONS:
+                    raise PipelineError(f"{_absolute_loc(src, rng, loc)}: {text} (--on-error fail)")
+                metas.append((SKIP, text, loc, 0))
+                continue
+            n = len(text)
+            pieces = split_exact(text) if n > CHUNK_CHARS else [text]
+            # A long document's pieces may straddle batches (the consumer carries CONT tokens over), so
+            # one book does not make one worker's batch while the others idle.
+            for piece in pieces[:-1]:
+                metas.append((CONT, "", loc, 0))
+                texts.append(piece)
+                chars += len(piece)
+                if chars >= limit:
+                    yield metas, texts
+                    metas, texts, chars = [], [], 0
+            metas.append((kind, "", loc, h))
+            texts.append(pieces[-1])
+            chars += len(pieces[-1])
+            text = pieces = None  # not held while the reader assembles the next document
+            progress.update(n)
+            counted += n
+            limit = progress.batch_limit(run.batch_chars, run.workers)
+            if chars >= limit or len(texts) >= _MAX_BATCH_TEXTS:
+                yield metas, texts
+                metas, texts, chars = [], [], 0
+        seg_bytes = segment_bytes(sources, (si, lo, hi))
+        if seg_bytes > counted:
+            progress.update(seg_bytes - counted)  # markup, skipped records, compression
+    if metas:
+        yield metas, texts
+
+
+class _Progress:
+    """tqdm over input bytes (MB/s, ETA) with docs/s and tokens/s in the postfix."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                            file=sys.stderr, smoothing=0.1, mininterval=0.5)
+        self.t0 = time.perf_counter()
+        self.docs = 0
+        self.tokens = 0
+        self.total, self.done = total, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def batch_limit(self, batch_chars: int, workers: int) -> int:
+        """Batches grow from 32K characters (no bigger than what was read so far: every worker gets work
+        soon after start) and shrink as the input runs out (to 1/(2 workers) of what is left), so that
+        the workers finish together instead of one idling while another encodes a full last batch.
+        (Batching never changes the output.)"""
+        return min(batch_chars, max(32768, min(self.done, (self.total - self.done) // (2 * workers))))
+
+    def count(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt / 1e6:.2f} M tok/s",
+                                     refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Processing this rank's units
+
+
+def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pending: list[np.ndarray]) -> int:
+    """Hand one encoded batch to its unit's writer; returns the documents completed. ``pending`` holds
+    the tokens of CONT pieces until the rest of their text arrives (possibly in a later batch)."""
+    lengths, flat = encoded
+    offs = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offs[1:])
+    ti = 0
+    docs = 0
+    for kind, reason, loc, h in metas:
+        if kind == SKIP:
+            writer.skip(reason, loc)
+            continue
+        toks = flat[offs[ti] : offs[ti + 1]]
+        ti += 1
+        if kind == CONT:
+            pending.append(toks)
+            continue
+        if pending:
+            toks = np.concatenate((*pending, toks))
+            pending.clear()
+        writer.add(kind, toks, h)
+        docs += kind != PART
+    return docs
+
+
+def _resume(out: Path, mine: list[int], rank: int) -> tuple[dict[int, dict], list[int]]:
+    """(records of this rank's units finished by an earlier run, kept; the units still to do, cleaned)."""
+    done: dict[int, dict] = {}
+    todo: list[int] = []
+    for u in mine:
+        rec = load_done_unit(out, u)
+        if rec is not None:
+            done[u] = rec
+        else:
+            clean_unit(out, u)
+            todo.append(u)
+    if done:
+        print(f"[rank {rank}] resuming: {len(done)} unit(s) verified and kept, {len(todo)} to do",
+              file=sys.stderr)
+    return done, todo
+
+
+def _process_units(
+    out: Path, sources: list[Source], units: list[list[Segment]], mine: list[int], settings: Settings,
+    run: RunOptions, model_path: str, tok: dict, rank: int,
+) -> tuple[list[dict], dict]:
+    """Do this rank's unfinished units; returns the records of all its units and the run's statistics."""
+    dtype = optimal_dtype(tok["vocab_size"])
+    done, todo = _resume(out, mine, rank)
+    total = sum(unit_bytes_of(sources, units[u]) for u in todo)
+    progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
+    backend = resolve_backend(run.backend) if run.workers > 1 and todo else "inline"
+    pool = EncodePool(backend, run.workers, model_path, dtype, run.threads_per_worker)
+    max_inflight = 2 * run.workers + 2  # bounded read-ahead: memory does not grow with the corpus
+    # (writer, metas, result) per submitted batch; (writer, None, None) marks the end of its unit.
+    inflight: deque[tuple[UnitWriter, list[Meta] | None, Callable[[], Encoded] | None]] = deque()
+    pending: list[np.ndarray] = []
+
+    def drain_one() -> None:
+        writer, metas, result = inflight.popleft()
+        if metas is None:
+            done[writer.rec.unit] = save_done_unit(out, writer.finish())
+            return
+        assert result is not None
+        encoded = result()
+        progress.count(_write_batch(writer, metas, encoded, pending), int(encoded[0].sum()))
+
+    writer = None
+    try:
+        for u in todo:
+            writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
+            ranges: list[ReadRange] = []
+            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges):
+                inflight.append((writer, metas, pool.submit(texts)))
+                while len(inflight) > max_inflight:
+                    drain_one()
+            if ranges:  # a byte-range unit (always alone in its unit)
+                writer.rec.range_lines = ranges[0].lines
+                writer.rec.relative_lines = ranges[0].start > 0
+            inflight.append((writer, None, None))
+        while inflight:
+            drain_one()
+    except BaseException:
+        for w, *_ in inflight:
+            w.abort()
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        pool.close()
+        progress.close()
+    stats = {"tokens": progress.tokens, "documents": progress.docs, "bytes": total,
+             "seconds": time.perf_counter() - progress.t0}
+    return [done[u] for u in sorted(done)], stats
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def preprocess(
+    inputs: list[str], model_path: str, output: str, settings: Settings, run: RunOptions
+) -> dict | None:
+    """Run (or resume) a preprocessing job; returns the manifest on rank 0, None elsewhere."""
+    if run.on_error not in ("skip", "fail"):
+        raise PipelineError(f"--on-error must be skip or fail, not {run.on_error!r}")
+    resolve_backend(run.backend)  # a bad value fails here, before any work
+    if run.fingerprint not in FINGERPRINT_METHODS:
+        raise PipelineError(f"--fingerprint must be one of {', '.join(FINGERPRINT_METHODS)}")
+    comm = mpi_world()
+    out = Path(output)
+    sources = expand_inputs(inputs, settings.format)
+    tok = tokenizer_info(model_path)
+    prints = _fingerprints(sources, run.fingerprint, comm, run.workers)
+    config = _config(sources, tok, settings, prints, run.fingerprint)
+    _claim_output(out, config, run.overwrite, comm)
+
+    units = plan_units(sources, settings.unit_bytes)
+    mine = assign_units([unit_bytes_of(sources, u) for u in units], comm.size)[comm.rank]
+    err: BaseException | None = None
+    try:
+        records, stats = _process_units(out, sources, units, mine, settings, run, model_path, tok, comm.rank)
+    except BaseException as e:  # report on every rank instead of hanging the others in gather
+        err, records, stats = e, [], {}
+    failures = comm.gather(None if err is None else f"rank {comm.rank}: {err}", root=0)
+    gathered = comm.gather(records, root=0)
+    all_stats = comm.gather(stats, root=0)
+    try:
+        if err is not None:
+            raise err
+        if comm.rank != 0:
+            return None
+        bad = [f for f in failures if f]
+        if bad:
+            raise PipelineError("; ".join(bad))
+        unit_records = [r for rs in gathered for r in rs]
+        if len(unit_records) != len(units):
+            raise RuntimeError(f"{len(unit_records)} unit records for {len(units)} units (a bug)")
+        manifest = assemble(config, unit_records, model_path)
+        _copy_tokenizer(model_path, out / "tokenizer.model", tok["sha256"])
+        write_manifest(out, manifest)
+    finally:
+        comm.barrier()  # every rank, failed or not: rank 0 has written the manifest before any returns
+    run_stats = {
+        "seconds": max((s.get("seconds", 0.0) for s in all_stats), default=0.0),
+        "tokens_processed": sum(s.get("tokens", 0) for s in all_stats),
+        "documents_processed": sum(s.get("documents", 0) for s in all_stats),
+        "ranks": comm.size,
+        "workers_per_rank": run.workers,
+    }
+    return {**manifest, "_run": run_stats}
+
+
+def _copy_tokenizer(model_path: str, dst: Path, sha256: str) -> None:
+    """The tokenizer beside the shards (a dataset directory is complete on its own), unless already there."""
+    if dst.exists() and sha256_file(dst) == sha256:
+        return
+    try:
+        atomic_copy(model_path, dst, expect_sha256=sha256)
+    except ValueError as e:  # the file changed since it was read for the manifest
+        raise PipelineError(f"{model_path} changed during the run ({e})") from None

@@ -1,0 +1,56 @@
+"""What a preprocess run is asked to do: ``Settings`` (everything the output bytes depend on), ``RunOptions``
+(how to run: never changes the output) and ``PipelineError`` (a condition that stops the run)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..common.errors import InputError
+from ..readers import ReadOptions
+
+
+class PipelineError(InputError):
+    """A condition that stops the run with a clear message (bad input in fail mode, changed inputs)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the output bytes (worker and rank counts deliberately excluded).
+
+    Recorded in ``.state/config.json`` and the manifest: a rerun with other settings is refused instead of
+    mixing shards of two configurations."""
+
+    text_key: str = "text"
+    format: str = "auto"
+    strip_gutenberg: bool = False
+    keep_empty: bool = False
+    max_doc_bytes: int = 8 << 20
+    max_line_bytes: int = 64 << 20
+    append_eod: bool = True
+    valid_fraction: float = 0.01
+    max_shard_bytes: int = 1 << 30
+    unit_bytes: int = 64 << 20
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(
+            text_key=self.text_key,
+            strip_gutenberg=self.strip_gutenberg,
+            keep_empty=self.keep_empty,
+            max_doc_bytes=self.max_doc_bytes,
+            max_line_bytes=self.max_line_bytes,
+        )
+
+
+@dataclass
+class RunOptions:
+    """How to run (does not change the output)."""
+
+    workers: int = max(1, os.cpu_count() or 1)
+    threads_per_worker: int = 1
+    batch_chars: int = 1 << 20
+    on_error: str = "skip"
+    overwrite: bool = False
+    progress: bool = True
+    fingerprint: str = "sampled"  # or "full": sha256 of every input file (recorded in the manifest)
+    backend: str = "auto"  # tokenizer workers: "thread", "process" or "auto" (see encode.resolve_backend)

@@ -1,0 +1,183 @@
+"""One unit's output: ``UnitWriter`` turns its tokenized documents into shards and a ``UnitRecord``, and the
+resume state of finished units lives here too.
+
+A shard is closed when the next document would push it past ``--max-shard-bytes``, so every shard's
+bytes depend only on the unit's documents and the tokenizer. The train/valid split is by a hash of each
+document's text (``--valid-fraction``). A document streamed in pieces that turns out bad after some
+pieces were written is rolled back from its shard: a document is written whole or not at all.
+
+Resume: a finished unit writes ``.state/unit_NNNNN.json`` (its record) atomically after its shards are
+renamed into place. A rerun keeps a recorded unit whose shards all still match their checksums and
+redoes any other unit from scratch, so kill -9 at any moment loses at most the units in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..common.files import atomic_write_json, remove_temp_files, sha256_file
+from ..indexed_dataset import IndexedDatasetWriter
+from ..manifest import MAX_EXAMPLES, SPLITS, shard_entry, shard_files
+from ..readers import DOC, LAST
+from .plan import Segment, shard_prefix, unit_shard_glob
+from .settings import Settings
+
+
+def doc_hash(text: bytes) -> int:
+    """64-bit hash of a whole document's UTF-8 bytes: it picks the document's split."""
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+@dataclass
+class UnitRecord:
+    """What a finished unit wrote and read: its shards' manifest entries and its record accounting."""
+
+    unit: int
+    segments: list[Segment]
+    shards: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    records_read: int = 0
+    documents_written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skip_examples: dict[str, list[str]] = field(default_factory=dict)
+    # For a byte-range unit: the lines it owned, and whether its example line numbers count from the
+    # range start (made absolute in the manifest).
+    range_lines: int = 0
+    relative_lines: bool = False
+
+
+class UnitWriter:
+    """Writes one unit's documents, in order, into its shards ``{split}/shard_{unit}_{part}``."""
+
+    def __init__(self, out: Path, unit: int, segments: list[Segment], settings: Settings, dtype, eod: int):
+        self.out, self.settings, self.dtype = out, settings, np.dtype(dtype)
+        self.rec = UnitRecord(unit, segments)
+        self.writers: dict[str, IndexedDatasetWriter | None] = {s: None for s in SPLITS}
+        self.parts = {s: 0 for s in SPLITS}
+        self.eod = np.asarray([eod], dtype=self.dtype)
+        # Fraction of the 64-bit hash space that goes to valid.
+        self.valid_threshold = int(settings.valid_fraction * (1 << 64))
+        self.doc_writer: IndexedDatasetWriter | None = None  # holds the streamed document in progress
+        self.tokens = 0
+
+    def skip(self, reason: str, loc: str) -> None:
+        if self.doc_writer is not None:
+            # A SKIP instead of the LAST piece: the streamed document is abandoned; drop its pieces.
+            self.tokens -= self.doc_writer.drop_open_document()
+            self.doc_writer = None
+        self.rec.records_read += 1
+        self.rec.skipped[reason] = self.rec.skipped.get(reason, 0) + 1
+        ex = self.rec.skip_examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(loc)
+
+    def _split(self, text_hash: int) -> str:
+        return "valid" if text_hash < self.valid_threshold else "train"
+
+    def _writer(self, split: str, incoming_bytes: int) -> IndexedDatasetWriter:
+        w = self.writers[split]
+        if w is not None and w.num_documents and w.bytes_written() + incoming_bytes > self.settings.max_shard_bytes:
+            self._close(split)
+            w = None
+        if w is None:
+            prefix = self.out / shard_prefix(split, self.rec.unit, self.parts[split])
+            w = self.writers[split] = IndexedDatasetWriter(prefix, self.dtype)
+        return w
+
+    def _close(self, split: str) -> None:
+        w = self.writers[split]
+        if w is None:
+            return
+        self.writers[split] = None
+        if w.num_documents == 0:  # only held a rolled-back document
+            w.abort()
+            return
+        w.finalize()
+        prefix = shard_prefix(split, self.rec.unit, self.parts[split])
+        self.rec.shards[split].append(shard_entry(self.out, prefix))
+        self.parts[split] += 1
+
+    def add(self, kind: int, tokens: np.ndarray, text_hash: int) -> None:
+        """A DOC, or a PART/LAST piece of a streamed document; ``text_hash`` (of the whole document)
+        picks the split."""
+        eod = self.settings.append_eod
+        if kind == DOC:
+            if eod and len(tokens):
+                tokens = np.concatenate((tokens, self.eod))
+            w = self._writer(self._split(text_hash), tokens.nbytes)
+            w.add_document(tokens)
+            self.rec.records_read += 1
+            self.rec.documents_written += 1
+            self.tokens += len(tokens)
+            return
+        # A document streamed in pieces: all pieces go to one shard as consecutive sequences of one
+        # document; the split (and the shard) is decided at the first piece, by its hash.
+        w = self.doc_writer
+        if w is None:
+            w = self.doc_writer = self._writer(self._split(text_hash), tokens.nbytes)
+        if kind == LAST and eod and (len(tokens) or w.open_document_tokens):
+            tokens = np.concatenate((tokens, self.eod))
+        if len(tokens):
+            w.add_sequence(tokens)
+        self.tokens += len(tokens)
+        if kind == LAST:
+            w.end_document()
+            self.rec.records_read += 1
+            self.rec.documents_written += 1
+            self.doc_writer = None
+
+    def finish(self) -> UnitRecord:
+        if self.doc_writer is not None:
+            raise RuntimeError(f"unit {self.rec.unit} ended inside a streamed document (a reader bug)")
+        for split in SPLITS:
+            self._close(split)
+        return self.rec
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            if w is not None:
+                w.abort()
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume state of finished units
+
+
+def state_path(out: Path, unit: int) -> Path:
+    return out / ".state" / f"unit_{unit:05d}.json"
+
+
+def save_done_unit(out: Path, rec: UnitRecord) -> dict:
+    """Record a finished unit (its shards are already in place); returns the record as saved."""
+    saved = asdict(rec)
+    atomic_write_json(state_path(out, rec.unit), saved, indent=1)
+    return saved
+
+
+def load_done_unit(out: Path, unit: int) -> dict | None:
+    """A recorded unit whose shards all exist and match their checksums, else None."""
+    p = state_path(out, unit)
+    if not p.exists():
+        return None
+    try:
+        rec = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    for split in SPLITS:
+        for sh in rec["shards"][split]:
+            for f, sha in shard_files(out, sh):
+                if not f.exists() or sha256_file(f) != sha:
+                    return None
+    return rec
+
+
+def clean_unit(out: Path, unit: int) -> None:
+    """Remove finished or temporary shard files of an unfinished unit (left by a killed run)."""
+    for split in SPLITS:
+        for f in (out / split).glob(unit_shard_glob(unit)):
+            f.unlink()
+    remove_temp_files(out / ".state", state_path(out, unit).name)

@@ -1,0 +1,58 @@
+"""Streaming document readers with bounded memory and honest accounting of bad input.
+
+``iter_documents(source, options)`` yields ``Item`` tuples ``(kind, text, loc)`` (``items``): whole
+documents, pieces of documents too long to hold, or a skip reason at ``file:line``. Every record read is
+one of them: nothing is lost silently.
+
+    sources.py   what the user named -> ordered ``Source`` list; format detection, decompression,
+                 fingerprints
+    lines.py     raw lines or blocks of lines of a file, byte ranges (``ReadRange``)
+    items.py     item kinds, skip reasons, decoding and the document assembler the formats share
+    jsonl.py, wikidoc.py, text.py, parquet.py, hf.py
+                 one module per input format
+
+Byte ranges (``ReadRange``) let one huge uncompressed ``jsonl``/``wikidoc`` file be read as several
+independent parts whose records, in order, are exactly the records of the whole file (``lines``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from . import hf, jsonl, parquet, text, wikidoc
+from .items import DOC, ERROR_REASONS, LAST, PART, SKIP, Item, ReadOptions
+from .lines import ReadRange, count_newlines
+from .sources import (
+    FINGERPRINT_METHODS,
+    FORMATS,
+    InputError,
+    Source,
+    expand_inputs,
+    fingerprint,
+    open_binary,
+    splittable,
+)
+
+__all__ = [
+    "DOC", "PART", "LAST", "SKIP", "ERROR_REASONS", "FINGERPRINT_METHODS", "FORMATS", "InputError", "Item",
+    "ReadOptions", "ReadRange", "Source", "count_newlines", "expand_inputs", "fingerprint", "iter_documents",
+    "open_binary", "splittable",
+]
+
+_READERS: dict[str, Callable[[str, ReadOptions, ReadRange | None], Iterator[Item]]] = {
+    "jsonl": jsonl.read,
+    "wikidoc": wikidoc.read,
+    "text": text.read,
+    "parquet": parquet.read,
+    "hf": hf.read,
+}
+
+
+def iter_documents(src: Source, opts: ReadOptions, rng: ReadRange | None = None) -> Iterator[Item]:
+    """Items of ``src`` (or of the byte range ``rng`` of it: only for ``splittable`` sources)."""
+    if rng is not None and not splittable(src):
+        raise InputError(f"{src.path}: a {src.format} source cannot be read in byte ranges")
+    read = _READERS.get(src.format)
+    if read is None:
+        raise InputError(f"{src.path}: unknown format {src.format!r}")
+    yield from read(src.path, opts, rng)
