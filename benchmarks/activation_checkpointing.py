@@ -48,19 +48,19 @@ def child(mode: str, preset: str, seq_len: int, batch: int, grads_out: str) -> d
     if mode == "deepspeed":
         import deepspeed
 
-        from model import llama
-        from trainer import distributed
+        from trainer import distributed, parallelize
 
-        # Swap the model's checkpoint function for DeepSpeed's (the model itself never imports DeepSpeed).
+        # Swap the trainer's checkpoint function for DeepSpeed's (the model itself never imports DeepSpeed).
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
-        deepspeed.init_distributed(dist_backend="gloo")  # configure() asks for the rank
-        distributed.release_shm_segment()
+        distributed.init()  # deepspeed.checkpointing.configure() asks for the rank
         deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
-        llama.checkpoint = lambda fn, *args, use_reentrant=False: deepspeed.checkpointing.checkpoint(fn, *args)
-        model.set_activation_checkpointing(1)
+        parallelize.checkpoint = lambda fn, *args, use_reentrant=False: deepspeed.checkpointing.checkpoint(fn, *args)
+        parallelize.apply_activation_checkpointing(model, 1)
     else:
-        model.set_activation_checkpointing({"off": 0, "every2": 2, "every1": 1}[mode])
+        from trainer.parallelize import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, {"off": 0, "every2": 2, "every1": 1}[mode])
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=gen)
     base = rss_mib()

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 
@@ -66,9 +65,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and exports")
     a = ap.parse_args()
-    from ckpt_factory import make_checkpoint, train_test_tokenizer
-
     from model import get_preset, num_params
+    from tests.helpers.checkpoints import make_checkpoint, train_test_tokenizer
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="export_mem_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -86,7 +84,7 @@ def main() -> int:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
         py = sys.executable
         runs = {
-            "imports only": [py, "-c", "import torch, deepspeed, transformers, safetensors, trainer.export_hf"],
+            "imports only": [py, "-c", "import torch, deepspeed, transformers, safetensors, trainer.hf.export"],
             "export --no-verify": [py, "-m", "trainer.export_hf", "--checkpoint", str(ckpt), "--output",
                                    str(work / "hf_noverify"), "--no-verify", "--overwrite"],
             "export (verified)": [py, "-m", "trainer.export_hf", "--checkpoint", str(ckpt), "--output",

@@ -2,7 +2,8 @@
 
 Times forward+backward of ``model.LlamaForCausalLM`` on packed rows (documents separated by EOD) with
   * causal:     SDPA ``is_causal=True`` (documents attend across boundaries);
-  * intra-doc:  ``segment_ids`` -> causal SDPA on each document's span (``model.document_spans``), plus
+  * intra-doc:  ``segment_ids`` -> the trainer's attention policy (``trainer.parallelize.document_attention``):
+                causal SDPA on each document's span, or one dense mask for very short documents, plus
                 position ids reset per document (what the trainer passes with ``data.intra_doc_attention``).
                 (The earlier dense boolean (B, 1, T, T) SDPA mask cost 1-12% here, 12% at seq 1024.)
 The two variants alternate every iteration so background load hits both alike. Two clocks: CPU time of
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pipeline.batching import make_batch  # noqa: E402
-from model import LlamaForCausalLM, get_preset, llama  # noqa: E402
+from model import LlamaForCausalLM, get_preset  # noqa: E402
+from trainer.batching import make_batch  # noqa: E402
+from trainer.parallelize import SPAN_ATTENTION_MIN_MEAN_TOKENS, document_attention  # noqa: E402
 
 EOD = 2
 
@@ -63,10 +65,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU time = work)")
     ap.add_argument("--mode", choices=["auto", "spans", "mask"], default="auto",
                     help="intra-doc kernel: one SDPA call per document span, one call with a dense mask, or "
-                         "the model's choice (mask when documents average < SPAN_ATTENTION_MIN_MEAN_TOKENS)")
+                         "the trainer's choice (mask when documents average < SPAN_ATTENTION_MIN_MEAN_TOKENS = "
+                         f"{SPAN_ATTENTION_MIN_MEAN_TOKENS})")
     args = ap.parse_args()
-    if args.mode != "auto":
-        llama.SPAN_ATTENTION_MIN_MEAN_TOKENS = 0 if args.mode == "spans" else 10**9
+    min_mean = {"auto": SPAN_ATTENTION_MIN_MEAN_TOKENS, "spans": 0, "mask": 10**9}[args.mode]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -82,7 +84,8 @@ def main() -> None:
         for seq_len in args.seq_lens:
             rows = packed_rows(args.batch_size, seq_len, args.vocab_size, args.mean_doc_len, rng)
             causal = make_batch(rows, EOD)
-            intra = make_batch(rows, EOD, reset_position_ids=True, intra_doc_attention=True)
+            intra = document_attention(make_batch(rows, EOD, reset_position_ids=True, intra_doc_attention=True),
+                                       min_mean_tokens=min_mean)
             times: dict[str, list[tuple[float, float]]] = {"causal": [], "intra": []}
             for i in range(args.warmup + args.iters):
                 for name, batch in (("causal", causal), ("intra", intra)):

@@ -42,12 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pipeline.batching import DistributedSampleIterator, make_batch  # noqa: E402
 from model import IGNORE_INDEX, PRESETS, LlamaForCausalLM, flops_per_token, get_preset, num_params  # noqa: E402
 from trainer import distributed  # noqa: E402
+from trainer.batching import DistributedSampleIterator, make_batch  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 from trainer.ds_config import build_ds_config, resolve_precision  # noqa: E402
+from trainer.engine import param_groups  # noqa: E402
 from trainer.metrics import detect_peak_tflops  # noqa: E402
+from trainer.parallelize import apply_activation_checkpointing  # noqa: E402
 
 
 class SyntheticTokens:
@@ -71,7 +73,7 @@ class HFWithOurLoss(nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids, labels, position_ids=None, segment_ids=None):
+    def forward(self, input_ids, labels, position_ids=None):
         logits = self.hf(input_ids=input_ids, position_ids=position_ids).logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
                                ignore_index=IGNORE_INDEX)
@@ -92,14 +94,6 @@ def build_hf_twin(ours: LlamaForCausalLM, activation_checkpointing: int) -> nn.M
         # HF recomputes every layer; ours every N-th (equal work only for N=1).
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return HFWithOurLoss(hf)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    try:  # the trainer's own grouping where available
-        from trainer.engine import param_groups as pg
-    except ImportError:
-        from trainer.train import param_groups as pg
-    return pg(model, weight_decay)
 
 
 def run_config(a: argparse.Namespace) -> RunConfig:
@@ -208,7 +202,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(a.seed)
     ours = LlamaForCausalLM(mcfg)
-    ours.set_activation_checkpointing(a.activation_checkpointing)
+    apply_activation_checkpointing(ours, a.activation_checkpointing)
     models = {"ours": ours}
     if a.compare_hf:
         models["hf"] = build_hf_twin(ours, a.activation_checkpointing)  # copies ours' initial weights

@@ -5,7 +5,7 @@ Field names follow Hugging Face ``LlamaConfig`` so export writes them unchanged 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,6 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**d)
-
-    def with_(self, **kw) -> ModelConfig:
-        return replace(self, **kw)
 
 
 # Parameter counts in the comments are for vocab_size=32000 (``num_params(get_preset(name))``);

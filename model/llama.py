@@ -1,4 +1,4 @@
-"""A Llama-family decoder as a plain ``nn.Module``: no collectives, no DeepSpeed.
+"""A Llama-family decoder as a plain ``nn.Module``: no collectives, no DeepSpeed, no training policy.
 
 Module and parameter names are those of Hugging Face ``LlamaForCausalLM`` (``model.embed_tokens``,
 ``model.layers.N.self_attn.q_proj``, ``model.layers.N.mlp.gate_proj``, ``model.norm``, ``lm_head``)
@@ -7,6 +7,14 @@ so that export is a copy and DeepSpeed AutoTP's Llama sharding rules apply to us
 Under AutoTP, q/k/v/gate/up projections are column-sharded and o/down row-sharded, so a rank sees
 fewer heads than the config says: the attention code therefore derives the local head count from
 tensor shapes (``view(B, T, -1, head_dim)``), never from ``num_attention_heads``.
+
+Attention is causal by default. For packed documents the caller says which tokens may see which,
+in one of two forms the model executes as given (choosing between them, activation checkpointing and
+parallelism are the trainer's business: ``trainer/parallelize.py``):
+
+* ``doc_spans``: per batch row, the ``(start, end)`` token ranges of its documents; causal attention
+  runs on each span alone;
+* ``attn_mask``: a boolean (B, 1, T, T) mask, True where attention is allowed.
 
 Shapes: B batch, T sequence, d hidden, H query heads, K kv heads, D head_dim, V vocab.
 """
@@ -18,7 +26,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -27,13 +34,6 @@ IGNORE_INDEX = -100
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 # Packed documents per batch row: ((start, end), ...) token ranges covering the row, in order.
 DocSpans = tuple[tuple[tuple[int, int], ...], ...]
-# Intra-document attention runs one causal SDPA call per document span, unless a batch's documents
-# average fewer tokens than this: then one call with a dense (B, 1, T, T) mask is cheaper than many tiny
-# calls. Measured on CPU (tiny preset, seq 1024; benchmarks/intra_doc_attention.py --mode spans|mask),
-# step time vs plain causal with documents of ~8 tokens: 1.36 (spans) / 1.10 (mask); ~12: 1.24 / 1.18;
-# ~16: 1.09 / 1.16; ~32: 0.92 / 1.16; ~128: 0.86 / 1.12. Not yet measured on GPUs, where small kernel
-# launches cost relatively more.
-SPAN_ATTENTION_MIN_MEAN_TOKENS = 16
 
 
 class LlamaRMSNorm(nn.Module):
@@ -161,8 +161,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        # 0 = off; N = recompute every N-th layer's activations in backward (1 = every layer).
-        self.checkpoint_every = 0
 
     def forward(self, input_ids, position_ids=None, docs: DocSpans | torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
@@ -170,47 +168,9 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         cos, sin = self.rotary_emb(x, position_ids)
-        for i, layer in enumerate(self.layers):
-            if self.checkpoint_every and self.training and i % self.checkpoint_every == 0:
-                # torch's non-reentrant checkpointing, not deepspeed.checkpointing: recomputation
-                # re-runs the layer's module hooks, so ZeRO-3 re-gathers its parameters and AutoTP's
-                # sharded layers just work; inputs that need no grad (cos/sin/spans) are fine; model/
-                # stays DeepSpeed-free. DeepSpeed's (reentrant) version would add partition_activations
-                # (saved inputs split across TP ranks) and CPU checkpointing, which only pays off when
-                # the one saved (B, T, d) input per layer is what limits memory. Only the layer input
-                # is kept; gradients are bitwise identical (tests/test_parallel_parity.py).
-                x = checkpoint(layer, x, cos, sin, docs, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, docs)
+        for layer in self.layers:
+            x = layer(x, cos, sin, docs)
         return self.norm(x)
-
-
-def document_spans(segment_ids: torch.Tensor) -> DocSpans:
-    """Per row, the (start, end) token ranges of its packed documents, in order.
-
-    segment_ids (B, T) int, non-decreasing along each row: tokens with equal ids belong to the same
-    document. Read on the host (one device-to-host copy of B x T ints per forward on a GPU)."""
-    seg = segment_ids.detach().cpu()
-    T = seg.shape[1]
-    spans = []
-    for row in seg:
-        cuts = (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist()
-        edges = [0, *cuts, T]
-        spans.append(tuple(zip(edges[:-1], edges[1:])))
-    return tuple(spans)
-
-
-def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that also forbids attention across packed documents: what per-span attention
-    computes, as one dense mask (the model uses it for batches of very short documents).
-
-    segment_ids (B, T) int: tokens with equal ids belong to the same document.
-    Returns a boolean mask (B, 1, T, T), True where attention is allowed.
-    """
-    T = segment_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & causal)[:, None]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -248,30 +208,20 @@ class LlamaForCausalLM(nn.Module):
         elif isinstance(module, LlamaRMSNorm):
             nn.init.ones_(module.weight)
 
-    def set_activation_checkpointing(self, every: int) -> None:
-        """0 disables; N recomputes every N-th decoder layer (N=1: all of them)."""
-        if every < 0:
-            raise ValueError("activation checkpointing interval must be >= 0")
-        self.model.checkpoint_every = every
-
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
+        doc_spans: DocSpans | None = None,
+        attn_mask: torch.Tensor | None = None,
     ):
         """input_ids (B, T). With labels (B, T) (IGNORE_INDEX = masked) returns the mean token loss;
-        otherwise the logits (B, T, V). segment_ids (B, T) enable intra-document attention."""
-        docs = None
-        if segment_ids is not None:
-            docs = document_spans(segment_ids)
-            n_docs = sum(len(row) for row in docs)
-            if n_docs == len(docs):  # one document per row: plain causal attention
-                docs = None
-            elif segment_ids.numel() < SPAN_ATTENTION_MIN_MEAN_TOKENS * n_docs:
-                docs = document_attention_mask(segment_ids.to(input_ids.device))
-        h = self.model(input_ids, position_ids=position_ids, docs=docs)
+        otherwise the logits (B, T, V). ``doc_spans`` or ``attn_mask`` restrict attention to packed
+        documents (module docstring); neither means plain causal attention."""
+        if doc_spans is not None and attn_mask is not None:
+            raise ValueError("give doc_spans or attn_mask, not both")
+        h = self.model(input_ids, position_ids=position_ids, docs=doc_spans if attn_mask is None else attn_mask)
         logits = self.lm_head(h)
         if labels is None:
             return logits
@@ -279,3 +229,11 @@ class LlamaForCausalLM(nn.Module):
         return F.cross_entropy(
             logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Every state-dict name of ``LlamaForCausalLM(cfg)`` with its full shape, built on the meta device
+    (no memory): what a checkpoint or an export of this config must hold."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    return {k: v.shape for k, v in model.state_dict().items()}

@@ -12,9 +12,9 @@ import sys
 DATA_COMMANDS = {"train-tokenizer", "preprocess", "inspect", "verify", "merge"}
 MODULES = {
     "train": "trainer.train",
-    "export-hf": "trainer.export_hf",
-    "import-hf": "trainer.import_hf",
-    "generate": "trainer.generate",
+    "export-hf": "trainer.hf.export",
+    "import-hf": "trainer.hf.importer",
+    "generate": "trainer.hf.generate",
 }
 
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.common.errors import InputError
 
-class ConfigError(ValueError):
-    """A run config that cannot be used; the message names the key."""
+
+class ConfigError(InputError):
+    """A run config that cannot be used (exit 2); the message names the key."""
 
 
 @dataclass

@@ -8,10 +8,11 @@ config owns is an error, so no value is ever held in two places.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from data_pipeline.common.files import read_json
 
 from .config import ConfigError, RunConfig
 
@@ -61,12 +62,9 @@ def load_template(path: str | None) -> dict:
     if not path:
         return {}
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"parallel.ds_config: {p} not found")
-    try:
-        tpl = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    tpl = read_json(p, ConfigError, missing="parallel.ds_config names a file that does not exist")
+    if not isinstance(tpl, dict):
+        raise ConfigError(f"{p}: a DeepSpeed config template must be a JSON object")
     tpl.pop("_comment", None)
     for key, owner in OWNED.items():
         if _get(tpl, key) is not None:

@@ -1,13 +1,17 @@
 """Parallel layout, model construction and the DeepSpeed engine (ZeRO 0-3, AutoTP, offload).
 
+The training-time transformations of the model (activation checkpointing, the attention policy) and
+the order in which they and DeepSpeed's AutoTP and ZeRO apply are in ``trainer/parallelize.py``.
+
 What this module decides, and why:
 
 * **Layout from DeepSpeed's own groups.** With ``parallel.tensor_parallel`` = T > 1 we create DeepSpeed's
-  (data, tensor) device mesh *before* ``deepspeed.initialize`` (``deepspeed.utils.groups``) and pass that
-  module as ``mpu``. Then the batch-size check in DeepSpeed's config counts data-parallel ranks (not the
-  whole world), ZeRO partitions over the data-parallel group only, and the trainer reads its data-parallel
-  rank/size from the same groups the engine uses instead of assuming a rank formula. (The mesh puts
-  tensor-parallel on the inner dimension: ranks [k*T, (k+1)*T) form one TP group.)
+  (data, tensor) device mesh *before* ``deepspeed.initialize`` (``deepspeed_compat``) and pass
+  ``deepspeed.utils.groups`` as ``mpu``. Then the batch-size check in DeepSpeed's config counts
+  data-parallel ranks (not the whole world), ZeRO partitions over the data-parallel group only, and the
+  trainer reads its data-parallel rank/size from the same groups the engine uses instead of assuming a
+  rank formula. (The mesh puts tensor-parallel on the inner dimension: ranks [k*T, (k+1)*T) form one
+  TP group.)
 * **ZeRO-3 builds under ``deepspeed.zero.Init``**, so no rank ever holds more than one module's full
   weights. ``LlamaForCausalLM.__init__`` runs ``reset_parameters`` on what are by then empty shards, so we
   re-initialise afterwards, one module at a time inside ``GatheredParameters(modifier_rank=0)``, with the
@@ -25,6 +29,7 @@ What this module decides, and why:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +38,9 @@ import torch.distributed as dist
 
 from model import LlamaForCausalLM, ModelConfig
 
-from .config import ConfigError
+from . import deepspeed_compat
+from .config import ConfigError, RunConfig
+from .schedule import lr_lambda
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Layout:
 
     world: int
     rank: int
+    local_rank: int  # on this node (the launcher's LOCAL_RANK)
     tp: int
     tp_rank: int
     dp: int
@@ -52,14 +60,14 @@ class Layout:
 def init_layout(tp: int) -> Layout:
     """Create DeepSpeed's tensor/data-parallel groups (collective; after init_distributed)."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if tp < 1 or world % tp:
         raise ConfigError(f"world size {world} is not divisible by parallel.tensor_parallel={tp}")
     if tp == 1:
-        return Layout(world, rank, 1, 0, world, rank)
-    from deepspeed.utils import groups
-
-    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
-    layout = Layout(world, rank, tp, groups.get_tensor_model_parallel_rank(), groups.get_data_parallel_world_size(),
+        return Layout(world, rank, local_rank, 1, 0, world, rank)
+    groups = deepspeed_compat.init_tensor_parallel_groups(tp)
+    layout = Layout(world, rank, local_rank, tp, groups.get_tensor_model_parallel_rank(),
+                    groups.get_data_parallel_world_size(),
                     groups.get_data_parallel_rank(), groups)
     if layout.dp * tp != world:
         raise RuntimeError(f"DeepSpeed groups: dp {layout.dp} × tp {tp} != world {world}")
@@ -95,7 +103,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_model(mcfg: ModelConfig, ds_config: dict, zero_stage: int, seed: int, layout: Layout,
-                init_state: dict | None = None, activation_checkpointing: int = 0) -> LlamaForCausalLM:
+                init_state: dict | None = None) -> LlamaForCausalLM:
     """The same initial weights on every rank and at every ZeRO stage for a given seed."""
     torch.manual_seed(seed)
     if zero_stage != 3:
@@ -114,7 +122,6 @@ def build_model(mcfg: ModelConfig, ds_config: dict, zero_stage: int, seed: int, 
         # No re-seed: construction drew the same default-init numbers as an eager build, and the no-op
         # reset_parameters on empty shards drew none, so the RNG stands where an eager reset would start.
         _reinit_partitioned(model, init_state)
-    model.set_activation_checkpointing(activation_checkpointing)
     return model
 
 
@@ -134,22 +141,20 @@ def _reinit_partitioned(model: LlamaForCausalLM, init_state: dict | None) -> Non
                     p.copy_(init_state[f"{name}.{pname}" if name else pname])
 
 
-def keep_zero0_grad_norm(engine) -> bool:
-    """Make ``engine.get_global_grad_norm()`` work without ZeRO too.
+def initialize(model: LlamaForCausalLM, cfg: RunConfig, ds_config: dict, layout: Layout):
+    """``deepspeed.initialize`` with the trainer's AdamW param groups and LR schedule, plus the
+    ``deepspeed_compat`` patches every lmforge engine gets (grad norm and non-finite guard at ZeRO-0)."""
+    import deepspeed
 
-    With ZeRO 1-3 (and DeepSpeed's bf16/fp16 wrappers) the optimizer records the global norm. Plain
-    ZeRO-0 fp32 clips with ``deepspeed.runtime.utils.clip_grad_norm_`` (tensor-parallel aware: replicated
-    parameters counted once, sharded ones summed over the TP group) but drops the norm it computed; keep
-    it. Only when clipping is on (``optim.grad_clip`` > 0): otherwise DeepSpeed computes no norm at all.
-    Returns whether the hook was installed."""
-    if engine.zero_optimization() or engine.gradient_clipping() <= 0 or hasattr(engine.optimizer,
-                                                                                 "_global_grad_norm"):
-        return False
-    from deepspeed.runtime.utils import clip_grad_norm_
+    from .distributed import collective_device
 
-    def clip_and_keep_norm() -> None:
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-
-    engine.clip_fp32_gradients = clip_and_keep_norm
-    return True
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds_config,
+        mpu=layout.mpu,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+    )
+    deepspeed_compat.install_nonfinite_guard(engine, collective_device())
+    deepspeed_compat.keep_zero0_grad_norm(engine)  # grad_norm in the metrics at ZeRO-0 too
+    return engine

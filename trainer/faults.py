@@ -5,7 +5,8 @@ layouts: its ZeRO-1/2/3 optimizers treat a non-finite global gradient norm as an
 (``bf16.check_grad_overflow``, default true) and fp16 alike, skip ``optimizer.step()``, drop the
 gradients and count ``engine.skipped_steps`` (the LR schedule does not advance on a skipped step, as in
 Megatron); fp16 without ZeRO uses its loss scaler's overflow check. The one layout without a check is
-ZeRO-0 in fp32/bf16 (a plain torch optimizer), which ``install_nonfinite_guard`` covers the same way.
+ZeRO-0 in fp32/bf16 (a plain torch optimizer), which ``deepspeed_compat.install_nonfinite_guard`` covers
+the same way.
 
 A non-finite loss always yields non-finite gradients (the loss is back-propagated and averaged across
 ranks), so "skipped by DeepSpeed" is the one signal the loop needs. In fp16 the loss scaler also skips
@@ -23,16 +24,13 @@ import math
 import os
 from collections.abc import Callable
 
-import torch
-import torch.distributed as dist
-
-from .distributed import collective_device
+from data_pipeline.common.errors import InputError, TrainingAborted
 
 INJECT_ENV = "LMFORGE_INJECT_NAN_AT_STEP"
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+class NonFiniteError(TrainingAborted):
+    """Too many consecutive non-finite steps (exit 3); the message names the last good checkpoint."""
 
 
 def injected_nan_steps() -> frozenset[int]:
@@ -43,36 +41,8 @@ def injected_nan_steps() -> frozenset[int]:
         try:
             steps.update(range(int(lo), int(hi or lo) + 1))
         except ValueError:
-            raise ValueError(f"{INJECT_ENV}={raw!r}: expected step numbers like 3 or 3,5-7") from None
+            raise InputError(f"{INJECT_ENV}={raw!r}: expected step numbers like 3 or 3,5-7") from None
     return frozenset(steps)
-
-
-def install_nonfinite_guard(engine) -> bool:
-    """Give a ZeRO-0 fp32/bf16 engine's plain torch optimizer the overflow check DeepSpeed's own
-    optimizers have: ``step()`` checks every gradient, and if any is non-finite on any rank it does
-    nothing and sets ``optimizer.overflow``, which the engine reads to count the step as skipped (and
-    to leave the LR schedule alone). Returns whether a guard was installed."""
-    opt = engine.optimizer
-    if engine.zero_optimization() or hasattr(opt, "overflow") or opt is None:
-        return False
-    inner_step = opt.step  # bound method, possibly the LR scheduler's step-tracking wrapper
-
-    def guarded_step(*args, **kwargs):
-        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros(1, device=grads[0].device if grads else collective_device())
-        if grads:
-            # One reduction over all tensors (a per-tensor .item() would sync once per parameter).
-            bad = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().reshape(1)
-        # Gradients are already averaged across data-parallel ranks; tensor-parallel shards differ.
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        opt.overflow = bool(bad.item() > 0)
-        if opt.overflow:
-            return None
-        return inner_step(*args, **kwargs)
-
-    opt.overflow = False
-    opt.step = guarded_step
-    return True
 
 
 class NonFiniteTracker:

@@ -11,7 +11,6 @@ unless ``log.peak_tflops`` is given.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -92,7 +91,3 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
-
-
-def rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

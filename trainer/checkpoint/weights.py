@@ -1,14 +1,14 @@
-"""Weights out of an lmforge DeepSpeed checkpoint, one tensor at a time, and a streaming safetensors writer.
+"""Full model weights out of an lmforge DeepSpeed checkpoint of any layout, one tensor at a time.
 
 Sources (chosen from lmforge.json and the files present, never from the current world size or devices).
 A half-precision run's export always comes from its fp32 optimizer masters when the checkpoint has
-them (see trainer/fp32_masters.py for DeepSpeed's layouts), and each master is checked to round to the
-saved bf16/fp16 module weight bit for bit:
+them, and each master is checked to round to the saved bf16/fp16 module weight bit for bit
+(``masters.py`` reads DeepSpeed's optimizer layouts):
 - ZeRO 0/1/2 in fp32, tensor parallel 1: ``mp_rank_00_model_states.pt['module']`` holds the full
   weights, which equal the fp32 optimizer masters in an fp32 run. Loaded with ``mmap=True`` and
   ``weights_only=True``, so a tensor is read from disk only when it is asked for.
 - ZeRO 0 in bf16/fp16: the masters in ``mp_rank_XX_model_states.pt['optimizer']`` (unnamed, in
-  optimizer param-group order, which fp32_masters reconstructs and the rounding check confirms).
+  optimizer param-group order, which masters.py reconstructs and the rounding check confirms).
 - ZeRO 1 in bf16 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer): the masters' slices in
   ``bf16_zero_pp_rank_*_optim_states.pt``, joined per parameter by their recorded name and offsets.
 - ZeRO 1/2 in bf16/fp16 otherwise and ZeRO 3 (any precision): DeepSpeed's own consolidation
@@ -35,31 +35,22 @@ saved bf16/fp16 module weight bit for bit:
 
 from __future__ import annotations
 
-import json
 import re
-import struct
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from model import LlamaForCausalLM, ModelConfig
-from trainer import fp32_masters
+from model import ModelConfig, parameter_shapes
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .. import deepspeed_compat
+from . import masters as master_layouts
+from .state import CheckpointError, CheckpointState
+from .tags import universal_tag
+from .universal import ds_to_universal, universal_complete
+
 Getter = Callable[[], torch.Tensor]
-_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be exported; the message names the file and the reason."""
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Parameter names and full shapes of LlamaForCausalLM(cfg), built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def _load_states(path: Path) -> dict:
@@ -101,24 +92,16 @@ class _MergedModule:
 def _universal_masters(tag_dir: Path, tp: int, stage: int, shapes: dict, wanted: list[str],
                        scratch: Path | None) -> tuple[dict[str, Getter], list[str], str]:
     """fp32 masters of a tensor-parallel ZeRO checkpoint through DeepSpeed's universal conversion."""
-    import sys
-
-    from trainer import checkpoint as ckpt
-    from trainer import resume
-
-    uni = tag_dir.parent / ckpt.universal_tag(tag_dir.name)
-    if resume.universal_complete(uni, tag_dir.name):
+    uni = tag_dir.parent / universal_tag(tag_dir.name)
+    if universal_complete(uni, tag_dir.name):
         where = f"the existing universal checkpoint {uni.name}"
     else:
         if scratch is None:
             raise CheckpointError(f"{tag_dir}: tensor-parallel ZeRO-{stage} masters need a universal conversion "
                                   "and no scratch directory was given")
         scratch.mkdir(parents=True, exist_ok=True)
-        try:
-            uni = resume.ds_to_universal(tag_dir, scratch / ckpt.universal_tag(tag_dir.name),
-                                         log=lambda m: print(m, file=sys.stderr))
-        except RuntimeError as e:
-            raise CheckpointError(str(e)) from e
+        uni = ds_to_universal(tag_dir, scratch / universal_tag(tag_dir.name),
+                              log=lambda m: print(m, file=sys.stderr))
         where = "DeepSpeed's universal-checkpoint conversion"
     zero = uni / "zero"
     missing = [k for k in wanted if not (zero / k / "fp32.pt").is_file()]
@@ -138,7 +121,7 @@ def _universal_masters(tag_dir: Path, tp: int, stage: int, shapes: dict, wanted:
     if stage < 3:  # ZeRO-3 saves no module weights to compare with
         files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
         merged = _MergedModule([_load_states(f)["module"] for f in files], shapes, files)
-        getters = fp32_masters.checked_against_module(getters, merged, tag_dir)
+        getters = master_layouts.checked_against_module(getters, merged, tag_dir)
         source += ", each checked to round to the saved module weights"
     return getters, extra, source
 
@@ -153,9 +136,10 @@ def _tensor_parallel(tag_dir: Path, cfg: ModelConfig, tp: int, stage: int, half:
     extra = sorted(set().union(*map(set, modules)) - set(shapes))
     masters = None
     if half and stage == 0:
-        found = [fp32_masters.zero0_masters(f, s, s["module"], cfg) for f, s in zip(files, states)]
+        found = [master_layouts.zero0_masters(f, s, s["module"], cfg) for f, s in zip(files, states)]
         if all(m is not None for m in found):
-            masters = [fp32_masters.checked_against_module(m, s["module"], f) for m, s, f in zip(found, states, files)]
+            masters = [master_layouts.checked_against_module(m, s["module"], f)
+                       for m, s, f in zip(found, states, files)]
     src = masters or [{k: (lambda t=t: t) for k, t in m.items()} for m in modules]
     getters = {}
     for k in wanted:
@@ -169,17 +153,15 @@ def _tensor_parallel(tag_dir: Path, cfg: ModelConfig, tp: int, stage: int, half:
 def _zero_optimizer(tag_dir: Path, stage: int, shapes: dict,
                     wanted: list[str]) -> tuple[dict[str, Getter], list[str], str]:
     """fp32 masters from the ``*_optim_states.pt`` files: BF16_Optimizer's layout or zero_to_fp32."""
-    files = fp32_masters.optim_files(tag_dir)
+    files = master_layouts.optim_files(tag_dir)
     if not files:
         raise CheckpointError(f"{tag_dir}: no *_optim_states.pt files (ZeRO-{stage} checkpoint incomplete?)")
-    if stage < 3 and fp32_masters.is_bf16_optimizer(fp32_masters.load_optim(files[0])):
-        masters = fp32_masters.bf16_optimizer_masters(files, shapes)
+    if stage < 3 and master_layouts.is_bf16_optimizer(master_layouts.load_optim(files[0])):
+        masters = master_layouts.bf16_optimizer_masters(files, shapes)
         source = f"fp32 master weights of DeepSpeed's BF16_Optimizer in {len(files)} bf16_zero_pp_rank_* files"
     else:
-        from deepspeed.utils import zero_to_fp32
-
         try:
-            sd = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), False)
+            sd = deepspeed_compat.zero_fp32_state_dict(tag_dir)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{tag_dir}: DeepSpeed ZeRO consolidation failed: {e}") from e
         # GatheredTensor (ZeRO-3, lazy) or a view (ZeRO 1/2): .contiguous() materialises one tensor.
@@ -192,51 +174,47 @@ def _zero_optimizer(tag_dir: Path, stage: int, shapes: dict,
     getters = {k: masters[k] for k in wanted}
     if stage < 3:  # ZeRO-3 saves no module weights to compare with
         path = tag_dir / "mp_rank_00_model_states.pt"
-        getters = fp32_masters.checked_against_module(getters, _load_states(path)["module"], path)
+        getters = master_layouts.checked_against_module(getters, _load_states(path)["module"], path)
         source += ", each checked to round to the saved module weight"
     return getters, extra, source
 
 
-def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig,
+def weight_source(tag_dir: Path, state: CheckpointState,
                   scratch: Path | None = None) -> tuple[dict[str, Callable[[], torch.Tensor]], str]:
     """Map every parameter name to a function returning its full tensor; also says which source it used.
 
     Tied ``lm_head.weight`` is left out (HF omits tied weights from the files). ``scratch``: a directory
     the caller deletes after the getters are used, for the universal conversion tensor-parallel ZeRO
     checkpoints need (see the module docstring)."""
-    stage = int(meta.get("zero_stage", 0))
-    tp = int(meta.get("tensor_parallel", 1))
-    precision = meta.get("precision", "fp32")
-    shapes = expected_shapes(cfg)
+    cfg = state.model
+    stage, tp, precision = state.zero_stage, state.tensor_parallel, state.precision
+    shapes = parameter_shapes(cfg)
     wanted = [k for k in shapes if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     half = precision != "fp32"
-    try:
-        if tp > 1:
-            getters, extra, source = _tensor_parallel(tag_dir, cfg, tp, stage, half, shapes, wanted, scratch)
-        elif stage == 3 or (stage in (1, 2) and half):
-            getters, extra, source = _zero_optimizer(tag_dir, stage, shapes, wanted)
+    if tp > 1:
+        getters, extra, source = _tensor_parallel(tag_dir, cfg, tp, stage, half, shapes, wanted, scratch)
+    elif stage == 3 or (stage in (1, 2) and half):
+        getters, extra, source = _zero_optimizer(tag_dir, stage, shapes, wanted)
+    else:
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        states = _load_states(path)
+        module = states["module"]
+        extra = sorted(set(module) - set(shapes))
+        masters = master_layouts.zero0_masters(path, states, module, cfg) if half else None
+        src = module if masters is None else masters
+        for k in wanted:
+            if k not in src:
+                raise CheckpointError(f"{path}: parameter {k} missing from the "
+                                      f"{'module state dict' if masters is None else 'fp32 masters'}")
+        if masters is None:
+            getters = {k: (lambda k=k: module[k]) for k in wanted}
+            source = f"module weights in mp_rank_00_model_states.pt (ZeRO-{stage}, {precision})"
+            if half:
+                source += "; the checkpoint holds no fp32 masters (saved without optimizer state)"
         else:
-            path = tag_dir / "mp_rank_00_model_states.pt"
-            states = _load_states(path)
-            module = states["module"]
-            extra = sorted(set(module) - set(shapes))
-            masters = fp32_masters.zero0_masters(path, states, module, cfg) if half else None
-            src = module if masters is None else masters
-            for k in wanted:
-                if k not in src:
-                    raise CheckpointError(f"{path}: parameter {k} missing from the "
-                                          f"{'module state dict' if masters is None else 'fp32 masters'}")
-            if masters is None:
-                getters = {k: (lambda k=k: module[k]) for k in wanted}
-                source = f"module weights in mp_rank_00_model_states.pt (ZeRO-{stage}, {precision})"
-                if half:
-                    source += "; the checkpoint holds no fp32 masters (saved without optimizer state)"
-            else:
-                getters = fp32_masters.checked_against_module({k: masters[k] for k in wanted}, module, path)
-                source = (f"fp32 master weights of the ZeRO-{stage} {precision} optimizer in "
-                          "mp_rank_00_model_states.pt, each checked to round to the saved module weight")
-    except fp32_masters.MasterError as e:
-        raise CheckpointError(str(e)) from e
+            getters = master_layouts.checked_against_module({k: masters[k] for k in wanted}, module, path)
+            source = (f"fp32 master weights of the ZeRO-{stage} {precision} optimizer in "
+                      "mp_rank_00_model_states.pt, each checked to round to the saved module weight")
     # Anything DeepSpeed saved that our model does not have means config and weights disagree.
     extra = [k for k in extra if not re.search(r"(inv_freq|_extra_state)$", k)]
     if extra:
@@ -244,10 +222,7 @@ def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig,
 
     def checked(k: str, get: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            try:
-                t = get()
-            except fp32_masters.MasterError as e:  # raised lazily, while the export reads this tensor
-                raise CheckpointError(str(e)) from e
+            t = get()  # may raise a CheckpointError lazily, while the export reads this tensor
             if t.shape != shapes[k]:
                 raise CheckpointError(f"{tag_dir}: {k} has shape {tuple(t.shape)}, the model config says "
                                       f"{tuple(shapes[k])}")
@@ -255,57 +230,3 @@ def weight_source(tag_dir: Path, meta: dict, cfg: ModelConfig,
         return run
 
     return {k: checked(k, g) for k, g in getters.items()}, source
-
-
-def plan_shards(shapes: dict[str, torch.Size], dtype: torch.dtype, max_shard_bytes: int) -> list[list[str]]:
-    """Greedy split of tensors (in model order) into files of at most max_shard_bytes each
-    (a tensor larger than the limit gets a file of its own)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    item = torch.empty((), dtype=dtype).element_size()
-    for k, s in shapes.items():
-        n = s.numel() * item
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += n
-    return shards
-
-
-def write_safetensors(path: Path, names: list[str], shapes: dict[str, torch.Size], dtype: torch.dtype,
-                      get: Callable[[str], torch.Tensor], on_tensor: Callable[[int], None] | None = None) -> None:
-    """Write a safetensors file tensor by tensor: the header is computed from the known shapes first,
-    then each tensor is fetched, cast, written and dropped, so only one tensor is in memory at a time."""
-    item = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for k in names:
-        n = shapes[k].numel() * item
-        header[k] = {"dtype": _ST_DTYPE[dtype], "shape": list(shapes[k]), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format wants the data to start 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for k in names:
-            t = get(k).detach().to(dtype=dtype).contiguous()
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
-            if on_tensor:
-                on_tensor(t.numel() * item)
-            del t
-
-
-def iter_shard_names(n: int) -> Iterator[str]:
-    if n == 1:
-        yield "model.safetensors"
-    else:
-        for i in range(n):
-            yield f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]

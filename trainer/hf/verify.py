@@ -1,4 +1,4 @@
-"""Checks that an exported Hugging Face directory is the checkpoint it came from (see export_hf).
+"""Checks that an exported Hugging Face directory is the checkpoint it came from (see ``export.py``).
 
 Returns a list of human-readable problems; empty means verified. Memory: the HF model and lmforge's
 model are both held in fp32 here (2x the fp32 model), unlike the streaming export itself.
@@ -70,7 +70,7 @@ def _check_special_ids(model_dir: Path, hf) -> list[str]:
 
 def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable[[], torch.Tensor]],
                   dtype: torch.dtype, extra_texts: list[str] = ()) -> list[str]:
-    from trainer.hf_tokenizer import PARITY_TEXTS, check_tokenizer_parity
+    from .tokenizer import PARITY_TEXTS, check_tokenizer_parity
 
     problems: list[str] = []
     try:

@@ -13,12 +13,14 @@ CUDA uses the same optimizer classes):
   rank's slice of every group (``single_partition_of_fp32_groups``) and a name -> (start, numel) map
   of that slice (``param_slice_mappings``). No ``zero_stage`` key, so zero_to_fp32 rejects them.
 - ZeRO-1/2 otherwise and ZeRO-3: ``bf16_zero_pp_rank_*`` files of the ZeRO optimizers, which
-  ``deepspeed.utils.zero_to_fp32`` consolidates (hf_weights uses it).
+  ``deepspeed.utils.zero_to_fp32`` consolidates (``weights.py`` uses it).
 
 Both readers here are lazy (one parameter in memory at a time) and every master is checked against the
 half-precision module weight saved beside it: the master rounded to that dtype must equal it bit for
 bit, which is how DeepSpeed derives the module weight after each step. That check is what makes the
-unnamed ZeRO-0 group order safe to reconstruct (a wrong order fails it).
+unnamed ZeRO-0 group order safe to reconstruct (a wrong order fails it). These layouts are
+DeepSpeed's private file formats: like ``trainer/deepspeed_compat.py`` they were read off 0.19.8, and
+tests/test_export_hf_bf16.py checks them against real bf16 runs.
 """
 
 from __future__ import annotations
@@ -31,18 +33,19 @@ import torch
 
 from model import LlamaForCausalLM, ModelConfig
 
+from ..engine import param_groups
+from .state import CheckpointError
+
 Getter = Callable[[], torch.Tensor]
 
 
-class MasterError(ValueError):
+class MasterError(CheckpointError):
     """Masters present but unreadable or inconsistent with the module weights (message says why)."""
 
 
 def group_orders(cfg: ModelConfig) -> list[list[list[str]]]:
     """Candidate parameter-name orders of the optimizer's groups: the trainer's (decay matrices, then
     1-D tensors; trainer.engine.param_groups) and DeepSpeed's single group of model.parameters()."""
-    from trainer.engine import param_groups
-
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     names = {id(p): n for n, p in model.named_parameters()}  # tied weights appear once, as in the optimizer

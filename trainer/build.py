@@ -1,0 +1,162 @@
+"""The run, built from its config in one place (OLMo-core's ``config.build()`` idea).
+
+``build_run(cfg)`` turns a validated ``RunConfig`` into everything the step loop needs, in the order the
+pieces depend on each other: the process group and the parallel layout, the tokenizer (its vocabulary
+sizes the model, its EOS is the end-of-document token), the model config, the global sample order,
+the resume plan (chosen before the engine exists: another layout needs DeepSpeed's universal loader,
+which is selected in its config), the model with its training-time transformations
+(``parallelize.py``), and the DeepSpeed engine, loaded from the checkpoint when resuming.
+Every rank calls it; the collectives inside are called in the same order everywhere.
+
+This is the composition root: the one engine-stage module that imports the later stages (the resume
+plan from ``checkpoint``, ``model.init_from_hf`` weights from ``hf``); the rest of the flow only ever
+depends on earlier stages.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch.distributed as dist
+
+from data_pipeline.common.files import atomic_copy, atomic_write_text, sha256_file
+from data_pipeline.gpt_dataset import BlendedDataset, PackedDataset, build_dataset
+from data_pipeline.manifest import MANIFEST_NAME
+from model import ModelConfig
+
+from . import checkpoint, distributed, engine, parallelize
+from .checkpoint import resume
+from .config import ConfigError, RunConfig, check_global_batch, dump_config
+from .ds_config import build_ds_config, resolve_precision
+from .model_config import resolve_model_config
+
+Dataset = PackedDataset | BlendedDataset
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """The run's SentencePiece model."""
+
+    path: Path
+    sha256: str
+    processor: spm.SentencePieceProcessor
+
+    @property
+    def eod_id(self) -> int:
+        return self.processor.eos_id()
+
+    def record(self) -> checkpoint.TokenizerRecord:
+        sp = self.processor
+        return checkpoint.TokenizerRecord(file="tokenizer.model", sha256=self.sha256, vocab_size=sp.get_piece_size(),
+                                          bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(),
+                                          unk_id=sp.unk_id())
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    layout: engine.Layout
+    precision: str
+    global_batch: int
+    run_dir: Path
+    ckpt_dir: Path
+    tokenizer: Tokenizer
+    model_config: ModelConfig
+    train_ds: Dataset
+    valid_ds: Dataset | None
+    data_fingerprint: str  # the training order's identity, independent of its length
+    batch_transform: parallelize.BatchTransform
+    ds_config: dict
+    engine: object  # deepspeed.DeepSpeedEngine
+    step: int = 0
+    consumed_samples: int = 0
+    resumed_from: resume.ResumePlan | None = None
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    if not Path(path).is_file():
+        raise ConfigError(f"tokenizer: {path} not found")
+    return Tokenizer(Path(path), sha256_file(path), spm.SentencePieceProcessor(model_file=str(path)))
+
+
+def build_data(cfg: RunConfig, layout: engine.Layout, global_batch: int,
+               run_dir: Path) -> tuple[Dataset, Dataset | None]:
+    """One global sample order for training (this rank's slice of each step is chosen by the iterator)
+    and the validation order. Collective."""
+    seq_len = cfg.data.seq_len
+    cache_dir = cfg.data.cache_dir or str(run_dir / "data_cache")
+    sources = [(s.path, s.weight) for s in cfg.data.train]
+    train_ds = build_dataset(sources, "train", seq_len, cfg.train.max_steps * global_batch, cfg.train.seed,
+                             cache_dir=cache_dir)
+    valid_ds = None
+    if cfg.eval.interval > 0:
+        if not cfg.data.valid and not (Path(sources[0][0]) / MANIFEST_NAME).is_file():
+            raise ConfigError(
+                "eval.interval > 0 but data.valid is not set and the first train source is not a "
+                "preprocess output with a valid split; set data.valid (or eval.interval=0)"
+            )
+        vsrc = [(cfg.data.valid, 1.0)] if cfg.data.valid else [(sources[0][0], 1.0)]
+        valid_ds = build_dataset(vsrc, "valid", seq_len, cfg.eval.steps * cfg.train.micro_batch_size * layout.dp,
+                                 cfg.train.seed + 1, cache_dir=cache_dir)
+    # Index arrays are built once per node (local rank 0, atomic writes: safe on a shared filesystem)
+    # and memory-mapped by every rank; no rank builds them at every start.
+    if layout.local_rank == 0:
+        for ds in (train_ds, valid_ds):
+            if ds is not None:
+                ds.build_cache()
+    dist.barrier()
+    return train_ds, valid_ds
+
+
+def build_run(cfg: RunConfig, log=print) -> Run:
+    """Everything the step loop needs (module docstring). Collective."""
+    distributed.init()
+    layout = engine.init_layout(cfg.parallel.tensor_parallel)
+    global_batch = check_global_batch(cfg, layout.dp)
+    precision = resolve_precision(cfg.train.precision)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    tok = load_tokenizer(cfg.tokenizer)
+    init_from = None
+    if cfg.model.init_from_hf:
+        from .hf.importer import load_hf_weights
+
+        init_from = load_hf_weights(cfg.model.init_from_hf)
+    mcfg, init_state = resolve_model_config(cfg, tok.processor.get_piece_size(), init_from)
+    engine.check_tensor_parallel(mcfg, layout.tp)
+    if layout.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        # The checkpoint folder carries its tokenizer, so export needs nothing from the run config.
+        dst = ckpt_dir / "tokenizer.model"
+        if not dst.is_file() or sha256_file(dst) != tok.sha256:
+            atomic_copy(tok.path, dst, expect_sha256=tok.sha256)
+
+    train_ds, valid_ds = build_data(cfg, layout, global_batch, run_dir)
+    data_fp = train_ds.order_fingerprint
+    plan = resume.plan(cfg, ckpt_dir, dp=layout.dp, tp=layout.tp, tokenizer_sha=tok.sha256,
+                       data_fingerprint=data_fp, global_batch=global_batch)
+    resume.prepare(plan, ckpt_dir, log=log)
+
+    # Identical initial weights on every rank and at every ZeRO stage for a seed (ZeRO-3 builds under
+    # zero.Init with the same values as an eager build: engine.py); DeepSpeed also broadcasts rank 0's.
+    np.random.seed(cfg.train.seed)
+    ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision))
+    model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state)
+    batch_transform = parallelize.parallelize(
+        model, intra_doc_attention=cfg.data.intra_doc_attention,
+        activation_checkpointing=cfg.parallel.activation_checkpointing)
+    eng = engine.initialize(model, cfg, ds_config, layout)
+    if layout.rank == 0:
+        atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=1))
+
+    run = Run(cfg, layout, precision, global_batch, run_dir, ckpt_dir, tok, mcfg, train_ds, valid_ds, data_fp,
+              batch_transform, ds_config, eng)
+    if plan is not None:
+        run.step, run.consumed_samples = resume.load(eng, plan, ckpt_dir, layout.rank)
+        run.resumed_from = plan
+    return run

@@ -1,0 +1,97 @@
+"""DeepSpeed's universal-checkpoint conversion of a tag: one file per parameter and optimizer state,
+independent of the data-parallel and tensor-parallel layout that saved it.
+
+Resume uses it to continue on another layout (``<tag>_universal`` beside the tag, made once and reused);
+export uses it to read the fp32 masters of tensor-parallel ZeRO checkpoints (in a scratch directory).
+The conversion is DeepSpeed's own ``python -m deepspeed.checkpoint.ds_to_universal`` in a subprocess,
+written into a staging directory and renamed into place only when complete, with ``UNIVERSAL_MARKER``
+naming the tag it was made from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from data_pipeline.common.files import atomic_write_text
+
+from .state import CheckpointError
+from .tags import universal_tag
+
+UNIVERSAL_MARKER = "lmforge_universal.json"
+_FAILED_SUFFIX = ".failed"
+
+
+def universal_complete(out: Path, tag: str) -> bool:
+    marker = out / UNIVERSAL_MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("source_tag") == tag
+
+
+def ds_to_universal(src: Path, out: Path, log=print, workers: int | None = None) -> Path:
+    """Convert the checkpoint tag folder ``src`` into ``out`` (appears only when complete). One process."""
+    # The converter also writes a `latest_universal` file next to its output folder: give it a private
+    # parent so nothing lands beside `out` except the finished directory.
+    for stale in out.parent.glob(f".{out.name}.staging.*"):  # left by a conversion that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.staging.{os.getpid()}"
+    staging.mkdir()
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+           "--output_folder", str(staging / out.name), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(max(1, workers // 2)),
+           # Our model sets no UNIVERSAL_CHECKPOINT_INFO of its own (no Megatron-style vocab padding or
+           # fused QKV to describe); AutoTP checkpoints carry DeepSpeed's, which this does not replace.
+           "--inject_missing_state"]
+    log(f"converting {src} to a DeepSpeed universal checkpoint ...")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (staging / "convert.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise CheckpointError(f"ds_to_universal failed on {src} (exit {proc.returncode}); log in "
+                              f"{staging / 'convert.log'}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    shutil.move(str(staging / "convert.log"), staging / out.name / "convert.log")
+    atomic_write_text(staging / out.name / UNIVERSAL_MARKER,
+                      json.dumps({"source_tag": src.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging / out.name, out)
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"universal checkpoint {out} written in {time.time() - t0:.1f}s")
+    return out
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str, log=print, workers: int | None = None) -> Path:
+    """checkpoints/<tag> -> checkpoints/<tag>_universal (atomically). One process."""
+    return ds_to_universal(ckpt_dir / tag, ckpt_dir / universal_tag(tag), log=log, workers=workers)
+
+
+def ensure_universal(ckpt_dir: Path, tag: str, log=print, poll_s: float = 2.0) -> Path:
+    """Collective: make ``<tag>_universal`` exist; global rank 0 converts (or reuses a complete one), the
+    others wait for it. The wait polls the filesystem rather than sitting in a barrier: a large model's
+    conversion can take longer than the process group's collective timeout."""
+    out = ckpt_dir / universal_tag(tag)
+    failed = ckpt_dir / f".{out.name}{_FAILED_SUFFIX}"
+    if dist.get_rank() == 0:
+        if universal_complete(out, tag):
+            log(f"reusing universal checkpoint {out}")
+        else:
+            failed.unlink(missing_ok=True)
+            try:
+                convert_to_universal(ckpt_dir, tag, log=log)
+            except Exception as e:
+                atomic_write_text(failed, str(e))
+                raise
+    else:
+        while not universal_complete(out, tag):
+            if failed.is_file():
+                raise CheckpointError(f"universal conversion of {ckpt_dir / tag} failed on rank 0: "
+                                      f"{failed.read_text()}")
+            time.sleep(poll_s)
+    dist.barrier()
+    return out

@@ -1,0 +1,226 @@
+"""Export an lmforge checkpoint to a Hugging Face ``LlamaForCausalLM`` directory, verified before it exists.
+
+    python -m trainer.export_hf --checkpoint RUN/checkpoints --output DIR [--dtype bf16|fp16|fp32]
+                                [--step N] [--no-verify] [--max-shard-size 2GB] [--overwrite]
+
+The export is built in ``DIR.tmp-<pid>`` next to DIR and renamed to DIR only after verification
+passed; on any failure the temporary directory is removed and the exit status is non-zero with the
+reason. Only complete checkpoints are read (a tag directory counts once its ``lmforge.json`` exists;
+``latest`` names the newest), so a running job's folder is safe to export from.
+
+Weights come from the fp32 optimizer masters whenever the checkpoint has them (a bf16/fp16 run at any
+ZeRO stage; see trainer/checkpoint/weights.py), so ``--dtype fp32`` of a bf16 run gives the masters bit for bit
+and ``--dtype bf16`` gives them rounded to bf16; each master is also checked to round to the
+half-precision module weight DeepSpeed saved beside it (ZeRO 0-2).
+
+Verification (on by default) loads DIR with ``transformers`` in fp32 and checks: config values;
+every weight bit-exact against the checkpoint's source weights (after the cast to --dtype); logits on fixed token
+batches equal to lmforge's own model run on the same (cast) weights within 1e-4; SentencePiece id
+parity and decode round trip for the fast and slow HF tokenizers; and that ``generate`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data_pipeline.common.errors import CheckFailed, InputError, run_cli
+from data_pipeline.common.files import atomic_dir
+from model import ModelConfig, parameter_shapes
+
+from ..checkpoint import CheckpointState, find_checkpoint, read_state, tokenizer_path, weight_source
+from . import safetensors
+
+
+class ExportError(CheckFailed):
+    """The export did not verify (exit 1); the message says what differed."""
+
+
+def _parse_size(s: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    u = s.strip().upper()
+    for name, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if u.endswith(name):
+            return int(float(u[: -len(name)]) * mult)
+    return int(u)
+
+
+def write_config(out: Path, cfg: ModelConfig, state: CheckpointState, dtype_name: str) -> None:
+    from transformers import GenerationConfig, LlamaConfig
+
+    tok = state.tokenizer
+    ids = {k: (v if v is not None and v >= 0 else None)
+           for k, v in (("bos_id", tok.bos_id), ("eos_id", tok.eos_id), ("pad_id", tok.pad_id))}
+    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name]
+    hf = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range, attention_bias=False, mlp_bias=False,
+        bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"],
+        architectures=["LlamaForCausalLM"], torch_dtype=torch_dtype,
+    )
+    hf.save_pretrained(out)
+    # transformers 5 writes rope_theta only inside rope_parameters; transformers 4 reads the top-level key
+    # and would silently fall back to 10000. Write both (5 accepts the duplicate), plus 4's torch_dtype.
+    path = out / "config.json"
+    d = json.loads(path.read_text())
+    d.setdefault("rope_theta", cfg.rope_theta)
+    d.setdefault("torch_dtype", torch_dtype)
+    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    GenerationConfig(bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"],
+                     pad_token_id=ids["pad_id"]).save_pretrained(out)
+
+
+def _manifest_summary(data: dict) -> list[str]:
+    """One line per training source: weight and, when its manifest is readable here, the token and
+    document counts per split (the data may live on another machine; then only the path is given)."""
+    from data_pipeline.manifest import ManifestError, load_manifest, split_totals
+
+    lines = []
+    for src in data.get("train") or []:
+        line = f"- `{src.get('path')}` (weight {src.get('weight', 1.0)})"
+        try:
+            totals = split_totals(load_manifest(src.get("path", ""))["splits"])
+            line += ": " + "; ".join(f"{name}: {t['shards']} shards, {t['documents']:,} documents, "
+                                     f"{t['tokens']:,} tokens" for name, t in totals.items())
+        except (ManifestError, OSError):
+            line += ": manifest not readable at export time"
+        lines.append(line)
+    return lines or ["- (no training sources recorded in the checkpoint)"]
+
+
+def write_readme(out: Path, state: CheckpointState, cfg: ModelConfig, source: str, dtype_name: str) -> None:
+    conf = state.config
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
+        f"# lmforge export (step {state.step})", "",
+        "A Llama-architecture causal language model pretrained with lmforge and exported by "
+        "`python -m trainer.export_hf`; the export was checked against the checkpoint (weights, logits, "
+        "tokenizer) before it was written.", "",
+        "## Final losses", "",
+        f"- step: {state.step}, consumed samples: {state.consumed_samples}",
+        f"- train loss: {state.train_loss}", f"- eval loss: {state.eval_loss}", "",
+        "## Model", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", "",
+        f"Weights: {dtype_name}, from {source}. Training precision {state.precision}, ZeRO stage "
+        f"{state.zero_stage}, tensor parallel {state.tensor_parallel}, data parallel "
+        f"{state.data_parallel}.", "",
+        "## Data", "", f"Data fingerprint: `{state.data_fingerprint}`", "",
+        *_manifest_summary(conf.get("data") or {}), "",
+        "## Training config", "", "```json", json.dumps(conf, indent=2, default=str)[:20000], "```", "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def write_weights(out: Path, getters: dict, dtype: torch.dtype, max_shard_bytes: int,
+                  shapes: dict[str, torch.Size]) -> None:
+    """model.safetensors, or shards plus model.safetensors.index.json above ``max_shard_bytes``."""
+    from tqdm import tqdm
+
+    sub = {k: shapes[k] for k in getters}
+    shards = safetensors.plan_shards(sub, dtype, max_shard_bytes)
+    files = list(safetensors.iter_shard_names(len(shards)))
+    item = torch.empty((), dtype=dtype).element_size()
+    total = sum(s.numel() for s in sub.values()) * item
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing safetensors", file=sys.stderr) as bar:
+        for fname, keys in zip(files, shards):
+            safetensors.write_safetensors(out / fname, keys, sub, dtype, lambda k: getters[k](),
+                                          on_tensor=bar.update)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: f for f, keys in zip(files, shards) for k in keys}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp32", step: int | None = None,
+           verify: bool = True, max_shard_size: str | int = "2GB", overwrite: bool = False,
+           verify_texts: list[str] | None = None) -> Path:
+    """Export (and by default verify) a checkpoint; returns the output directory.
+
+    Raises CheckpointError (exit 2) for unusable input and ExportError (exit 1) when verification fails;
+    in both cases nothing is left at ``output_dir`` (an existing directory is only replaced with
+    ``overwrite``)."""
+    from .tokenizer import write_tokenizer_files
+
+    out = Path(output_dir).resolve()
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    torch_dtype = safetensors.parse_dtype(dtype)
+    max_bytes = _parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    tag_dir = find_checkpoint(Path(checkpoint_dir), step)
+    state = read_state(tag_dir)
+    cfg = state.model
+    tok_file = tokenizer_path(tag_dir, state)
+    print(f"exporting {tag_dir} (step {state.step}) -> {out}", file=sys.stderr)
+    # Scratch for a universal conversion (tensor-parallel ZeRO masters), beside the output, not in the
+    # checkpoint folder, which may belong to a running job; removed however the export ends.
+    scratch = out.parent / f".{out.name}.scratch-{os.getpid()}"
+    try:
+        getters, source = weight_source(tag_dir, state, scratch=scratch)
+        with atomic_dir(out) as tmp:
+            t0 = time.time()
+            write_weights(tmp, getters, torch_dtype, max_bytes, parameter_shapes(cfg))
+            write_config(tmp, cfg, state, dtype)
+            write_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
+            write_readme(tmp, state, cfg, source, dtype)
+            print(f"wrote {tmp.name} in {time.time() - t0:.1f}s from {source}", file=sys.stderr)
+            if verify:
+                from .verify import verify_export
+
+                problems = verify_export(tmp, cfg, getters, torch_dtype, extra_texts=verify_texts or [])
+                if problems:
+                    raise ExportError("verification failed:\n  " + "\n  ".join(problems))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer.export_hf",
+        description="Export an lmforge DeepSpeed checkpoint (any ZeRO stage, tensor-parallel size, precision) "
+                    "to a Hugging Face LlamaForCausalLM directory with tokenizer, verified before it is "
+                    "written: weights, fp32 logits (<= 1e-4), tokenizer ids/decoding and generate(). "
+                    "Exit status: 0 exported, 1 verification failed, 2 unusable checkpoint or arguments.")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="run directory, its checkpoints/ directory, or one tag directory (step_XXXXXXXX)")
+    p.add_argument("--output", required=True, type=Path, help="directory to create (must not exist)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype to save")
+    p.add_argument("--step", type=int, default=None, help="export this step instead of the latest")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
+    p.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this (default 2GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--verify-text-file", type=Path, action="append", default=[],
+                   help="extra UTF-8 text for the tokenizer parity check (repeatable; first 20k chars)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+
+    def body() -> int:
+        texts = []
+        for f in a.verify_text_file:
+            try:
+                texts.append(f.read_text(encoding="utf-8")[:20000])
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(f"--verify-text-file {f}: {e}") from None
+        out = export(a.checkpoint, a.output, dtype=a.dtype, step=a.step, verify=a.verify,
+                     max_shard_size=a.max_shard_size, overwrite=a.overwrite, verify_texts=texts)
+        print(f"exported {'and verified ' if a.verify else ''}{out}")
+        return 0
+
+    return run_cli(body, prog="export_hf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
