@@ -13,11 +13,13 @@ import sys
 import pytest
 import sentencepiece as spm
 import torch
-from ckpt_factory import REPO, held_out_texts, make_checkpoint, train_test_tokenizer
 
-from trainer.export_hf import ExportError, export
-from trainer.hf_weights import CheckpointError
-from trainer.import_hf import load_hf_weights
+from data_pipeline.common.errors import InputError
+from tests.helpers.checkpoints import held_out_texts, make_checkpoint, train_test_tokenizer
+from tests.helpers.paths import ROOT
+from trainer.checkpoint import CheckpointError
+from trainer.hf.export import export
+from trainer.hf.importer import load_hf_weights
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.slow
@@ -126,12 +128,12 @@ def test_tensor_parallel_2_bf16_exports_fp32_masters_for_zero1_and_zero3(tmp_pat
     """bf16 AutoTP-2 runs export their fp32 masters, not the bf16 weights: ZeRO-1's are checked by the
     exporter to round to the saved bf16 shards; ZeRO-3 (same seed and data) gives the same masters; an
     existing complete <tag>_universal (made by a resume) is reused."""
-    from trainer import resume
+    from trainer import checkpoint
 
     z1 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=1, world_size=2, tp=2, precision="bf16")
     z3 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=3, world_size=2, tp=2, precision="bf16")
     a = export(z1, tmp_path / "a")
-    resume.convert_to_universal(z3, TAG)
+    checkpoint.convert_to_universal(z3, TAG)
     b = export(z3, tmp_path / "b")
     assert "existing universal checkpoint" in (b / "README.md").read_text()
     _, sa = load_hf_weights(a)
@@ -180,7 +182,7 @@ def test_bad_checkpoints_fail_with_clear_errors(zero1, tmp_path):
     (ck / "tokenizer.model").write_bytes((ck / "tokenizer.model").read_bytes() + b"x")
     with pytest.raises(CheckpointError, match="sha256"):
         export(ck, tmp_path / "o6", verify=False)
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(InputError, match="already exists"):
         export(ck, tmp_path / "o3")
 
 
@@ -192,8 +194,8 @@ def test_cli_verification_failure_exits_nonzero_and_leaves_nothing(zero1, tmp_pa
     meta_f.write_text(json.dumps(meta))
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "trainer.export_hf", "--checkpoint", str(ck),
-                           "--output", str(out)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode != 0
     assert "verification failed" in proc.stderr and "eos_token_id" in proc.stderr
     assert not out.exists() and not list(tmp_path.glob("hf.tmp-*"))

@@ -18,12 +18,12 @@ import sys
 import pytest
 import torch
 
-from conftest import deepspeed_train, write_config
 from model import LlamaForCausalLM, ModelConfig
-from trainer.export_hf import export
-from trainer.hf_verify import LOGIT_ATOL
-from trainer.hf_weights import CheckpointError
-from trainer.import_hf import load_hf_weights
+from tests.helpers.runs import deepspeed_train, write_config
+from trainer.checkpoint import CheckpointError
+from trainer.hf.export import export
+from trainer.hf.importer import load_hf_weights
+from trainer.hf.verify import LOGIT_ATOL
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.slow
@@ -139,10 +139,10 @@ def test_bf16_run_exports_fp32_masters(name, tmp_path, tiny_data):
 
 
 def test_bf16_zero0_tensor_parallel_2_exports_masters(tmp_path):
-    """AutoTP-2 ZeRO-0 bf16 (ckpt_factory: one optimizer group in model order, the exporter's other
+    """AutoTP-2 ZeRO-0 bf16 (tests/helpers/checkpoints.py: one optimizer group in model order, the exporter's other
     group layout): each TP rank's masters are value-matched to its shards; sharded q_proj is their
     concatenation, replicated norms are rank 0's master."""
-    from ckpt_factory import make_checkpoint, train_test_tokenizer
+    from tests.helpers.checkpoints import make_checkpoint, train_test_tokenizer
 
     tok = train_test_tokenizer(tmp_path / "sp")
     ckpt = make_checkpoint(tmp_path / "run", tok, [[1, 5, 6, 7, 8, 9]] * 2, zero_stage=0, world_size=2, tp=2,

@@ -18,10 +18,12 @@ import psutil
 import pytest
 import torch
 
-from conftest import BIN, ROOT, child_env, deepspeed_train, free_port, read_metrics, write_config
+from tests.helpers.paths import ROOT
+from tests.helpers.process import child_env, free_port
+from tests.helpers.runs import deepspeed_args, deepspeed_train, read_metrics, write_config
 from trainer import checkpoint as ckpt
 from trainer import faults
-from trainer.train import StopFlag
+from trainer.signals import StopFlag
 
 # ---------------------------------------------------------------------------------------------------
 # Unit level
@@ -107,8 +109,7 @@ def test_sigterm_to_one_rank_saves_a_loadable_checkpoint_and_exits_0(tmp_path, t
                        train={"micro_batch_size": 2, "grad_accum": 1, "max_steps": 1000, "seed": 7,
                               "precision": "fp32"},
                        checkpoint={"interval": 0, "keep_last": 2})
-    args = [BIN / "deepspeed", "--num_gpus", 2, "--master_addr", "127.0.0.1", "--master_port", free_port(),
-            "--module", "trainer.train", "--config", cfg]
+    args = deepspeed_args(cfg, [], 2, free_port())
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=child_env(), stdout=out,
@@ -131,7 +132,7 @@ def test_sigterm_to_one_rank_saves_a_loadable_checkpoint_and_exits_0(tmp_path, t
     assert last_step < 1000
     tag = ckpt.latest_tag(run / "checkpoints")
     assert tag == ckpt.tag_for(last_step)
-    assert ckpt.read_state(run / "checkpoints", tag)["consumed_samples"] == 4 * last_step
+    assert ckpt.read_state(run / "checkpoints" / tag).consumed_samples == 4 * last_step
 
     # The checkpoint loads (here on 1 rank × grad_accum 2: a 1-rank start is much cheaper than a 2-rank
     # one, and it exercises the universal conversion once more); exit_after_minutes (0.6 s, shorter than

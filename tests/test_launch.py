@@ -12,7 +12,9 @@ import sys
 import pytest
 import torch
 
-from conftest import BIN, ROOT, deepspeed_train, free_port, read_metrics, run_cmd, write_config
+from tests.helpers.paths import BIN, ROOT
+from tests.helpers.process import child_env, free_port, run_cmd
+from tests.helpers.runs import deepspeed_train, read_metrics, write_config
 
 SCRIPTS = ROOT / "launch_scripts"
 STEPS = 4
@@ -73,7 +75,7 @@ def test_mpirun_matches_single_node(reference):
 
 
 _PROBE = (
-    "import os; from trainer.distributed import setup_env_from_launcher as s; s(); "
+    "import os; from data_pipeline.common.launch_env import torch_env; torch_env(); "
     # One write per rank: with PYTHONUNBUFFERED, print(a, b, ...) writes piecewise and ranks interleave.
     "os.write(1, (' '.join(['PROBE', *(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', "
     "'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))]) + chr(10)).encode())"
@@ -136,8 +138,6 @@ def test_slurm_template_saves_on_usr1_and_requeues(tmp_path, tiny_data):
     import signal
     import subprocess
     import time
-
-    from conftest import child_env
 
     shims = tmp_path / "bin"
     shims.mkdir()

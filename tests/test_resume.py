@@ -9,7 +9,6 @@ and tensor-parallel 2->1 resumes have short references of their own (6 steps, ch
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,12 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import BIN, ROOT, child_env, deepspeed_train, free_port, write_config
+from model import get_preset
+from tests.helpers.paths import ROOT
+from tests.helpers.process import child_env, free_port
+from tests.helpers.runs import deepspeed_args, deepspeed_train, last_rows, write_config
 from trainer import checkpoint as ckpt
-from trainer import resume
-from trainer.config import ConfigError, load_config
+from trainer.checkpoint import resume
+from trainer.checkpoint.state import write_state
+from trainer.config import ConfigError, RunConfig, load_config
 
 MAX_STEPS = 12
 SECTIONS = dict(train={"micro_batch_size": 2, "grad_accum": 1, "max_steps": MAX_STEPS, "seed": 7,
@@ -43,16 +45,6 @@ def copy_checkpoint(src_run: Path, tag: str, run: Path) -> Path:
     return ckdir
 
 
-def last_rows(run) -> dict[int, dict]:
-    """metrics.jsonl is appended to by every start of the run: the last record of each step wins."""
-    rows = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "train":
-            rows[r["step"]] = r
-    return rows
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("reference")
@@ -68,8 +60,7 @@ def test_kill9_mid_run_then_resume_is_bitwise(tmp_path, tiny_data, reference):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, **SECTIONS)
     ckdir = run / "checkpoints"
-    args = [BIN / "deepspeed", "--num_gpus", 2, "--master_addr", "127.0.0.1", "--master_port", free_port(),
-            "--module", "trainer.train", "--config", cfg]
+    args = deepspeed_args(cfg, [], 2, free_port())
     # Own session, so the launcher and both ranks can be SIGKILLed together (as a node failure would).
     with open(tmp_path / "first.log", "w") as out:
         proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=child_env(), stdout=out,
@@ -129,8 +120,8 @@ def test_two_ranks_to_one_rank_continues_the_same_samples(tmp_path, tiny_data, r
         assert rows[s]["consumed_samples"] == ref[s]["consumed_samples"] == 4 * s
         assert rows[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-5), (s, rows[s]["loss"], ref[s]["loss"])
         assert rows[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-12)
-    state = ckpt.read_state(ckdir, ckpt.tag_for(MAX_STEPS))
-    assert state["data_parallel"] == 1 and state["consumed_samples"] == 4 * MAX_STEPS
+    state = ckpt.read_state(ckdir / ckpt.tag_for(MAX_STEPS))
+    assert state.data_parallel == 1 and state.consumed_samples == 4 * MAX_STEPS
 
 
 SHORT_STEPS = 6  # checkpoint at 3, three steps after the resume
@@ -149,7 +140,7 @@ def _resume_on_one_rank(tmp_path, tiny_data, ref_run, train: dict, parallel: dic
     sections["train"].update(train)
     out = deepspeed_train(write_config(tmp_path / "resumed.yaml", tiny_data, run, **sections), [], nproc=1)
     assert "(universal checkpoint, saved with" in out.stdout, out.stdout[-3000:]
-    assert (ckdir / "step_00000003_universal" / resume.UNIVERSAL_MARKER).is_file()
+    assert (ckdir / "step_00000003_universal" / ckpt.UNIVERSAL_MARKER).is_file()
     rows = last_rows(run)
     assert sorted(rows) == list(range(4, SHORT_STEPS + 1))
     return rows
@@ -160,7 +151,7 @@ def test_zero3_two_ranks_to_one_rank_is_bitwise(tmp_path, tiny_data):
     """ZeRO-3, 2 ranks (global batch 4) -> 1 rank × grad_accum 2, through the universal checkpoint.
 
     Bitwise: a fresh 1-rank ZeRO-3 run is bitwise the 2-rank run here, so any difference is the restore.
-    Without the step-counter fix in trainer/resume.load (DeepSpeed 0.19.8's ZeRO-3 universal loader
+    Without the step-counter fix (deepspeed_compat.fix_universal_load: DeepSpeed 0.19.8's ZeRO-3 universal loader
     shares one Adam `step` tensor between the decay and no-decay partitions) steps 5 and 6 were off by
     2.4e-7 and 9.4e-5 relative."""
     ref = tmp_path / "ref"
@@ -187,44 +178,29 @@ def test_tensor_parallel_two_to_one_rank(tmp_path, tiny_data):
     sections = _short_sections(zero_stage=1, tensor_parallel=2)
     deepspeed_train(write_config(tmp_path / "ref.yaml", tiny_data, ref, **sections), [])
     ref_rows = last_rows(ref)
-    assert ckpt.read_state(ref / "checkpoints", "step_00000003")["tensor_parallel"] == 2
+    assert ckpt.read_state(ref / "checkpoints" / "step_00000003").tensor_parallel == 2
     rows = _resume_on_one_rank(tmp_path, tiny_data, ref, {}, {"zero_stage": 1, "tensor_parallel": 1})
     for s in range(4, SHORT_STEPS + 1):
         assert rows[s]["consumed_samples"] == ref_rows[s]["consumed_samples"] == 2 * s
         assert rows[s]["loss"] == pytest.approx(ref_rows[s]["loss"], rel=1e-6), (s, rows[s]["loss"],
                                                                                  ref_rows[s]["loss"])
         assert rows[s]["lr"] == ref_rows[s]["lr"]
-    state = ckpt.read_state(tmp_path / "resumed" / "checkpoints", ckpt.tag_for(SHORT_STEPS))
-    assert (state["tensor_parallel"], state["data_parallel"]) == (1, 1)
-
-
-def test_universal_load_step_counters_are_unshared():
-    """The post-load fix on a real torch AdamW as DeepSpeed's ZeRO-3 universal loader leaves it: two
-    param groups whose states hold the same `step` tensor. After the fix each group counts its own
-    steps (before it, one optimizer.step() advanced the shared counter once per group)."""
-    def loaded_like_deepspeed() -> tuple[torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
-        a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(2))
-        opt = torch.optim.AdamW([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}])
-        (a.sum() + b.sum()).backward()
-        opt.step()
-        opt.state[a]["step"] = opt.state[b]["step"] = torch.tensor(3.0)
-        return opt, a, b
-
-    opt, a, b = loaded_like_deepspeed()  # the bug as DeepSpeed leaves it: one step counts twice
-    opt.step()
-    assert opt.state[a]["step"].item() == opt.state[b]["step"].item() == 5.0
-    opt, a, b = loaded_like_deepspeed()
-    assert resume._unshare_step_counters(opt) == 1
-    assert opt.state[a]["step"] is not opt.state[b]["step"]
-    opt.step()
-    assert opt.state[a]["step"].item() == opt.state[b]["step"].item() == 4.0
-    assert resume._unshare_step_counters(opt) == 0  # idempotent
-    opt.state[a]["step"] = opt.state[b]["step"] = 4  # int counters (DeepSpeed's CPU Adam) cannot alias
-    assert resume._unshare_step_counters(opt) == 0
+    state = ckpt.read_state(tmp_path / "resumed" / "checkpoints" / ckpt.tag_for(SHORT_STEPS))
+    assert (state.tensor_parallel, state.data_parallel) == (1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Unit level: complete tags, latest, pruning
+
+
+def _state(step=4, dp=2, tp=1, zero=2, mbs=2, ga=1, fp="data-fp", tok="tok-sha") -> ckpt.CheckpointState:
+    """A checkpoint state as the trainer writes it (only the fields the decisions read vary)."""
+    cfg = RunConfig()
+    cfg.train.micro_batch_size, cfg.train.grad_accum = mbs, ga
+    return ckpt.CheckpointState(
+        step=step, consumed_samples=step * mbs * ga * dp, model_config=get_preset("debug").to_dict(),
+        config=cfg.to_dict(), tokenizer=ckpt.TokenizerRecord(sha256=tok), data_fingerprint=fp, precision="fp32",
+        zero_stage=zero, tensor_parallel=tp, data_parallel=dp, world_size=dp * tp, global_batch_size=mbs * ga * dp)
 
 
 def _fake_tag(ckdir, step, complete=True, universal=False):
@@ -232,7 +208,7 @@ def _fake_tag(ckdir, step, complete=True, universal=False):
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        (d / ckpt.STATE_FILE).write_text(json.dumps({"format": ckpt.FORMAT, "step": step}))
+        write_state(d, _state(step=step))
     if universal:
         (ckdir / ckpt.universal_tag(ckpt.tag_for(step))).mkdir()
     return d
@@ -279,17 +255,11 @@ def test_prune_keeps_last_k_plus_every_mth_and_clears_debris(tmp_path):
 # Unit level: resume decisions
 
 
-def _state(dp=2, tp=1, zero=2, mbs=2, ga=1, fp="data-fp", tok="tok-sha"):
-    return {"format": ckpt.FORMAT, "step": 4, "consumed_samples": 4 * mbs * ga * dp, "data_parallel": dp,
-            "tensor_parallel": tp, "zero_stage": zero, "data_fingerprint": fp, "tokenizer": {"sha256": tok},
-            "config": {"train": {"micro_batch_size": mbs, "grad_accum": ga}}}
-
-
 def _plan(tmp_path, state, *overrides, dp=1, tp=1):
     ckdir = tmp_path / "checkpoints"
     shutil.rmtree(ckdir, ignore_errors=True)
     (ckdir / "step_00000004").mkdir(parents=True)
-    (ckdir / "step_00000004" / ckpt.STATE_FILE).write_text(json.dumps(state))
+    write_state(ckdir / "step_00000004", state)
     (tmp_path / "c.yaml").write_text("tokenizer: t.model\nmodel: {preset: debug}\ndata: {train: [{path: d}]}\n")
     cfg = load_config(tmp_path / "c.yaml", list(overrides))
     gb = cfg.train.micro_batch_size * cfg.train.grad_accum * dp

@@ -12,7 +12,10 @@ import sys
 import pytest
 import torch
 
-from conftest import BIN, ROOT, deepspeed_train, free_port, read_metrics, run_cmd, write_config
+from tests.helpers.distributed import run_distributed
+from tests.helpers.paths import ROOT
+from tests.helpers.process import run_cmd
+from tests.helpers.runs import deepspeed_train, read_metrics, write_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -35,13 +38,28 @@ def test_fp16_dynamic_loss_scaling_trains(tmp_path, tiny_data):
     assert rows[-1]["skipped_steps"] < 4, rows[-1]
 
 
+def nccl_collectives() -> list:
+    """On each rank: trainer.distributed.init() must give NCCL on CUDA, and collectives work."""
+    import os
+
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    backend = dist.get_backend()
+    x = torch.full((1024,), float(rank + 1), device="cuda")
+    dist.all_reduce(x)
+    assert torch.all(x == world * (world + 1) / 2), x[:4]  # 1 + 2 + ... + world, exact in fp32
+    parts = [torch.empty(4, device="cuda") for _ in range(world)]
+    dist.all_gather(parts, torch.full((4,), float(rank), device="cuda"))
+    return [rank, world, backend, [int(q[0].item()) for q in parts]]
+
+
 @pytest.mark.slow
 def test_nccl_backend_and_collectives():
     n = min(2, torch.cuda.device_count())  # 2 ranks when possible, else a 1-rank NCCL group
-    out = run_cmd([BIN / "deepspeed", "--num_gpus", n, "--master_addr", "127.0.0.1", "--master_port",
-                   free_port(), ROOT / "tests" / "gpu" / "nccl_worker.py"], timeout=300)
-    ok = sorted(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("NCCL_OK"))
-    assert ok == [[str(r), str(n), "nccl"] for r in range(n)], out.stdout[-2000:]
+    results = run_distributed(nccl_collectives, n, timeout=300)
+    assert results == [[r, n, "nccl", list(range(n))] for r in range(n)], results
 
 
 def _flash_model():
@@ -86,12 +104,14 @@ def test_intra_document_attention_uses_flash_and_matches_documents_alone():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model = _flash_model()
+    from trainer.parallelize import document_spans
+
     lengths = [[100, 1, 155], [256], [64, 64, 128]]
     x = torch.randint(3, 512, (3, 256), device="cuda")
     seg = torch.tensor([sum(([i] * n for i, n in enumerate(row)), []) for row in lengths])  # host, as the trainer
     pos = torch.tensor([sum((list(range(n)) for n in row), []) for row in lengths], device="cuda")
     with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # per span: flash or "No available kernel"
-        packed = model(x, segment_ids=seg, position_ids=pos).float()
+        packed = model(x, doc_spans=document_spans(seg), position_ids=pos).float()
         for b, row in enumerate(lengths):
             start = 0
             for n in row:

@@ -1,0 +1,102 @@
+"""Real trainer runs: the data they read, their configs, the ``deepspeed`` launch, and what they log.
+
+``build_tiny_data`` tokenizes the shipped sample corpus with a real SentencePiece model (vocab 1000)
+into real shards; ``write_config`` writes a ``debug``-preset run config over it; ``deepspeed_train``
+starts ``deepspeed --num_gpus N --module trainer.train`` exactly as users do (gloo on CPU) and checks
+that the run released DeepSpeed's shared-memory segments.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers.paths import BIN, SAMPLE
+from tests.helpers.process import free_port, run_cmd
+
+TINY_VOCAB = 1000
+
+
+def build_tiny_data(out: Path) -> dict:
+    """A real SentencePiece tokenizer (vocab 1000, one trainer thread: the same model on every machine)
+    and real shards (5% valid) of the sample corpus."""
+    inputs = [SAMPLE / "wikipedia", SAMPLE / "books"]
+    run_cmd([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", *inputs, "--vocab-size",
+             TINY_VOCAB, "--threads", "1", "--output", out / "tok"])
+    run_cmd([sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer",
+             out / "tok" / "tokenizer.model", "--output", out / "data", "--valid-fraction", "0.05",
+             "--strip-gutenberg", "--no-progress"])
+    return {"tokenizer": out / "tok" / "tokenizer.model", "data": out / "data", "root": out}
+
+
+def write_config(path: Path, tiny_data: dict, run_dir: Path, **sections) -> Path:
+    """A debug-preset run config over ``tiny_data``; ``sections`` update whole sections (dicts) or keys."""
+    import yaml
+
+    cfg = {
+        "run_dir": str(run_dir), "tokenizer": str(tiny_data["tokenizer"]),
+        "model": {"preset": "debug"},
+        "data": {"train": [{"path": str(tiny_data["data"]), "weight": 1.0}], "seq_len": 64},
+        "train": {"micro_batch_size": 2, "grad_accum": 1, "max_steps": 6, "seed": 7, "precision": "fp32"},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2},
+        "parallel": {"zero_stage": 2},
+        "checkpoint": {"interval": 3, "keep_last": 2},
+        "log": {"interval": 1},
+        "eval": {"interval": 0, "steps": 2},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def deepspeed_args(config: Path | str, overrides: list[str], nproc: int, port: int) -> list:
+    return [BIN / "deepspeed", "--num_gpus", nproc, "--master_addr", "127.0.0.1", "--master_port", port,
+            "--module", "trainer.train", "--config", config, *overrides]
+
+
+def deepspeed_train(config: Path | str, overrides: list[str], nproc: int = 2, timeout: int = 600,
+                    check: bool = True, **env) -> subprocess.CompletedProcess:
+    """A real multi-process run: ``deepspeed --num_gpus N --module trainer.train`` on loopback."""
+    from trainer.deepspeed_compat import shm_segment_path
+
+    port = free_port()
+    proc = run_cmd(deepspeed_args(config, overrides, nproc, port), timeout=timeout, check=check, **env)
+    # DeepSpeed's CPU shm all-reduce segments (~66 MB of RAM each) must not outlive the run.
+    leaked = [p.name for r in range(nproc) if (p := shm_segment_path(r, "127.0.0.1", port)).exists()]
+    assert not leaked, f"run left shared-memory segments behind: {leaked}"
+    return proc
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == kind]
+
+
+def last_rows(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl is appended to by every start of a run: the last train record of each step."""
+    return {r["step"]: r for r in read_metrics(run_dir)}
+
+
+def hf_loss_on_packed_samples(hf_model, samples: list, eod_id: int) -> tuple[float, int]:
+    """The mean token loss ``transformers`` gives on packed samples when each document is run on its own
+    (what the trainer computes with intra-document attention: rotary attention depends only on relative
+    positions, so a document's logits do not depend on where in the row it sits); also the number of
+    documents, so a caller can check the samples really pack several."""
+    import torch
+
+    from trainer.batching import make_batch
+    from trainer.parallelize import document_spans
+
+    b = make_batch(samples, eod_id=eod_id, intra_doc_attention=True)
+    spans = document_spans(b["segment_ids"])
+    with torch.no_grad():
+        logits = torch.cat([torch.cat([hf_model(b["input_ids"][i:i + 1, s:e]).logits for s, e in row], dim=1)
+                            for i, row in enumerate(spans)])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1))
+    return loss.item(), sum(len(row) for row in spans)
