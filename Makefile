@@ -14,17 +14,20 @@ TORCH_VERSION ?= 2.13.0
 HAS_CUDA      := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
+# The build tools are pinned too, and lmforge is installed without build isolation so that pip does not
+# fetch whatever setuptools is newest at the time: a new release cannot break a fresh set-up.
+BUILD_TOOLS   := pip==26.3 setuptools==84.2.1 wheel==0.48.0
 # DeepSpeed JIT-builds its CPU ops (shared-memory all-reduce, CPU Adam) into TORCH_EXTENSIONS_DIR; keep
 # them per checkout so two checkouts on one machine do not rebuild each other's ops over and over.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test test-quick lint format clean
+.PHONY: setup demo test test-quick lint format golden clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
+	$(PY) -m pip install -q $(BUILD_TOOLS)
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	grep -v '^deepspeed==' requirements-lock.txt > $(VENV)/lock-without-deepspeed.txt
 	$(PY) -m pip install -q -r $(VENV)/lock-without-deepspeed.txt
@@ -35,7 +38,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(if $(HAS_CUDA),,DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1 DS_ENABLE_NINJA=1 MAX_JOBS=$$(nproc)) \
 	  $(PY) -m pip install -q --no-build-isolation --no-deps --no-cache-dir \
 	  "$$(grep '^deepspeed==' requirements-lock.txt)"
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import torch, deepspeed, sentencepiece, transformers, mpi4py; print('setup ok: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| cuda', torch.cuda.is_available())"
 	touch $@
 
@@ -47,6 +50,11 @@ test: setup
 
 test-quick: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Regenerate tests/data/golden/ after a change that is meant to change the training numbers (say why in
+# the commit); tests/test_train.py compares against it.
+golden: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m tests.helpers.golden --write
 
 lint: setup
 	$(VENV)/bin/ruff check .
