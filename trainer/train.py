@@ -11,6 +11,7 @@ Exit status: 0 done or stopped cleanly, 2 bad config or data, 3 aborted on non-f
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -71,7 +72,10 @@ class Trainer:
         )
         # Reading, batch assembly and the attention policy run on a prefetch thread, overlapping the
         # previous step's compute.
-        self.collate = lambda samples: r.batch_transform(make_batch(samples, r.tokenizer.eod_id, **self._batch_kw()))
+        d = cfg.data
+        batch = functools.partial(make_batch, eod_id=r.tokenizer.eod_id, mask_eod_loss=d.mask_eod_loss,
+                                  reset_position_ids=d.reset_position_ids, intra_doc_attention=d.intra_doc_attention)
+        self.collate = lambda samples: r.batch_transform(batch(samples))
         self.it = DistributedSampleIterator(
             r.train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, r.layout.dp_rank, r.layout.dp,
             consumed_samples=r.consumed_samples, prefetch=cfg.data.prefetch, collate=self.collate)
@@ -80,11 +84,6 @@ class Trainer:
         if self.nan_steps:
             self.log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps "
                              f"{sorted(self.nan_steps)}")
-
-    def _batch_kw(self) -> dict:
-        d = self.cfg.data
-        return dict(mask_eod_loss=d.mask_eod_loss, reset_position_ids=d.reset_position_ids,
-                    intra_doc_attention=d.intra_doc_attention)
 
     def _to_device(self, batch: dict) -> dict:
         """Tensors to the engine's device; document spans (tuples of ints) stay on the host."""
