@@ -37,6 +37,7 @@ def test_overrides_are_typed(tmp_path):
     ("parallel.zero_stage=4", "zero_stage"),
     ("parallel.offload=optimizer+params", "zero_stage=3"),
     ("data.train=[{path: x, wieght: 1}]", "data.train[0].wieght"),
+    ("model.preset=huge", "model.preset: 'huge' is not one of debug"),
 ])
 def test_bad_keys_and_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):

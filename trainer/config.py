@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.common.errors import InputError
+from model import PRESETS
 
 
 class ConfigError(InputError):
@@ -339,6 +340,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.betas must be a list of two numbers")
     if cfg.model.preset is None and cfg.model.init_from_hf is None and cfg.model.hidden_size is None:
         raise ConfigError("model: give a preset, explicit shape fields, or init_from_hf")
+    if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: {cfg.model.preset!r} is not one of {', '.join(PRESETS)}")
 
 
 def check_global_batch(cfg: RunConfig, dp_size: int) -> int:
