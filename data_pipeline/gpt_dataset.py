@@ -33,8 +33,6 @@ numpy only: this module is imported by data tools that must not need torch.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import math
 import os
 from functools import cached_property
@@ -43,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .common.errors import InputError
-from .common.files import atomic_open, atomic_write_json, sha256_file_cached
+from .common.files import atomic_open, atomic_write_json, sha256_file_cached, sha256_json
 from .indexed_dataset import IndexedDataset, exists
 from .manifest import MANIFEST_NAME, ManifestError, shard_prefixes
 
@@ -201,13 +199,13 @@ class PackedDataset:
             # The .idx holds lengths, pointers, document index and dtype: all the arrays depend on.
             "idx_sha256": [sha256_file_cached(f"{p}.idx") for p in self.prefixes],
         }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return sha256_json(ident)
 
     @cached_property
     def fingerprint(self) -> str:
         """Identifies the cached arrays: the order plus how many epochs of it they hold."""
         ident = {"order": self.order_fingerprint, "num_epochs": self.num_epochs}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return sha256_json(ident)
 
     @cached_property
     def _cache(self) -> _IndexCache:
@@ -355,13 +353,13 @@ class BlendedDataset:
         orders: this identifies the blended order for any length."""
         ident = {"kind": "blended", "version": INDEX_FORMAT_VERSION, "weights": [float(x) for x in self.weights],
                  "children": [d.order_fingerprint for d in self.datasets]}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return sha256_json(ident)
 
     @cached_property
     def fingerprint(self) -> str:
         ident = {"order": self.order_fingerprint, "num_samples": self.num_samples,
                  "children": [d.fingerprint for d in self.datasets]}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return sha256_json(ident)
 
     @cached_property
     def _cache(self) -> _IndexCache:

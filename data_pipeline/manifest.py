@@ -12,13 +12,12 @@ every input record (read = written + skipped).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from .common.errors import InputError
-from .common.files import atomic_write_json, sha256_file
+from .common.files import atomic_write_json, sha256_file, sha256_json
 from .indexed_dataset import IndexedDataset, exists
 
 MANIFEST_NAME = "manifest.json"
@@ -172,7 +171,7 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str) -> dic
         "skip_examples": dict(sorted(examples.items())),
         "sources": config["sources"],
         "settings": config["settings"],
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "config_sha256": sha256_json(config),
     }
 
 
@@ -197,5 +196,5 @@ def assemble_merged(inputs: list[tuple[str, dict]], splits: dict[str, list[dict]
         "sources": [src for _, m in inputs for src in m.get("sources", [])],
         "settings": {"merged_from": [p for p, _ in inputs]},
         "merged_from": [{"path": p, "config_sha256": m.get("config_sha256")} for p, m in inputs],
-        "config_sha256": hashlib.sha256(json.dumps([m.get("config_sha256") for _, m in inputs]).encode()).hexdigest(),
+        "config_sha256": sha256_json([m.get("config_sha256") for _, m in inputs]),
     }

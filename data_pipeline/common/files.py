@@ -27,6 +27,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def sha256_json(obj) -> str:
+    """Hex sha256 of a JSON-serialisable value in canonical form (sorted keys): an identity for configs
+    and orders that does not depend on dict ordering."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
 
