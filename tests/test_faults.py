@@ -103,12 +103,14 @@ def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
 @pytest.mark.slow
 def test_sigterm_to_one_rank_saves_a_loadable_checkpoint_and_exits_0(tmp_path, tiny_data):
     """Slurm delivers the signal to every task, but not necessarily at the same instant: here only rank 1
-    gets SIGTERM, and both ranks must still stop after the same step (they agree at each step end)."""
+    gets SIGTERM, and both ranks must still stop after the same step. With log.interval 5 most steps are
+    not sync steps: the ranks learn of the stop through StepSums up to two steps late, and must still
+    agree on the step to stop after (a disagreement would hang the save's collectives)."""
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run,
                        train={"micro_batch_size": 2, "grad_accum": 1, "max_steps": 1000, "seed": 7,
                               "precision": "fp32"},
-                       checkpoint={"interval": 0, "keep_last": 2})
+                       checkpoint={"interval": 0, "keep_last": 2}, log={"interval": 5})
     args = deepspeed_args(cfg, [], 2, free_port())
     log = tmp_path / "first.log"
     with open(log, "w") as out:
@@ -116,7 +118,7 @@ def test_sigterm_to_one_rank_saves_a_loadable_checkpoint_and_exits_0(tmp_path, t
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 2):
+        while not ((run / "metrics.jsonl").is_file() and len(read_metrics(run)) >= 1):
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.time() < deadline, "no training steps after 300 s"
             time.sleep(0.1)
@@ -137,7 +139,7 @@ def test_sigterm_to_one_rank_saves_a_loadable_checkpoint_and_exits_0(tmp_path, t
     # The checkpoint loads (here on 1 rank × grad_accum 2: a 1-rank start is much cheaper than a 2-rank
     # one, and it exercises the universal conversion once more); exit_after_minutes (0.6 s, shorter than
     # the start-up) stops after one step with a checkpoint and exit code 0.
-    out = deepspeed_train(cfg, ["train.exit_after_minutes=0.01", "train.grad_accum=2"], nproc=1)
+    out = deepspeed_train(cfg, ["train.exit_after_minutes=0.01", "train.grad_accum=2", "log.interval=1"], nproc=1)
     assert f"resumed from {run / 'checkpoints' / tag} (universal checkpoint" in out.stdout, out.stdout[-3000:]
     assert f"step {last_step}, {4 * last_step} samples consumed" in out.stdout
     assert "stopping on exit_after_minutes" in out.stdout

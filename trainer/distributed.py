@@ -34,14 +34,56 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_agree(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (e.g. a stop signal that reached one rank)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def mean_across_ranks(x: float) -> float:
     t = torch.tensor([x], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+class StepSums:
+    """Small per-step values summed over all ranks, read on the host without making it wait for the device.
+
+    ``push(step, values)`` starts an asynchronous all-reduce of the values (a few floats per step) and,
+    on CUDA, a non-blocking copy of the result into pinned host memory followed by an event, so the host
+    goes on queueing the next step's kernels. ``ready(wait_through)`` returns, in step order, the records
+    that have completed, first waiting for every record up to step ``wait_through`` (the step loop waits
+    through step - LAG each step, and through the current step only at log, eval and save steps). So the
+    host runs at most LAG steps ahead of the device, and a value pushed at step s (a stop request, a
+    non-finite loss) is seen by every rank by the end of step s + LAG at the latest.
+    """
+
+    LAG = 2
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.device = collective_device()
+        self._pending: list[tuple[int, object, torch.Tensor, object]] = []
+
+    def push(self, step: int, values: list[torch.Tensor | float]) -> None:
+        t = torch.stack([v.detach().reshape(()).to(self.device, torch.float64) if torch.is_tensor(v)
+                         else torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in values])
+        work = dist.all_reduce(t, async_op=True)
+        event = None
+        if self.device.type == "cuda":
+            work.wait()  # orders the copy after the reduction on the current stream; does not block the host
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            t, work = host, None
+        self._pending.append((step, work, t, event))
+
+    def ready(self, wait_through: int) -> list[tuple[int, dict[str, float]]]:
+        out = []
+        while self._pending:
+            step, work, t, event = self._pending[0]
+            done = event.query() if event is not None else work.is_completed()
+            if not done and step > wait_through:
+                break
+            if event is not None:
+                event.synchronize()
+            else:
+                work.wait()
+            self._pending.pop(0)
+            out.append((step, dict(zip(self.names, t.tolist()))))
+        return out

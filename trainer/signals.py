@@ -1,6 +1,8 @@
 """Stop requests: SIGTERM (schedulers, ``scancel``), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's advance warning
-before the time limit) set a flag that the step loop reads at step boundaries; all ranks agree on it
-(``distributed.all_agree``), finish the step, save and exit 0. A second Ctrl-C stops at once."""
+before the time limit) set a flag that the step loop sends to every rank with the step's other values
+(``distributed.StepSums``); all ranks then stop after the same step — at most two steps after the one
+the signal arrived in, at once on log, eval and save steps — save and exit 0. A second Ctrl-C stops at
+once."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from . import checkpoint, faults
 from .batching import DistributedSampleIterator, make_batch
 from .build import Run, build_run
 from .config import RunConfig, load_config
-from .distributed import all_agree, mean_across_ranks
+from .distributed import StepSums, mean_across_ranks
 from .metrics import MetricsLogger, detect_peak_tflops, format_eta, memory_stats
 from .signals import StopFlag
 
@@ -80,6 +80,11 @@ class Trainer:
             r.train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, r.layout.dp_rank, r.layout.dp,
             consumed_samples=r.consumed_samples, prefetch=cfg.data.prefetch, collate=self.collate)
         self.nonfinite = faults.NonFiniteTracker(cfg.train.max_nonfinite_steps, r.precision)
+        self.sums = StepSums(("loss", "stop", "timeout"))
+        self.skipped: dict[int, bool] = {}  # step -> DeepSpeed skipped its update, until observed
+        self.last_loss: tuple[int, float] | None = None  # (step, mean loss across ranks) of the newest record read
+        self.stop_at: int | None = None  # the step every rank stops after (a stop request or the timer)
+        self.exit_reason: str | None = None
         self.nan_steps = faults.injected_nan_steps()
         if self.nan_steps:
             self.log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps "
@@ -90,13 +95,17 @@ class Trainer:
         device = self.engine.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss across ranks, data wait s)."""
+    def train_step(self, timed_out: bool) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the seconds spent waiting for data.
+
+        Nothing here reads a tensor on the host: the micro-batch losses are summed on the device, and
+        the step's mean loss, whether a stop was requested and whether the run timed out are pushed to
+        ``self.sums`` (one asynchronous all-reduce), which ``run_loop`` reads with a lag (StepSums)."""
         r = self.run
         t0 = time.time()
         batches = [self._to_device(mb) for mb in self.it.next_microbatches()]
         data_wait = time.time() - t0
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.engine.device)
         skipped_before = self.engine.skipped_steps
         for b in batches:
             loss = self.engine(**b)
@@ -104,15 +113,48 @@ class Trainer:
                 loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         r.step += 1
         r.consumed_samples += r.global_batch
-        loss = mean_across_ranks(loss_sum / len(batches))
-        # DeepSpeed (or deepspeed_compat's ZeRO-0 guard) skipped the update if any gradient was non-finite.
-        if self.nonfinite.observe(r.step, loss, self.engine.skipped_steps > skipped_before, self._last_good):
-            self.log.console(f"step {r.step}: non-finite loss or gradient (loss {loss}), update skipped "
+        # DeepSpeed (or deepspeed_compat's ZeRO-0 guard) skipped the update if any gradient was non-finite;
+        # skipped_steps is a host counter DeepSpeed keeps (its own overflow check read the device).
+        self.skipped[r.step] = self.engine.skipped_steps > skipped_before
+        self.sums.push(r.step, [loss_sum / len(batches), self.stop.signal is not None, timed_out])
+        return data_wait
+
+    def _read(self, wait_through: int) -> None:
+        for step, sums in self.sums.ready(wait_through):
+            self._observe(step, sums)
+
+    def _observe(self, step: int, sums: dict[str, float]) -> None:
+        """A step's values summed over ranks, now on the host: its loss, non-finite accounting, stops."""
+        loss = sums["loss"] / self.run.layout.world  # TP ranks hold equal losses: the world mean is the dp mean
+        self.last_loss = (step, loss)
+        if self.nonfinite.observe(step, loss, self.skipped.pop(step), self._last_good):
+            self.log.console(f"step {step}: non-finite loss or gradient (loss {loss}), update skipped "
                              f"({self.nonfinite.streak} in a row, {self.nonfinite.total} in this run)")
-        return loss, data_wait
+        if (sums["stop"] or sums["timeout"]) and self.stop_at is None:
+            # Every rank reads this record by the same step (StepSums): stop there, all together.
+            self.stop_at = min(step + StepSums.LAG, self._next_sync_step(step))
+            self.exit_reason = self.stop.signal or ("exit_after_minutes" if sums["timeout"]
+                                                    else "a stop request on another rank")
+
+    def _loss_of(self, step: int) -> float | None:
+        """The mean loss of ``step`` (read by now at every sync step and after the loop; None for a step
+        this start did not train, e.g. a resume at max_steps)."""
+        return self.last_loss[1] if self.last_loss is not None and self.last_loss[0] == step else None
+
+    def _is_sync_step(self, step: int) -> bool:
+        """Steps at which every rank reads the values of every step so far: log, eval, save and last."""
+        cfg = self.cfg
+        return (step % cfg.log.interval == 0 or step == cfg.train.max_steps
+                or (self.run.valid_ds is not None and step % cfg.eval.interval == 0)
+                or (cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0))
+
+    def _next_sync_step(self, step: int) -> int:
+        while not self._is_sync_step(step):
+            step += 1
+        return step
 
     def _last_good(self) -> str | None:
         tag = checkpoint.latest_tag(self.run.ckpt_dir)
@@ -175,15 +217,19 @@ class Trainer:
 
     def run_loop(self) -> int:
         r, cfg = self.run, self.cfg
-        last_loss, eval_loss = None, None
+        eval_loss = None
         window = {"t0": time.time(), "data": 0.0, "steps": 0}
-        exit_reason = None
-        while r.step < cfg.train.max_steps:
-            last_loss, data_wait = self.train_step()
-            window["data"] += data_wait
+        while r.step < cfg.train.max_steps and r.step != self.stop_at:
+            elapsed_min = (time.time() - self.t_start) / 60
+            window["data"] += self.train_step(cfg.train.exit_after_minutes > 0
+                                              and elapsed_min > cfg.train.exit_after_minutes)
             window["steps"] += 1
-            if r.step % cfg.log.interval == 0 or r.step == cfg.train.max_steps:
-                self._log(last_loss, window)
+            self._read(wait_through=r.step if self._is_sync_step(r.step) else r.step - StepSums.LAG)
+            stopping = r.step == self.stop_at
+            if stopping:
+                self._read(wait_through=r.step)  # the stop step is logged and saved like a sync step
+            if r.step % cfg.log.interval == 0 or r.step == cfg.train.max_steps or stopping:
+                self._log(self._loss_of(r.step), window)
                 window = {"t0": time.time(), "data": 0.0, "steps": 0}
 
             if r.valid_ds is not None and (r.step % cfg.eval.interval == 0 or r.step == cfg.train.max_steps):
@@ -191,22 +237,18 @@ class Trainer:
                 ppl = math.exp(min(eval_loss, 50))
                 self.log.log(r.step, {"loss": eval_loss, "perplexity": ppl}, prefix="eval")
                 self.log.console(f"eval step {r.step} | loss {eval_loss:.4f} | ppl {ppl:.2f}")
-
-            elapsed_min = (time.time() - self.t_start) / 60
-            timed_out = cfg.train.exit_after_minutes > 0 and elapsed_min > cfg.train.exit_after_minutes
-            if all_agree(self.stop.signal is not None or timed_out):
-                exit_reason = self.stop.signal or ("exit_after_minutes" if timed_out
-                                                   else "a stop request on another rank")
+            if stopping:
                 break
             # No periodic save inside a non-finite streak: keep_last must not rotate out the good checkpoints.
             if (cfg.checkpoint.interval and r.step % cfg.checkpoint.interval == 0
                     and r.step < cfg.train.max_steps and self.nonfinite.streak == 0):
-                self.save(last_loss, eval_loss)
+                self.save(self._loss_of(r.step), eval_loss)
 
+        self._read(wait_through=r.step)
         if checkpoint.latest_tag(r.ckpt_dir) != checkpoint.tag_for(r.step):
-            self.save(last_loss, eval_loss)
-        if exit_reason:
-            self.log.console(f"stopping on {exit_reason} at step {r.step}: checkpoint saved, exiting cleanly")
+            self.save(self._loss_of(r.step), eval_loss)
+        if self.exit_reason and r.step == self.stop_at:
+            self.log.console(f"stopping on {self.exit_reason} at step {r.step}: checkpoint saved, exiting cleanly")
         self.it.close()
         self.log.close()
         dist.barrier()

@@ -135,3 +135,19 @@ def test_throughput_benchmark_runs_on_gpu(tmp_path):
     assert r["device"] == "cuda" and r["precision"] == "bf16"
     assert r["ours"]["tokens_per_s"] > 0 and r["hf"]["tokens_per_s"] > 0 and r["ratio_ours_over_hf"] > 0
     assert "step-time ratio ours/HF" in out.stdout
+
+
+@pytest.mark.slow
+def test_no_device_syncs_from_our_step_path(tmp_path, tiny_data):
+    """bf16 ZeRO-1 on CUDA under torch.cuda.set_sync_debug_mode("warn"): no synchronizing call from
+    trainer/ or model/ inside train_step or between sync steps (DeepSpeed's own overflow check and
+    gradient-norm reads are not ours: README, "Host syncs")."""
+    from tests.test_step_sync import run_with_cuda_sync_warnings
+
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, tmp_path / "run",
+                       train={"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2, "precision": "bf16"},
+                       log={"interval": 5}, checkpoint={"interval": 0}, eval={"interval": 0},
+                       parallel={"zero_stage": 1})
+    (syncs, sync_steps), = run_distributed(run_with_cuda_sync_warnings, 1, (str(cfg),), timeout=600)
+    bad = [r for r in syncs if r[1] == "train_step" or (r[1] == "loop" and r[0] not in sync_steps)]
+    assert bad == [], bad
