@@ -57,26 +57,33 @@ class StepSums:
     def __init__(self, names: tuple[str, ...]):
         self.names = names
         self.device = collective_device()
-        self._pending: list[tuple[int, object, torch.Tensor, object]] = []
+        # (step, all-reduce work, result, CUDA event, pinned input kept alive until the copy is done)
+        self._pending: list[tuple[int, object, torch.Tensor, object, torch.Tensor]] = []
 
     def push(self, step: int, values: list[torch.Tensor | float]) -> None:
-        t = torch.stack([v.detach().reshape(()).to(self.device, torch.float64) if torch.is_tensor(v)
-                         else torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in values])
+        """Start summing ``values`` (device scalars and host numbers, in ``names`` order) over ranks."""
+        cuda = self.device.type == "cuda"
+        numbers = torch.tensor([float(v) for v in values if not torch.is_tensor(v)], dtype=torch.float64)
+        if cuda:  # a copy from pinned memory does not make the host wait for the device
+            numbers = numbers.pin_memory()
+        it = iter(numbers.to(self.device, non_blocking=True))
+        t = torch.stack([v.detach().reshape(()).to(torch.float64) if torch.is_tensor(v) else next(it)
+                         for v in values])
         work = dist.all_reduce(t, async_op=True)
         event = None
-        if self.device.type == "cuda":
+        if cuda:
             work.wait()  # orders the copy after the reduction on the current stream; does not block the host
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             host.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             t, work = host, None
-        self._pending.append((step, work, t, event))
+        self._pending.append((step, work, t, event, numbers))
 
     def ready(self, wait_through: int) -> list[tuple[int, dict[str, float]]]:
         out = []
         while self._pending:
-            step, work, t, event = self._pending[0]
+            step, work, t, event, _ = self._pending[0]
             done = event.query() if event is not None else work.is_completed()
             if not done and step > wait_through:
                 break
