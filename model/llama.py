@@ -16,6 +16,11 @@ parallelism are the trainer's business: ``trainer/parallelize.py``):
   runs on each span alone;
 * ``attn_mask``: a boolean (B, 1, T, T) mask, True where attention is allowed.
 
+With labels the model returns the mean token loss. ``loss_chunk_tokens`` > 0 computes it that many
+tokens at a time, fused with the output projection (``LMHead``): the same value and gradients within
+fp32 rounding, without the (B, T, V) logits and their fp32 copy in memory (the trainer sets it:
+``parallel.loss_chunk_tokens``).
+
 Shapes: B batch, T sequence, d hidden, H query heads, K kv heads, D head_dim, V vocab.
 """
 
@@ -173,14 +178,66 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of the token cross-entropies of ``h @ weight.T`` against ``labels``, ``chunk`` rows at a time,
+    with the gradients computed in the same pass (each chunk's logits exist only while it is processed):
+    forward leaves d(sum)/dh (N, d) and d(sum)/dweight (V, d, fp32) for backward to scale."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_grads = any(ctx.needs_input_grad[:2])  # False under no_grad (evaluation): the loss alone
+        grad_h = torch.empty_like(h) if need_grads else None  # (N, d)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grads else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk):
+            hc, yc = h[start:start + chunk], labels[start:start + chunk]
+            valid = yc != IGNORE_INDEX
+            rows, targets = valid.nonzero().squeeze(1), yc[valid]
+            # fp32 log-softmax, as the whole-logits loss: bf16 over a large vocab loses ~2 digits.
+            logp = torch.log_softmax((hc @ weight.t()).float(), dim=-1)  # (n, V)
+            total -= logp[rows, targets].sum()
+            if not need_grads:
+                continue
+            p = logp.exp_()  # softmax, in place: d(loss sum)/d(logits) = softmax - one-hot; 0 where masked
+            p[rows, targets] -= 1
+            p[~valid] = 0
+            g = p.to(h.dtype)
+            grad_h[start:start + chunk] = g @ weight
+            grad_w += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None
+
+
+class LMHead(nn.Linear):
+    """The output projection (a plain ``nn.Linear``: same parameter, same name) that can also return the
+    loss directly: ``head(h, labels, chunk_tokens)`` computes the mean token cross-entropy ``chunk_tokens``
+    tokens at a time (``_LinearCrossEntropy``), so peak memory holds one (chunk, V) block of logits
+    instead of (B*T, V) logits, their fp32 copy and the log-softmax. Inside this module's own call, so
+    ZeRO-3 gathers the weight once, as for the plain projection."""
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, chunk_tokens: int = 0) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        flat_labels = labels.reshape(-1)
+        total = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), self.weight, flat_labels, chunk_tokens)
+        return total / (flat_labels != IGNORE_INDEX).sum()  # 0 / 0 = NaN with nothing to predict, as F.cross_entropy
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.loss_chunk_tokens = 0  # 0: the loss from the whole (B, T, V) logits (module docstring)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -222,10 +279,11 @@ class LlamaForCausalLM(nn.Module):
         if doc_spans is not None and attn_mask is not None:
             raise ValueError("give doc_spans or attn_mask, not both")
         h = self.model(input_ids, position_ids=position_ids, docs=doc_spans if attn_mask is None else attn_mask)
+        if labels is not None and self.loss_chunk_tokens:
+            return self.lm_head(h, labels, self.loss_chunk_tokens)
         logits = self.lm_head(h)
         if labels is None:
             return logits
-        # Cross-entropy in fp32: bf16 log-softmax over a large vocab loses ~2 digits.
         return F.cross_entropy(
             logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
         )

@@ -79,7 +79,8 @@ def run_case(case: dict, tp: int) -> dict:
     ds_config["zero_optimization"].update(BASE["ds_overrides"])
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, case.get("seed", BASE["seed"]), layout)
     parallelize.parallelize(model, intra_doc_attention=False,
-                            activation_checkpointing=cfg.parallel.activation_checkpointing)
+                            activation_checkpointing=cfg.parallel.activation_checkpointing,
+                            loss_chunk_tokens=case.get("loss_chunk", 0))
     eng = engine.initialize(model, cfg, ds_config, layout)
     shapes = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in eng.module.named_parameters()}
     # ZeRO-3 parameters this rank holds only a partition of (ds_numel: the full size; numel(): the
@@ -130,6 +131,7 @@ def dp_runs() -> dict:
         dict(name="zero2_ga4", zero_stage=2, micro=1, grad_accum=4),
         dict(name="zero2_ac1", zero_stage=2, micro=4, grad_accum=1, ac=1),
         dict(name="zero3_ac2", zero_stage=3, micro=4, grad_accum=1, ac=2),
+        dict(name="zero3_chunked_loss", zero_stage=3, micro=4, grad_accum=1, loss_chunk=100),
         dict(name="zero2_other_seed", zero_stage=2, micro=4, grad_accum=1, seed=BASE["seed"] + 1),
         dict(name="zero2_offload", zero_stage=2, micro=4, grad_accum=1, offload="optimizer"),
         dict(name="zero3_offload", zero_stage=3, micro=4, grad_accum=1, offload="optimizer+params"),
@@ -142,6 +144,7 @@ def tp_runs() -> dict:
     """Tensor-parallel 2 × data-parallel 1: the whole 8-sample global batch on one TP group."""
     cases = [dict(name=f"tp2_zero{z}", zero_stage=z, micro=8, grad_accum=1) for z in range(4)] + [
         dict(name="tp2_zero3_ac1", zero_stage=3, micro=8, grad_accum=1, ac=1),
+        dict(name="tp2_zero3_chunked_loss", zero_stage=3, micro=8, grad_accum=1, loss_chunk=100),
         dict(name="tp2_zero3_offload", zero_stage=3, micro=8, grad_accum=1, offload="optimizer+params"),
     ]
     return run_all(2, cases)
@@ -168,6 +171,17 @@ def test_zero_stages_give_the_same_losses(dp_runs):
     # The bounds can fail: another init seed is far outside them.
     assert max_rel(dp_runs["zero2_other_seed"]["losses"], ref) > 100 * LOSS_RTOL
     assert max_rel(dp_runs["zero2_other_seed"]["grad_norms"], gref) > 100 * GNORM_RTOL
+
+
+@pytest.mark.slow
+def test_chunked_loss_matches_under_zero3_and_tensor_parallel(dp_runs, tp_runs):
+    """parallel.loss_chunk_tokens=100 (3 chunks of 256 tokens per rank: lm_head is called once per chunk
+    and again in backward, under ZeRO-3's gathering and with AutoTP) trains like the whole-logits loss;
+    the chunk sums are added in another order, so the fp32 bound of the other cases applies."""
+    ref, gref = dp_runs["zero0"]["losses"], dp_runs["zero0"]["grad_norms"]
+    for run in (dp_runs["zero3_chunked_loss"], tp_runs["tp2_zero3_chunked_loss"]):
+        assert max_rel(run["losses"], ref) <= LOSS_RTOL, (run["losses"], ref)
+        assert max_rel(run["grad_norms"], gref) <= GNORM_RTOL, (run["grad_norms"], gref)
 
 
 @pytest.mark.slow

@@ -149,7 +149,8 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state)
     batch_transform = parallelize.parallelize(
         model, intra_doc_attention=cfg.data.intra_doc_attention,
-        activation_checkpointing=cfg.parallel.activation_checkpointing)
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        loss_chunk_tokens=cfg.parallel.loss_chunk_tokens)
     eng = engine.initialize(model, cfg, ds_config, layout)
     if layout.rank == 0:
         atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=1))

@@ -19,7 +19,9 @@ nothing of recomputation or parallelism. ``parallelize`` applies, in this order 
    (no wrapper module), so checkpoints, AutoTP's name rules and the export see the plain model.
    DeepSpeed's reentrant ``deepspeed.checkpointing`` would add partitioned/CPU activations, which pay off
    only when that one saved (B, T, d) input per layer is what limits memory.
-3. **Tensor parallelism** (AutoTP) and 4. **ZeRO data-parallel sharding** are applied by
+3. **Loss chunking** (``parallel.loss_chunk_tokens`` = N): the loss is computed N tokens at a time, so
+   the (B, T, V) logits and their fp32 copy never exist whole (``model.llama.LMHead``).
+4. **Tensor parallelism** (AutoTP) and 5. **ZeRO data-parallel sharding** are applied by
    ``deepspeed.initialize`` (``trainer/engine.py``), from the DeepSpeed config the run config derives:
    AutoTP shards q/k/v/gate/up by columns and o/down by rows, then ZeRO partitions what each rank holds
    over the data-parallel group.
@@ -110,9 +112,10 @@ def apply_activation_checkpointing(model: LlamaForCausalLM, every: int) -> int:
     return len(layers)
 
 
-def parallelize(model: LlamaForCausalLM, *, intra_doc_attention: bool,
-                activation_checkpointing: int) -> BatchTransform:
-    """Apply steps 1-2 to ``model`` (3-4 happen in ``deepspeed.initialize``); returns the batch transform
+def parallelize(model: LlamaForCausalLM, *, intra_doc_attention: bool, activation_checkpointing: int,
+                loss_chunk_tokens: int = 0) -> BatchTransform:
+    """Apply steps 1-3 to ``model`` (4-5 happen in ``deepspeed.initialize``); returns the batch transform
     of step 1, which the data side applies to every batch before it reaches the model."""
     apply_activation_checkpointing(model, activation_checkpointing)
+    model.loss_chunk_tokens = loss_chunk_tokens
     return document_attention if intra_doc_attention else (lambda batch: batch)
