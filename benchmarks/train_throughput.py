@@ -151,6 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--offload", default="none", choices=["none", "optimizer", "optimizer+params"])
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="auto = bf16 on CUDA with bf16, fp32 on CPU (as the trainer)")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=RunConfig().parallel.loss_chunk_tokens,
+                    help="parallel.loss_chunk_tokens for our model (default: the run config's; 0 = whole logits)")
     ap.add_argument("--activation-checkpointing", type=int, default=0,
                     help="recompute every N-th layer (0 = off; HF twin: every layer when > 0)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
@@ -203,6 +205,7 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     ours = LlamaForCausalLM(mcfg)
     apply_activation_checkpointing(ours, a.activation_checkpointing)
+    ours.loss_chunk_tokens = a.loss_chunk_tokens
     models = {"ours": ours}
     if a.compare_hf:
         models["hf"] = build_hf_twin(ours, a.activation_checkpointing)  # copies ours' initial weights
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
         f"world {world} on {dev.type}"
         f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''} | {precision} | "
         f"ZeRO-{a.zero_stage} | micro batch {a.micro_batch} × accum {a.grad_accum} × seq {a.seq_len} = "
-        f"{tokens_per_step} tokens/step | act. ckpt {a.activation_checkpointing} | "
+        f"{tokens_per_step} tokens/step | act. ckpt {a.activation_checkpointing} | loss chunk {a.loss_chunk_tokens} | "
         f"prefetch {'on' if a.prefetch else 'off'} | torch threads {torch.get_num_threads()}")
     for r in runners.values():
         r.steps(a.warmup)
