@@ -114,7 +114,7 @@ def build_data(cfg: RunConfig, layout: engine.Layout, global_batch: int,
 
 def build_run(cfg: RunConfig, log=print) -> Run:
     """Everything the step loop needs (module docstring). Collective."""
-    distributed.init()
+    distributed.init(cfg.parallel.collective_timeout_minutes)
     layout = engine.init_layout(cfg.parallel.tensor_parallel)
     global_batch = check_global_batch(cfg, layout.dp)
     precision = resolve_precision(cfg.train.precision)
@@ -145,7 +145,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     # Identical initial weights on every rank and at every ZeRO stage for a seed (ZeRO-3 builds under
     # zero.Init with the same values as an eager build: engine.py); DeepSpeed also broadcasts rank 0's.
     np.random.seed(cfg.train.seed)
-    ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision))
+    ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision, mcfg.hidden_size))
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state)
     batch_transform = parallelize.parallelize(
         model, intra_doc_attention=cfg.data.intra_doc_attention,

@@ -150,8 +150,12 @@ class ParallelSection:
         fp32 rounding; peak memory holds one (N, V) block of logits instead of all B·T rows, their fp32
         copy and the log-softmax: 125m, micro batch 4 × seq 4096, vocab 32k on CPU: 8.0 -> 0.9 GiB (fp32)
         and 7.0 -> 1.0 GiB (bf16), and faster (benchmarks/loss_memory.py).
+    collective_timeout_minutes: how long a collective may wait before the job fails (a dead or hung rank
+        then ends the job instead of blocking every other rank; NCCL's asynchronous error handling is
+        on, so the failure is raised, not hung on).
     ds_config: optional DeepSpeed JSON template supplying settings this config does not own
-        (documented examples in ds_configs/).
+        (documented examples in ds_configs/). Communication settings the template leaves out are
+        chosen from the model size (``trainer.ds_config.communication_defaults``).
     """
 
     zero_stage: int = 2
@@ -159,6 +163,7 @@ class ParallelSection:
     activation_checkpointing: int = 0
     offload: str = "none"
     loss_chunk_tokens: int = 2048
+    collective_timeout_minutes: float = 30.0
     ds_config: str | None = None
 
 
@@ -329,6 +334,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("parallel.tensor_parallel must be >= 1")
     if p.offload != "none" and p.zero_stage == 0:
         raise ConfigError("parallel.offload needs parallel.zero_stage >= 1")
+    if p.collective_timeout_minutes <= 0:
+        raise ConfigError("parallel.collective_timeout_minutes must be > 0")
     if p.loss_chunk_tokens < 0:
         raise ConfigError("parallel.loss_chunk_tokens must be >= 0 (0 = off)")
     if p.offload == "optimizer+params" and p.zero_stage != 3:

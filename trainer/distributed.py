@@ -18,10 +18,16 @@ from data_pipeline.common.launch_env import torch_env
 from . import deepspeed_compat
 
 
-def init(timeout_minutes: int = 30) -> None:
+def init(timeout_minutes: float = 30) -> None:
+    """Join the job's process group (collective). A collective waiting longer than ``timeout_minutes``
+    fails the job; with NCCL, asynchronous error handling turns that (or a dead peer) into an error on
+    every rank instead of a hang."""
+    import os
+
     import deepspeed
 
     torch_env()
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     # gloo on CPU, nccl on CUDA: DeepSpeed's accelerator picks the backend.
     deepspeed.init_distributed(auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     deepspeed_compat.release_shm_segment()

@@ -74,7 +74,34 @@ def load_template(path: str | None) -> dict:
     return tpl
 
 
-def build_ds_config(cfg: RunConfig, dp_size: int, precision: str) -> dict:
+def communication_defaults(zero_stage: int, hidden_size: int, precision: str, cuda: bool) -> tuple[dict, dict]:
+    """(top-level keys, zero_optimization keys) chosen for the model size; a template's values win.
+
+    * Half-precision gradients are reduced in fp32 (``communication_data_type``): a bf16 sum over many
+      ranks keeps 8 bits of mantissa, which Megatron (``--accumulate-allreduce-grads-in-fp32``) and
+      torchtitan (FSDP ``reduce_dtype=float32``) avoid too; it doubles the reduction's bytes. Gradient
+      accumulation across micro-batches stays in the model dtype (DeepSpeed's default; a template may set
+      ``data_types.grad_accum_dtype: fp32``, which at ZeRO-1 selects DeepSpeed's BF16_Optimizer).
+    * Buckets follow the hidden size d as in DeepSpeed's Hugging Face integration (``"auto"``):
+      reduce bucket d² elements, ZeRO-3 prefetch bucket 0.9·d², and parameters of at most 10·d elements
+      (norm weights) persist instead of being gathered every time; so every matrix of a real model is
+      partitioned and gathered by ZeRO-3, at every size.
+    * ``overlap_comm`` on CUDA: the reduce-scatter (ZeRO-1/2) or prefetch (ZeRO-3) overlaps backward /
+      forward compute, for ~4.5 reduce buckets of extra memory; off on CPU, where gloo's collectives
+      take the same cores as the compute."""
+    top = {"communication_data_type": "fp32"} if precision in ("bf16", "fp16") else {}
+    zero: dict = {}
+    if zero_stage >= 1:
+        zero = {"overlap_comm": cuda, "contiguous_gradients": True, "reduce_bucket_size": hidden_size**2}
+    if zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size**2),
+                    stage3_param_persistence_threshold=10 * hidden_size)
+    return top, zero
+
+
+def build_ds_config(cfg: RunConfig, dp_size: int, precision: str, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed JSON of a run; with the model's ``hidden_size``, the communication settings
+    ``communication_defaults`` chooses where the template sets none."""
     t, o, p = cfg.train, cfg.optim, cfg.parallel
     ds = load_template(p.ds_config)
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
@@ -85,6 +112,11 @@ def build_ds_config(cfg: RunConfig, dp_size: int, precision: str) -> dict:
     ds.setdefault("wall_clock_breakdown", False)
 
     zero = dict(ds.get("zero_optimization", {}))
+    if hidden_size is not None:
+        top, zero_defaults = communication_defaults(p.zero_stage, hidden_size, precision, torch.cuda.is_available())
+        for k, v in top.items():
+            ds.setdefault(k, v)
+        zero = {**zero_defaults, **zero}
     zero["stage"] = p.zero_stage
     if p.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
