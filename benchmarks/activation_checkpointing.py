@@ -27,15 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.memory import rss_mib  # noqa: E402
+
 MODES = ("off", "every2", "every1", "deepspeed")
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(mode: str, preset: str, seq_len: int, batch: int, grads_out: str) -> dict:

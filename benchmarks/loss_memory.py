@@ -23,14 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+sys.path.insert(0, str(ROOT))
+from benchmarks.memory import rss_mib  # noqa: E402
 
 
 def child(preset: str, seq_len: int, batch: int, dtype: str, chunk: int) -> dict:
@@ -102,5 +96,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()
