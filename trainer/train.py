@@ -73,12 +73,13 @@ class Trainer:
         # Reading, batch assembly and the attention policy run on a prefetch thread, overlapping the
         # previous step's compute.
         d = cfg.data
-        batch = functools.partial(make_batch, eod_id=r.tokenizer.eod_id, mask_eod_loss=d.mask_eod_loss,
-                                  reset_position_ids=d.reset_position_ids, intra_doc_attention=d.intra_doc_attention)
-        self.collate = lambda samples: r.batch_transform(batch(samples))
+        self._batch = functools.partial(make_batch, eod_id=r.tokenizer.eod_id, mask_eod_loss=d.mask_eod_loss,
+                                        reset_position_ids=d.reset_position_ids,
+                                        intra_doc_attention=d.intra_doc_attention)
+        self._pin = self.engine.device.type == "cuda"  # pinned: the copy to the GPU need not wait for it
         self.it = DistributedSampleIterator(
             r.train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, r.layout.dp_rank, r.layout.dp,
-            consumed_samples=r.consumed_samples, prefetch=cfg.data.prefetch, collate=self.collate)
+            consumed_samples=r.consumed_samples, prefetch=cfg.data.prefetch, collate=self._collate)
         self.nonfinite = faults.NonFiniteTracker(cfg.train.max_nonfinite_steps, r.precision)
         self.sums = StepSums(("loss", "stop", "timeout"))
         self.skipped: dict[int, bool] = {}  # step -> DeepSpeed skipped its update, until observed
@@ -90,10 +91,16 @@ class Trainer:
             self.log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps "
                              f"{sorted(self.nan_steps)}")
 
+    def _collate(self, samples) -> dict:
+        """Samples (B, T+1) -> the model's inputs, with the attention policy applied (prefetch thread)."""
+        batch = self.run.batch_transform(self._batch(samples))
+        return {k: v.pin_memory() if self._pin and isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
     def _to_device(self, batch: dict) -> dict:
-        """Tensors to the engine's device; document spans (tuples of ints) stay on the host."""
+        """Tensors to the engine's device (asynchronously from the pinned batch: a copy from pageable memory
+        would make the host wait for the GPU); document spans (tuples of ints) stay on the host."""
         device = self.engine.device
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train_step(self, timed_out: bool) -> float:
         """One optimizer step over grad_accum micro-batches; returns the seconds spent waiting for data.
@@ -169,7 +176,7 @@ class Trainer:
             vit = DistributedSampleIterator(r.valid_ds, cfg.train.micro_batch_size, cfg.eval.steps,
                                             r.layout.dp_rank, r.layout.dp)
             for mb in vit.next_microbatches():
-                total += self.engine(**self._to_device(self.collate(mb))).item()
+                total += self.engine(**self._to_device(self._collate(mb))).item()
         self.engine.train()
         return mean_across_ranks(total / cfg.eval.steps)
 
