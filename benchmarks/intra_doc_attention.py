@@ -11,6 +11,9 @@ this process (robust on a shared machine: time spent descheduled by neighbours i
 --threads 1 it is exactly the work done) and wall time; each is the minimum over iterations.
 
     .venv/bin/python benchmarks/intra_doc_attention.py --presets debug tiny --seq-lens 256 512 1024
+On a GPU (bf16; ``--mode flex`` = the flex-attention block mask the trainer uses on CUDA):
+    python benchmarks/intra_doc_attention.py --device cuda --presets 125m 1b --seq-lens 4096 8192 \
+        --mean-doc-len 500 --mode flex
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import LlamaForCausalLM, get_preset  # noqa: E402
 from trainer.batching import make_batch  # noqa: E402
-from trainer.parallelize import SPAN_ATTENTION_MIN_MEAN_TOKENS, document_attention  # noqa: E402
+from trainer.parallelize import SPAN_ATTENTION_MIN_MEAN_TOKENS, document_attention, on_device  # noqa: E402
 
 EOD = 2
 
@@ -46,10 +49,15 @@ def packed_rows(batch: int, seq_len: int, vocab: int, mean_doc: int, rng: np.ran
 
 def time_step(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(cpu seconds, wall seconds) of one forward+backward."""
+    cuda = batch["input_ids"].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     c0, t0 = time.process_time(), time.perf_counter()
-    loss = model(**batch)
+    loss = model(**on_device(batch))  # flex: the block mask is built inside the timed region
     loss.backward()
     model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
     return time.process_time() - c0, time.perf_counter() - t0
 
 
@@ -63,12 +71,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10, help="timed iterations per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: CPU time = work)")
-    ap.add_argument("--mode", choices=["auto", "spans", "mask"], default="auto",
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--mode", choices=["auto", "spans", "mask", "flex"], default="auto",
                     help="intra-doc kernel: one SDPA call per document span, one call with a dense mask, or "
                          "the trainer's choice (mask when documents average < SPAN_ATTENTION_MIN_MEAN_TOKENS = "
                          f"{SPAN_ATTENTION_MIN_MEAN_TOKENS})")
     args = ap.parse_args()
-    min_mean = {"auto": SPAN_ATTENTION_MIN_MEAN_TOKENS, "spans": 0, "mask": 10**9}[args.mode]
+    min_mean = {"auto": SPAN_ATTENTION_MIN_MEAN_TOKENS, "spans": 0, "mask": 10**9, "flex": 0}[args.mode]
+    kernel = "flex" if args.mode == "flex" else "spans"
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -80,12 +92,15 @@ def main() -> None:
     for preset in args.presets:
         cfg = get_preset(preset, vocab_size=args.vocab_size,
                          max_position_embeddings=max(args.seq_lens + [get_preset(preset).max_position_embeddings]))
-        model = LlamaForCausalLM(cfg).train()
+        model = LlamaForCausalLM(cfg).to(dev, dtype).train()
+        model.loss_chunk_tokens = 2048
         for seq_len in args.seq_lens:
             rows = packed_rows(args.batch_size, seq_len, args.vocab_size, args.mean_doc_len, rng)
             causal = make_batch(rows, EOD)
             intra = document_attention(make_batch(rows, EOD, reset_position_ids=True, intra_doc_attention=True),
-                                       min_mean_tokens=min_mean)
+                                       min_mean_tokens=min_mean, kernel=kernel)
+            causal, intra = ({k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                             for b in (causal, intra))
             times: dict[str, list[tuple[float, float]]] = {"causal": [], "intra": []}
             for i in range(args.warmup + args.iters):
                 for name, batch in (("causal", causal), ("intra", intra)):

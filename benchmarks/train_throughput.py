@@ -17,9 +17,11 @@ Single process (a 1-rank gloo/NCCL group is created here):
     .venv/bin/python benchmarks/train_throughput.py --preset tiny --seq-len 256 --micro-batch 4 --compare-hf
 Several ranks:
     deepspeed --num_gpus 8 benchmarks/train_throughput.py --preset 1b --precision bf16 --zero-stage 2
-One H100, the MFU target (>= 50%):
+One H100/H200, the MFU target (>= 50%), eager vs compiled layers, plain causal vs intra-document
+attention (flex block mask, or per-span SDPA) on packed documents of ~500 tokens, one engine:
     python benchmarks/train_throughput.py --preset 1b --precision bf16 --seq-len 4096 --micro-batch 4 \\
-        --zero-stage 0 --steps 20
+        --zero-stage 1 --steps 10 --mean-doc-len 500 \\
+        --variants eager:causal,eager:flex,eager:spans,compiled:causal,compiled:flex
 Model FLOPs exclude activation recomputation (MFU, not HFU): see trainer/metrics.py.
 """
 
@@ -49,21 +51,28 @@ from trainer.config import RunConfig  # noqa: E402
 from trainer.ds_config import build_ds_config, resolve_precision  # noqa: E402
 from trainer.engine import param_groups  # noqa: E402
 from trainer.metrics import detect_peak_tflops  # noqa: E402
-from trainer.parallelize import apply_activation_checkpointing  # noqa: E402
+from trainer.parallelize import BatchTransform, apply_activation_checkpointing, compile_layers  # noqa: E402
+
+EOD = 2
 
 
 class SyntheticTokens:
     """A dataset of random token samples (T+1 ids each), deterministic per index, never materialised."""
 
-    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int):
+    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, seed: int, mean_doc_len: int = 0):
         self.n, self.seq_len, self.vocab, self.seed = num_samples, seq_len, vocab_size, seed
+        self.mean_doc_len = mean_doc_len  # > 0: EOD after documents of geometric length (packed documents)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> np.ndarray:
         rng = np.random.default_rng((self.seed, i))
-        return rng.integers(0, self.vocab, self.seq_len + 1, dtype=np.int32)
+        row = rng.integers(EOD + 1, self.vocab, self.seq_len + 1, dtype=np.int32)
+        if self.mean_doc_len:
+            ends = np.cumsum(rng.geometric(1.0 / self.mean_doc_len, size=self.seq_len + 1))
+            row[ends[ends <= self.seq_len]] = EOD
+        return row
 
 
 class HFWithOurLoss(nn.Module):
@@ -108,8 +117,9 @@ def run_config(a: argparse.Namespace) -> RunConfig:
 class Runner:
     """One engine with its own sample iterator; ``steps(n)`` returns per-step (total, data-wait) seconds."""
 
-    def __init__(self, name: str, engine, it: DistributedSampleIterator):
+    def __init__(self, name: str, engine, it: DistributedSampleIterator, transform: BatchTransform | None = None):
         self.name, self.engine, self.it = name, engine, it
+        self.transform = transform or BatchTransform(False)
         self.device = engine.device
         self.cuda = self.device.type == "cuda"
 
@@ -120,7 +130,9 @@ class Runner:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             micro = self.it.next_microbatches()  # collated on the prefetch thread when prefetching
-            batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+            batches = [self.transform.on_device({k: v.to(self.device, non_blocking=True)
+                                                 if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+                       for b in micro]
             t_data = time.perf_counter() - t0
             loss = None
             for b in batches:
@@ -160,6 +172,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds (default 1, or 4 with --compare-hf: ours/HF alternate)")
     ap.add_argument("--compare-hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    ap.add_argument("--mean-doc-len", type=int, default=0,
+                    help="pack documents of geometric length with this mean (EOD-separated; 0 = one per row)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated MODE:ATTENTION runs of our model on one engine, MODE eager|compiled "
+                         "(per-layer torch.compile, as train.compile), ATTENTION causal|spans|mask|flex "
+                         "(intra-document kernels, parallel.attention_kernel); compiled variants run last. "
+                         "Default: eager:causal")
     ap.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                     help="build batches on the training thread instead of the prefetch thread")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -171,6 +190,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.rounds is None:
         a.rounds = 4 if a.compare_hf else 1
+    if a.variants and a.compare_hf:
+        ap.error("--variants and --compare-hf do not combine")
+    a.variants = (a.variants or "eager:causal").split(",")
+    for v in a.variants:
+        mode, _, attn = v.partition(":")
+        if mode not in ("eager", "compiled") or attn not in ("causal", "spans", "mask", "flex"):
+            ap.error(f"--variants: {v!r} is not MODE:ATTENTION (eager|compiled : causal|spans|mask|flex)")
+    a.variants.sort(key=lambda v: v.startswith("compiled"))  # compilation is applied in place, once
     for name in ("seq_len", "micro_batch", "grad_accum", "steps", "rounds"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -211,41 +238,70 @@ def main(argv=None) -> int:
         models["hf"] = build_hf_twin(ours, a.activation_checkpointing)  # copies ours' initial weights
 
     n_samples = (a.warmup + a.steps * a.rounds + 2) * a.micro_batch * a.grad_accum * world
-    collate = functools.partial(make_batch, eod_id=2)
     runners = {}
+
+    def iterator(intra_doc: bool, transform: BatchTransform):
+        collate = functools.partial(make_batch, eod_id=EOD, reset_position_ids=intra_doc,
+                                    intra_doc_attention=intra_doc)
+        return DistributedSampleIterator(
+            SyntheticTokens(n_samples, a.seq_len, mcfg.vocab_size, a.seed, a.mean_doc_len),
+            a.micro_batch, a.grad_accum, rank, world, prefetch=a.prefetch,
+            collate=lambda samples: transform(collate(samples)))
+
     for name, m in models.items():
         engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=param_groups(m, 0.1), config=ds_config)
-        it = DistributedSampleIterator(SyntheticTokens(n_samples, a.seq_len, mcfg.vocab_size, a.seed),
-                                       a.micro_batch, a.grad_accum, rank, world, prefetch=a.prefetch,
-                                       collate=collate)
-        runners[name] = Runner(name, engine, it)
+        if name == "hf":
+            runners[name] = Runner(name, engine, iterator(False, BatchTransform(False)))
+            continue
+        for v in a.variants:
+            attn = v.partition(":")[2]
+            transform = BatchTransform(attn != "causal", attn if attn != "causal" else "spans")
+            runners[v if a.variants != ["eager:causal"] else "ours"] = Runner(
+                v, engine, iterator(attn != "causal", transform), transform)
 
-    dev = runners["ours"].device
+    dev = next(iter(runners.values())).device
     say(f"train_throughput: preset {a.preset} ({num_params(mcfg) / 1e6:.1f}M params, vocab {mcfg.vocab_size}) | "
         f"world {world} on {dev.type}"
         f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''} | {precision} | "
         f"ZeRO-{a.zero_stage} | micro batch {a.micro_batch} × accum {a.grad_accum} × seq {a.seq_len} = "
         f"{tokens_per_step} tokens/step | act. ckpt {a.activation_checkpointing} | loss chunk {a.loss_chunk_tokens} | "
         f"prefetch {'on' if a.prefetch else 'off'} | torch threads {torch.get_num_threads()}")
-    for r in runners.values():
-        r.steps(a.warmup)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     per_round: dict[str, list[float]] = {k: [] for k in runners}
-    order = list(runners)
-    for rnd in range(a.rounds):
-        for name in order if rnd % 2 == 0 else order[::-1]:
-            t = runners[name].steps(a.steps)
-            times[name] += t
-            per_round[name].append(statistics.median(x[0] for x in t))
+    compile_s = None
+    if len(a.variants) > 1:
+        # Variants one after the other (compilation cannot be undone), each warmed up first.
+        for name, r in runners.items():
+            if name.startswith("compiled") and compile_s is None:
+                t0 = time.perf_counter()
+                compile_layers(ours)
+                r.steps(1)
+                compile_s = time.perf_counter() - t0
+                say(f"compiled {mcfg.num_hidden_layers} layers: first step {compile_s:.1f} s (compilation included)")
+            r.steps(a.warmup)
+            for _ in range(a.rounds):
+                t = r.steps(a.steps)
+                times[name] += t
+                per_round[name].append(statistics.median(x[0] for x in t))
+            say(f"  {name}: {1e3 * statistics.median(x[0] for x in times[name]):.1f} ms/step")
+    else:
+        for r in runners.values():
+            r.steps(a.warmup)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        order = list(runners)
+        for rnd in range(a.rounds):
+            for name in order if rnd % 2 == 0 else order[::-1]:
+                t = runners[name].steps(a.steps)
+                times[name] += t
+                per_round[name].append(statistics.median(x[0] for x in t))
     mem, mem_kind = peak_memory_gb()
 
     results: dict = {"preset": a.preset, "precision": precision, "zero_stage": a.zero_stage, "world": world,
                      "device": dev.type, "tokens_per_step": tokens_per_step, "seq_len": a.seq_len,
                      "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "peak_tflops": peak,
-                     "peak_memory_gb": mem, "peak_memory_kind": mem_kind}
+                     "peak_memory_gb": mem, "peak_memory_kind": mem_kind, "mean_doc_len": a.mean_doc_len,
+                     "compile_s": compile_s, "variants": list(runners)}
     for name, t in times.items():
         step = statistics.median(x[0] for x in t)
         mean = statistics.fmean(x[0] for x in t)

@@ -14,7 +14,9 @@ parallelism are the trainer's business: ``trainer/parallelize.py``):
 
 * ``doc_spans``: per batch row, the ``(start, end)`` token ranges of its documents; causal attention
   runs on each span alone;
-* ``attn_mask``: a boolean (B, 1, T, T) mask, True where attention is allowed.
+* ``attn_mask``: a boolean (B, 1, T, T) mask, True where attention is allowed, or a flex-attention
+  ``BlockMask`` (``torch.nn.attention.flex_attention``): one block-sparse kernel per layer, every
+  layer sharing the mask built once per batch.
 
 With labels the model returns the mean token loss. ``loss_chunk_tokens`` > 0 computes it that many
 tokens at a time, fused with the output projection (``LMHead``): the same value and gradients within
@@ -31,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .config import ModelConfig
 
@@ -39,6 +42,16 @@ IGNORE_INDEX = -100
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 # Packed documents per batch row: ((start, end), ...) token ranges covering the row, in order.
 DocSpans = tuple[tuple[tuple[int, int], ...], ...]
+_flex_compiled = None
+
+
+def _flex_attention(q, k, v, block_mask: BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """flex attention through ``torch.compile``, which generates its fused kernel (eager flex attention
+    is an unfused reference); one compiled function for all layers, compiled on first use."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class LlamaRMSNorm(nn.Module):
@@ -97,13 +110,16 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_key_value_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, docs: DocSpans | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, docs: DocSpans | torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         n_rep = q.shape[1] // k.shape[1]
+        if isinstance(docs, BlockMask):  # one block-sparse kernel; GQA inside it (no k/v copies)
+            y = _flex_attention(q, k, v, docs, enable_gqa=n_rep > 1)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         gqa = {}
         if n_rep > 1:
             if _SDPA_GQA and not isinstance(docs, torch.Tensor):
@@ -154,7 +170,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, docs: DocSpans | torch.Tensor | None = None):
+    def forward(self, x, cos, sin, docs: DocSpans | torch.Tensor | BlockMask | None = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, docs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -167,7 +183,8 @@ class LlamaModel(nn.Module):
         self.norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
-    def forward(self, input_ids, position_ids=None, docs: DocSpans | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids, position_ids=None,
+                docs: DocSpans | torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -191,16 +208,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], labels[start:start + chunk]
-            valid = yc != IGNORE_INDEX
-            rows, targets = valid.nonzero().squeeze(1), yc[valid]
+            # Masked rows are computed and multiplied by 0, not selected: selecting (nonzero, boolean
+            # indexing) has a data-dependent shape, which makes the host wait for the GPU every chunk.
+            valid = (yc != IGNORE_INDEX)[:, None]  # (n, 1)
+            targets = yc.clamp_min(0)[:, None]  # IGNORE_INDEX -> any valid id; its row is zeroed below
             # fp32 log-softmax, as the whole-logits loss: bf16 over a large vocab loses ~2 digits.
             logp = torch.log_softmax((hc @ weight.t()).float(), dim=-1)  # (n, V)
-            total -= logp[rows, targets].sum()
+            total -= (logp.gather(1, targets) * valid).sum()
             if not need_grads:
                 continue
             p = logp.exp_()  # softmax, in place: d(loss sum)/d(logits) = softmax - one-hot; 0 where masked
-            p[rows, targets] -= 1
-            p[~valid] = 0
+            p.scatter_add_(1, targets, -valid.to(p.dtype))
+            p.mul_(valid)
             g = p.to(h.dtype)
             grad_h[start:start + chunk] = g @ weight
             grad_w += (g.t() @ hc).float()
@@ -271,7 +290,7 @@ class LlamaForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_spans: DocSpans | None = None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | BlockMask | None = None,
     ):
         """input_ids (B, T). With labels (B, T) (IGNORE_INDEX = masked) returns the mean token loss;
         otherwise the logits (B, T, V). ``doc_spans`` or ``attn_mask`` restrict attention to packed

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
@@ -123,3 +124,35 @@ def run_with_cuda_sync_warnings(cfg_path: str) -> tuple[list, list[int]]:
         torch.cuda.set_sync_debug_mode("default")
     sync = [s for s in range(1, trainer.cfg.train.max_steps + 1) if trainer._is_sync_step(s)]
     return syncs, sync
+
+
+@pytest.mark.parametrize("kernel", ["causal", "spans", "mask"])
+def test_model_step_has_no_data_dependent_shapes(kernel):
+    """An op whose output shape depends on tensor values (``nonzero``, boolean indexing, ``unique``)
+    makes the host wait for the GPU to learn the shape: a hidden sync the Tensor-method wrapping above
+    cannot see. Fake tensors have no values, so such an op raises ``DynamicOutputShapeException`` there:
+    forward and backward of the training loss (chunked, with masked labels, each document kernel the CPU
+    can train with; flex's CPU backward does not exist, tests/gpu runs it under CUDA's sync check) run
+    under ``FakeTensorMode`` here. It caught the chunked loss selecting its unmasked rows."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from model import LlamaForCausalLM, ModelConfig
+    from trainer.parallelize import document_attention
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    model.loss_chunk_tokens = 32  # 128 tokens: 4 chunks
+    x = torch.randint(3, 512, (2, 64))
+    labels = x.clone()
+    labels[:, :5] = -100
+    seg = torch.zeros(2, 64, dtype=torch.long)
+    seg[:, 30:] = 1
+    batch = {"input_ids": x, "labels": labels}
+    if kernel != "causal":
+        batch = document_attention({**batch, "segment_ids": seg}, min_mean_tokens=0, kernel=kernel)
+        assert ("doc_spans" if kernel == "spans" else "attn_mask") in batch
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        loss = model(**batch)
+        loss.backward()
+    assert loss.shape == ()

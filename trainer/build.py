@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+import torch
 import torch.distributed as dist
 
 from data_pipeline.common.files import atomic_copy, atomic_write_text, sha256_file
@@ -147,10 +148,12 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     np.random.seed(cfg.train.seed)
     ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision, mcfg.hidden_size))
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state)
+    kernel = parallelize.resolve_attention_kernel(cfg.parallel.attention_kernel,
+                                                  "cuda" if torch.cuda.is_available() else "cpu", cfg.train.compile)
     batch_transform = parallelize.parallelize(
         model, intra_doc_attention=cfg.data.intra_doc_attention,
         activation_checkpointing=cfg.parallel.activation_checkpointing,
-        loss_chunk_tokens=cfg.parallel.loss_chunk_tokens)
+        loss_chunk_tokens=cfg.parallel.loss_chunk_tokens, attention_kernel=kernel, compile=cfg.train.compile)
     eng = engine.initialize(model, cfg, ds_config, layout)
     if layout.rank == 0:
         atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=1))

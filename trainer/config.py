@@ -100,6 +100,9 @@ class TrainSection:
     exit_after_minutes: save and exit cleanly after this long (0 = never).
     max_nonfinite_steps: abort after this many consecutive optimizer steps with a non-finite loss or
     gradient (each one is skipped: no weight or optimizer-state change); 0 = never abort.
+    compile: compile each decoder layer with torch.compile (per-block, after activation checkpointing;
+        compile time is printed at start-up). ZeRO 0-2; ZeRO-3 is refused (DeepSpeed's ZeRO-3
+        parameter hooks break the compiled graph at every layer).
     """
 
     micro_batch_size: int = 4
@@ -110,6 +113,7 @@ class TrainSection:
     precision: str = "auto"
     exit_after_minutes: float = 0.0
     max_nonfinite_steps: int = 5
+    compile: bool = False
 
 
 @dataclass
@@ -150,6 +154,10 @@ class ParallelSection:
         fp32 rounding; peak memory holds one (N, V) block of logits instead of all B·T rows, their fp32
         copy and the log-softmax: 125m, micro batch 4 × seq 4096, vocab 32k on CPU: 8.0 -> 0.9 GiB (fp32)
         and 7.0 -> 1.0 GiB (bf16), and faster (benchmarks/loss_memory.py).
+    attention_kernel: how intra-document attention runs: auto (flex on CUDA; on CPU spans, or mask when
+        train.compile is on) | spans (causal SDPA per document span) | mask (one dense (B, 1, T, T)
+        mask) | flex (a flex-attention block mask built once per batch on the device; CUDA for
+        training: flex attention has no CPU backward).
     collective_timeout_minutes: how long a collective may wait before the job fails (a dead or hung rank
         then ends the job instead of blocking every other rank; NCCL's asynchronous error handling is
         on, so the failure is raised, not hung on).
@@ -163,6 +171,7 @@ class ParallelSection:
     activation_checkpointing: int = 0
     offload: str = "none"
     loss_chunk_tokens: int = 2048
+    attention_kernel: str = "auto"
     collective_timeout_minutes: float = 30.0
     ds_config: str | None = None
 
@@ -224,6 +233,7 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
     "parallel.offload": ("none", "optimizer", "optimizer+params"),
+    "parallel.attention_kernel": ("auto", "spans", "mask", "flex"),
 }
 
 
@@ -338,6 +348,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("parallel.collective_timeout_minutes must be > 0")
     if p.loss_chunk_tokens < 0:
         raise ConfigError("parallel.loss_chunk_tokens must be >= 0 (0 = off)")
+    if cfg.train.compile and p.zero_stage == 3:
+        raise ConfigError("train.compile=true needs parallel.zero_stage <= 2: DeepSpeed's ZeRO-3 gathers "
+                          "parameters in module hooks that break a compiled layer's graph")
     if p.offload == "optimizer+params" and p.zero_stage != 3:
         raise ConfigError("parallel.offload=optimizer+params needs parallel.zero_stage=3")
     if cfg.data.seq_len < 1:

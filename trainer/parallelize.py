@@ -11,6 +11,10 @@ nothing of recomputation or parallelism. ``parallelize`` applies, in this order 
    triangles) or, for batches of very short documents, one dense ``attn_mask`` (cheaper than hundreds of
    tiny calls; ``benchmarks/intra_doc_attention.py --mode spans|mask`` measures the crossover that
    ``SPAN_ATTENTION_MIN_MEAN_TOKENS`` encodes). Rows holding one document each get plain causal attention.
+   With the ``flex`` kernel (``parallel.attention_kernel``; ``auto`` picks it on CUDA) the prefetch
+   thread keeps the document ids as a tensor and ``on_device`` turns them, once per batch and on the
+   GPU, into a flex-attention ``BlockMask`` that every layer shares: one block-sparse kernel per layer,
+   no host reads, and no Python structure that would make ``torch.compile`` recompile per batch.
 2. **Activation checkpointing** (``parallel.activation_checkpointing`` = N): every N-th decoder layer's
    forward is recomputed in backward with PyTorch's non-reentrant ``torch.utils.checkpoint``. It re-runs
    the layer's submodules' hooks during recomputation, so ZeRO-3 re-gathers their weights and AutoTP's
@@ -19,9 +23,12 @@ nothing of recomputation or parallelism. ``parallelize`` applies, in this order 
    (no wrapper module), so checkpoints, AutoTP's name rules and the export see the plain model.
    DeepSpeed's reentrant ``deepspeed.checkpointing`` would add partitioned/CPU activations, which pay off
    only when that one saved (B, T, d) input per layer is what limits memory.
-3. **Loss chunking** (``parallel.loss_chunk_tokens`` = N): the loss is computed N tokens at a time, so
+3. **Compilation** (``train.compile``): each decoder layer is compiled on its own (torchtitan's
+   per-block compile) after checkpointing is applied, so the recomputed region is compiled too; the
+   layers share one compiled code (same shapes), and names are unchanged (``nn.Module.compile``).
+4. **Loss chunking** (``parallel.loss_chunk_tokens`` = N): the loss is computed N tokens at a time, so
    the (B, T, V) logits and their fp32 copy never exist whole (``model.llama.LMHead``).
-4. **Tensor parallelism** (AutoTP) and 5. **ZeRO data-parallel sharding** are applied by
+5. **Tensor parallelism** (AutoTP) and 6. **ZeRO data-parallel sharding** are applied by
    ``deepspeed.initialize`` (``trainer/engine.py``), from the DeepSpeed config the run config derives:
    AutoTP shards q/k/v/gate/up by columns and o/down by rows, then ZeRO partitions what each rank holds
    over the data-parallel group.
@@ -34,6 +41,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from model import DocSpans, LlamaForCausalLM
@@ -43,7 +51,12 @@ from model import DocSpans, LlamaForCausalLM
 # preset: spans win from ~16 tokens per document on). Not yet measured on GPUs.
 SPAN_ATTENTION_MIN_MEAN_TOKENS = 16
 
-BatchTransform = Callable[[dict[str, torch.Tensor]], dict]
+# How intra-document attention is executed: per-span SDPA, one dense mask, or a flex BlockMask;
+# "auto" = flex on CUDA; on CPU spans (flex has no CPU backward), or mask when compiled (spans are
+# Python tuples: a compiled layer would recompile for every new set of documents).
+ATTENTION_KERNELS = ("auto", "spans", "mask", "flex")
+# Block-mask construction materialises (B, T, T) booleans unless compiled; compiled from this length on.
+FLEX_COMPILED_MASK_FROM_SEQ = 8192
 
 
 def document_spans(segment_ids: np.ndarray | torch.Tensor) -> DocSpans:
@@ -70,22 +83,74 @@ def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def document_attention(batch: dict[str, torch.Tensor],
-                       min_mean_tokens: int = SPAN_ATTENTION_MIN_MEAN_TOKENS) -> dict:
-    """The attention policy (step 1 above): replace ``segment_ids`` by the model's attention input."""
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+    """The flex-attention ``BlockMask`` of causal attention within documents, built on the device of
+    ``document_ids`` (B, T) without host reads; blocks entirely inside one document's causal triangle
+    are marked full (no mask evaluation), blocks across documents are skipped."""
+    B, T = document_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device,
+                             _compile=T >= FLEX_COMPILED_MASK_FROM_SEQ)
+
+
+def document_attention(batch: dict[str, torch.Tensor], min_mean_tokens: int = SPAN_ATTENTION_MIN_MEAN_TOKENS,
+                       kernel: str = "spans") -> dict:
+    """The attention policy (step 1 above, on the data side): replace ``segment_ids`` by the model's
+    attention input: ``doc_spans``, ``attn_mask``, or (``kernel="flex"``) ``document_ids``, which
+    ``on_device`` turns into the block mask."""
     out = dict(batch)
     segment_ids = out.pop("segment_ids", None)
     if segment_ids is None:
         return out
-    spans = document_spans(segment_ids)
-    n_docs = sum(len(row) for row in spans)
-    if n_docs == len(spans):
+    seg = np.asarray(segment_ids)
+    if not (seg[:, 1:] != seg[:, :-1]).any():
         return out  # one document per row: plain causal attention
-    if segment_ids.numel() < min_mean_tokens * n_docs:
+    if kernel == "flex":
+        out["document_ids"] = segment_ids.to(torch.int32)
+        return out
+    spans = document_spans(seg)
+    n_docs = sum(len(row) for row in spans)
+    if kernel == "mask" or seg.size < min_mean_tokens * n_docs:
         out["attn_mask"] = document_attention_mask(segment_ids)
     else:
         out["doc_spans"] = spans
     return out
+
+
+def on_device(batch: dict) -> dict:
+    """The device half of the attention policy, once per batch after the copy: document ids -> BlockMask."""
+    if "document_ids" not in batch:
+        return batch
+    out = dict(batch)
+    out["attn_mask"] = document_block_mask(out.pop("document_ids"))
+    return out
+
+
+def resolve_attention_kernel(kernel: str, device_type: str, compiled: bool) -> str:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, not {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    if device_type == "cuda":
+        return "flex"
+    return "mask" if compiled else "spans"
+
+
+class BatchTransform:
+    """Step 1 as the trainer runs it: ``__call__`` on the prefetch thread (host tensors), ``on_device``
+    after the batch's copy to the device."""
+
+    def __init__(self, intra_doc_attention: bool, kernel: str = "spans"):
+        self.intra_doc_attention, self.kernel = intra_doc_attention, kernel
+
+    def __call__(self, batch: dict) -> dict:
+        return document_attention(batch, kernel=self.kernel) if self.intra_doc_attention else batch
+
+    def on_device(self, batch: dict) -> dict:
+        return on_device(batch)
 
 
 def _checkpointed(forward: Callable, module: torch.nn.Module) -> Callable:
@@ -112,10 +177,24 @@ def apply_activation_checkpointing(model: LlamaForCausalLM, every: int) -> int:
     return len(layers)
 
 
+def compile_layers(model: LlamaForCausalLM) -> int:
+    """Compile each decoder layer in place (step 3); returns how many. Fixed shapes (``dynamic=False``):
+    every step has the same (B, T), and the document structure arrives as tensors (mask or BlockMask)."""
+    for layer in model.model.layers:
+        layer.compile(dynamic=False)
+    return len(model.model.layers)
+
+
 def parallelize(model: LlamaForCausalLM, *, intra_doc_attention: bool, activation_checkpointing: int,
-                loss_chunk_tokens: int = 0) -> BatchTransform:
-    """Apply steps 1-3 to ``model`` (4-5 happen in ``deepspeed.initialize``); returns the batch transform
-    of step 1, which the data side applies to every batch before it reaches the model."""
+                loss_chunk_tokens: int = 0, attention_kernel: str = "spans",
+                compile: bool = False) -> BatchTransform:
+    """Apply steps 1-4 to ``model`` (5-6 happen in ``deepspeed.initialize``); returns the batch transform
+    of step 1, which the data side applies to every batch before it reaches the model.
+    ``attention_kernel`` is a resolved one (``resolve_attention_kernel``), not "auto"."""
+    if attention_kernel not in ATTENTION_KERNELS[1:]:
+        raise ValueError(f"resolve the attention kernel first: {attention_kernel!r}")
     apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        compile_layers(model)
     model.loss_chunk_tokens = loss_chunk_tokens
-    return document_attention if intra_doc_attention else (lambda batch: batch)
+    return BatchTransform(intra_doc_attention, attention_kernel)

@@ -86,6 +86,7 @@ class Trainer:
         self.last_loss: tuple[int, float] | None = None  # (step, mean loss across ranks) of the newest record read
         self.stop_at: int | None = None  # the step every rank stops after (a stop request or the timer)
         self.exit_reason: str | None = None
+        self._compiled = False  # train.compile: the first (compiling) step has run
         self.nan_steps = faults.injected_nan_steps()
         if self.nan_steps:
             self.log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps "
@@ -100,7 +101,8 @@ class Trainer:
         """Tensors to the engine's device (asynchronously from the pinned batch: a copy from pageable memory
         would make the host wait for the GPU); document spans (tuples of ints) stay on the host."""
         device = self.engine.device
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return self.run.batch_transform.on_device(batch)
 
     def train_step(self, timed_out: bool) -> float:
         """One optimizer step over grad_accum micro-batches; returns the seconds spent waiting for data.
@@ -228,9 +230,16 @@ class Trainer:
         window = {"t0": time.time(), "data": 0.0, "steps": 0}
         while r.step < cfg.train.max_steps and r.step != self.stop_at:
             elapsed_min = (time.time() - self.t_start) / 60
+            t_step = time.time()
             window["data"] += self.train_step(cfg.train.exit_after_minutes > 0
                                               and elapsed_min > cfg.train.exit_after_minutes)
             window["steps"] += 1
+            if cfg.train.compile and not self._compiled:
+                # torch.compile compiles on the first call: the first step's host time is the compilation
+                # (plus the one step's work it queued); the first log window's throughput includes it.
+                self._compiled = True
+                self.log.console(f"train.compile: {r.model_config.num_hidden_layers} decoder layers compiled; "
+                                 f"first step took {time.time() - t_step:.1f}s (compilation included)")
             self._read(wait_through=r.step if self._is_sync_step(r.step) else r.step - StepSums.LAG)
             stopping = r.step == self.stop_at
             if stopping:
