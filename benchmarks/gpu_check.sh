@@ -55,7 +55,7 @@ grep -E "passed|failed|PASSED|FAILED|ERROR|Error|assert" "$OUT/pytest.log" | tai
 
 # 4. attention
 for mode in flex spans; do
-  timeout 25 "$PY" benchmarks/intra_doc_attention.py --device cuda --presets 125m --seq-lens 4096 8192 \
+  timeout 60 "$PY" benchmarks/intra_doc_attention.py --device cuda --presets 125m --seq-lens 4096 8192 \
     --mean-doc-len 500 --vocab-size 32000 --iters 5 --mode $mode > "$OUT/attention_$mode.log" 2>&1 \
     && status "attention_$mode" ok || status "attention_$mode" "FAILED($?)"
   tail -3 "$OUT/attention_$mode.log"

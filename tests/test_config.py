@@ -38,10 +38,12 @@ def test_overrides_are_typed(tmp_path):
     ("parallel.offload=optimizer+params", "zero_stage=3"),
     ("data.train=[{path: x, wieght: 1}]", "data.train[0].wieght"),
     ("model.preset=huge", "model.preset: 'huge' is not one of debug"),
+    ("parallel.attention_kernel=ring", "parallel.attention_kernel: 'ring' is not one of auto"),
+    ("train.compile=true;parallel.zero_stage=3", "train.compile=true needs parallel.zero_stage <= 2"),
 ])
 def test_bad_keys_and_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        load_config(ROOT / "configs/demo.yaml", [override])
+        load_config(ROOT / "configs/demo.yaml", override.split(";"))
 
 
 def test_global_batch_checked():
@@ -67,3 +69,4 @@ def test_ds_config_derived_not_duplicated(tmp_path):
     tpl.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     with pytest.raises(ConfigError, match="zero_optimization.stage"):
         build_ds_config(cfg2, 2, "fp32")
+

@@ -1,6 +1,6 @@
 """The training-time transformations of trainer/parallelize.py on the plain model: the intra-document
-attention policy (per-span SDPA or a dense mask) and activation checkpointing, against each document
-run alone and against the unmodified model."""
+attention policy (per-span SDPA, a dense mask, or a flex block mask) and activation checkpointing,
+against each document run alone and against the unmodified model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from trainer.parallelize import (
     apply_activation_checkpointing,
     document_attention,
     document_spans,
+    on_device,
     parallelize,
+    resolve_attention_kernel,
 )
 
 LENGTHS = [[5, 1, 18], [24], [3, 3, 3, 15]]  # documents per row; a 1-token document included
@@ -110,3 +112,70 @@ def test_activation_checkpointing_same_gradients_and_names():
             assert torch.equal(g[n], grads[0][n]), n
     with pytest.raises(ValueError, match=">= 0"):
         apply_activation_checkpointing(LlamaForCausalLM(cfg), -1)
+
+
+@pytest.mark.slow  # flex attention compiles its CPU kernel on first use: ~13 s
+def test_flex_block_mask_equals_each_document_run_alone():
+    """The CUDA kernel for packed documents (``kernel="flex"``: document ids on the data side, one
+    BlockMask per batch built by ``on_device``, shared by every layer), forward on CPU (flex attention has
+    no CPU backward; tests/gpu checks gradients against per-span attention). 24-token rows are smaller
+    than one 128-token block: every block is partial, so the mask function decides every entry."""
+    cfg = get_preset("debug", vocab_size=100)  # 4 query heads over 2 kv heads: flex's GQA path
+    batch = on_device(document_attention(_packed_batch(), min_mean_tokens=0, kernel="flex"))
+    assert type(batch["attn_mask"]).__name__ == "BlockMask" and "document_ids" not in batch
+    torch.manual_seed(2)
+    m = LlamaForCausalLM(cfg).eval()
+    x = batch["input_ids"]
+    with torch.no_grad():
+        packed = m(**batch)
+        for b, row in enumerate(LENGTHS):
+            start = 0
+            for n in row:
+                alone = m(x[b:b + 1, start:start + n])[0]
+                # fp32: only the kernels' summation order differs (~1e-7); a leak across documents or a
+                # wrong causal edge is O(1).
+                assert (packed[b, start:start + n] - alone).abs().max().item() < 1e-5, (b, start)
+                start += n
+
+
+def test_flex_keeps_rows_of_one_document_causal():
+    one_each = document_attention({**_packed_batch(), "segment_ids": torch.zeros(3, 24, dtype=torch.long)},
+                                  kernel="flex")
+    assert "document_ids" not in one_each and "attn_mask" not in on_device(one_each)
+
+
+def test_attention_kernel_resolution():
+    assert resolve_attention_kernel("auto", "cuda", compiled=False) == "flex"
+    assert resolve_attention_kernel("auto", "cuda", compiled=True) == "flex"
+    assert resolve_attention_kernel("auto", "cpu", compiled=False) == "spans"
+    # Spans are Python tuples that change every batch: a compiled layer would recompile for each.
+    assert resolve_attention_kernel("auto", "cpu", compiled=True) == "mask"
+    assert resolve_attention_kernel("spans", "cuda", compiled=False) == "spans"
+    with pytest.raises(ValueError, match="attention kernel"):
+        resolve_attention_kernel("ring", "cpu", compiled=False)
+    with pytest.raises(ValueError, match="resolve"):
+        parallelize(LlamaForCausalLM(get_preset("debug", vocab_size=100)), intra_doc_attention=True,
+                    activation_checkpointing=0, attention_kernel="auto")
+
+
+@pytest.mark.parametrize("kernel", ["mask", "spans"])
+def test_compiled_layers_do_not_recompile_for_new_documents(kernel):
+    """A compiled layer given the document structure as a tensor (``mask``; ``flex`` on CUDA) compiles
+    once for every set of documents; given per-span tuples it recompiles for each new set (Dynamo guards
+    on Python constants), which is why ``auto`` never hands spans to compiled layers."""
+    from torch._dynamo.utils import counters
+
+    from trainer.parallelize import compile_layers
+
+    torch._dynamo.reset()
+    m = LlamaForCausalLM(get_preset("debug", vocab_size=100))
+    compile_layers(m)
+    x = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = counters["stats"]["unique_graphs"]
+    for cut in (5, 9, 13):
+        seg = torch.zeros(2, 24, dtype=torch.long)
+        seg[:, cut:] = 1
+        m(**document_attention({"input_ids": x, "labels": x, "segment_ids": seg}, min_mean_tokens=0,
+                               kernel=kernel)).backward()
+    graphs = counters["stats"]["unique_graphs"] - before
+    assert graphs == (1 if kernel == "mask" else 3), graphs

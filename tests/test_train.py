@@ -104,3 +104,19 @@ def check_export_matches_trainer_eval(tmp_path, run, tiny_data):
     # fp32 on both sides; only summation order and the rotary angles' rounding differ (~1e-6 relative
     # on a loss of ~7); a document seeing its neighbour moves the loss by > 1e-3.
     assert abs(loss - trainer_eval["loss"]) < 1e-5, (loss, trainer_eval["loss"])
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_golden_without_recompiling(tmp_path, tiny_data):
+    """train.compile on 2 CPU ranks: each decoder layer compiled once (the log says so), the same losses
+    as the eager golden run within golden.RTOL (measured 3.5e-8: inductor reorders fp32 sums), and no
+    recompilation across steps (TORCH_LOGS=recompiles prints each one with its reason). Batches with
+    document boundaries reach compiled layers as a mask tensor (``parallel.attention_kernel`` auto on
+    CPU with compile), never as per-span tuples, which recompile for every new set of documents:
+    tests/test_parallelize.py::test_compiled_layers_do_not_recompile_for_new_documents.)"""
+    run = tmp_path / "run"
+    cfg = golden.golden_config(tmp_path / "cfg.yaml", tiny_data, run)
+    out = deepspeed_train(cfg, ["train.compile=true"], TORCH_LOGS="recompiles")
+    assert "train.compile: 2 decoder layers compiled; first step took" in out.stdout
+    assert "ecompil" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
+    assert golden.compare({r["step"]: r["loss"] for r in read_metrics(run)}) == []
