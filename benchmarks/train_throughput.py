@@ -172,6 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds (default 1, or 4 with --compare-hf: ours/HF alternate)")
     ap.add_argument("--compare-hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile our model's decoder layers (train.compile); the HF twin stays eager")
     ap.add_argument("--mean-doc-len", type=int, default=0,
                     help="pack documents of geometric length with this mean (EOD-separated; 0 = one per row)")
     ap.add_argument("--variants", default=None,
@@ -190,9 +192,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.rounds is None:
         a.rounds = 4 if a.compare_hf else 1
-    if a.variants and a.compare_hf:
-        ap.error("--variants and --compare-hf do not combine")
-    a.variants = (a.variants or "eager:causal").split(",")
+    if a.variants and (a.compare_hf or a.compile):
+        ap.error("--variants does not combine with --compare-hf or --compile (use compiled:... variants)")
+    a.variants = (a.variants or ("compiled:causal" if a.compile else "eager:causal")).split(",")
     for v in a.variants:
         mode, _, attn = v.partition(":")
         if mode not in ("eager", "compiled") or attn not in ("causal", "spans", "mask", "flex"):
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
         for v in a.variants:
             attn = v.partition(":")[2]
             transform = BatchTransform(attn != "causal", attn if attn != "causal" else "spans")
-            runners[v if a.variants != ["eager:causal"] else "ours"] = Runner(
+            runners[v if len(a.variants) > 1 else "ours"] = Runner(
                 v, engine, iterator(attn != "causal", transform), transform)
 
     dev = next(iter(runners.values())).device
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
         f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''} | {precision} | "
         f"ZeRO-{a.zero_stage} | micro batch {a.micro_batch} × accum {a.grad_accum} × seq {a.seq_len} = "
         f"{tokens_per_step} tokens/step | act. ckpt {a.activation_checkpointing} | loss chunk {a.loss_chunk_tokens} | "
-        f"prefetch {'on' if a.prefetch else 'off'} | torch threads {torch.get_num_threads()}")
+        f"prefetch {'on' if a.prefetch else 'off'} | torch threads {torch.get_num_threads()}"
+        f"{' | ours compiled' if a.compile else ''}")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     per_round: dict[str, list[float]] = {k: [] for k in runners}
     compile_s = None
@@ -285,6 +288,12 @@ def main(argv=None) -> int:
                 per_round[name].append(statistics.median(x[0] for x in t))
             say(f"  {name}: {1e3 * statistics.median(x[0] for x in times[name]):.1f} ms/step")
     else:
+        if a.compile:
+            t0 = time.perf_counter()
+            compile_layers(ours)
+            runners["ours"].steps(1)
+            compile_s = time.perf_counter() - t0
+            say(f"compiled {mcfg.num_hidden_layers} layers: first step {compile_s:.1f} s (compilation included)")
         for r in runners.values():
             r.steps(a.warmup)
         if torch.cuda.is_available():

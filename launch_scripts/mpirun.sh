@@ -68,4 +68,4 @@ else
     if [[ -n ${!v:-} ]]; then args+=(-genv "$v" "${!v}"); fi
   done
 fi
-exec "$MPIRUN" "${args[@]}" "$PYTHON" -u -m trainer.train --config "$CONFIG" "$@"
+exec "$PYTHON" -m trainer.launch -- "$MPIRUN" "${args[@]}" "$PYTHON" -u -m trainer.train --config "$CONFIG" "$@"

@@ -41,5 +41,5 @@ fi
 check_posint -n "$NPROC"
 check_port "$PORT"
 
-exec deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
+exec "${PYTHON:-python}" -m trainer.launch -- deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
   --module trainer.train --config "$CONFIG" "$@"

@@ -1,23 +1,111 @@
-"""Stop requests: SIGTERM (schedulers, ``scancel``), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's advance warning
-before the time limit) set a flag that the step loop sends to every rank with the step's other values
+"""Stop requests. Each sets a reason that the step loop sends to every rank with the step's other values
 (``distributed.StepSums``); all ranks then stop after the same step — at most two steps after the one
-the signal arrived in, at once on log, eval and save steps — save and exit 0. A second Ctrl-C stops at
-once."""
+the request was seen in, at once on log, eval and save steps — save and exit 0. One rank seeing a
+request is enough: the flag is summed over all ranks. The requests:
+
+* **signals**: SIGTERM (schedulers, ``scancel``), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's advance warning
+  before the time limit). A second Ctrl-C stops at once, without a checkpoint.
+* **the stop file** ``RUN_DIR/STOP`` (``touch RUN_DIR/STOP``, or ``python -m trainer.launch --stop
+  RUN_DIR``): for launchers that kill remote ranks outright (DeepSpeed's pdsh runner) and for people
+  without a shell on the nodes. Looked for at most once per ``POLL_SECONDS``; a rank that saw it renames
+  it to ``STOP.consumed`` when the run has stopped, so that the next start trains.
+* **the launcher is gone**: a rank started by a launcher (``deepspeed``, its per-node
+  ``deepspeed.launcher.launch``, ``torchrun``, ``trainer.launch``) watches those ancestor processes and
+  stops when one of them exits: under a plain ``deepspeed`` whose own process was killed (SIGTERM to it
+  alone leaves its per-node launcher and the ranks running), no orphan trains on.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import time
+from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_FILE = "STOP"
+POLL_SECONDS = 1.0
+# Command-line marks of the launcher processes a rank watches (python modules or executables).
+LAUNCHER_MARKS = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "trainer.launch",
+                  "torch.distributed.run", "torchrun")
+
+
+def _is_launcher(cmdline: list[str]) -> bool:
+    """A launcher's command line (never a rank's: ranks run `-m trainer.train` with no launcher module)."""
+    if any(mark in arg for arg in cmdline for mark in LAUNCHER_MARKS):
+        return True
+    # The `deepspeed` console script: python /path/to/bin/deepspeed ...
+    return any(os.path.basename(arg) == "deepspeed" for arg in cmdline[:2])
+
+
+def launcher_ancestors() -> list[tuple[int, float]]:
+    """(pid, start time) of this process's launcher ancestors, nearest first, up to the first ancestor
+    that is not a launcher (a shell, srun's step daemon, the scheduler: never watched)."""
+    import psutil  # a DeepSpeed dependency
+
+    out = []
+    try:
+        p = psutil.Process().parent()
+        while p is not None and p.pid > 1 and _is_launcher(p.cmdline()):
+            out.append((p.pid, p.create_time()))
+            p = p.parent()
+    except psutil.Error:
+        pass
+    return out
+
+
+def _alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class StopFlag:
-    def __init__(self):
-        self.signal: str | None = None
+    """``reason`` is None until a stop is requested; ``poll()`` (once per step, cheap) looks for the stop
+    file and the launchers, at most once per POLL_SECONDS."""
+
+    def __init__(self, run_dir: str | Path | None = None):
+        self.signal: str | None = None  # the reason (kept under its old name: a signal's name or other)
+        self.stop_file = Path(run_dir) / STOP_FILE if run_dir is not None else None
+        self.saw_stop_file = False
+        self.launchers = launcher_ancestors()
+        self._next_poll = 0.0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
+
+    @property
+    def reason(self) -> str | None:
+        return self.signal
 
     def _handler(self, signum, frame):
         if self.signal == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.signal = signal.Signals(signum).name
+
+    def poll(self) -> bool:
+        """True once a stop has been requested by any means."""
+        now = time.monotonic()
+        if self.signal is None and now >= self._next_poll:
+            self._next_poll = now + POLL_SECONDS
+            if self.stop_file is not None and self.stop_file.exists():
+                self.saw_stop_file = True
+                self.signal = f"the stop file {self.stop_file}"
+            else:
+                for pid, started in self.launchers:
+                    if not _alive(pid, started):
+                        self.signal = f"the launcher (pid {pid}) exiting"
+                        break
+        return self.signal is not None
+
+    def consume_stop_file(self) -> None:
+        """After the stop: rename the stop file so that the next start trains (every rank that saw it
+        tries; one succeeds, the others find it gone)."""
+        if self.saw_stop_file and self.stop_file is not None:
+            try:
+                os.replace(self.stop_file, self.stop_file.with_name(STOP_FILE + ".consumed"))
+            except OSError:
+                pass

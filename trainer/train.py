@@ -53,7 +53,8 @@ class Trainer:
     same order."""
 
     def __init__(self, cfg: RunConfig):
-        self.stop = StopFlag()  # before anything slow: a signal during start-up is honoured at step 1
+        # Before anything slow: a signal during start-up is honoured at step 1.
+        self.stop = StopFlag(cfg.run_dir)
         self.t_start = time.time()
         self.run: Run = build_run(cfg, log=_console)
         r, self.cfg = self.run, cfg
@@ -128,7 +129,7 @@ class Trainer:
         # DeepSpeed (or deepspeed_compat's ZeRO-0 guard) skipped the update if any gradient was non-finite;
         # skipped_steps is a host counter DeepSpeed keeps (its own overflow check read the device).
         self.skipped[r.step] = self.engine.skipped_steps > skipped_before
-        self.sums.push(r.step, [loss_sum / len(batches), self.stop.signal is not None, timed_out])
+        self.sums.push(r.step, [loss_sum / len(batches), self.stop.poll(), timed_out])
         return data_wait
 
     def _read(self, wait_through: int) -> None:
@@ -265,6 +266,7 @@ class Trainer:
             self.save(self._loss_of(r.step), eval_loss)
         if self.exit_reason and r.step == self.stop_at:
             self.log.console(f"stopping on {self.exit_reason} at step {r.step}: checkpoint saved, exiting cleanly")
+        self.stop.consume_stop_file()
         self.it.close()
         self.log.close()
         dist.barrier()

@@ -1,0 +1,170 @@
+"""``python -m trainer.launch -- LAUNCHER ...``: run a launcher command (``deepspeed ...``, ``mpirun ...``)
+so that a stop reaches the ranks as a stop, however it is sent, and the command ends only when they do.
+
+The plain launchers get stops wrong (README, "Stopping a run"): SIGTERM to ``deepspeed``'s process group
+returns at once with -15 while the ranks are still saving, and its per-node launcher SIGKILLs them 30 s
+later; SIGTERM to the ``deepspeed`` process alone leaves the ranks training. Here the launcher runs in a
+session of its own, so a signal to this command's process group reaches this process only, which:
+
+* forwards the first SIGTERM / SIGINT / SIGUSR1 (SIGHUP too, as SIGTERM) to the rank processes on this
+  machine (``trainer.train`` below the launcher) — or, with none here (ranks started over ssh/pdsh on
+  other nodes), writes the run's stop file ``RUN_DIR/STOP`` — and waits, without a deadline of its own,
+  while every rank stops after the same step, saves and exits;
+* on a second signal, or after ``--grace SECONDS`` if given, kills the launcher and everything under it;
+* exits with the launcher's status (0 after a clean stop; a rank's failure is non-zero), then kills
+  whatever the launcher left behind in its session: no process outlives the command.
+
+``python -m trainer.launch --stop RUN_DIR`` writes the stop file: every rank on every node saves and
+exits 0 at its next step boundary (the file is renamed ``STOP.consumed`` afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .signals import _is_launcher
+
+FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGUSR1: signal.SIGUSR1,
+             signal.SIGHUP: signal.SIGTERM}
+
+
+def _say(msg: str) -> None:
+    print(f"[trainer.launch] {msg}", file=sys.stderr, flush=True)
+
+
+def rank_processes(root_pid: int) -> list:
+    """The ``trainer.train`` processes below ``root_pid`` on this machine."""
+    import psutil
+
+    out = []
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return out
+    for p in children:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if ("trainer.train" in cmd or any(a.endswith("trainer/train.py") for a in cmd)) and not _is_launcher(cmd):
+            out.append(p)
+    return out
+
+
+def run_dir_of(command: list[str]) -> Path | None:
+    """The run directory of the trainer command inside ``command`` (its --config and overrides)."""
+    from .config import load_config
+
+    if "--config" not in command:
+        return None
+    i = command.index("--config")
+    overrides = [a for a in command[i + 2:] if "=" in a and not a.startswith("-")]
+    try:
+        return Path(load_config(command[i + 1], overrides).run_dir)
+    except Exception:  # noqa: BLE001 - the trainer reports config errors itself
+        return None
+
+
+def write_stop_file(run_dir: str | Path) -> Path:
+    from .signals import STOP_FILE
+
+    path = Path(run_dir) / STOP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{STOP_FILE}.tmp.{os.getpid()}")
+    tmp.write_text(f"stop requested at {time.strftime('%Y-%m-%d %H:%M:%S')} by pid {os.getpid()}\n")
+    os.replace(tmp, path)
+    return path
+
+
+class Launch:
+    def __init__(self, command: list[str], grace: float | None):
+        self.command, self.grace = command, grace
+        self.proc: subprocess.Popen | None = None
+        self.signals = 0
+        self.deadline: float | None = None
+
+    def _kill_all(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signals += 1
+        name = signal.Signals(signum).name
+        if self.signals > 1:
+            _say(f"{name} again: killing the launcher and every rank now (no checkpoint)")
+            self._kill_all()
+            return
+        ranks = rank_processes(self.proc.pid)
+        fwd = FORWARDED[signum]
+        for p in ranks:
+            try:
+                p.send_signal(fwd)
+            except Exception:  # noqa: BLE001 - a rank that is already gone
+                pass
+        if ranks:
+            _say(f"{name}: forwarded {fwd.name} to {len(ranks)} rank(s) on this machine; they stop after the same "
+                 "step and save. Waiting (send it again to kill at once).")
+        else:
+            run_dir = run_dir_of(self.command)
+            if run_dir is not None:
+                _say(f"{name}: no rank on this machine; wrote {write_stop_file(run_dir)}: every rank stops at "
+                     "its next step boundary and saves. Waiting (send it again to kill at once).")
+            else:
+                _say(f"{name}: no rank found; forwarding {fwd.name} to the launcher")
+                self.proc.send_signal(fwd)
+        if self.grace is not None:
+            self.deadline = time.monotonic() + self.grace
+
+    def run(self) -> int:
+        for sig in FORWARDED:
+            signal.signal(sig, self._on_signal)
+        # A session of its own: the launcher and its ranks get no signal sent to this command's group.
+        self.proc = subprocess.Popen(self.command, start_new_session=True)
+        while True:
+            try:
+                rc = self.proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    _say(f"--grace {self.grace:g}s passed: killing the launcher and every rank")
+                    self._kill_all()
+                    self.deadline = None
+        self._kill_all()  # whatever the launcher left behind in its session
+        if rc < 0:
+            rc = 128 - rc
+        if self.signals:
+            _say(f"launcher exited with status {rc}" + (" (clean stop)" if rc == 0 else ""))
+        return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grace", type=float, default=None,
+                    help="after a stop signal, kill everything if the ranks have not exited within this many "
+                         "seconds (default: wait as long as the save takes)")
+    ap.add_argument("--stop", metavar="RUN_DIR", default=None,
+                    help="write RUN_DIR/STOP (every rank saves and exits 0 at its next step) and exit")
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- LAUNCHER ARGS... (deepspeed, mpirun, ...)")
+    a = ap.parse_args(argv)
+    if a.stop is not None:
+        if a.command:
+            ap.error("--stop takes no command")
+        _say(f"wrote {write_stop_file(a.stop)}")
+        return 0
+    command = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not command:
+        ap.error("give the launcher command after --, e.g. -- deepspeed --num_gpus 8 --module trainer.train ...")
+    return Launch(command, a.grace).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
