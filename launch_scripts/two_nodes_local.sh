@@ -42,31 +42,44 @@ check_port "$PORT"
 HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/lmforge-hostfile.XXXXXX")
 printf 'fake-node-0 slots=%s\nfake-node-1 slots=%s\n' "$GPUS" "$GPUS" > "$HOSTFILE"
 
+PYTHON=${PYTHON:-python}
 pids=()
 cleanup() {
-  # Each node runs in its own session (setsid): signal the whole group, so the launcher's children
-  # (deepspeed.launcher.launch and the trainer ranks) stop too.
-  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  # Each node's trainer.launch runs in its own session (setsid): kill the whole group of any node still
+  # running (after a failure), so no rank is left behind.
+  for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   rm -f "$HOSTFILE"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# A stop (SIGTERM from a scheduler, Ctrl-C, SIGUSR1): hand it to each node's trainer.launch, which passes
+# it to its ranks and waits while they save; keep waiting here. A second signal kills (trainer.launch).
+stop() {
+  echo "two_nodes_local: SIG$1: asking both nodes to stop (send it again to kill at once)" >&2
+  for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done
+}
+trap 'stop TERM' TERM
+trap 'stop INT' INT
+trap 'stop USR1' USR1
 
+# Each node's output goes through a line prefixer that ignores stop signals (a group SIGTERM must not
+# close the pipe under the node while it saves).
 for node in 0 1; do
-  setsid deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$node" --num_nodes 2 --num_gpus "$GPUS" \
-    --master_addr 127.0.0.1 --master_port "$PORT" \
+  setsid "$PYTHON" -m trainer.launch -- deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$node" \
+    --num_nodes 2 --num_gpus "$GPUS" --master_addr 127.0.0.1 --master_port "$PORT" \
     --module trainer.train --config "$CONFIG" "$@" \
-    > >(sed -u "s/^/[node$node] /") 2>&1 &
+    > >(trap "" TERM INT USR1; exec sed -u "s/^/[node$node] /") 2>&1 &
   pids+=("$!")
 done
 
 # Wait for whichever node finishes first; a failure stops the other node (cleanup) instead of leaving
-# it blocked in a collective until the rendezvous timeout. `wait -n -p` needs bash >= 5.1.
+# it blocked in a collective until the rendezvous timeout. `wait -n -p` needs bash >= 5.1; a trapped
+# signal interrupts it without a finished node (done_pid empty): then wait on.
 remaining=("${pids[@]}")
 while ((${#remaining[@]})); do
   done_pid=""
   status=0
   wait -n -p done_pid "${remaining[@]}" || status=$?
+  if [[ -z ${done_pid:-} ]]; then continue; fi
   if ((status != 0)); then
     echo "error: node process $done_pid exited with status $status; stopping the other node" >&2
     exit 1

@@ -140,7 +140,7 @@ def dp_runs() -> dict:
         dict(name="zero2_other_seed", zero_stage=2, micro=4, grad_accum=1, seed=BASE["seed"] + 1),
         dict(name="zero2_offload", zero_stage=2, micro=4, grad_accum=1, offload="optimizer"),
         dict(name="zero3_offload", zero_stage=3, micro=4, grad_accum=1, offload="optimizer+params"),
-    ] + [dict(name=f"zero{z}_compiled", zero_stage=z, micro=4, grad_accum=1, compile=True) for z in (0, 1, 2)] + [
+    ] + [dict(name=f"zero{z}_compiled", zero_stage=z, micro=4, grad_accum=1, compile=True) for z in (0, 1, 2, 3)] + [
         dict(name="zero2_compiled_ac1", zero_stage=2, micro=4, grad_accum=1, compile=True, ac=1),
     ]
     return run_all(1, cases)
@@ -300,7 +300,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_compiled_layers_match_eager(dp_runs, tp_runs):
-    """train.compile (per-layer torch.compile; inductor's fused CPU kernels) at ZeRO 0-2, with activation
+    """train.compile (per-layer torch.compile; inductor's fused CPU kernels) at ZeRO 0-3, with activation
     checkpointing, and with AutoTP: the same training within the bounds of the other cases (module
     docstring). Fusion changes the order of fp32 operations (RMSNorm's reduction, SiLU·mul, rotary), not
     the math: measured 1.0e-7 relative in the loss (2.4e-7 with TP) and 3.3e-6 in the grad norm (6.9e-6)."""
@@ -309,7 +309,10 @@ def test_compiled_layers_match_eager(dp_runs, tp_runs):
     # Dynamo compiles the layer once (both layers share the code; later engines of the same shapes reuse
     # the cached graph), so new graphs appear in the first compiled case.
     assert dp_runs["zero0_compiled"]["graphs"] >= 1 and not dp_runs["zero0"]["compiled"]
-    for name in ("zero0_compiled", "zero1_compiled", "zero2_compiled", "zero2_compiled_ac1"):
+    # ZeRO-3 gathers each weight in a module hook that Dynamo does not trace: the layer is compiled as
+    # several graphs between the gathers (15 new graphs here; 0 for ZeRO-1/2, which reuse ZeRO-0's one).
+    assert dp_runs["zero3_compiled"]["graphs"] > 1
+    for name in ("zero0_compiled", "zero1_compiled", "zero2_compiled", "zero3_compiled", "zero2_compiled_ac1"):
         assert max_rel(dp_runs[name]["losses"], ref) <= LOSS_RTOL, (name, dp_runs[name]["losses"], ref)
         assert max_rel(dp_runs[name]["grad_norms"], gref) <= GNORM_RTOL, name
         assert dp_runs[name]["compiled"], name

@@ -93,16 +93,21 @@ def _script_args(cfg) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["group-SIGTERM", "group-SIGINT", "command-SIGTERM"])
-def test_launch_script_stops_cleanly(tmp_path, tiny_data, how):
-    """single_node.sh: the signal reaches the launch command (and, to the group, everything the shell
-    started in it): the ranks save, the command waits for them and exits 0, nothing is left."""
+@pytest.mark.parametrize("script,how", [("single_node", "group-SIGTERM"), ("single_node", "group-SIGINT"),
+                                        ("single_node", "command-SIGTERM"), ("two_nodes_local", "group-SIGTERM"),
+                                        ("two_nodes_local", "command-SIGUSR1")])
+def test_launch_script_stops_cleanly(tmp_path, tiny_data, script, how):
+    """The launch scripts: the signal reaches the launch command (and, to the group, everything the shell
+    started in it): the ranks save, the command waits for them and exits 0, nothing is left. Two local
+    "nodes" (two launchers meeting over TCP) stop together after the same step."""
     cfg, run = _config(tmp_path, tiny_data)
     log = tmp_path / "log"
-    proc = _start(_script_args(cfg), log, MASTER_ADDR="127.0.0.1", PYTHON=sys.executable)
+    args = _script_args(cfg) if script == "single_node" else ["bash", SCRIPTS / "two_nodes_local.sh", "-p",
+                                                                 free_port(), cfg]
+    proc = _start(args, log, MASTER_ADDR="127.0.0.1", PYTHON=sys.executable)
     try:
         procs = _wait_training(proc, run, log)
-        sig = signal.SIGINT if how == "group-SIGINT" else signal.SIGTERM
+        sig = getattr(signal, how.split("-")[1])
         if how.startswith("group"):
             os.killpg(proc.pid, sig)
         else:
