@@ -11,7 +11,7 @@ from tests.helpers.paths import ROOT
 
 # Composition roots and command entry points may import any stage.
 ROOTS = {"trainer/build.py", "trainer/train.py", "trainer/cli.py", "trainer/export_hf.py", "trainer/import_hf.py",
-         "trainer/generate.py"}
+         "trainer/generate.py", "trainer/verify_checkpoint.py", "trainer/launch.py"}
 
 
 def imports(path: Path, rel: Path | None = None) -> set[str]:

@@ -301,3 +301,104 @@ def test_resume_plans(tmp_path):
         _plan(tmp_path, _state(dp=1, fp="other"), mb)
     assert _plan(tmp_path, _state(dp=1, fp="other"), mb, "checkpoint.allow_data_change=true") is not None
     assert _plan(tmp_path, _state(dp=1), mb, "checkpoint.resume=false") is None
+
+
+def _copy_tags(src_run: Path, tags: list[str], run: Path) -> Path:
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True)
+    for tag in tags:
+        shutil.copytree(src_run / "checkpoints" / tag, ckdir / tag)
+    shutil.copy(src_run / "checkpoints" / "tokenizer.model", ckdir / "tokenizer.model")
+    (ckdir / "latest").write_text(tags[-1])
+    return ckdir
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":  # a full disk, a partial copy between clusters
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # one bit of a tensor's bytes in the middle: torch.load would read it without complaint
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+
+
+OPTIM_FILE = "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's ZeRO-2 partition of the Adam state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed_bitwise(tmp_path, tiny_data,
+                                                                                    reference, how):
+    """The latest checkpoint (step 6) has one damaged file: the start names it, renames the tag
+    step_00000006.damaged (kept, not deleted), resumes from step 4 and trains losses bitwise equal to the
+    uninterrupted run; exit 0."""
+    run = tmp_path / "run"
+    ckdir = _copy_tags(reference["run"], ["step_00000004", "step_00000006"], run)
+    _damage(ckdir / "step_00000006" / OPTIM_FILE, how)
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, **SECTIONS)
+    out = deepspeed_train(cfg, [])
+    assert f"checkpoint {ckdir / 'step_00000006'} is damaged" in out.stdout, out.stdout[-3000:]
+    assert f"{ckdir / 'step_00000006' / OPTIM_FILE}: " in out.stdout
+    assert ("bytes" if how == "truncated" else "CRC-32") in out.stdout
+    assert "set aside as step_00000006.damaged; resuming from the previous complete checkpoint step_00000004" \
+        in out.stdout
+    assert f"resumed from {ckdir / 'step_00000004'}" in out.stdout
+    assert (ckdir / "step_00000006.damaged" / OPTIM_FILE).is_file()
+    rows = last_rows(run)
+    for s in range(5, MAX_STEPS + 1):
+        assert rows[s]["loss"] == reference["rows"][s]["loss"], s
+
+
+def test_verify_and_export_name_the_damaged_file(tmp_path, reference):
+    """No training: `trainer.verify_checkpoint` checks every tag (exit 1 naming the file), and the export
+    refuses the damaged tag (exit 2 naming the file) but exports an intact one."""
+    import sys
+
+    from tests.helpers.process import run_cmd
+
+    run = tmp_path / "run"
+    ckdir = _copy_tags(reference["run"], ["step_00000004", "step_00000006"], run)
+    ok = run_cmd([sys.executable, "-m", "trainer.verify_checkpoint", run])
+    assert "step_00000004: ok" in ok.stdout and "step_00000006: ok" in ok.stdout
+    _damage(ckdir / "step_00000006" / "rng_state_rank0.pt", "bit-flipped")
+    bad = run_cmd([sys.executable, "-m", "trainer.verify_checkpoint", run], check=False)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "step_00000004: ok" in bad.stdout and "step_00000006: DAMAGED" in bad.stdout
+    assert f"{ckdir / 'step_00000006' / 'rng_state_rank0.pt'}: CRC-32" in bad.stdout
+    sizes = run_cmd([sys.executable, "-m", "trainer.verify_checkpoint", run, "--sizes-only"])
+    assert "step_00000006: ok" in sizes.stdout  # a flipped bit keeps the size: only the checksum sees it
+    exp = run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", run, "--output", tmp_path / "hf",
+                   "--no-verify"], check=False)
+    assert exp.returncode == 2 and "is damaged, refusing to export it" in exp.stderr, exp.stderr[-2000:]
+    assert "rng_state_rank0.pt: CRC-32" in exp.stderr and not (tmp_path / "hf").exists()
+    run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", run, "--output", tmp_path / "hf",
+             "--no-verify", "--step", "4"])
+
+
+@pytest.mark.slow
+def test_async_saves_train_identically_and_resume_bitwise(tmp_path, tiny_data, reference):
+    """checkpoint.async_save: the losses are bitwise the synchronous run's (saving in the background
+    changes nothing in training), each periodic tag is completed later with every file recorded (CRC-32
+    computed while writing), and a resume from one continues bitwise."""
+    from trainer.checkpoint.integrity import check_tag
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, **SECTIONS)
+    out = deepspeed_train(cfg, ["checkpoint.async_save=true", "log.interval=3"])
+    assert "being written in the background" in out.stdout and "in the background (" in out.stdout
+    rows = last_rows(run)
+    assert sorted(rows) == [3, 6, 9, 12]  # log.interval 3: the steps at which a pending save can complete
+    assert all(rows[s]["loss"] == reference["rows"][s]["loss"] for s in rows)
+    ckdir = run / "checkpoints"
+    tags = ckpt.complete_tags(ckdir)
+    assert tags == [ckpt.tag_for(s) for s in range(2, MAX_STEPS + 1, 2)]
+    for tag in tags:
+        assert check_tag(ckdir / tag) == [], tag
+        assert not [p for p in (ckdir / tag).iterdir() if ".tmp-" in p.name]
+    run2 = tmp_path / "run2"
+    _copy_tags(run, ["step_00000006"], run2)
+    cfg2 = write_config(tmp_path / "cfg2.yaml", tiny_data, run2, **SECTIONS)
+    out = deepspeed_train(cfg2, [])
+    assert f"resumed from {run2 / 'checkpoints' / 'step_00000006'}" in out.stdout
+    rows = last_rows(run2)
+    assert all(rows[s]["loss"] == reference["rows"][s]["loss"] for s in range(7, MAX_STEPS + 1))

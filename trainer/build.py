@@ -139,6 +139,8 @@ def build_run(cfg: RunConfig, log=print) -> Run:
 
     train_ds, valid_ds = build_data(cfg, layout, global_batch, run_dir)
     data_fp = train_ds.order_fingerprint
+    if cfg.checkpoint.resume:  # collective: a damaged latest tag is set aside, the previous one used
+        checkpoint.newest_intact(ckpt_dir, checksums=cfg.checkpoint.verify == "checksums", log=log)
     plan = resume.plan(cfg, ckpt_dir, dp=layout.dp, tp=layout.tp, tokenizer_sha=tok.sha256,
                        data_fingerprint=data_fp, global_batch=global_batch)
     resume.prepare(plan, ckpt_dir, log=log)

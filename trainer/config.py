@@ -183,7 +183,14 @@ class CheckpointSection:
     allow_data_change: resume even if data or tokenizer fingerprints changed.
     allow_batch_change: resume with a different global batch size (the sample sequence continues, in
     steps of the new size); without it a changed global batch is refused, naming the grad_accum that
-    keeps it (e.g. after halving the GPU count)."""
+    keeps it (e.g. after halving the GPU count).
+    async_save: write periodic checkpoints in the background: a save stalls training only while the
+    state is copied to host memory (which must hold a second copy of each rank's checkpoint); the tag is
+    marked complete at the first log step after every rank's files are written (at the latest at the
+    next save or the end of the run). Final saves (end, stop) are synchronous.
+    verify: what resume checks of the latest checkpoint's files against the sizes and CRC-32s recorded
+    at save: checksums (default; reads every file once, spread over the ranks) | sizes (no reading). A
+    damaged tag is set aside (renamed step_N.damaged) and the previous complete one is used."""
 
     interval: int = 100
     keep_last: int = 2
@@ -191,6 +198,8 @@ class CheckpointSection:
     resume: bool = True
     allow_data_change: bool = False
     allow_batch_change: bool = False
+    verify: str = "checksums"
+    async_save: bool = False
 
 
 @dataclass
@@ -234,6 +243,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "wsd", "constant"),
     "parallel.offload": ("none", "optimizer", "optimizer+params"),
     "parallel.attention_kernel": ("auto", "spans", "mask", "flex"),
+    "checkpoint.verify": ("checksums", "sizes"),
 }
 
 

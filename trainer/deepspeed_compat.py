@@ -22,6 +22,9 @@ what                               why
                                    hyperparameters (weight decay on norms) and all Adam states share one
                                    ``step`` tensor (bias correction runs ahead); tests/test_resume.py shows
                                    the loss drift it caused
+``install_checkpoint_writer``      replaces the engine's ``checkpoint_engine`` attribute: DeepSpeed's own
+                                   asynchronous engines need CUDA/libaio (FastCheckpointEngine) or commit at
+                                   the next optimizer step, and none computes checksums while writing
 ``release_shm_segment``            the CPU shared-memory all-reduce leaves a ~66 MB /dev/shm segment per rank
                                    behind (never unlinked): unlink ours once every rank has mapped it
 =================================  ==========================================================================
@@ -137,6 +140,18 @@ def install_nonfinite_guard(engine, collective_device: torch.device) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# Background checkpoint writes
+
+
+def install_checkpoint_writer(engine, writer_cls):
+    """The engine's checkpoint engine replaced by ``writer_cls(original)`` (once; returns the writer).
+    DeepSpeed calls ``engine.checkpoint_engine.save(state_dict, path)`` for every file it writes."""
+    current = engine.checkpoint_engine
+    if not isinstance(current, writer_cls):
+        engine.checkpoint_engine = writer_cls(current)
+    return engine.checkpoint_engine
+
+
 # Universal-checkpoint load
 
 

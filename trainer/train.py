@@ -88,6 +88,7 @@ class Trainer:
         self.stop_at: int | None = None  # the step every rank stops after (a stop request or the timer)
         self.exit_reason: str | None = None
         self._compiled = False  # train.compile: the first (compiling) step has run
+        self.pending_save: checkpoint.PendingSave | None = None  # checkpoint.async_save in progress
         self.nan_steps = faults.injected_nan_steps()
         if self.nan_steps:
             self.log.console(f"{faults.INJECT_ENV}: rank 0's loss is multiplied by NaN at steps "
@@ -183,8 +184,11 @@ class Trainer:
         self.engine.train()
         return mean_across_ranks(total / cfg.eval.steps)
 
-    def save(self, last_loss: float | None, eval_loss: float | None) -> None:
-        """Collective: every rank writes its DeepSpeed shards; rank 0 then marks the tag complete."""
+    def save(self, last_loss: float | None, eval_loss: float | None, final: bool = True) -> None:
+        """Collective: every rank writes its DeepSpeed shards; rank 0 then marks the tag complete. With
+        checkpoint.async_save a periodic (not ``final``) save returns once the state is in host memory
+        and ``_finish_save`` completes it later."""
+        self._finish_save(wait=True)
         r = self.run
         state = checkpoint.CheckpointState(
             step=r.step, consumed_samples=r.consumed_samples, model_config=r.model_config.to_dict(),
@@ -193,10 +197,29 @@ class Trainer:
             data_parallel=r.layout.dp, world_size=r.layout.world, global_batch_size=r.global_batch,
             train_loss=last_loss, eval_loss=eval_loss)
         t0 = time.time()
+        if self.cfg.checkpoint.async_save and not final:
+            self.pending_save = checkpoint.save(self.engine, r.ckpt_dir, state, background=True)
+            self.log.console(f"checkpoint {r.ckpt_dir / self.pending_save.tag}: state copied in "
+                             f"{time.time() - t0:.1f}s, being written in the background")
+            return
         tag = checkpoint.save(self.engine, r.ckpt_dir, state)
         if self.rank == 0:
             checkpoint.prune(r.ckpt_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
             self.log.console(f"saved checkpoint {r.ckpt_dir / tag} in {time.time() - t0:.1f}s")
+
+    def _finish_save(self, wait: bool) -> None:
+        """Collective: complete a background save once every rank's writer is done (``wait``: block)."""
+        p = self.pending_save
+        if p is None or (not wait and mean_across_ranks(float(p.writer.done())) < 1.0):
+            return
+        t0 = time.time()
+        tag = checkpoint.finish(p)
+        self.pending_save = None
+        if self.rank == 0:
+            checkpoint.prune(self.run.ckpt_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+            self.log.console(f"saved checkpoint {self.run.ckpt_dir / tag} in the background "
+                             f"({time.time() - p.started:.1f}s after the save began; "
+                             f"{time.time() - t0:.1f}s to complete it here)")
 
     def _log(self, loss: float, window: dict) -> None:
         r, cfg = self.run, self.cfg
@@ -248,6 +271,7 @@ class Trainer:
             if r.step % cfg.log.interval == 0 or r.step == cfg.train.max_steps or stopping:
                 self._log(self._loss_of(r.step), window)
                 window = {"t0": time.time(), "data": 0.0, "steps": 0}
+                self._finish_save(wait=False)
 
             if r.valid_ds is not None and (r.step % cfg.eval.interval == 0 or r.step == cfg.train.max_steps):
                 eval_loss = self.evaluate()
@@ -259,9 +283,10 @@ class Trainer:
             # No periodic save inside a non-finite streak: keep_last must not rotate out the good checkpoints.
             if (cfg.checkpoint.interval and r.step % cfg.checkpoint.interval == 0
                     and r.step < cfg.train.max_steps and self.nonfinite.streak == 0):
-                self.save(self._loss_of(r.step), eval_loss)
+                self.save(self._loss_of(r.step), eval_loss, final=False)
 
         self._read(wait_through=r.step)
+        self._finish_save(wait=True)
         if checkpoint.latest_tag(r.ckpt_dir) != checkpoint.tag_for(r.step):
             self.save(self._loss_of(r.step), eval_loss)
         if self.exit_reason and r.step == self.stop_at:

@@ -11,7 +11,9 @@ module             owns
 =================  ==============================================================================
 ``state.py``       ``CheckpointState`` (what ``lmforge.json`` holds), reading and writing it
 ``tags.py``        tag names, completeness, ``latest``, finding a tag, rotation (``prune``)
-``save.py``        the collective save and the per-rank RNG states
+``integrity.py``   every file's size and CRC-32 recorded at save, checked at resume/export/verify
+``save.py``        the collective save (synchronous, or completed by ``finish``) and the RNG states
+``background.py``  the background writer of ``checkpoint.async_save``
 ``universal.py``   DeepSpeed's universal conversion of a tag (any layout -> one file per parameter)
 ``resume.py``      which tag to resume from, whether it fits this run, and loading it
 ``weights.py``     full weights (fp32 masters where they exist) from any ZeRO / tensor-parallel layout
@@ -19,8 +21,9 @@ module             owns
 =================  ==============================================================================
 """
 
+from .integrity import check_tag, newest_intact
 from .resume import ResumePlan
-from .save import load_rng, save
+from .save import PendingSave, finish, load_rng, save
 from .state import STATE_FILE, CheckpointError, CheckpointState, TokenizerRecord, read_state, tokenizer_path
 from .tags import (
     LATEST,
@@ -37,8 +40,8 @@ from .universal import UNIVERSAL_MARKER, convert_to_universal, ds_to_universal, 
 from .weights import weight_source
 
 __all__ = [
-    "LATEST", "STATE_FILE", "UNIVERSAL_MARKER", "CheckpointError", "CheckpointState", "ResumePlan",
-    "TokenizerRecord", "clear_tag", "complete_tags", "convert_to_universal", "ds_to_universal",
-    "find_checkpoint", "latest_tag", "load_rng", "prune", "read_state", "save", "step_of", "tag_for",
-    "tokenizer_path", "universal_complete", "universal_tag", "weight_source",
+    "CheckpointError", "CheckpointState", "LATEST", "PendingSave", "ResumePlan", "STATE_FILE", "TokenizerRecord",
+    "UNIVERSAL_MARKER", "check_tag", "clear_tag", "complete_tags", "convert_to_universal", "ds_to_universal",
+    "find_checkpoint", "finish", "latest_tag", "load_rng", "newest_intact", "prune", "read_state", "save", "step_of",
+    "tag_for", "tokenizer_path", "universal_complete", "universal_tag", "weight_source",
 ]

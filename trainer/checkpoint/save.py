@@ -1,13 +1,16 @@
 """Writing a checkpoint (collective) and the per-rank RNG states it carries.
 
 Every rank writes its DeepSpeed files and its RNG states; after a barrier (every rank's files are on
-disk) global rank 0 writes ``lmforge.json`` and then moves ``latest``. The checkpoint directory must be
+disk) the ranks record every file's size and CRC-32 (``integrity.py``), and global rank 0 writes them
+with ``lmforge.json`` and then moves ``latest``. The checkpoint directory must be
 visible to every rank under the same path (a shared filesystem), as DeepSpeed requires for resume.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,9 @@ import torch.distributed as dist
 
 from data_pipeline.common.files import atomic_write_text
 
+from .. import deepspeed_compat
+from .background import BackgroundWriter
+from .integrity import record_files
 from .state import CheckpointState, write_state
 from .tags import LATEST, clear_tag, tag_for
 
@@ -47,22 +53,53 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, state: CheckpointState) -> str:
-    """Collective: every rank must call it (with the same ``state.step``). Returns the tag."""
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are being written in the background (``save(background=True)``)."""
+
+    ckpt_dir: Path
+    tag: str
+    state: CheckpointState
+    writer: BackgroundWriter
+    started: float
+
+
+def save(engine, ckpt_dir: Path, state: CheckpointState, background: bool = False) -> str | PendingSave:
+    """Collective: every rank must call it (with the same ``state.step``). Returns the tag; with
+    ``background``, a ``PendingSave`` as soon as the state is copied to host memory, which ``finish``
+    completes (collective) once written."""
     tag = tag_for(state.step)
     rank = dist.get_rank()
     if rank == 0:
         clear_tag(ckpt_dir, tag)
     dist.barrier()
+    writer = deepspeed_compat.install_checkpoint_writer(engine, BackgroundWriter) if background else None
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_state_rank{rank}.pt")
-    # Every rank's files are on disk before the state file marks the tag complete.
+    rng_path = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
+    if writer is not None:
+        writer.submit(rng_state(), rng_path)
+        writer.start()
+        return PendingSave(ckpt_dir, tag, state, writer, time.time())
+    torch.save(rng_state(), rng_path)
+    _complete(ckpt_dir, tag, state, known=None)
+    return tag
+
+
+def finish(pending: PendingSave) -> str:
+    """Collective: wait for this rank's writer, then record every file and mark the tag complete."""
+    known = pending.writer.wait()
+    _complete(pending.ckpt_dir, pending.tag, pending.state, known)
+    return pending.tag
+
+
+def _complete(ckpt_dir: Path, tag: str, state: CheckpointState, known) -> None:
+    # Every rank's files are on disk before they are recorded and the state file marks the tag complete.
     dist.barrier()
-    if rank == 0:
+    state.files = record_files(ckpt_dir / tag, known)
+    if dist.get_rank() == 0:
         write_state(ckpt_dir / tag, state)
         atomic_write_text(ckpt_dir / LATEST, tag)
     dist.barrier()
-    return tag
 
 
 def load_rng(tag_dir: Path, rank: int) -> bool:

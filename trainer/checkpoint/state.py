@@ -55,6 +55,9 @@ class CheckpointState:
     global_batch_size: int | None = None  # absent in checkpoints of the first versions
     train_loss: float | None = None
     eval_loss: float | None = None
+    # Every other file of the tag: relative path -> {"size", "crc32"} (integrity.py); None in
+    # checkpoints saved before it was recorded.
+    files: dict | None = None
     time: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     format: str = FORMAT
 

@@ -35,7 +35,15 @@ from data_pipeline.common.errors import CheckFailed, InputError, run_cli
 from data_pipeline.common.files import atomic_dir
 from model import ModelConfig, parameter_shapes
 
-from ..checkpoint import CheckpointState, find_checkpoint, read_state, tokenizer_path, weight_source
+from ..checkpoint import (
+    CheckpointError,
+    CheckpointState,
+    check_tag,
+    find_checkpoint,
+    read_state,
+    tokenizer_path,
+    weight_source,
+)
 from . import safetensors
 
 
@@ -143,7 +151,7 @@ def write_weights(out: Path, getters: dict, dtype: torch.dtype, max_shard_bytes:
 
 def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp32", step: int | None = None,
            verify: bool = True, max_shard_size: str | int = "2GB", overwrite: bool = False,
-           verify_texts: list[str] | None = None) -> Path:
+           verify_texts: list[str] | None = None, checksums: bool = True) -> Path:
     """Export (and by default verify) a checkpoint; returns the output directory.
 
     Raises CheckpointError (exit 2) for unusable input and ExportError (exit 1) when verification fails;
@@ -157,6 +165,11 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
     torch_dtype = safetensors.parse_dtype(dtype)
     max_bytes = _parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     tag_dir = find_checkpoint(Path(checkpoint_dir), step)
+    problems = check_tag(tag_dir, checksums)
+    if problems:
+        raise CheckpointError(f"{tag_dir} is damaged, refusing to export it:\n  " + "\n  ".join(problems)
+                              + "\n(--step N exports an earlier checkpoint; python -m trainer.verify_checkpoint "
+                              "lists the intact ones)")
     state = read_state(tag_dir)
     cfg = state.model
     tok_file = tokenizer_path(tag_dir, state)
@@ -197,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weight dtype to save")
     p.add_argument("--step", type=int, default=None, help="export this step instead of the latest")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip verification")
+    p.add_argument("--skip-checksums", dest="checksums", action="store_false",
+                   help="check the checkpoint's file sizes only, not their CRC-32s (faster on huge checkpoints)")
     p.add_argument("--max-shard-size", default="2GB", help="split model.safetensors above this (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--verify-text-file", type=Path, action="append", default=[],
@@ -215,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, UnicodeDecodeError) as e:
                 raise InputError(f"--verify-text-file {f}: {e}") from None
         out = export(a.checkpoint, a.output, dtype=a.dtype, step=a.step, verify=a.verify,
-                     max_shard_size=a.max_shard_size, overwrite=a.overwrite, verify_texts=texts)
+                     max_shard_size=a.max_shard_size, overwrite=a.overwrite, verify_texts=texts,
+                     checksums=a.checksums)
         print(f"exported {'and verified ' if a.verify else ''}{out}")
         return 0
 
