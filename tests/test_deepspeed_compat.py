@@ -178,3 +178,61 @@ def test_fix_universal_load_on_a_plain_optimizer():
     assert deepspeed_compat.fix_universal_load(opt, specific) == 0  # idempotent
     opt.state[a]["step"] = opt.state[b]["step"] = 4  # int counters (DeepSpeed's CPU Adam) cannot alias
     assert deepspeed_compat.fix_universal_load(opt, specific) == 0
+
+
+def autotp_zero3_schema() -> dict:
+    """On each of 2 ranks: the debug model built as the trainer builds it for TP=2 × ZeRO-3 (zero.Init,
+    every matrix above the persistence threshold 10·d partitioned), first as DeepSpeed's own zero.Init
+    would group it, then the trainer's way, and AutoTP's universal-checkpoint schema before and after
+    ``fix_autotp_replicated_shapes``."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    from model import LlamaForCausalLM, get_preset
+    from trainer.config import RunConfig
+    from trainer.ds_config import build_ds_config
+    from trainer.engine import build_model, init_layout, initialize
+
+    layout = init_layout(2)
+    cfg = RunConfig()
+    cfg.parallel.zero_stage, cfg.parallel.tensor_parallel, cfg.train.precision = 3, 2, "fp32"
+    mcfg = get_preset("debug", vocab_size=1000)
+    ds_config = build_ds_config(cfg, layout.dp, "fp32", mcfg.hidden_size)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=layout.mpu):
+        upstream = LlamaForCausalLM(mcfg)
+    upstream_group = dist.get_world_size(upstream.model.embed_tokens.weight.ds_process_group)
+    model = build_model(mcfg, ds_config, 3, 0, layout)
+    ours_group = dist.get_world_size(model.model.embed_tokens.weight.ds_process_group)
+    saved = deepspeed_compat.fix_autotp_replicated_shapes
+    deepspeed_compat.fix_autotp_replicated_shapes = lambda engine: []  # initialize() without the fix
+    try:
+        engine = initialize(model, cfg, ds_config, layout)
+    finally:
+        deepspeed_compat.fix_autotp_replicated_shapes = saved
+    maps = getattr(engine.module, UNIVERSAL_CHECKPOINT_INFO)["affine_map"]["params"]
+    key = r"^model\.embed_tokens\.weight$"
+    before = maps[key]["logical_shape"]
+    fixed = deepspeed_compat.fix_autotp_replicated_shapes(engine)
+    return {"upstream_group": upstream_group, "ours_group": ours_group, "before": list(before),
+            "after": list(maps[key]["logical_shape"]), "fixed": sorted(fixed),
+            "partitioned": sum(getattr(p, "ds_persist", True) is False for p in engine.module.parameters())}
+
+
+def test_autotp_zero3_checkpoint_schema_and_partition_group():
+    """Upstream (DeepSpeed 0.19.8), with TP=2 × ZeRO-3 at sizes where ZeRO-3 partitions:
+    * ``zero.Init(mpu=...)`` partitions over the world, not the data-parallel group, so the parameters
+      AutoTP leaves whole were split across the tensor-parallel ranks (the optimizer files then held
+      half of them: "start (0) + length (64000) exceeds dimension size (32000)" in ds_to_universal);
+      trainer.engine.build_model passes the data-parallel group;
+    * AutoTP's schema records those parameters with ZeRO-3's placeholder shape (0,), and the TP merge
+      fails ("supplied a shard of 64 elements, but the map describes 0"); the fix records ds_shape."""
+    results = run_distributed(autotp_zero3_schema, 2, timeout=300)
+    for r in results:
+        assert r["upstream_group"] == 2 and r["ours_group"] == 1, r  # dp = world / tp = 1
+        assert r["before"] == [0] and r["after"] == [1000, 64], r
+        assert r["fixed"] == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                              "model.layers.0.post_attention_layernorm.weight",
+                              "model.layers.1.input_layernorm.weight",
+                              "model.layers.1.post_attention_layernorm.weight", "model.norm.weight"], r
+        assert r["partitioned"] == 15, r  # embedding + 14 TP-sharded matrices: the partitioned path

@@ -402,3 +402,17 @@ def test_async_saves_train_identically_and_resume_bitwise(tmp_path, tiny_data, r
     assert f"resumed from {run2 / 'checkpoints' / 'step_00000006'}" in out.stdout
     rows = last_rows(run2)
     assert all(rows[s]["loss"] == reference["rows"][s]["loss"] for s in range(7, MAX_STEPS + 1))
+
+
+def test_a_failed_universal_conversion_is_one_clear_error(tmp_path, reference):
+    """A layout DeepSpeed's converter cannot read (here: a ZeRO-2 tag missing one rank's optimizer
+    partition) ends in one CheckpointError naming the tag, DeepSpeed's own reason and the full log; no
+    traceback in the message."""
+    ckdir = _copy_tags(reference["run"], ["step_00000004"], tmp_path / "run")
+    (ckdir / "step_00000004" / OPTIM_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.convert_to_universal(ckdir, "step_00000004", log=lambda *a: None)
+    msg = str(e.value)
+    assert f"universal-checkpoint conversion of {ckdir / 'step_00000004'} failed: " in msg
+    assert "convert.log" in msg and "Traceback" not in msg and len(msg.splitlines()) == 2, msg
+    assert not (ckdir / "step_00000004_universal").exists()

@@ -22,6 +22,11 @@ what                               why
                                    hyperparameters (weight decay on norms) and all Adam states share one
                                    ``step`` tensor (bias correction runs ahead); tests/test_resume.py shows
                                    the loss drift it caused
+``fix_autotp_replicated_shapes``   AutoTP's universal-checkpoint schema records the parameters it does not
+                                   shard (embeddings, norms) with ``param.shape``, which under ZeRO-3 is
+                                   the empty placeholder (0,): the conversion of a TP × ZeRO-3 checkpoint
+                                   then fails ("supplied a shard of N elements, but the map describes 0");
+                                   rebuilt from ``ds_shape``
 ``install_checkpoint_writer``      replaces the engine's ``checkpoint_engine`` attribute: DeepSpeed's own
                                    asynchronous engines need CUDA/libaio (FastCheckpointEngine) or commit at
                                    the next optimizer step, and none computes checksums while writing
@@ -33,6 +38,7 @@ what                               why
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -140,6 +146,31 @@ def install_nonfinite_guard(engine, collective_device: torch.device) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# AutoTP × ZeRO-3 universal-checkpoint schema
+
+
+def fix_autotp_replicated_shapes(engine) -> list[str]:
+    """Rebuild the replicated-parameter maps of AutoTP's universal-checkpoint info from the parameters'
+    real (``ds_shape``) shapes where ZeRO-3 had left only its placeholder; returns the names fixed."""
+    from deepspeed.checkpoint.affine import replicated_map
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    info = getattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, None)
+    maps = ((info or {}).get("affine_map") or {}).get("params") or {}
+    if not maps:
+        return []
+    tp = max((len(m.get("ranks", {})) for m in maps.values()), default=0)
+    fixed = []
+    for name, p in engine.module.named_parameters():
+        key = "^" + re.escape(name) + "$"
+        m = maps.get(key)
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if m is not None and list(m.get("logical_shape", [])) == [0] and shape != (0,):
+            maps[key] = replicated_map(shape, tp).to_dict()
+            fixed.append(name)
+    return fixed
+
+
 # Background checkpoint writes
 
 

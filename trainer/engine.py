@@ -113,7 +113,12 @@ def build_model(mcfg: ModelConfig, ds_config: dict, zero_stage: int, seed: int, 
     else:
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=layout.mpu):
+        # Partition over the data-parallel group, as the ZeRO-3 optimizer and checkpoints assume: zero.Init
+        # ignores ``mpu`` and would use the world, so that under tensor parallelism the parameters AutoTP
+        # does not shard (embeddings, norms) were split across the TP ranks too, and DeepSpeed's universal
+        # conversion of such a checkpoint fails (tests/test_export_hf.py, TP-2 ZeRO-3 through the trainer).
+        group = layout.mpu.get_data_parallel_group() if layout.mpu is not None else None
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=layout.mpu, data_parallel_group=group):
             model = LlamaForCausalLM(mcfg)
         if init_state is not None:
             missing = set(model.state_dict()) ^ set(init_state)
@@ -157,4 +162,5 @@ def initialize(model: LlamaForCausalLM, cfg: RunConfig, ds_config: dict, layout:
     )
     deepspeed_compat.install_nonfinite_guard(engine, collective_device())
     deepspeed_compat.keep_zero0_grad_norm(engine)  # grad_norm in the metrics at ZeRO-0 too
+    deepspeed_compat.fix_autotp_replicated_shapes(engine)  # TP × ZeRO-3 checkpoints convert and export
     return engine

@@ -48,6 +48,7 @@ def _train_and_save(spec: dict) -> None:
     from model import LlamaForCausalLM, get_preset
     from trainer import checkpoint
     from trainer.config import DataSource, RunConfig
+    from trainer.ds_config import communication_defaults
 
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = spm.SentencePieceProcessor(model_file=spec["tokenizer"])
@@ -65,6 +66,12 @@ def _train_and_save(spec: dict) -> None:
     }
     if spec["tp"] > 1:
         ds_config["tensor_parallel"] = {"autotp_size": spec["tp"]}
+    # The trainer's communication settings: under ZeRO-3 every matrix is partitioned (persistence 10·d),
+    # the path real models take. DeepSpeed's default threshold (1e5 elements) would keep every parameter
+    # of this small model whole, and the partitioned save/convert/export path would never run.
+    top, zero = communication_defaults(spec["zero_stage"], cfg.hidden_size, spec["precision"], cuda=False)
+    ds_config.update(top)
+    ds_config["zero_optimization"].update(zero)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     gen = torch.Generator().manual_seed(1 + rank // spec["tp"])  # same data within a TP group
     loss = None

@@ -54,8 +54,15 @@ def ds_to_universal(src: Path, out: Path, log=print, workers: int | None = None)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     (staging / "convert.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise CheckpointError(f"ds_to_universal failed on {src} (exit {proc.returncode}); log in "
-                              f"{staging / 'convert.log'}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        lines = [x.strip() for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+        cause = next((x for x in reversed(lines) if "Error" in x.split(":")[0]), lines[-1] if lines else "")
+        raise CheckpointError(
+            f"DeepSpeed's universal-checkpoint conversion of {src} failed: {cause}\n"
+            f"(full log: {staging / 'convert.log'}). The conversion is needed to resume on another data- or "
+            "tensor-parallel size and to export tensor-parallel ZeRO checkpoints; resuming with the layout the "
+            "checkpoint was saved with needs none. Tensor-parallel ZeRO-3 checkpoints saved by lmforge before "
+            "its DeepSpeed 0.19.8 fixes (trainer/deepspeed_compat.py: fix_autotp_replicated_shapes) cannot "
+            "be converted.")
     shutil.move(str(staging / "convert.log"), staging / out.name / "convert.log")
     atomic_write_text(staging / out.name / UNIVERSAL_MARKER,
                       json.dumps({"source_tag": src.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
