@@ -133,6 +133,13 @@ def test_bf16_run_exports_fp32_masters(name, tmp_path, tiny_data):
         with torch.no_grad():
             sd["optimizer"]["fp32_groups"][1][0].add_(0.25)
         torch.save(sd, path)
+        # As if saved that way (the file records updated): the integrity check would refuse it first.
+        from trainer.checkpoint.integrity import record_files
+        from trainer.checkpoint.state import read_state, write_state
+
+        state = read_state(ckpt / TAG)
+        state.files = record_files(ckpt / TAG)
+        write_state(ckpt / TAG, state)
         with pytest.raises(CheckpointError, match="does not round to the saved"):
             export(ckpt, tmp_path / "bad")
         assert not (tmp_path / "bad").exists() and not list(tmp_path.glob("bad.tmp-*"))

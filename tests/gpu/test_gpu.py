@@ -215,3 +215,46 @@ def test_bf16_zero3_trains_and_exports_verified(tmp_path, tiny_data):
                    "--output", tmp_path / "hf"], timeout=600)
     assert (tmp_path / "hf" / "model.safetensors").exists() or list((tmp_path / "hf").glob("*.safetensors"))
     assert "verif" in (out.stdout + out.stderr).lower()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL: one rank per GPU)")
+def test_nccl_rank_death_ends_the_job(tmp_path, tiny_data):
+    """A rank SIGKILLed under NCCL (bf16, launch_scripts/single_node.sh): the survivor's collective fails
+    through NCCL's asynchronous error handling (TORCH_NCCL_ASYNC_ERROR_HANDLING=1, set by the trainer)
+    instead of hanging for parallel.collective_timeout_minutes; the job ends non-zero, nothing is left."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from tests.helpers.process import child_env, free_port
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run,
+                       train={"max_steps": 100000, "precision": "bf16", "micro_batch_size": 4},
+                       checkpoint={"interval": 0}, log={"interval": 5},
+                       parallel={"zero_stage": 1, "collective_timeout_minutes": 2})
+    with open(tmp_path / "log", "w") as out:
+        proc = subprocess.Popen(["bash", str(ROOT / "launch_scripts" / "single_node.sh"), "-n", "2", "-p",
+                                 str(free_port()), str(cfg)], cwd=ROOT, env=child_env(PYTHON=sys.executable),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while not ((run / "metrics.jsonl").is_file() and read_metrics(run)):
+            assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs = psutil.Process(proc.pid).children(recursive=True)
+        rank1 = [p for p in procs if "--local_rank=1" in p.cmdline()][0]
+        t0 = time.time()
+        rank1.kill()
+        rc = proc.wait(timeout=180)
+        print(f"NCCL job ended {time.time() - t0:.1f} s after the kill, status {rc}")
+        assert rc != 0
+        gone, alive = psutil.wait_procs(procs, timeout=30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
