@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not append the EOD (eos) id to each document")
     p.add_argument("--keep-empty", action="store_true",
                    help="keep empty documents as empty index entries (what Megatron does) instead of skipping")
+    p.add_argument("--filter", dest="filters", default="", metavar="RULE[,RULE...]",
+                   help="remove low-quality documents, counted as skipped by rule: gopher (words, mean_word_length, "
+                        "symbol_ratio, bullet_lines, ellipsis_lines, alpha_words), repetition (dup_lines, "
+                        "dup_paragraphs, top_ngram) or single rules; thresholds in data_pipeline/preprocess/"
+                        "quality.py (Gopher's). Off by default")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="skip documents of fewer tokens than this (reason filter-min_tokens; default 0: off)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="skip bad records and count them by reason (default), or stop at the first one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of a different job")
@@ -167,6 +174,16 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filters(spec: str) -> tuple[str, ...]:
+    from .common.errors import InputError
+    from .preprocess.quality import parse_rules
+
+    try:
+        return parse_rules(spec)
+    except ValueError as e:
+        raise InputError(f"--filter: {e}") from None
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from .preprocess import RunOptions, Settings, preprocess
 
@@ -174,7 +191,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
         keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
         valid_fraction=args.valid_fraction, max_shard_bytes=args.max_shard_bytes,
-        unit_bytes=args.unit_bytes,
+        unit_bytes=args.unit_bytes, filters=_filters(args.filters), min_tokens=args.min_tokens,
     )
     run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
                      batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,

@@ -39,6 +39,7 @@ from ..readers import (
     iter_documents,
 )
 from ..tokenizer import tokenizer_info
+from . import quality
 from .encode import CHUNK_CHARS, CONT, Encoded, EncodePool, resolve_backend, split_exact
 from .plan import Segment, assign_units, plan_units, segment_bytes, unit_bytes_of
 from .settings import PipelineError, RunOptions, Settings
@@ -76,8 +77,20 @@ def _config(sources: list[Source], tok: dict, settings: Settings, prints: list[s
         "sources": [
             {"path": s.path, "format": s.format, "size": s.size, "fingerprint": fp} for s, fp in zip(sources, prints)
         ],
-        "settings": asdict(settings),
+        "settings": _settings_record(settings),
     }
+
+
+def _settings_record(settings: Settings) -> dict:
+    """The settings as recorded (JSON types). The quality filters appear only when used, so outputs made
+    before they existed (and every run without them) keep the same record and stay resumable."""
+    d = asdict(settings)
+    for key, off in (("filters", ()), ("min_tokens", 0)):
+        if d[key] == off:
+            del d[key]
+    if "filters" in d:
+        d["filters"] = list(d["filters"])
+    return d
 
 
 def _config_diff(old: dict, new: dict) -> str:
@@ -168,6 +181,10 @@ def _batches(
                     if kind != DOC:  # part of a streamed document: cannot drop just a piece
                         raise PipelineError(f"{loc}: unencodable text inside a streamed document") from None
                     kind, text = SKIP, "unencodable_text"
+            if kind == DOC and settings.filters:
+                why = quality.check(text, settings.filters)
+                if why is not None:
+                    kind, text = SKIP, why
             if kind == SKIP:
                 if run.on_error == "fail" and text in ERROR_REASONS:
                     raise PipelineError(f"{_absolute_loc(src, rng, loc)}: {text} (--on-error fail)")
@@ -245,7 +262,8 @@ class _Progress:
 # Processing this rank's units
 
 
-def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pending: list[np.ndarray]) -> int:
+def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pending: list[np.ndarray],
+                 min_tokens: int = 0) -> int:
     """Hand one encoded batch to its unit's writer; returns the documents completed. ``pending`` holds
     the tokens of CONT pieces until the rest of their text arrives (possibly in a later batch)."""
     lengths, flat = encoded
@@ -265,6 +283,9 @@ def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pendin
         if pending:
             toks = np.concatenate((*pending, toks))
             pending.clear()
+        if kind == DOC and len(toks) < min_tokens:
+            writer.skip("filter-min_tokens", loc)
+            continue
         writer.add(kind, toks, h)
         docs += kind != PART
     return docs
@@ -310,7 +331,7 @@ def _process_units(
             return
         assert result is not None
         encoded = result()
-        progress.count(_write_batch(writer, metas, encoded, pending), int(encoded[0].sum()))
+        progress.count(_write_batch(writer, metas, encoded, pending, settings.min_tokens), int(encoded[0].sum()))
 
     writer = None
     try:

@@ -31,6 +31,8 @@ class Settings:
     valid_fraction: float = 0.01
     max_shard_bytes: int = 1 << 30
     unit_bytes: int = 64 << 20
+    filters: tuple[str, ...] = ()  # quality rules (quality.py), off by default
+    min_tokens: int = 0  # documents with fewer tokens are skipped (filter-min_tokens); 0 = off
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(
