@@ -10,9 +10,10 @@ request is enough: the flag is summed over all ranks. The requests:
   without a shell on the nodes. Looked for at most once per ``POLL_SECONDS``; a rank that saw it renames
   it to ``STOP.consumed`` when the run has stopped, so that the next start trains.
 * **the launcher is gone**: a rank started by a launcher (``deepspeed``, its per-node
-  ``deepspeed.launcher.launch``, ``torchrun``, ``trainer.launch``) watches those ancestor processes and
-  stops when one of them exits: under a plain ``deepspeed`` whose own process was killed (SIGTERM to it
-  alone leaves its per-node launcher and the ranks running), no orphan trains on.
+  ``deepspeed.launcher.launch``, ``torchrun``, ``mpirun``/``mpiexec`` and their per-node daemons,
+  ``trainer.launch``) watches those ancestor processes and stops when one of them exits: under a plain
+  ``deepspeed`` whose own process was killed (SIGTERM to it alone leaves its per-node launcher and the
+  ranks running), no orphan trains on.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ POLL_SECONDS = 1.0
 # Command-line marks of the launcher processes a rank watches (python modules or executables).
 LAUNCHER_MARKS = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "trainer.launch",
                   "torch.distributed.run", "torchrun")
+# Launcher executables, by the basename of the program or of the script python runs: the DeepSpeed
+# runner, MPICH's Hydra (mpiexec and its per-node proxy) and Open MPI's (mpirun, prterun, prted, orted).
+LAUNCHER_PROGRAMS = frozenset({"deepspeed", "mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy",
+                               "prterun", "prted", "orted", "torchrun"})
 
 
 def _is_launcher(cmdline: list[str]) -> bool:
     """A launcher's command line (never a rank's: ranks run `-m trainer.train` with no launcher module)."""
     if any(mark in arg for arg in cmdline for mark in LAUNCHER_MARKS):
         return True
-    # The `deepspeed` console script: python /path/to/bin/deepspeed ...
-    return any(os.path.basename(arg) == "deepspeed" for arg in cmdline[:2])
+    # A launcher program, or its console script run by python (python /path/to/bin/deepspeed ...).
+    return any(os.path.basename(arg) in LAUNCHER_PROGRAMS for arg in cmdline[:2])
 
 
 def launcher_ancestors() -> list[tuple[int, float]]:
