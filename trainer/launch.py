@@ -124,10 +124,12 @@ class Launch:
             self.deadline = time.monotonic() + self.grace
 
     def run(self) -> int:
+        # A session of its own: the launcher and its ranks get no signal sent to this command's group.
+        # (A signal before the handlers below are in place ends this process; the ranks then see their
+        # launcher ancestor gone and stop with a checkpoint.)
+        self.proc = subprocess.Popen(self.command, start_new_session=True)
         for sig in FORWARDED:
             signal.signal(sig, self._on_signal)
-        # A session of its own: the launcher and its ranks get no signal sent to this command's group.
-        self.proc = subprocess.Popen(self.command, start_new_session=True)
         while True:
             try:
                 rc = self.proc.wait(timeout=1.0)

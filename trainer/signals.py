@@ -82,10 +82,6 @@ class StopFlag:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
-    @property
-    def reason(self) -> str | None:
-        return self.signal
-
     def _handler(self, signum, frame):
         if self.signal == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint

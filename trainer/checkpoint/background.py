@@ -81,10 +81,16 @@ class BackgroundWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ckpt-writer")
         self._pending: list[Future] = []
         self._queued: list[tuple] = []
+        # Installed once, it stays the engine's checkpoint engine: saves made with background=False
+        # (final saves) write through the engine it replaced, at once.
+        self.background = True
 
     # What DeepSpeed calls.
     def save(self, state_dict, path: str) -> None:
-        self.submit(state_dict, path)
+        if self.background:
+            self.submit(state_dict, path)
+        else:
+            self.inner.save(state_dict, path)
 
     def create(self, info) -> None:
         self.inner.create(info)

@@ -93,8 +93,8 @@ def check_files(tag_dir: Path, files: dict[str, dict], checksums: bool = True) -
             continue
         if size != want["size"]:
             problems.append(f"{path}: {size} bytes, {want['size']} recorded at save (truncated or overwritten)")
-        elif checksums and i % world == rank and crc32_file(path) != want["crc32"]:
-            problems.append(f"{path}: CRC-32 {crc32_file(path)} differs from {want['crc32']} recorded at save "
+        elif checksums and i % world == rank and (crc := crc32_file(path)) != want["crc32"]:
+            problems.append(f"{path}: CRC-32 {crc} differs from {want['crc32']} recorded at save "
                             "(the file's contents changed)")
     return sorted({p for part in _gather(problems) for p in part})
 

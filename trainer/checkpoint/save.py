@@ -74,6 +74,8 @@ def save(engine, ckpt_dir: Path, state: CheckpointState, background: bool = Fals
         clear_tag(ckpt_dir, tag)
     dist.barrier()
     writer = deepspeed_compat.install_checkpoint_writer(engine, BackgroundWriter) if background else None
+    if isinstance(engine.checkpoint_engine, BackgroundWriter):  # installed by an earlier background save
+        engine.checkpoint_engine.background = background
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     rng_path = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
     if writer is not None:
