@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "quality.py (Gopher's). Off by default")
     p.add_argument("--min-tokens", type=int, default=0,
                    help="skip documents of fewer tokens than this (reason filter-min_tokens; default 0: off)")
+    p.add_argument("--dedup", default="", metavar="exact|minhash|exact,minhash",
+                   help="remove duplicate documents, keeping the first in input order across all inputs, workers "
+                        "and ranks (counted as skipped: duplicate-exact, duplicate-near). exact: equal after NFC "
+                        "and whitespace collapsing; minhash: near duplicates by MinHash LSH over word n-grams "
+                        "(data_pipeline/preprocess/dedup.py: detection rates, memory). Adds a scan pass "
+                        "before tokenizing. Off by default")
+    p.add_argument("--minhash-threshold", type=float, default=None,
+                   help="Jaccard similarity at which a pair is found with probability 1/2; picks LSH bands x "
+                        "rows within --minhash-perm (default 0.72: 14 bands x 8 rows, FineWeb's; pairs at 0.8 "
+                        "are found 92%% of the time, at 0.5 5%%)")
+    p.add_argument("--minhash-perm", type=int, default=112,
+                   help="MinHash values per document available to --minhash-threshold (default 112)")
+    p.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle for --dedup minhash (default 5)")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                    help="skip bad records and count them by reason (default), or stop at the first one")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of a different job")
@@ -153,8 +166,12 @@ def _summary(m: dict) -> str:
         lines.append(f"  {s:5s}: {t['shards']} shard(s), {t['documents']:,} documents, {t['tokens']:,} tokens")
     r = m["records"]
     lines.append(f"  records read {r['read']:,} = written {r['written']:,} + skipped {r['skipped']:,}")
+    dups = m.get("duplicate_examples", {})
     for reason, n in m["skipped"].items():
-        ex = ", ".join(m["skip_examples"].get(reason, [])[:3])
+        if reason in dups:
+            ex = ", ".join(f"{d['loc']} = {d['kept']}" for d in dups[reason][:3])
+        else:
+            ex = ", ".join(m["skip_examples"].get(reason, [])[:3])
         lines.append(f"    skipped {reason}: {n:,}  (e.g. {ex})")
     return "\n".join(lines)
 
@@ -184,6 +201,22 @@ def _filters(spec: str) -> tuple[str, ...]:
         raise InputError(f"--filter: {e}") from None
 
 
+def _dedup_settings(args: argparse.Namespace) -> dict:
+    from .common.errors import InputError
+    from .preprocess.dedup import lsh_params, parse_modes
+
+    try:
+        modes = parse_modes(args.dedup)
+    except ValueError as e:
+        raise InputError(f"--dedup: {e}") from None
+    if args.minhash_ngram < 1:
+        raise InputError(f"--minhash-ngram must be at least 1, not {args.minhash_ngram}")
+    d = {"dedup": modes, "minhash_ngram": args.minhash_ngram}
+    if args.minhash_threshold is not None:
+        d["minhash_bands"], d["minhash_rows"] = lsh_params(args.minhash_threshold, args.minhash_perm)
+    return d
+
+
 def _preprocess(args: argparse.Namespace) -> int:
     from .preprocess import RunOptions, Settings, preprocess
 
@@ -192,6 +225,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
         valid_fraction=args.valid_fraction, max_shard_bytes=args.max_shard_bytes,
         unit_bytes=args.unit_bytes, filters=_filters(args.filters), min_tokens=args.min_tokens,
+        **_dedup_settings(args),
     )
     run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
                      batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,

@@ -7,7 +7,8 @@ manifest's directory, Megatron-style: ``prefix + ".bin"``/``".idx"``), ``documen
 ``tokens``, ``sha256_bin`` and ``sha256_idx``. ``manifest["tokenizer"]`` has ``sha256``, ``vocab_size``,
 ``eos_id`` (the EOD appended to every document), ``bos_id``; ``manifest["dtype"]`` is the token dtype.
 ``totals`` sums each split (``split_totals``); ``records``/``skipped``/``skip_examples`` account for
-every input record (read = written + skipped).
+every input record (read = written + skipped); ``duplicate_examples`` (only with ``--dedup``) pairs
+example duplicates with the documents they duplicate (``{"loc": ..., "kept": ...}``).
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str) -> dic
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
+    dups: dict[str, list[dict]] = {}  # duplicate examples with the document each duplicates
     read = written = 0
     unit_records = sorted(unit_records, key=lambda r: r["unit"])
     _absolute_examples(unit_records)
@@ -158,7 +160,11 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str) -> dic
         _add_counts(skipped, rec["skipped"])
         for why in rec["skipped"]:
             ex = examples.setdefault(why, [])
-            ex.extend(rec["skip_examples"][why][: MAX_EXAMPLES - len(ex)])
+            taken = rec["skip_examples"][why][: MAX_EXAMPLES - len(ex)]
+            kept = rec.get("duplicate_of", {}).get(why)
+            if kept:
+                dups.setdefault(why, []).extend({"loc": loc, "kept": k} for loc, k in zip(taken, kept))
+            ex.extend(taken)
     return {
         "format": FORMAT,
         "tokenizer": {**config["tokenizer"], "file": "tokenizer.model", "source_path": tokenizer_path},
@@ -169,6 +175,7 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str) -> dic
         "records": {"read": read, "written": written, "skipped": sum(skipped.values())},
         "skipped": dict(sorted(skipped.items())),
         "skip_examples": dict(sorted(examples.items())),
+        **({"duplicate_examples": dict(sorted(dups.items()))} if dups else {}),
         "sources": config["sources"],
         "settings": config["settings"],
         "config_sha256": sha256_json(config),

@@ -56,6 +56,15 @@ class SingleProcess:
     def bcast(self, obj, root: int = 0):
         return obj
 
+    def allgather(self, obj):
+        return [obj]
+
+    def alltoall(self, objs):
+        return list(objs)
+
+    def scatter(self, objs, root: int = 0):
+        return objs[0]
+
 
 class MpiWorld:
     """``MPI.COMM_WORLD`` with its node-local rank and size."""
@@ -82,6 +91,15 @@ class MpiWorld:
 
     def bcast(self, obj, root: int = 0):
         return self._comm.bcast(obj, root=root)
+
+    def allgather(self, obj):
+        return self._comm.allgather(obj)
+
+    def alltoall(self, objs):
+        return self._comm.alltoall(objs)
+
+    def scatter(self, objs, root: int = 0):
+        return self._comm.scatter(objs, root=root)
 
 
 _WORLD: SingleProcess | MpiWorld | None = None

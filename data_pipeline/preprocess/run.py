@@ -39,14 +39,16 @@ from ..readers import (
     iter_documents,
 )
 from ..tokenizer import tokenizer_info
-from . import quality
+from . import dedup
+from .dedup import screen
 from .encode import CHUNK_CHARS, CONT, Encoded, EncodePool, resolve_backend, split_exact
 from .plan import Segment, assign_units, plan_units, segment_bytes, unit_bytes_of
 from .settings import PipelineError, RunOptions, Settings
-from .writer import UnitWriter, clean_unit, doc_hash, load_done_unit, save_done_unit
+from .writer import UnitWriter, clean_unit, load_done_unit, save_done_unit
 
 # (kind, skip reason or "", loc, hash of the whole document's text); kinds are the readers' plus CONT.
-Meta = tuple[int, str, str, int]
+# A SKIP's last field is instead the location of the document it duplicates ("" if none or not known).
+Meta = tuple[int, str, str, int | str]
 _MAX_BATCH_TEXTS = 8192
 
 # --------------------------------------------------------------------------------------------------
@@ -85,11 +87,17 @@ def _settings_record(settings: Settings) -> dict:
     """The settings as recorded (JSON types). The quality filters appear only when used, so outputs made
     before they existed (and every run without them) keep the same record and stay resumable."""
     d = asdict(settings)
-    for key, off in (("filters", ()), ("min_tokens", 0)):
+    for key, off in (("filters", ()), ("min_tokens", 0), ("dedup", ())):
         if d[key] == off:
             del d[key]
-    if "filters" in d:
-        d["filters"] = list(d["filters"])
+    for key in ("filters", "dedup"):
+        if key in d:
+            d[key] = list(d[key])
+    if "minhash" in settings.dedup:  # signatures depend on the library's algorithm version
+        d["minhash_algorithm"] = f"rensa.RMinHash v{dedup.minhash_version()} seed {dedup.MINHASH_SEED}"
+    else:
+        for key in ("minhash_ngram", "minhash_bands", "minhash_rows"):
+            del d[key]
     return d
 
 
@@ -116,7 +124,7 @@ def _claim_output(out: Path, config: dict, overwrite: bool, comm) -> None:
     temporary files of a killed run removed; ``.state/config.json`` written."""
     state = out / ".state" / "config.json"
     if overwrite:  # every rank: nodes without a shared filesystem have their own copies
-        for name in (*SPLITS, ".state"):
+        for name in (*SPLITS, ".state", dedup.LIST_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (MANIFEST_NAME, "tokenizer.model"):
             (out / name).unlink(missing_ok=True)
@@ -157,12 +165,14 @@ def _absolute_loc(src: Source, rng: ReadRange | None, loc: str) -> str:
 
 def _batches(
     sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress: _Progress,
-    ranges: list[ReadRange],
+    ranges: list[ReadRange], drops: dict[int, tuple[str, str]] | None = None,
 ) -> Iterator[tuple[list[Meta], list[str]]]:
     """Yield (metas, texts): one meta per item in input order, with one text per non-SKIP meta. Hashing
     happens here, on the whole document, before any cutting. The ``ReadRange`` of each byte-range segment
-    is appended to ``ranges`` (its line count is final once the generator is exhausted)."""
+    is appended to ``ranges`` (its line count is final once the generator is exhausted). ``drops`` maps
+    the unit's duplicate candidates (``dedup``) to (reason, kept document's location)."""
     opts = settings.read_options()
+    candidate = 0
     limit = run.batch_chars
     metas: list[Meta] = []
     texts: list[str] = []
@@ -174,21 +184,17 @@ def _batches(
             ranges.append(rng)
         counted = 0
         for kind, text, loc in iter_documents(src, opts, rng):
-            if kind != SKIP:
-                try:
-                    h = doc_hash(text.encode("utf-8"))
-                except UnicodeEncodeError:  # lone surrogates from a JSON "\ud800" escape
-                    if kind != DOC:  # part of a streamed document: cannot drop just a piece
-                        raise PipelineError(f"{loc}: unencodable text inside a streamed document") from None
-                    kind, text = SKIP, "unencodable_text"
-            if kind == DOC and settings.filters:
-                why = quality.check(text, settings.filters)
-                if why is not None:
-                    kind, text = SKIP, why
+            kind, text, h = screen(kind, text, loc, settings.filters)
+            if kind == DOC and drops is not None:  # a deduplication candidate (numbered as in the scan)
+                dup = drops.get(candidate)
+                candidate += 1
+                if dup is not None:
+                    metas.append((SKIP, dup[0], loc, dup[1]))
+                    continue
             if kind == SKIP:
                 if run.on_error == "fail" and text in ERROR_REASONS:
                     raise PipelineError(f"{_absolute_loc(src, rng, loc)}: {text} (--on-error fail)")
-                metas.append((SKIP, text, loc, 0))
+                metas.append((SKIP, text, loc, ""))
                 continue
             n = len(text)
             pieces = split_exact(text) if n > CHUNK_CHARS else [text]
@@ -273,7 +279,7 @@ def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pendin
     docs = 0
     for kind, reason, loc, h in metas:
         if kind == SKIP:
-            writer.skip(reason, loc)
+            writer.skip(reason, loc, h)
             continue
         toks = flat[offs[ti] : offs[ti + 1]]
         ti += 1
@@ -310,7 +316,7 @@ def _resume(out: Path, mine: list[int], rank: int) -> tuple[dict[int, dict], lis
 
 def _process_units(
     out: Path, sources: list[Source], units: list[list[Segment]], mine: list[int], settings: Settings,
-    run: RunOptions, model_path: str, tok: dict, rank: int,
+    run: RunOptions, model_path: str, tok: dict, rank: int, drops: dedup.Drops | None = None,
 ) -> tuple[list[dict], dict]:
     """Do this rank's unfinished units; returns the records of all its units and the run's statistics."""
     dtype = optimal_dtype(tok["vocab_size"])
@@ -338,7 +344,8 @@ def _process_units(
         for u in todo:
             writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
             ranges: list[ReadRange] = []
-            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges):
+            unit_drops = None if drops is None else drops.by_unit.get(u, {})
+            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, unit_drops):
                 inflight.append((writer, metas, pool.submit(texts)))
                 while len(inflight) > max_inflight:
                     drain_one()
@@ -384,10 +391,13 @@ def preprocess(
     _claim_output(out, config, run.overwrite, comm)
 
     units = plan_units(sources, settings.unit_bytes)
-    mine = assign_units([unit_bytes_of(sources, u) for u in units], comm.size)[comm.rank]
+    assignment = assign_units([unit_bytes_of(sources, u) for u in units], comm.size)
+    mine = assignment[comm.rank]
+    drops = _find_duplicates(out, sources, units, assignment, settings, run, comm) if settings.dedup else None
     err: BaseException | None = None
     try:
-        records, stats = _process_units(out, sources, units, mine, settings, run, model_path, tok, comm.rank)
+        records, stats = _process_units(out, sources, units, mine, settings, run, model_path, tok, comm.rank,
+                                        drops)
     except BaseException as e:  # report on every rank instead of hanging the others in gather
         err, records, stats = e, [], {}
     failures = comm.gather(None if err is None else f"rank {comm.rank}: {err}", root=0)
@@ -417,6 +427,28 @@ def preprocess(
         "workers_per_rank": run.workers,
     }
     return {**manifest, "_run": run_stats}
+
+
+def _find_duplicates(out: Path, sources: list[Source], units: list[list[Segment]], assignment: list[list[int]],
+                     settings: Settings, run: RunOptions, comm) -> dedup.Drops:
+    """Deduplication's scan of this rank's units and the exchange between ranks (``dedup``). A failed
+    scan on any rank stops every rank with all the ranks' messages (none waits in a collective)."""
+    t0 = time.perf_counter()
+    err: BaseException | None = None
+    try:
+        dedup.scan_units(out, sources, units, assignment[comm.rank], settings, run.workers, run.progress, comm.rank)
+    except BaseException as e:
+        err = e
+    failures = [f for f in comm.allgather(None if err is None else f"rank {comm.rank}: {err}") if f]
+    if err is not None:
+        raise err
+    if failures:
+        raise PipelineError("; ".join(failures))
+    drops = dedup.find_duplicates(out, units, assignment, settings, comm)
+    if comm.rank == 0 and run.progress:
+        found = ", ".join(f"{n:,} {why}" for why, n in sorted(drops.counts.items())) or "none"
+        print(f"dedup: {found} in this rank's units ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+    return drops
 
 
 def _copy_tokenizer(model_path: str, dst: Path, sha256: str) -> None:

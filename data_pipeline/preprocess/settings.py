@@ -33,6 +33,10 @@ class Settings:
     unit_bytes: int = 64 << 20
     filters: tuple[str, ...] = ()  # quality rules (quality.py), off by default
     min_tokens: int = 0  # documents with fewer tokens are skipped (filter-min_tokens); 0 = off
+    dedup: tuple[str, ...] = ()  # "exact" and/or "minhash" (dedup.py), off by default
+    minhash_ngram: int = 5  # word n-grams (shingles) for --dedup minhash
+    minhash_bands: int = 14  # LSH bands x rows = MinHash values per document (FineWeb's 14 x 8)
+    minhash_rows: int = 8
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(

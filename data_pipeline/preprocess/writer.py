@@ -44,6 +44,8 @@ class UnitRecord:
     documents_written: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
+    # For duplicates (dedup): the kept document's location of each example, in the same order.
+    duplicate_of: dict[str, list[str]] = field(default_factory=dict)
     # For a byte-range unit: the lines it owned, and whether its example line numbers count from the
     # range start (made absolute in the manifest).
     range_lines: int = 0
@@ -64,7 +66,8 @@ class UnitWriter:
         self.doc_writer: IndexedDatasetWriter | None = None  # holds the streamed document in progress
         self.tokens = 0
 
-    def skip(self, reason: str, loc: str) -> None:
+    def skip(self, reason: str, loc: str, kept: str = "") -> None:
+        """A record not written, counted by ``reason``; ``kept`` is the document it duplicates, if any."""
         if self.doc_writer is not None:
             # A SKIP instead of the LAST piece: the streamed document is abandoned; drop its pieces.
             self.tokens -= self.doc_writer.drop_open_document()
@@ -74,6 +77,8 @@ class UnitWriter:
         ex = self.rec.skip_examples.setdefault(reason, [])
         if len(ex) < MAX_EXAMPLES:
             ex.append(loc)
+            if kept:
+                self.rec.duplicate_of.setdefault(reason, []).append(kept)
 
     def _split(self, text_hash: int) -> str:
         return "valid" if text_hash < self.valid_threshold else "train"
