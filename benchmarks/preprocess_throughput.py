@@ -23,8 +23,12 @@ printed. The target ratio (>= 0.85) is evaluated against the STRICTEST (fastest)
 Also printed: tokens per CPU-second (all processes/threads) of each, which a busy machine distorts far
 less than wall time: it shows how much CPU the pipeline spends beyond tokenizing.
 
+With ``--compare-dedup`` the pipeline also runs with ``--dedup exact`` and ``--dedup minhash`` (a
+signature scan before tokenizing, see data_pipeline/preprocess/dedup.py); their cost is the loss of
+end-to-end tokens/s against the plain run (tokens written: the corpus has few duplicates).
+
     python benchmarks/preprocess_throughput.py [--corpora ../shared/corpora] [--vocab 32000] [--double]
-        [--repeat 3] [--workers N]
+        [--repeat 3] [--workers N] [--compare-dedup]
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs of each measurement")
     ap.add_argument("--double", action="store_true", help="also run on the corpus twice over (RSS check)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lmforge_bench"))
+    ap.add_argument("--compare-dedup", action="store_true",
+                    help="also run with --dedup exact and --dedup minhash (ISSUE12: cost <= 10%% and <= 50%%)")
     ap.add_argument("--extra", default="", help="extra preprocess arguments, e.g. '--batch-chars 4M'")
     ap.add_argument("--raw-reference", nargs=2, metavar=("MODEL", "INPUTS_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -120,7 +126,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", *inputs,
                         "--vocab-size", str(args.vocab), "--output", str(model.parent)], cwd=ROOT, check=True)
 
-    runs = [("corpus", inputs)]
+    runs = [("corpus", inputs, [])]
+    if args.compare_dedup:
+        runs += [("corpus --dedup exact", inputs, ["--dedup", "exact"]),
+                 ("corpus --dedup minhash", inputs, ["--dedup", "minhash"])]
     if args.double:
         twice = cache / "double"
         if not twice.exists():
@@ -129,7 +138,7 @@ def main() -> None:
                     dst = twice / copy / Path(src.path).relative_to(corpora)
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     dst.symlink_to(Path(src.path).resolve())
-        runs.append(("corpus x2", [str(twice)]))
+        runs.append(("corpus x2", [str(twice)], []))
 
     load0 = os.getloadavg()
     best: dict[str, dict] = {}
@@ -137,9 +146,9 @@ def main() -> None:
     raw_cpu_best: dict[str, float] = {}
     raw_info: dict = {}
     for _ in range(args.repeat):
-        for name, inp in runs:
+        for name, inp, run_extra in runs:
             dt, out, peak_kb, cpu = run_pipeline(inp, str(model), str(cache / "out"), args.workers,
-                                                 ["--valid-fraction", "0.01", *args.extra.split()])
+                                                 ["--valid-fraction", "0.01", *args.extra.split(), *run_extra])
             toks = int(out.split(" tokens in ")[0].rsplit(" ", 1)[-1].replace(",", ""))
             b = best.setdefault(name, {"tokens": toks, "seconds": dt, "peak_kb": peak_kb, "cpu": cpu})
             b["seconds"] = min(b["seconds"], dt)
@@ -177,6 +186,13 @@ def main() -> None:
               f"({'meets' if ratio >= TARGET else 'BELOW'} target {TARGET}), {rate / raw_best['cut']:.2f} to cut "
               f"documents with list output, {rate / raw_best['whole']:.2f} to whole documents; peak RSS "
               f"(largest process, worst run) {b['peak_kb'] / 1024:.0f} MiB")
+        if name.startswith("corpus --dedup"):
+            cost = 1 - best["corpus"]["seconds"] / b["seconds"]
+            limit = 0.10 if "exact" in name else 0.50
+            print(f"  cost of {name[7:]}: {cost * 100:.1f}% of the plain run's end-to-end rate, counted on "
+                  f"the same input (the plain run's tokens over this run's seconds; "
+                  f"{best['corpus']['tokens'] - b['tokens']:,} duplicate tokens were not written) "
+                  f"({'within' if cost <= limit else 'OVER'} the {limit * 100:.0f}% target)")
         cpu_rate = b["tokens"] / b["cpu"]
         print(f"  CPU: {b['cpu']:.2f} CPU-s (start-up included) = {cpu_rate / 1e6:.2f} M tokens per CPU-s; "
               f"{cpu_rate / max(raw_cpu_best.values()):.2f} of the best raw SentencePiece tokens per CPU-s")

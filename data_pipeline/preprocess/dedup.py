@@ -74,7 +74,8 @@ MINHASH_SEED = 1
 DEFAULT_PERM = 112
 DEFAULT_THRESHOLD = 0.72
 LIST_DIR = "duplicates"  # OUT/duplicates/unit_NNNNN.tsv: every removed duplicate and what it duplicates
-_SIG_BATCH = 512  # documents per rensa call
+_SIG_BATCH = 512  # documents per rensa call, at most
+_SIG_BATCH_SHINGLES = 65536  # shingles per rensa call, at most (bounds the memory of a batch of books)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,17 +196,20 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
     keys: list[bytes] = []
     sigs: list[np.ndarray] = []
     pending: list[list[str]] = []
+    held = 0  # shingles in pending
     paths: dict[str, int] = {}
     pidx: list[int] = []
     lines: list[int] = []
     ranges: list[ReadRange] = []
 
     def flush() -> None:
+        nonlocal held
         import rensa
 
         rows = rensa.RMinHash.digest_matrix_from_token_sets(pending, perm, MINHASH_SEED).to_rows()
         sigs.append(np.asarray(rows, dtype=np.uint32).reshape(len(pending), perm))
         pending.clear()
+        held = 0
 
     for text, loc in _iter_candidates(sources, segments, settings, ranges):
         path, _, line = loc.rpartition(":")
@@ -215,7 +219,8 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
             keys.append(exact_key(text))
         if minhash:
             pending.append(shingles(text, settings.minhash_ngram))
-            if len(pending) >= _SIG_BATCH:
+            held += len(pending[-1])
+            if len(pending) >= _SIG_BATCH or held >= _SIG_BATCH_SHINGLES:
                 flush()
     if pending:
         flush()
