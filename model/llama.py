@@ -116,10 +116,15 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
+        y = self.attention(q, k, v, docs)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attention(self, q, k, v, docs: DocSpans | torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+        """The attention kernel alone: q (B, H, T, D), k/v (B, K, T, D) -> (B, H, T, D). A trainer may
+        replace it on an instance (sequence parallelism exchanges q/k/v around it)."""
         n_rep = q.shape[1] // k.shape[1]
         if isinstance(docs, BlockMask):  # one block-sparse kernel; GQA inside it (no k/v copies)
-            y = _flex_attention(q, k, v, docs, enable_gqa=n_rep > 1)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            return _flex_attention(q, k, v, docs, enable_gqa=n_rep > 1)
         gqa = {}
         if n_rep > 1:
             if _SDPA_GQA and not isinstance(docs, torch.Tensor):
@@ -148,7 +153,7 @@ class LlamaAttention(nn.Module):
                            for s, e in row], dim=2)
                 for b, row in enumerate(docs)
             ])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return y
 
 
 class LlamaMLP(nn.Module):
@@ -240,11 +245,14 @@ class LMHead(nn.Linear):
     instead of (B*T, V) logits, their fp32 copy and the log-softmax. Inside this module's own call, so
     ZeRO-3 gathers the weight once, as for the plain projection."""
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, chunk_tokens: int = 0) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, chunk_tokens: int = 0,
+                loss_tokens: int | None = None) -> torch.Tensor:
         if labels is None:
             return super().forward(h)
         flat_labels = labels.reshape(-1)
         total = _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), self.weight, flat_labels, chunk_tokens)
+        if loss_tokens is not None:
+            return total / loss_tokens
         return total / (flat_labels != IGNORE_INDEX).sum()  # 0 / 0 = NaN with nothing to predict, as F.cross_entropy
 
 
@@ -291,21 +299,26 @@ class LlamaForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_spans: DocSpans | None = None,
         attn_mask: torch.Tensor | BlockMask | None = None,
+        loss_tokens: int | None = None,
     ):
         """input_ids (B, T). With labels (B, T) (IGNORE_INDEX = masked) returns the mean token loss;
         otherwise the logits (B, T, V). ``doc_spans`` or ``attn_mask`` restrict attention to packed
-        documents (module docstring); neither means plain causal attention."""
+        documents (module docstring); neither means plain causal attention. ``loss_tokens``: divide the
+        summed token loss by this instead of by the number of unmasked labels here (a caller holding one
+        slice of longer sequences passes the whole sequences' count, so the slices' losses add up to the
+        mean)."""
         if doc_spans is not None and attn_mask is not None:
             raise ValueError("give doc_spans or attn_mask, not both")
         h = self.model(input_ids, position_ids=position_ids, docs=doc_spans if attn_mask is None else attn_mask)
         if labels is not None and self.loss_chunk_tokens:
-            return self.lm_head(h, labels, self.loss_chunk_tokens)
+            return self.lm_head(h, labels, self.loss_chunk_tokens, loss_tokens)
         logits = self.lm_head(h)
         if labels is None:
             return logits
-        return F.cross_entropy(
-            logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        flat = logits.float().view(-1, logits.shape[-1])
+        if loss_tokens is not None:
+            return F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum") / loss_tokens
+        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

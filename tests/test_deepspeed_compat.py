@@ -236,3 +236,66 @@ def test_autotp_zero3_checkpoint_schema_and_partition_group():
                               "model.layers.1.input_layernorm.weight",
                               "model.layers.1.post_attention_layernorm.weight", "model.norm.weight"], r
         assert r["partitioned"] == 15, r  # embedding + 14 TP-sharded matrices: the partitioned path
+
+
+def ulysses_zero3(workdir: str) -> dict:
+    """2 ranks, DeepSpeed-Ulysses S = 2 under ZeRO-3 (the trainer's layout, model build and sequence
+    parallelism; ZeRO-3 partitions the debug preset's matrices because the persistence threshold is set
+    below their size): the gradient norm of one step on one batch with and without
+    ``fix_zero3_sequence_parallel_grads``, against the norm the same batch gives unsplit on each rank
+    alone (ZeRO-0); and the parallel degrees a checkpoint records with and without the metadata fix."""
+    import deepspeed
+    import deepspeed.runtime.engine as ds_engine
+    import torch.distributed as dist
+
+    from model import LlamaForCausalLM, get_preset
+    from trainer import engine as tengine
+    from trainer import parallelize
+    from trainer.engine import param_groups
+
+    layout = tengine.init_layout(1, 2)
+    mcfg = get_preset("debug", vocab_size=300)
+    ids = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, "steps_per_print": 10**9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}
+
+    def norm(fix: bool) -> float:
+        model = tengine.build_model(mcfg, config, 3, 0, layout)  # the same weights as an eager build
+        tf = parallelize.parallelize(model, intra_doc_attention=False, activation_checkpointing=0,
+                                     sequence_parallel=2, sp_rank=layout.sp_rank, sp_group=layout.sp_group)
+        eng, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=config,
+                                       mpu=layout.mpu)
+        if fix:
+            assert deepspeed_compat.fix_zero3_sequence_parallel_grads(eng, 2)
+        eng.backward(eng(**tf(dict(batch))))
+        eng.step()
+        out = float(eng.get_global_grad_norm())
+        eng.destroy()
+        return out
+
+    torch.manual_seed(0)
+    whole = LlamaForCausalLM(mcfg)  # the same initial weights, the whole batch, no parallelism
+    whole(**batch).backward()
+    reference = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in whole.parameters()])))
+    upstream_meta = ds_engine._checkpoint_parallel_metadata.__wrapped__(layout.mpu)
+    patched_meta = ds_engine._checkpoint_parallel_metadata(layout.mpu)
+    out = {"reference": reference, "upstream": norm(False), "fixed": norm(True),
+           "meta_upstream": upstream_meta, "meta_fixed": patched_meta}
+    dist.barrier()
+    return out
+
+
+def test_ulysses_zero3_gradients_and_checkpoint_metadata():
+    r0, r1 = run_distributed(ulysses_zero3, 2, ("",), timeout=300)
+    assert r0 == r1
+    # Upstream: ZeRO-3's reduce-scatter averages over the sequence-parallel ranks too: half the gradient.
+    assert r0["upstream"] == pytest.approx(r0["reference"] / 2, rel=1e-5)
+    assert r0["fixed"] == pytest.approx(r0["reference"], rel=1e-5)
+    # Upstream: parallel_state_sp aliases model parallelism to sequence parallelism, so the checkpoint
+    # records tensor-parallel degree 2 beside its single model-state file (the universal conversion
+    # then fails; tests/test_sequence_parallel.py resumes such a checkpoint at S = 1).
+    dims = next(iter(r0["meta_upstream"].values()))
+    assert dims["tp_degree"] == 2
+    assert next(iter(r0["meta_fixed"].values()))["tp_degree"] == 1

@@ -116,7 +116,7 @@ def build_data(cfg: RunConfig, layout: engine.Layout, global_batch: int,
 def build_run(cfg: RunConfig, log=print) -> Run:
     """Everything the step loop needs (module docstring). Collective."""
     distributed.init(cfg.parallel.collective_timeout_minutes)
-    layout = engine.init_layout(cfg.parallel.tensor_parallel)
+    layout = engine.init_layout(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel)
     global_batch = check_global_batch(cfg, layout.dp)
     precision = resolve_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
@@ -129,6 +129,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
         init_from = load_hf_weights(cfg.model.init_from_hf)
     mcfg, init_state = resolve_model_config(cfg, tok.processor.get_piece_size(), init_from)
     engine.check_tensor_parallel(mcfg, layout.tp)
+    engine.check_sequence_parallel(mcfg, layout.sp)
     if layout.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -142,7 +143,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     if cfg.checkpoint.resume:  # collective: a damaged latest tag is set aside, the previous one used
         checkpoint.newest_intact(ckpt_dir, checksums=cfg.checkpoint.verify == "checksums", log=log)
     plan = resume.plan(cfg, ckpt_dir, dp=layout.dp, tp=layout.tp, tokenizer_sha=tok.sha256,
-                       data_fingerprint=data_fp, global_batch=global_batch)
+                       data_fingerprint=data_fp, global_batch=global_batch, sp=layout.sp)
     resume.prepare(plan, ckpt_dir, log=log)
 
     # Identical initial weights on every rank and at every ZeRO stage for a seed (ZeRO-3 builds under
@@ -155,7 +156,8 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     batch_transform = parallelize.parallelize(
         model, intra_doc_attention=cfg.data.intra_doc_attention,
         activation_checkpointing=cfg.parallel.activation_checkpointing,
-        loss_chunk_tokens=cfg.parallel.loss_chunk_tokens, attention_kernel=kernel, compile=cfg.train.compile)
+        loss_chunk_tokens=cfg.parallel.loss_chunk_tokens, attention_kernel=kernel, compile=cfg.train.compile,
+        sequence_parallel=layout.sp, sp_rank=layout.sp_rank, sp_group=layout.sp_group)
     eng = engine.initialize(model, cfg, ds_config, layout)
     if layout.rank == 0:
         atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=1))

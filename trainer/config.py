@@ -146,6 +146,12 @@ class ParallelSection:
     tensor_parallel: tensor-parallel degree through DeepSpeed AutoTP (1 = off); must divide the world
         size, num_key_value_heads and intermediate_size. Combines with every zero_stage and offload
         (data-parallel size = world / tensor_parallel).
+    sequence_parallel: S > 1 = DeepSpeed-Ulysses sequence parallelism: each rank of a group of S holds
+        seq_len / S tokens of every sample through embeddings, norms, MLPs and the loss; attention
+        exchanges to whole sequences for num_attention_heads / S heads (all-to-all) and back, document
+        masking included. S must divide the world size, data.seq_len and num_attention_heads;
+        data-parallel size = world / S; not combined with tensor_parallel. For long context
+        (README "Long context").
     activation_checkpointing: 0 = off, N = recompute every N-th decoder layer (1 = every layer);
         torch non-reentrant checkpointing, bitwise-identical gradients.
     offload: none | optimizer | optimizer+params (ZeRO CPU offload; params needs stage 3).
@@ -168,6 +174,7 @@ class ParallelSection:
 
     zero_stage: int = 2
     tensor_parallel: int = 1
+    sequence_parallel: int = 1
     activation_checkpointing: int = 0
     offload: str = "none"
     loss_chunk_tokens: int = 2048
@@ -352,6 +359,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.zero_stage: {p.zero_stage} is not 0, 1, 2 or 3")
     if p.tensor_parallel < 1:
         raise ConfigError("parallel.tensor_parallel must be >= 1")
+    if p.sequence_parallel < 1:
+        raise ConfigError("parallel.sequence_parallel must be >= 1")
+    if p.sequence_parallel > 1 and p.tensor_parallel > 1:
+        raise ConfigError("parallel.sequence_parallel > 1 and parallel.tensor_parallel > 1 cannot be combined "
+                          "(both split the attention heads); use one of them")
+    if cfg.data.seq_len % p.sequence_parallel:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.sequence_parallel="
+                          f"{p.sequence_parallel}: every sequence-parallel rank holds seq_len / S tokens")
     if p.offload != "none" and p.zero_stage == 0:
         raise ConfigError("parallel.offload needs parallel.zero_stage >= 1")
     if p.collective_timeout_minutes <= 0:

@@ -32,6 +32,18 @@ what                               why
                                    the next optimizer step, and none computes checksums while writing
 ``release_shm_segment``            the CPU shared-memory all-reduce leaves a ~66 MB /dev/shm segment per rank
                                    behind (never unlinked): unlink ours once every rank has mapped it
+``init_sequence_parallel_groups``  DeepSpeed-Ulysses' ``parallel_state_sp`` aliases model parallelism to
+                                   sequence parallelism, so a checkpoint saved with it records tensor-
+                                   parallel degree S beside one model-state file, and the universal
+                                   conversion (resume on another S) fails ("model-state file count 1 does
+                                   not match pp_degree=1 * tp_degree=2"); the saved degree is made 1 (the
+                                   weights are not split by sequence parallelism)
+``fix_zero3_sequence_parallel_grads`` ZeRO-3's reduce-scatter of gradients (``__avg_scatter_grads``, the
+                                   default path) averages over all data- and sequence-parallel ranks, while
+                                   its all-reduce path and ZeRO 0-2 sum over the S sequence-parallel ranks
+                                   (dividing by the data-parallel size only): under Ulysses ZeRO-3 the
+                                   gradients came out S times too small (grad norm halved at S = 2); the
+                                   reduce-scattered partitions are multiplied by S
 =================================  ==========================================================================
 """
 
@@ -79,6 +91,46 @@ def init_tensor_parallel_groups(tp: int):
 
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
     return groups
+
+
+def init_sequence_parallel_groups(sp: int):
+    """Create DeepSpeed-Ulysses' sequence- and sequence-data-parallel groups (collective); returns
+    ``deepspeed.runtime.sequence_parallel.parallel_state_sp``, the ``mpu`` DeepSpeed's own Ulysses
+    integration passes to ``deepspeed.initialize``. Also makes checkpoints saved under it record their
+    true tensor-parallel degree, 1 (module docstring)."""
+    check_version()
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    original = getattr(ds_engine._checkpoint_parallel_metadata, "__wrapped__", ds_engine._checkpoint_parallel_metadata)
+
+    def metadata(mpu):
+        meta = original(mpu)
+        if mpu is parallel_state_sp:  # its model-parallel functions are the sequence-parallel ones
+            meta[CHECKPOINT_PARALLEL_DIMS][CHECKPOINT_TP_DEGREE] = 1
+        return meta
+
+    metadata.__wrapped__ = original
+    ds_engine._checkpoint_parallel_metadata = metadata
+    parallel_state_sp.initialize_sequence_parallel(sp)
+    return parallel_state_sp
+
+
+def fix_zero3_sequence_parallel_grads(engine, sp: int) -> bool:
+    """Make ZeRO-3's reduce-scatter path sum gradients over the ``sp`` sequence-parallel ranks, as its
+    all-reduce path and ZeRO 0-2 do (module docstring); True if installed."""
+    opt = getattr(engine, "optimizer", None)
+    name = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"
+    if sp <= 1 or not hasattr(opt, name):
+        return False
+    original = getattr(opt, name)
+
+    def avg_scatter_grads(params, communication_data_type):
+        return [g.mul_(sp) for g in original(params, communication_data_type)]
+
+    setattr(opt, name, avg_scatter_grads)
+    return True
 
 
 def zero_fp32_state_dict(tag_dir: Path) -> dict:

@@ -54,15 +54,36 @@ class Layout:
     tp_rank: int
     dp: int
     dp_rank: int
-    mpu: Any = None  # deepspeed.utils.groups when tp > 1 (passed to deepspeed.initialize / zero.Init)
+    mpu: Any = None  # DeepSpeed's groups for tp > 1 or sp > 1 (passed to deepspeed.initialize / zero.Init)
+    sp: int = 1  # sequence-parallel (Ulysses) degree
+    sp_rank: int = 0
+    sp_group: Any = None
+
+    @property
+    def zero_partitions(self) -> int:
+        """Ranks ZeRO shards the model and optimizer over: data-parallel × sequence-parallel."""
+        return self.dp * self.sp
 
 
-def init_layout(tp: int) -> Layout:
-    """Create DeepSpeed's tensor/data-parallel groups (collective; after init_distributed)."""
+def init_layout(tp: int, sp: int = 1) -> Layout:
+    """Create DeepSpeed's tensor/data- or sequence/data-parallel groups (collective; after
+    init_distributed). Sequence parallelism uses DeepSpeed's own Ulysses groups
+    (``deepspeed.runtime.sequence_parallel.parallel_state_sp``, the ``mpu`` its ALST integration passes):
+    ranks [k*S, (k+1)*S) form one sequence-parallel group and read the same samples; data-parallel rank
+    = rank // S; ZeRO partitions over all ranks (the sequence-data-parallel group)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if tp < 1 or world % tp:
         raise ConfigError(f"world size {world} is not divisible by parallel.tensor_parallel={tp}")
+    if sp < 1 or world % sp:
+        raise ConfigError(f"world size {world} is not divisible by parallel.sequence_parallel={sp}")
+    if sp > 1 and tp > 1:
+        raise ConfigError("parallel.sequence_parallel > 1 with parallel.tensor_parallel > 1 is not supported: "
+                          "use one of them (DeepSpeed-Ulysses and AutoTP would each split the attention heads)")
+    if sp > 1:
+        sp_groups = deepspeed_compat.init_sequence_parallel_groups(sp)
+        return Layout(world, rank, local_rank, 1, 0, world // sp, rank // sp, sp_groups, sp,
+                      sp_groups.get_sequence_parallel_rank(), sp_groups.get_sequence_parallel_group())
     if tp == 1:
         return Layout(world, rank, local_rank, 1, 0, world, rank)
     groups = deepspeed_compat.init_tensor_parallel_groups(tp)
@@ -85,6 +106,13 @@ def check_tensor_parallel(mcfg: ModelConfig, tp: int) -> None:
         )
     if mcfg.intermediate_size % tp:
         raise ConfigError(f"parallel.tensor_parallel={tp} must divide intermediate_size={mcfg.intermediate_size}")
+
+
+def check_sequence_parallel(mcfg: ModelConfig, sp: int) -> None:
+    """Ulysses gives each sequence-parallel rank num_attention_heads / S whole heads."""
+    if sp > 1 and mcfg.num_attention_heads % sp:
+        raise ConfigError(f"parallel.sequence_parallel={sp} must divide the model's num_attention_heads="
+                          f"{mcfg.num_attention_heads}: after the all-to-all each rank attends with whole heads")
 
 
 def _shape(p: torch.Tensor) -> torch.Size:
@@ -117,7 +145,11 @@ def build_model(mcfg: ModelConfig, ds_config: dict, zero_stage: int, seed: int, 
         # ignores ``mpu`` and would use the world, so that under tensor parallelism the parameters AutoTP
         # does not shard (embeddings, norms) were split across the TP ranks too, and DeepSpeed's universal
         # conversion of such a checkpoint fails (tests/test_export_hf.py, TP-2 ZeRO-3 through the trainer).
-        group = layout.mpu.get_data_parallel_group() if layout.mpu is not None else None
+        group = None
+        if layout.sp > 1:  # ZeRO shards over data- and sequence-parallel ranks alike
+            group = layout.mpu.get_sequence_data_parallel_group()
+        elif layout.mpu is not None:
+            group = layout.mpu.get_data_parallel_group()
         with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=layout.mpu, data_parallel_group=group):
             model = LlamaForCausalLM(mcfg)
         if init_state is not None:
@@ -163,4 +195,5 @@ def initialize(model: LlamaForCausalLM, cfg: RunConfig, ds_config: dict, layout:
     deepspeed_compat.install_nonfinite_guard(engine, collective_device())
     deepspeed_compat.keep_zero0_grad_norm(engine)  # grad_norm in the metrics at ZeRO-0 too
     deepspeed_compat.fix_autotp_replicated_shapes(engine)  # TP × ZeRO-3 checkpoints convert and export
+    deepspeed_compat.fix_zero3_sequence_parallel_grads(engine, layout.sp)  # gradients summed over SP ranks
     return engine

@@ -28,7 +28,19 @@ nothing of recomputation or parallelism. ``parallelize`` applies, in this order 
    layers share one compiled code (same shapes), and names are unchanged (``nn.Module.compile``).
 4. **Loss chunking** (``parallel.loss_chunk_tokens`` = N): the loss is computed N tokens at a time, so
    the (B, T, V) logits and their fp32 copy never exist whole (``model.llama.LMHead``).
-5. **Tensor parallelism** (AutoTP) and 6. **ZeRO data-parallel sharding** are applied by
+5. **Sequence parallelism** (``parallel.sequence_parallel`` = S, DeepSpeed-Ulysses): every rank of a
+   sequence-parallel group reads the same samples; the batch transform gives each its slice of T / S
+   tokens (with their global position ids) while the document structure (spans, mask or block mask) is
+   built from the whole sequence. Each layer's attention kernel (``LlamaAttention.attention``) is
+   wrapped in DeepSpeed's ``DistributedAttention``: an all-to-all turns (B, T/S, H) into (B, T, H/S) -
+   the whole sequence for H/S heads, so document masking works unchanged - the kernel runs, and a second
+   all-to-all turns the result back. Embeddings, norms, MLPs and the loss see only T/S tokens, which is
+   what bounds activation memory. The loss of a slice is its summed token loss divided by the whole
+   sequences' unmasked-label count (``loss_tokens``), so the slices add up to the S = 1 mean, and
+   DeepSpeed sums gradients over the sequence-parallel ranks (averaging over data-parallel ones only).
+   When S does not divide the key/value heads, k/v are expanded to the query heads before the exchange.
+   (Applied first in code, so that recomputation and compilation, steps 2 and 3, cover the exchange.)
+6. **Tensor parallelism** (AutoTP) and 7. **ZeRO data-parallel sharding** are applied by
    ``deepspeed.initialize`` (``trainer/engine.py``), from the DeepSpeed config the run config derives:
    AutoTP shards q/k/v/gate/up by columns and o/down by rows, then ZeRO partitions what each rank holds
    over the data-parallel group.
@@ -140,17 +152,75 @@ def resolve_attention_kernel(kernel: str, device_type: str, compiled: bool) -> s
 
 
 class BatchTransform:
-    """Step 1 as the trainer runs it: ``__call__`` on the prefetch thread (host tensors), ``on_device``
-    after the batch's copy to the device."""
+    """Steps 1 and 5 as the trainer runs them: ``__call__`` on the prefetch thread (host tensors),
+    ``on_device`` after the batch's copy to the device. With ``sp`` > 1 this rank keeps its slice
+    ``sp_rank`` of the sequence (after the document structure was taken from the whole of it)."""
 
-    def __init__(self, intra_doc_attention: bool, kernel: str = "spans"):
+    def __init__(self, intra_doc_attention: bool, kernel: str = "spans", sp: int = 1, sp_rank: int = 0):
         self.intra_doc_attention, self.kernel = intra_doc_attention, kernel
+        self.sp, self.sp_rank = sp, sp_rank
 
     def __call__(self, batch: dict) -> dict:
-        return document_attention(batch, kernel=self.kernel) if self.intra_doc_attention else batch
+        out = document_attention(batch, kernel=self.kernel) if self.intra_doc_attention else batch
+        return sequence_slice(out, self.sp, self.sp_rank) if self.sp > 1 else out
 
     def on_device(self, batch: dict) -> dict:
         return on_device(batch)
+
+
+def sequence_slice(batch: dict, sp: int, sp_rank: int) -> dict:
+    """This sequence-parallel rank's share of a batch: tokens [r*T/S, (r+1)*T/S) of ``input_ids``,
+    ``labels`` and ``position_ids`` (global positions), plus ``loss_tokens``, the whole batch's count of
+    unmasked labels. Attention inputs (spans, mask, document ids) stay whole: after the all-to-all every
+    rank attends over the whole sequence."""
+    from model.llama import IGNORE_INDEX
+
+    out = dict(batch)
+    B, T = out["input_ids"].shape
+    if T % sp:
+        raise ValueError(f"sequence length {T} is not divisible by parallel.sequence_parallel={sp}")
+    n = T // sp
+    sl = slice(sp_rank * n, (sp_rank + 1) * n)
+    if "position_ids" not in out:
+        out["position_ids"] = torch.arange(T, dtype=torch.long).expand(B, T)
+    out["loss_tokens"] = int((out["labels"] != IGNORE_INDEX).sum())
+    for key in ("input_ids", "labels", "position_ids"):
+        out[key] = out[key][:, sl].contiguous()
+    return out
+
+
+class _UlyssesAttention:
+    """A layer's attention kernel inside DeepSpeed-Ulysses' ``DistributedAttention`` (step 5)."""
+
+    def __init__(self, kernel: Callable, group, sp: int):
+        from deepspeed.sequence.layer import DistributedAttention
+
+        self.kernel, self.sp = kernel, sp
+        # Layout (B, T, heads, D), batch first: scatter the heads (dim 2), gather the sequence (dim 1).
+        self.exchange = DistributedAttention(self._local, group, scatter_idx=2, gather_idx=1)
+
+    def _local(self, q, k, v, docs):  # (B, T, H/S, D) each: the whole sequence for this rank's heads
+        return self.kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), docs).transpose(1, 2)
+
+    def __call__(self, q, k, v, docs=None):  # (B, H, T/S, D), (B, K, T/S, D)
+        if k.shape[1] % self.sp:  # whole kv heads per rank: expand them to the query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, docs)
+        return y.transpose(1, 2)
+
+
+def apply_sequence_parallel(model: LlamaForCausalLM, group, sp: int) -> int:
+    """Wrap every layer's attention kernel for sequence parallelism over ``group``; returns how many."""
+    if sp <= 1:
+        return 0
+    heads = model.config.num_attention_heads
+    if heads % sp:
+        raise ValueError(f"parallel.sequence_parallel={sp} must divide num_attention_heads={heads}")
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.attention = _UlyssesAttention(attn.attention, group, sp)
+    return len(model.model.layers)
 
 
 def _checkpointed(forward: Callable, module: torch.nn.Module) -> Callable:
@@ -187,14 +257,16 @@ def compile_layers(model: LlamaForCausalLM) -> int:
 
 def parallelize(model: LlamaForCausalLM, *, intra_doc_attention: bool, activation_checkpointing: int,
                 loss_chunk_tokens: int = 0, attention_kernel: str = "spans",
-                compile: bool = False) -> BatchTransform:
-    """Apply steps 1-4 to ``model`` (5-6 happen in ``deepspeed.initialize``); returns the batch transform
-    of step 1, which the data side applies to every batch before it reaches the model.
+                compile: bool = False, sequence_parallel: int = 1, sp_rank: int = 0,
+                sp_group=None) -> BatchTransform:
+    """Apply steps 1-5 to ``model`` (6-7 happen in ``deepspeed.initialize``); returns the batch transform
+    of steps 1 and 5, which the data side applies to every batch before it reaches the model.
     ``attention_kernel`` is a resolved one (``resolve_attention_kernel``), not "auto"."""
     if attention_kernel not in ATTENTION_KERNELS[1:]:
         raise ValueError(f"resolve the attention kernel first: {attention_kernel!r}")
+    apply_sequence_parallel(model, sp_group, sequence_parallel)
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         compile_layers(model)
     model.loss_chunk_tokens = loss_chunk_tokens
-    return BatchTransform(intra_doc_attention, attention_kernel)
+    return BatchTransform(intra_doc_attention, attention_kernel, sequence_parallel, sp_rank)

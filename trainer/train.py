@@ -67,7 +67,8 @@ class Trainer:
                              f"{r.consumed_samples} samples consumed")
         self.log.console(
             f"lmforge: {num_params(r.model_config) / 1e6:.1f}M params | world {r.layout.world} = dp {r.layout.dp}"
-            f" × tp {r.layout.tp} | ZeRO-{cfg.parallel.zero_stage} | {r.precision} | global batch "
+            f" × tp {r.layout.tp}{f' × sp {r.layout.sp}' if r.layout.sp > 1 else ''}"
+            f" | ZeRO-{cfg.parallel.zero_stage} | {r.precision} | global batch "
             f"{r.global_batch} × {cfg.data.seq_len} = {r.global_batch * cfg.data.seq_len} tokens/step"
             f" | steps {r.step}->{cfg.train.max_steps}"
         )
@@ -139,7 +140,9 @@ class Trainer:
 
     def _observe(self, step: int, sums: dict[str, float]) -> None:
         """A step's values summed over ranks, now on the host: its loss, non-finite accounting, stops."""
-        loss = sums["loss"] / self.run.layout.world  # TP ranks hold equal losses: the world mean is the dp mean
+        # TP ranks hold equal losses; the S sequence-parallel ranks of a group hold parts that add up to
+        # its loss: the sum over the world / (dp × tp) is the data-parallel mean.
+        loss = sums["loss"] / (self.run.layout.world // self.run.layout.sp)
         self.last_loss = (step, loss)
         if self.nonfinite.observe(step, loss, self.skipped.pop(step), self._last_good):
             self.log.console(f"step {step}: non-finite loss or gradient (loss {loss}), update skipped "
@@ -182,7 +185,7 @@ class Trainer:
             for mb in vit.next_microbatches():
                 total += self.engine(**self._to_device(self._collate(mb))).item()
         self.engine.train()
-        return mean_across_ranks(total / cfg.eval.steps)
+        return mean_across_ranks(total / cfg.eval.steps) * r.layout.sp  # SP ranks hold parts of a loss
 
     def save(self, last_loss: float | None, eval_loss: float | None, final: bool = True) -> None:
         """Collective: every rank writes its DeepSpeed shards; rank 0 then marks the tag complete. With
@@ -195,6 +198,7 @@ class Trainer:
             config=self.cfg.to_dict(), tokenizer=r.tokenizer.record(), data_fingerprint=r.data_fingerprint,
             precision=r.precision, zero_stage=self.cfg.parallel.zero_stage, tensor_parallel=r.layout.tp,
             data_parallel=r.layout.dp, world_size=r.layout.world, global_batch_size=r.global_batch,
+            sequence_parallel=r.layout.sp,
             train_loss=last_loss, eval_loss=eval_loss)
         t0 = time.time()
         if self.cfg.checkpoint.async_save and not final:

@@ -44,7 +44,7 @@ class ResumePlan:
 
 
 def plan(cfg: RunConfig, ckpt_dir: Path, *, dp: int, tp: int, tokenizer_sha: str, data_fingerprint: str,
-         global_batch: int) -> ResumePlan | None:
+         global_batch: int, sp: int = 1) -> ResumePlan | None:
     """The checkpoint to resume from (None: start fresh), or a ConfigError saying why it cannot be used.
     Pure (no collective calls, no writes): every rank computes the same plan."""
     if not cfg.checkpoint.resume:
@@ -79,12 +79,12 @@ def plan(cfg: RunConfig, ckpt_dir: Path, *, dp: int, tp: int, tokenizer_sha: str
             f"{global_batch} (the LR schedule counts optimizer steps)"
         )
 
-    old = (state.data_parallel, state.tensor_parallel, state.zero_stage)
-    new = (dp, tp, cfg.parallel.zero_stage)
+    old = (state.data_parallel, state.tensor_parallel, state.zero_stage, state.sequence_parallel)
+    new = (dp, tp, cfg.parallel.zero_stage, sp)
     if old == new:
         return ResumePlan(tag, state, universal=False, reason="")
-    reason = (f"saved with data-parallel {old[0]} × tensor-parallel {old[1]}, ZeRO-{old[2]}; "
-              f"now {new[0]} × {new[1]}, ZeRO-{new[2]}")
+    reason = (f"saved with data-parallel {old[0]} × tensor-parallel {old[1]} × sequence-parallel {old[3]}, "
+              f"ZeRO-{old[2]}; now {new[0]} × {new[1]} × {new[3]}, ZeRO-{new[2]}")
     if old[2] == 0 and new[2] == 0 and old[1] == new[1]:
         # ZeRO-0: every rank holds the whole optimizer state in mp_rank_*_model_states.pt.
         return ResumePlan(tag, state, universal=False, reason=reason)

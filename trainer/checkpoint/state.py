@@ -53,6 +53,7 @@ class CheckpointState:
     data_parallel: int
     world_size: int
     global_batch_size: int | None = None  # absent in checkpoints of the first versions
+    sequence_parallel: int = 1  # Ulysses degree (absent, i.e. 1, in checkpoints before it existed)
     train_loss: float | None = None
     eval_loss: float | None = None
     # Every other file of the tag: relative path -> {"size", "crc32"} (integrity.py); None in
