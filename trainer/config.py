@@ -152,6 +152,12 @@ class ParallelSection:
         masking included. S must divide the world size, data.seq_len and num_attention_heads;
         data-parallel size = world / S; not combined with tensor_parallel. For long context
         (README "Long context").
+    zero_hpz_partition_size: ZeRO++ hierarchical partitioning for ZeRO-3 across nodes (1 = off): set it to
+        the ranks per node; each node then keeps a secondary copy of the weights partitioned over its own
+        ranks, so the forward/backward all-gathers stay inside the node (one inter-node gather per step).
+        Costs weights / ranks-per-node of memory per rank. Must divide the world size.
+    zero_quantized_weights / zero_quantized_gradients: ZeRO++ qwZ (int8 weight all-gathers) and qgZ
+        (int4 gradient reduce-scatter) for ZeRO-3; CUDA only (DeepSpeed's quantizer kernels).
     activation_checkpointing: 0 = off, N = recompute every N-th decoder layer (1 = every layer);
         torch non-reentrant checkpointing, bitwise-identical gradients.
     offload: none | optimizer | optimizer+params (ZeRO CPU offload; params needs stage 3).
@@ -175,6 +181,9 @@ class ParallelSection:
     zero_stage: int = 2
     tensor_parallel: int = 1
     sequence_parallel: int = 1
+    zero_hpz_partition_size: int = 1
+    zero_quantized_weights: bool = False
+    zero_quantized_gradients: bool = False
     activation_checkpointing: int = 0
     offload: str = "none"
     loss_chunk_tokens: int = 2048
@@ -361,6 +370,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("parallel.tensor_parallel must be >= 1")
     if p.sequence_parallel < 1:
         raise ConfigError("parallel.sequence_parallel must be >= 1")
+    if p.zero_hpz_partition_size < 1:
+        raise ConfigError("parallel.zero_hpz_partition_size must be >= 1 (1 = off)")
+    if (p.zero_hpz_partition_size > 1 or p.zero_quantized_weights or p.zero_quantized_gradients) \
+            and p.zero_stage != 3:
+        raise ConfigError("parallel.zero_hpz_partition_size / zero_quantized_weights / zero_quantized_gradients "
+                          "(ZeRO++) need parallel.zero_stage=3")
     if p.sequence_parallel > 1 and p.tensor_parallel > 1:
         raise ConfigError("parallel.sequence_parallel > 1 and parallel.tensor_parallel > 1 cannot be combined "
                           "(both split the attention heads); use one of them")

@@ -29,6 +29,9 @@ OWNED = {
     "zero_optimization.stage": "parallel.zero_stage",
     "zero_optimization.offload_optimizer": "parallel.offload",
     "zero_optimization.offload_param": "parallel.offload",
+    "zero_optimization.zero_hpz_partition_size": "parallel.zero_hpz_partition_size",
+    "zero_optimization.zero_quantized_weights": "parallel.zero_quantized_weights",
+    "zero_optimization.zero_quantized_gradients": "parallel.zero_quantized_gradients",
     "tensor_parallel": "parallel.tensor_parallel",
     "activation_checkpointing": "parallel.activation_checkpointing",
 }
@@ -118,6 +121,15 @@ def build_ds_config(cfg: RunConfig, dp_size: int, precision: str, hidden_size: i
             ds.setdefault(k, v)
         zero = {**zero_defaults, **zero}
     zero["stage"] = p.zero_stage
+    if p.zero_hpz_partition_size > 1:  # ZeRO++ hpZ: a secondary copy of the weights within each node
+        zero["zero_hpz_partition_size"] = p.zero_hpz_partition_size
+    if (p.zero_quantized_weights or p.zero_quantized_gradients) and not torch.cuda.is_available():
+        raise ConfigError("parallel.zero_quantized_weights / zero_quantized_gradients (ZeRO++ qwZ/qgZ) need CUDA: "
+                          "DeepSpeed's quantizer kernels have no CPU implementation")
+    if p.zero_quantized_weights:  # ZeRO++ qwZ
+        zero["zero_quantized_weights"] = True
+    if p.zero_quantized_gradients:  # ZeRO++ qgZ
+        zero["zero_quantized_gradients"] = True
     if p.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if p.offload == "optimizer+params":

@@ -115,6 +115,15 @@ def check_sequence_parallel(mcfg: ModelConfig, sp: int) -> None:
                           f"{mcfg.num_attention_heads}: after the all-to-all each rank attends with whole heads")
 
 
+def hpz_group_size(model: torch.nn.Module) -> int:
+    """The ranks ZeRO++ hpZ partitions the secondary copy of the weights over (1 = hpZ off), as DeepSpeed
+    recorded it on the partitioned parameters."""
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            return int(getattr(p, "ds_secondary_tensor_group_size", None) or 1)
+    return 1
+
+
 def _shape(p: torch.Tensor) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params keep the logical shape here
 

@@ -27,6 +27,7 @@ from .batching import DistributedSampleIterator, make_batch
 from .build import Run, build_run
 from .config import RunConfig, load_config
 from .distributed import StepSums, mean_across_ranks
+from .engine import hpz_group_size
 from .metrics import MetricsLogger, detect_peak_tflops, format_eta, memory_stats
 from .signals import StopFlag
 
@@ -72,6 +73,9 @@ class Trainer:
             f"{r.global_batch} × {cfg.data.seq_len} = {r.global_batch * cfg.data.seq_len} tokens/step"
             f" | steps {r.step}->{cfg.train.max_steps}"
         )
+        if cfg.parallel.zero_hpz_partition_size > 1:
+            self.log.console(f"ZeRO++ hpZ: secondary weight partitions over groups of "
+                             f"{hpz_group_size(self.engine.module)} ranks")
         # Reading, batch assembly and the attention policy run on a prefetch thread, overlapping the
         # previous step's compute.
         d = cfg.data
