@@ -18,8 +18,11 @@ earlier SentencePiece runs keep meaning what they meant.
   the end-of-document id itself, exactly as for SentencePiece), and any truncation or padding recorded in
   the tokenizer.json is switched off, so a document is never cut to some model's context length.
   ``tokenizers`` releases the GIL while it encodes a batch, so preprocess runs its workers as threads.
-- Documents are encoded whole, never cut by ``preprocess.split_exact``: its cuts drop a space that
-  SentencePiece's dummy prefix puts back, which a byte-level BPE would not.
+- Long documents are cut exactly as for SentencePiece (``preprocess.split_exact``: at a single space
+  between two non-space characters), but with the space kept at the start of the next piece, when
+  ``cuts_before_spaces`` proves the cut exact: no normalizer (or NFC), a pre-tokenizer regex in which a
+  space only ever begins a match or lies in a run of whitespace (GPT-2's, Llama 3's, Qwen2's; then
+  ByteLevel), and no added token that strips or holds spaces. Other tokenizers get documents whole.
 
 The trained byte-level BPE is GPT-2's design (byte alphabet, GPT-2's pre-tokenizer regex, no unk: every
 byte sequence encodes), from the same bounded reservoir sample as the SentencePiece trainer, with
@@ -46,11 +49,25 @@ BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 TRAINING_RECORD = "tokenizer_training.json"  # hf-bpe's record of its training run (SentencePiece's: tokenizer.json)
 
 
+_PARSED: dict = {}
+
+
+def _read(path: str | os.PathLike):
+    """The parsed JSON of ``path``, once per process and file version (a tokenizer.json of a 128k vocabulary
+    is ~10 MB, and recognising, loading and inspecting it would each parse it again)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _PARSED:
+        _PARSED.clear()
+        _PARSED[key] = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    return _PARSED[key]
+
+
 def json_kind(path: str | os.PathLike) -> tuple[str, str]:
     """("hf", "") for a Hugging Face tokenizer.json, ("lmforge-record", why) for lmforge's SentencePiece
     training record, ("other", why) for anything else (not JSON, or JSON of another shape)."""
     try:
-        d = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        d = _read(path)
     except UnicodeDecodeError:
         return "other", "not UTF-8 text"
     except ValueError as e:
@@ -61,6 +78,44 @@ def json_kind(path: str | os.PathLike) -> tuple[str, str]:
     if isinstance(d, dict) and isinstance(d.get("model"), dict) and isinstance(d.get("added_tokens"), list):
         return "hf", ""
     return "other", "JSON, but not a Hugging Face tokenizer.json (no 'model' object and 'added_tokens' list)"
+
+
+# Pre-tokenizer regexes in which a space only ever begins a match or lies in a match of whitespace alone, so
+# that a text has a match boundary right before a space that follows a non-space character, and the matches
+# from there on do not depend on what came before (no look-behind): GPT-2's (also ByteLevel's built-in one),
+# Llama 3's (tiktoken's cl100k) and Qwen2's.
+_WORD_STARTS_AT_SPACE = {
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+",
+}
+
+
+def cuts_before_spaces(path: str | os.PathLike) -> bool:
+    """Whether cutting a text right before a space that sits between two non-space characters (the space
+    starting the second piece) leaves its tokens unchanged (module docstring), judged from the
+    tokenizer.json's normalizer, pre-tokenizer and added tokens. False means: encode texts whole."""
+    d = _read(path)
+    norm = d.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":  # NFC: a space never composes with its neighbours
+        return False
+    pre = d.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"]:
+        ok = steps[0].get("use_regex", True)
+    elif kinds == ["Split", "ByteLevel"]:
+        split, byte_level = steps
+        ok = (split.get("pattern", {}).get("Regex") in _WORD_STARTS_AT_SPACE and split.get("behavior") == "Isolated"
+              and not split.get("invert") and not byte_level.get("use_regex", True))
+    else:
+        ok = False
+    # Added tokens are matched before pre-tokenizing: one that swallows the spaces beside it or holds
+    # whitespace could straddle the cut.
+    return ok and not any(t.get("lstrip") or t.get("rstrip") or t.get("single_word")
+                          or any(c.isspace() for c in t.get("content", "")) for t in d.get("added_tokens", []))
 
 
 def companions(tokenizer_json: Path) -> tuple[Path, ...]:
@@ -140,7 +195,7 @@ def special_ids(path: str | os.PathLike, tok=None) -> dict[str, int]:
                 "Write a tokenizer_config.json beside it with \"eos_token\": \"<the token>\"")
         ids["eos_id"] = tok.token_to_id(found[0])
     if ids["unk_id"] < 0:
-        unk = json.loads(Path(path).read_text(encoding="utf-8"))["model"].get("unk_token")
+        unk = _read(path)["model"].get("unk_token")
         if isinstance(unk, str) and tok.token_to_id(unk) is not None:
             ids["unk_id"] = tok.token_to_id(unk)
     return ids

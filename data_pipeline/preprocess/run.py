@@ -9,6 +9,7 @@ needed for it) and writes the manifest.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import hf_tokenizer
 from ..common.files import atomic_write_json, remove_temp_files
 from ..common.launch_env import mpi_world
 from ..hf_tokenizer import COMPANIONS
@@ -173,12 +175,12 @@ def _absolute_loc(src: Source, rng: ReadRange | None, loc: str) -> str:
 
 def _batches(
     sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress: _Progress,
-    ranges: list[ReadRange], cut: bool = True,
+    ranges: list[ReadRange], split: Callable[[str], list[str]] | None = split_exact,
 ) -> Iterator[tuple[list[Meta], list[str]]]:
     """Yield (metas, texts): one meta per item in input order, with one text per non-SKIP meta. Hashing
-    happens here, on the whole document, before any cutting (``cut``: long texts by ``split_exact``, for
-    SentencePiece only). The ``ReadRange`` of each byte-range segment is appended to ``ranges`` (its line
-    count is final once the generator is exhausted)."""
+    happens here, on the whole document, before any cutting (by ``split``: ``_exact_split``). The
+    ``ReadRange`` of each byte-range segment is appended to ``ranges`` (its line count is final once the
+    generator is exhausted)."""
     opts = settings.read_options()
     limit = run.batch_chars
     metas: list[Meta] = []
@@ -208,7 +210,7 @@ def _batches(
                 metas.append((SKIP, text, loc, 0))
                 continue
             n = len(text)
-            pieces = split_exact(text) if cut and n > CHUNK_CHARS else [text]
+            pieces = split(text) if split is not None and n > CHUNK_CHARS else [text]
             # A long document's pieces may straddle batches (the consumer carries CONT tokens over), so
             # one book does not make one worker's batch while the others idle.
             for piece in pieces[:-1]:
@@ -308,6 +310,17 @@ def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pendin
     return docs
 
 
+def _exact_split(tokenizer: TokenizerFiles) -> Callable[[str], list[str]] | None:
+    """How long texts are cut without changing their tokens (``split_exact``): at spaces, dropped for
+    SentencePiece, kept for the Hugging Face tokenizers whose pre-tokenizer begins a word there; other
+    Hugging Face tokenizers get their texts whole."""
+    if tokenizer.kind == SENTENCEPIECE:
+        return split_exact
+    if hf_tokenizer.cuts_before_spaces(tokenizer.path):
+        return functools.partial(split_exact, keep_space=True)
+    return None
+
+
 def _resume(out: Path, mine: list[int], rank: int) -> tuple[dict[int, dict], list[int]]:
     """(records of this rank's units finished by an earlier run, kept; the units still to do, cleaned)."""
     done: dict[int, dict] = {}
@@ -336,7 +349,7 @@ def _process_units(
     progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
     backend = resolve_backend(run.backend, tokenizer.kind) if run.workers > 1 and todo else "inline"
     pool = EncodePool(backend, run.workers, tokenizer, dtype, run.threads_per_worker)
-    cut = tokenizer.kind == SENTENCEPIECE
+    split = _exact_split(tokenizer)
     max_inflight = 2 * run.workers + 2  # bounded read-ahead: memory does not grow with the corpus
     # (writer, metas, result) per submitted batch; (writer, None, None) marks the end of its unit.
     inflight: deque[tuple[UnitWriter, list[Meta] | None, Callable[[], Encoded] | None]] = deque()
@@ -356,7 +369,7 @@ def _process_units(
         for u in todo:
             writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
             ranges: list[ReadRange] = []
-            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, cut):
+            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, split):
                 inflight.append((writer, metas, pool.submit(texts)))
                 while len(inflight) > max_inflight:
                     drain_one()

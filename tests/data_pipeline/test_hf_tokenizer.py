@@ -91,17 +91,20 @@ def _same_tree(a: Path, b: Path) -> None:
     assert [str(f) for f in files if not filecmp.cmp(a / f, b / f, shallow=False)] == []
 
 
-def test_preprocess_gives_the_tokenizers_ids_whole_for_any_workers(hf_tok, tmp_path):
-    """Every document is exactly ``encode(text, add_special_tokens=False).ids`` + eos, long documents
-    included (never cut: split_exact's cut would change a byte-level BPE's tokens), even when the
-    tokenizer.json carries truncation and padding; workers, threads and processes give the same bytes."""
+def test_preprocess_gives_the_tokenizers_ids_for_any_workers(hf_tok, tmp_path):
+    """Every document is exactly ``encode(text, add_special_tokens=False).ids`` + eos, long (cut)
+    documents included, even when the tokenizer.json carries truncation and padding; workers, threads
+    and processes give the same bytes."""
     book = (CORPUS / "books" / "1342-0.txt").read_text(encoding="utf-8-sig")[:60_000]
     texts = [book, "Short one.", "数学是研究数量、结构以及空间等概念的一门学科。", "  spaces  \n\ttabs 🚀"]
     tok = _tokenizers(hf_tok)
-    pieces = split_exact(book)
-    assert len(book) > CHUNK_CHARS and len(pieces) > 1
     whole = tok.encode(book, add_special_tokens=False).ids
-    assert sum((tok.encode(p, add_special_tokens=False).ids for p in pieces), []) != whole  # why no cutting
+    dropped = split_exact(book)  # SentencePiece's cut drops the space, which a byte-level BPE keeps
+    assert len(book) > CHUNK_CHARS and len(dropped) > 1
+    assert sum((tok.encode(p, add_special_tokens=False).ids for p in dropped), []) != whole
+    kept = split_exact(book, keep_space=True)  # what preprocess does for this tokenizer
+    assert len(kept) == len(dropped) and "".join(kept) == book
+    assert sum((tok.encode(p, add_special_tokens=False).ids for p in kept), []) == whole
 
     # The same tokenizer, but its tokenizer.json truncates and pads (as some model repositories ship it).
     trunc = tmp_path / "trunc"
@@ -144,6 +147,63 @@ def test_preprocess_gives_the_tokenizers_ids_whole_for_any_workers(hf_tok, tmp_p
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "merged" / name).read_bytes() == (hf_tok.parent / name).read_bytes()
     assert verify(tmp_path / "merged") == []
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def _variant(hf_tok: Path, out: Path, **changes) -> Path:
+    """The trained tokenizer.json with other pipeline parts (its vocabulary and merges stay valid)."""
+    tj = json.loads(hf_tok.read_text())
+    tj.update(changes)
+    out.mkdir()
+    (out / "tokenizer.json").write_text(json.dumps(tj))
+    return out / "tokenizer.json"
+
+
+def _split_then_bytes(pattern: str) -> dict:
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def test_long_texts_are_cut_only_where_the_tokens_stay_the_same(hf_tok, tmp_path):
+    """Cutting before a space (kept) gives the whole text's ids for the byte-level pre-tokenizers
+    ``cuts_before_spaces`` accepts (GPT-2's, Llama 3's; Qwen2's with NFC), on every long document of the
+    corpora (English and Chinese Wikipedia, books; their first 30,000 characters) with 1000-character
+    pieces; the tokenizers it rejects get their texts whole."""
+    from data_pipeline.hf_tokenizer import cuts_before_spaces
+    from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+
+    accepted = [hf_tok, _variant(hf_tok, tmp_path / "llama3", pre_tokenizer=_split_then_bytes(LLAMA3_SPLIT)),
+                _variant(hf_tok, tmp_path / "qwen2", pre_tokenizer=_split_then_bytes(QWEN2_SPLIT),
+                         normalizer={"type": "NFC"})]
+    inputs = [SAMPLE, CORPUS / "wikipedia" / "wikitext-2-raw", CORPUS / "wikipedia" / "zhwiki", CORPUS / "books"]
+    texts = [t[:30_000] for s in expand_inputs([str(p) for p in inputs])
+             for k, t, _ in iter_documents(s, ReadOptions()) if k == DOC and len(t) > 4000]
+    assert len(texts) > 20
+    for path in accepted:
+        assert cuts_before_spaces(path), path
+        tok = _tokenizers(path)
+        for t in texts:
+            pieces = split_exact(t, chunk=1000, keep_space=True)
+            assert len(pieces) > 1 or " " not in t[1000:]
+            got = sum((e.ids for e in tok.encode_batch(pieces, add_special_tokens=False)), [])
+            assert got == tok.encode(t, add_special_tokens=False).ids, (path, t[:80])
+
+    tj = json.loads(hf_tok.read_text())
+    rstrip = [dict(t, rstrip=True) if t["content"] == "<|end_of_text|>" else t for t in tj["added_tokens"]]
+    rejected = [
+        _variant(hf_tok, tmp_path / "metaspace", pre_tokenizer={"type": "Metaspace", "replacement": "▁",
+                                                                "prepend_scheme": "always", "split": True}),
+        _variant(hf_tok, tmp_path / "nfkc", normalizer={"type": "NFKC"}),
+        _variant(hf_tok, tmp_path / "digits", pre_tokenizer=_split_then_bytes(r"\d| ?\w+|\s+")),
+        _variant(hf_tok, tmp_path / "rstrip", added_tokens=rstrip),  # "<|end_of_text|> b" eats the space
+    ]
+    for path in rejected:
+        assert not cuts_before_spaces(path), path
 
 
 def _wordlevel(path: Path, model_vocab: int, added: list[str], config: dict | None) -> Path:
