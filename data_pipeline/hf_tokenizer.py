@@ -11,9 +11,9 @@ earlier SentencePiece runs keep meaning what they meant.
 - End of document: the ``eos_token`` of ``tokenizer_config.json`` beside the file (what ``transformers``
   reads), else of ``special_tokens_map.json``, else the first of ``KNOWN_EOS`` in the vocabulary, else an
   error naming the file. There is deliberately no command-line override: preprocess, the trainer and
-  export each read the eos from the tokenizer's own files, so they cannot disagree; a tokenizer without
-  one gets a ``tokenizer_config.json`` with ``"eos_token"`` written beside it. bos, unk and pad come from
-  the same two files only (unk also from the model's ``unk_token``); absent means none (-1).
+  export each read the eos from the tokenizer's own files, so they cannot disagree (for a tokenizer
+  without one, write a ``tokenizer_config.json`` with ``"eos_token"`` beside it). bos, unk and pad come
+  from the same two files only (unk also from the model's ``unk_token``); absent means none (-1).
 - Encoding: ``add_special_tokens=False`` (the post-processor's BOS/EOS are not added: the pipeline appends
   the end-of-document id itself, exactly as for SentencePiece), and any truncation or padding recorded in
   the tokenizer.json is switched off, so a document is never cut to some model's context length.
@@ -245,8 +245,8 @@ def train_hf_bpe(
     if len(set(specials)) != len(specials):
         raise TokenizerError(f"--user-symbols repeat a special token ({', '.join(specials)})")
     if vocab_size < 256 + len(specials):
-        raise TokenizerError(f"--vocab-size {vocab_size} is below the 256 bytes + {len(specials)} special tokens "
-                     "a byte-level BPE starts from")
+        raise TokenizerError(f"--vocab-size {vocab_size} is below the 256 bytes + {len(specials)} special "
+                             "tokens a byte-level BPE starts from")
     opts = read_opts or ReadOptions()
     sources = expand_inputs(inputs, fmt)
     sentences, stats = sample_sentences(sources, opts, sample_sentences_max, sample_bytes_max, seed)
