@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the commands import their modules when they run: --help sta
 EPILOG = """examples:
   python -m data_pipeline train-tokenizer --input corpora/books corpora/wikipedia --vocab-size 32000 \\
       --output tok/
+  python -m data_pipeline train-tokenizer --type hf-bpe --input corpora/ --vocab-size 32000 --output hftok/
   python -m data_pipeline preprocess --input 'pile/*.jsonl.zst' --tokenizer tok/tokenizer.model \\
       --output data/ --workers 16 --valid-fraction 0.01
   mpirun -n 4 python -m data_pipeline preprocess ...   (same bytes as one process)
@@ -55,28 +56,39 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline",
-        description="lmforge offline data pipeline: train a SentencePiece tokenizer and tokenize corpora "
-        "into Megatron-compatible MMIDIDX shards with a manifest.",
+        description="lmforge offline data pipeline: train a tokenizer (SentencePiece, or a Hugging Face "
+        "byte-level BPE) and tokenize corpora into Megatron-compatible MMIDIDX shards with a manifest.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train-tokenizer", help="train a SentencePiece BPE/unigram tokenizer",
-                       description="Train SentencePiece (byte fallback, digit splitting, unk=0 bos=1 eos=2) "
-                       "from a bounded reservoir sample of the input stream. Writes DIR/tokenizer.model and "
-                       "DIR/tokenizer.json (settings, sample statistics, corpus fingerprint).")
+    t = sub.add_parser("train-tokenizer", help="train a SentencePiece or Hugging Face byte-level BPE tokenizer",
+                       description="Train a tokenizer from a bounded reservoir sample of the input stream. "
+                       "--type sentencepiece (default): SentencePiece (byte fallback, digit splitting, unk=0 "
+                       "bos=1 eos=2); writes DIR/tokenizer.model and DIR/tokenizer.json (lmforge's record: "
+                       "settings, sample statistics, corpus fingerprint). --type hf-bpe: a byte-level BPE "
+                       "with the Hugging Face tokenizers library (GPT-2's byte alphabet and pre-tokenizer, no "
+                       "unk; <|begin_of_text|>=0 as bos, <|end_of_text|>=1 as eos and end of document); writes "
+                       "DIR/tokenizer.json and DIR/tokenizer_config.json (what transformers loads) and "
+                       "DIR/tokenizer_training.json (the record). Either DIR is a --tokenizer for preprocess "
+                       "and the trainer.")
     _add_read_args(t)
     t.add_argument("--output", required=True, metavar="DIR")
-    t.add_argument("--vocab-size", type=int, default=32000)
-    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    t.add_argument("--type", dest="tokenizer_type", default="sentencepiece", choices=["sentencepiece", "hf-bpe"],
+                   help="tokenizer library and model (default sentencepiece)")
+    t.add_argument("--vocab-size", type=int, default=32000, help="pieces, special tokens included (default 32000)")
+    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece model (default bpe)")
     t.add_argument("--seed", type=int, default=1234, help="reservoir sampling seed (output is deterministic)")
     t.add_argument("--sample-sentences", type=int, default=2_000_000,
                    help="at most this many lines are sampled (bounded memory)")
     t.add_argument("--sample-bytes", type=_size, default=1 << 30, help="and at most this many characters")
     t.add_argument("--user-symbols", nargs="*", default=[], help="extra special tokens kept whole")
-    t.add_argument("--pad", action="store_true", help="add a <pad> piece (id 3); off by default (Llama)")
-    t.add_argument("--character-coverage", type=float, default=0.9995)
-    t.add_argument("--threads", type=int, default=None, help="SentencePiece trainer threads (default: all cores)")
+    t.add_argument("--pad", action="store_true",
+                   help="add a pad token (SentencePiece <pad> id 3, hf-bpe <|pad|> id 2); off by default (Llama)")
+    t.add_argument("--character-coverage", type=float, default=0.9995, help="SentencePiece only")
+    t.add_argument("--min-frequency", type=int, default=2, help="hf-bpe only: a merge's pairs must occur this often")
+    t.add_argument("--threads", type=int, default=None,
+                   help="SentencePiece trainer threads (default: all cores; hf-bpe uses all cores)")
 
     p = sub.add_parser("preprocess", help="tokenize inputs into MMIDIDX shards + manifest.json",
                        description="Tokenize documents into Megatron MMIDIDX .bin/.idx shards under OUT/train "
@@ -84,15 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "--workers and any number of MPI ranks (mpirun -n K). Rerunning the same command "
                        "resumes after a crash, keeping checksum-verified finished work.")
     _add_read_args(p)
-    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model file")
+    p.add_argument("--tokenizer", required=True, metavar="TOK",
+                   help="a SentencePiece .model, a Hugging Face tokenizer.json, or a directory holding one (its "
+                        "tokenizer.json if Hugging Face's, else its tokenizer.model). For a tokenizer.json the end "
+                        "of document is the eos_token of the tokenizer_config.json beside it, else "
+                        "<|endoftext|>/<|end_of_text|>/</s>/<eos> if in its vocabulary; documents are encoded "
+                        "without the tokenizer's own special tokens, as with SentencePiece")
     p.add_argument("--output", required=True, metavar="OUT")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer workers per rank (default: all cores)")
     p.add_argument("--backend", choices=("auto", "thread", "process"), default="auto",
                    help="tokenizer workers as threads (SentencePiece builds that release the GIL while "
-                        "encoding) or processes; auto picks threads when possible. Output bytes never depend on it")
+                        "encoding, and Hugging Face tokenizers) or processes; auto picks threads when possible. "
+                        "Output bytes never depend on it")
     p.add_argument("--threads-per-worker", type=int, default=1,
-                   help="SentencePiece C++ threads inside each worker's batch encode (default 1)")
+                   help="SentencePiece C++ threads inside each worker's batch encode (default 1; a Hugging Face "
+                        "tokenizer spreads each batch over its own thread pool)")
     p.add_argument("--valid-fraction", type=float, default=0.01,
                    help="fraction of documents (by text hash) written to the valid split (default 0.01)")
     p.add_argument("--max-shard-bytes", type=_size, default=1 << 30, help="shard .bin size bound (default 1G)")
@@ -179,6 +198,19 @@ def _summary(m: dict) -> str:
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
+    if args.tokenizer_type == "hf-bpe":
+        from .hf_tokenizer import TRAINING_RECORD, train_hf_bpe
+
+        path = train_hf_bpe(
+            args.input, args.output, vocab_size=args.vocab_size, seed=args.seed,
+            sample_sentences_max=args.sample_sentences, sample_bytes_max=args.sample_bytes,
+            user_symbols=args.user_symbols, pad=args.pad, min_frequency=args.min_frequency,
+            read_opts=_read_options(args), fmt=args.format,
+        )
+        meta = json.loads((path.parent / TRAINING_RECORD).read_text())
+        print(f"wrote {path} (vocab {meta['vocab_size']}, sha256 {meta['sha256'][:16]}..., "
+              f"{meta['sample']['lines_sampled']:,} sampled lines of {meta['sample']['lines_seen']:,})")
+        return 0
     path = train_tokenizer(
         args.input, args.output, vocab_size=args.vocab_size, model_type=args.model_type,
         seed=args.seed, sample_sentences_max=args.sample_sentences, sample_bytes_max=args.sample_bytes,

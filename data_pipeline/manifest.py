@@ -5,7 +5,10 @@ datasets and its summaries read it).
 ``manifest["splits"][split]`` is a list of shards in order; each has ``prefix`` (relative to the
 manifest's directory, Megatron-style: ``prefix + ".bin"``/``".idx"``), ``documents``, ``sequences``,
 ``tokens``, ``sha256_bin`` and ``sha256_idx``. ``manifest["tokenizer"]`` has ``sha256``, ``vocab_size``,
-``eos_id`` (the EOD appended to every document), ``bos_id``; ``manifest["dtype"]`` is the token dtype.
+``eos_id`` (the EOD appended to every document), ``bos_id`` and ``file``, the tokenizer's copy beside the
+manifest: ``tokenizer.model`` (SentencePiece) or ``tokenizer.json`` (Hugging Face, with its
+``tokenizer_config.json``/``special_tokens_map.json`` when it had them); ``manifest["dtype"]`` is the
+token dtype.
 ``totals`` sums each split (``split_totals``); ``records``/``skipped``/``skip_examples`` account for
 every input record (read = written + skipped); ``duplicate_examples`` (only with ``--dedup``) pairs
 example duplicates with the documents they duplicate (``{"loc": ..., "kept": ...}``).
@@ -142,7 +145,8 @@ def _absolute_examples(unit_records: list[dict]) -> None:
         base[src] = b + rec["range_lines"]
 
 
-def assemble(config: dict, unit_records: list[dict], tokenizer_path: str) -> dict:
+def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
+             tokenizer_file: str = "tokenizer.model") -> dict:
     """The manifest of a preprocess run from its configuration and the records of all its units (any
     order: listed by unit, which is what makes the output independent of ranks and workers)."""
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -167,7 +171,7 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str) -> dic
             ex.extend(taken)
     return {
         "format": FORMAT,
-        "tokenizer": {**config["tokenizer"], "file": "tokenizer.model", "source_path": tokenizer_path},
+        "tokenizer": {**config["tokenizer"], "file": tokenizer_file, "source_path": str(tokenizer_path)},
         "dtype": config["dtype"],
         "fingerprint_method": config["fingerprint_method"],
         "splits": splits,

@@ -1,4 +1,5 @@
-"""The SentencePiece tokenizer: training from a bounded-memory sample of a document stream, and loading.
+"""Tokenizers: SentencePiece training from a bounded-memory sample of a document stream, and loading either
+kind the pipeline and the trainer accept (``resolve_tokenizer``).
 
 The stream (any format ``data_pipeline.readers`` reads) is cut into lines; lines longer than SentencePiece's
 ``max_sentence_length`` are split at whitespace so nothing is silently dropped by the trainer; a
@@ -6,6 +7,12 @@ seeded reservoir sample (Algorithm R) of at most ``sample_sentences`` lines and 
 is kept, so memory is bounded whatever the corpus size. Ids are Llama-compatible: unk 0, bos 1, eos 2,
 pad optional (-1 = none). ``tokenizer.json`` next to the model records the settings, the sample
 statistics and the corpus fingerprint.
+
+``--tokenizer`` (preprocess) and the trainer's ``tokenizer:`` name either a SentencePiece model or a
+Hugging Face ``tokenizer.json`` (``hf_tokenizer``: recognised by content, since the training record above
+shares that name), or a directory holding one (its Hugging Face tokenizer.json if it has one, else its
+tokenizer.model). ``resolve_tokenizer`` says which (``TokenizerFiles``); ``tokenizer_info`` gives what the
+manifest and checkpoints record of either; ``copy_tokenizer`` puts its files beside shards or checkpoints.
 """
 
 from __future__ import annotations
@@ -14,17 +21,20 @@ import hashlib
 import io
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from .common.errors import InputError
-from .common.files import atomic_write_bytes, atomic_write_json, sha256_file
+from .common.files import atomic_copy, atomic_write_bytes, atomic_write_json, sha256_file
 from .readers import DOC, LAST, PART, ReadOptions, Source, expand_inputs, fingerprint, iter_documents
 
 MAX_SENTENCE_BYTES = 4000  # SentencePiece's default max_sentence_length is 4192 bytes
+SENTENCEPIECE, HF = "sentencepiece", "hf"
+SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
 
 
 class TokenizerError(InputError):
-    """Nothing to train on, settings SentencePiece rejects, or a file that is not a SentencePiece model."""
+    """Nothing to train on, settings a trainer rejects, or a file that is not a tokenizer (file and reason)."""
 
 
 def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> list[str]:
@@ -99,6 +109,10 @@ def train_tokenizer(
 ) -> Path:
     import sentencepiece as spm
 
+    from .hf_tokenizer import json_kind
+
+    if (Path(output_dir) / HF_FILE).is_file() and json_kind(Path(output_dir) / HF_FILE)[0] == "hf":
+        raise TokenizerError(f"{output_dir} holds a Hugging Face tokenizer ({HF_FILE}); choose another --output")
     opts = read_opts or ReadOptions()
     sources = expand_inputs(inputs, fmt)
     try:
@@ -176,8 +190,7 @@ def load_processor(model_path: str):
     return _LOADED[key]
 
 
-def tokenizer_info(model_path: str) -> dict:
-    """sha256, vocab size and special ids of a SentencePiece model (what the manifest records)."""
+def _sp_info(model_path: str | os.PathLike) -> dict:
     sp = load_processor(model_path)
     return {
         "sha256": sha256_file(model_path),
@@ -188,3 +201,97 @@ def tokenizer_info(model_path: str) -> dict:
         "pad_id": sp.pad_id(),
         "path": str(model_path),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Either kind: SentencePiece or Hugging Face
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """A tokenizer on disk: ``kind`` (SENTENCEPIECE or HF), ``path`` the file that is fingerprinted
+    (sha256) and copied under ``name``, and for HF the ``companions`` beside it that name its special
+    tokens (tokenizer_config.json, special_tokens_map.json), copied with it under their own names."""
+
+    kind: str
+    path: Path
+    companions: tuple[Path, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return SP_FILE if self.kind == SENTENCEPIECE else HF_FILE
+
+    def all_files(self) -> list[tuple[Path, str]]:
+        """(source, name to copy it to) for the tokenizer and its companions."""
+        return [(self.path, self.name)] + [(c, c.name) for c in self.companions]
+
+
+def resolve_tokenizer(path: str | os.PathLike | TokenizerFiles) -> TokenizerFiles:
+    """Which tokenizer ``path`` is (module docstring); TokenizerError naming the file and the reason if it
+    is neither kind. A SentencePiece model is only recognised here (not JSON); loading it checks it."""
+    from . import hf_tokenizer as hf
+
+    if isinstance(path, TokenizerFiles):
+        return path
+    p = Path(path)
+    if p.is_dir():
+        why = ""
+        if (p / HF_FILE).is_file():
+            kind, why = hf.json_kind(p / HF_FILE)
+            if kind == "hf":
+                return TokenizerFiles(HF, p / HF_FILE, hf.companions(p / HF_FILE))
+        if (p / SP_FILE).is_file():
+            return TokenizerFiles(SENTENCEPIECE, p / SP_FILE)
+        raise TokenizerError(f"{p}: a directory without a Hugging Face {HF_FILE} or a SentencePiece {SP_FILE}"
+                             + (f" ({p / HF_FILE}: {why})" if why else ""))
+    if not p.is_file():
+        raise TokenizerError(f"{p}: no such file or directory")
+    with open(p, "rb") as f:
+        head = f.read(256).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"{"):  # a SentencePiece model is a protobuf: never starts with "{"
+        kind, why = hf.json_kind(p)
+        if kind != "hf":
+            raise TokenizerError(f"{p}: not a tokenizer: {why}")
+        return TokenizerFiles(HF, p, hf.companions(p))
+    return TokenizerFiles(SENTENCEPIECE, p)
+
+
+def tokenizer_info(model_path: str | os.PathLike | TokenizerFiles) -> dict:
+    """sha256, vocab size (largest id + 1) and special ids (-1 = none) of either kind of tokenizer: what
+    the manifest records. ``eos_id`` is the end-of-document id appended to every document."""
+    files = resolve_tokenizer(model_path)
+    if files.kind == HF:
+        from . import hf_tokenizer
+
+        return hf_tokenizer.info(files.path)
+    try:
+        return _sp_info(files.path)
+    except TokenizerError as e:  # say that the other kind was considered too
+        raise TokenizerError(f"{e}; nor is it a Hugging Face tokenizer.json (not JSON)") from None
+
+
+def copy_tokenizer(files: TokenizerFiles, dst_dir: str | os.PathLike, sha256: str) -> None:
+    """The tokenizer's files into ``dst_dir`` (``files.name`` and the companions' names), atomically, each
+    unless already there with the same bytes; ValueError if the tokenizer no longer has ``sha256``."""
+    dst_dir = Path(dst_dir)
+    for src, name in files.all_files():
+        dst = dst_dir / name
+        want = sha256 if src == files.path else sha256_file(src)
+        if dst.exists() and sha256_file(dst) == want:
+            continue
+        atomic_copy(src, dst, expect_sha256=want)
+
+
+class Decoder:
+    """ids -> text and id -> piece for either kind (``inspect``)."""
+
+    def __init__(self, files: TokenizerFiles):
+        if files.kind == HF:
+            from . import hf_tokenizer
+
+            tok = hf_tokenizer.load(files.path)
+            self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # as SentencePiece does
+            self.id_to_piece = tok.id_to_token
+        else:
+            sp = load_processor(files.path)
+            self.decode, self.id_to_piece = sp.decode, sp.id_to_piece

@@ -73,9 +73,9 @@ def inspect(out: str | os.PathLike, samples: int = 3, chars: int = 300) -> str:
     sp = None
     tok_path = root / tk.get("file", "tokenizer.model")
     if tok_path.exists():
-        import sentencepiece as spm
+        from .tokenizer import Decoder, resolve_tokenizer
 
-        sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+        sp = Decoder(resolve_tokenizer(tok_path))
     for split, shards in m["splits"].items():
         if not shards:
             lines.append(f"[{split}] no shards")
@@ -130,7 +130,11 @@ def merge(inputs: list[str], output: str) -> dict:
                     except ValueError:  # the copy's checksum is not the recorded one
                         raise ManifestError(f"{src}: checksum mismatch; run verify on {root}") from None
                 merged.append(new)
-    atomic_copy(_root(ref_path) / ref["tokenizer"].get("file", "tokenizer.model"), out / "tokenizer.model")
+    from .tokenizer import resolve_tokenizer
+
+    name = ref["tokenizer"].get("file", "tokenizer.model")
+    for src, dst in resolve_tokenizer(_root(ref_path) / name).all_files():  # with an HF tokenizer's companions
+        atomic_copy(src, out / dst)
     manifest = assemble_merged([(str(p), m) for p, m in parts], splits)
     write_manifest(out, manifest)
     return manifest

@@ -1,11 +1,12 @@
 """The run, built from its config in one place (OLMo-core's ``config.build()`` idea).
 
 ``build_run(cfg)`` turns a validated ``RunConfig`` into everything the step loop needs, in the order the
-pieces depend on each other: the process group and the parallel layout, the tokenizer (its vocabulary
-sizes the model, its EOS is the end-of-document token), the model config, the global sample order,
-the resume plan (chosen before the engine exists: another layout needs DeepSpeed's universal loader,
-which is selected in its config), the model with its training-time transformations
-(``parallelize.py``), and the DeepSpeed engine, loaded from the checkpoint when resuming.
+pieces depend on each other: the process group and the parallel layout, the tokenizer (SentencePiece or
+Hugging Face: its vocabulary, added tokens included, sizes the model; its EOS is the end-of-document
+token), the model config, the global sample order, the resume plan (chosen before the engine exists:
+another layout needs DeepSpeed's universal loader, which is selected in its config), the model with its
+training-time transformations (``parallelize.py``), and the DeepSpeed engine, loaded from the checkpoint
+when resuming.
 Every rank calls it; the collectives inside are called in the same order everywhere.
 
 This is the composition root: the one engine-stage module that imports the later stages (the resume
@@ -20,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 
-from data_pipeline.common.files import atomic_copy, atomic_write_text, sha256_file
+from data_pipeline.common.files import atomic_write_text
 from data_pipeline.gpt_dataset import BlendedDataset, PackedDataset, build_dataset
 from data_pipeline.manifest import MANIFEST_NAME
+from data_pipeline.tokenizer import TokenizerError, TokenizerFiles, copy_tokenizer, resolve_tokenizer, tokenizer_info
 from model import ModelConfig
 
 from . import checkpoint, distributed, engine, parallelize
@@ -40,21 +41,31 @@ Dataset = PackedDataset | BlendedDataset
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """The run's SentencePiece model."""
+    """The run's tokenizer: a SentencePiece model or a Hugging Face tokenizer.json (``files``), with what
+    ``data_pipeline.tokenizer.tokenizer_info`` reads from it (``info``: vocab size, special ids)."""
 
-    path: Path
+    files: TokenizerFiles
     sha256: str
-    processor: spm.SentencePieceProcessor
+    info: dict
+
+    @property
+    def path(self) -> Path:
+        return self.files.path
+
+    @property
+    def vocab_size(self) -> int:
+        """Largest id + 1, a Hugging Face tokenizer's added tokens included: the model's minimum vocab."""
+        return self.info["vocab_size"]
 
     @property
     def eod_id(self) -> int:
-        return self.processor.eos_id()
+        return self.info["eos_id"]
 
     def record(self) -> checkpoint.TokenizerRecord:
-        sp = self.processor
-        return checkpoint.TokenizerRecord(file="tokenizer.model", sha256=self.sha256, vocab_size=sp.get_piece_size(),
-                                          bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(),
-                                          unk_id=sp.unk_id())
+        i = self.info
+        return checkpoint.TokenizerRecord(file=self.files.name, sha256=self.sha256, vocab_size=i["vocab_size"],
+                                          bos_id=i["bos_id"], eos_id=i["eos_id"], pad_id=i["pad_id"],
+                                          unk_id=i["unk_id"])
 
 
 @dataclass
@@ -79,9 +90,14 @@ class Run:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ConfigError(f"tokenizer: {path} not found")
-    return Tokenizer(Path(path), sha256_file(path), spm.SentencePieceProcessor(model_file=str(path)))
+    try:
+        files = resolve_tokenizer(path)
+        info = tokenizer_info(files)
+    except TokenizerError as e:
+        raise ConfigError(f"tokenizer: {e}") from None
+    return Tokenizer(files, info["sha256"], info)
 
 
 def build_data(cfg: RunConfig, layout: engine.Layout, global_batch: int,
@@ -127,16 +143,18 @@ def build_run(cfg: RunConfig, log=print) -> Run:
         from .hf.importer import load_hf_weights
 
         init_from = load_hf_weights(cfg.model.init_from_hf)
-    mcfg, init_state = resolve_model_config(cfg, tok.processor.get_piece_size(), init_from)
+    mcfg, init_state = resolve_model_config(cfg, tok.vocab_size, init_from)
     engine.check_tensor_parallel(mcfg, layout.tp)
     engine.check_sequence_parallel(mcfg, layout.sp)
     if layout.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        # The checkpoint folder carries its tokenizer, so export needs nothing from the run config.
-        dst = ckpt_dir / "tokenizer.model"
-        if not dst.is_file() or sha256_file(dst) != tok.sha256:
-            atomic_copy(tok.path, dst, expect_sha256=tok.sha256)
+        # The checkpoint folder carries its tokenizer (an HF tokenizer.json with its tokenizer_config.json and
+        # special_tokens_map.json), so export needs nothing from the run config.
+        try:
+            copy_tokenizer(tok.files, ckpt_dir, tok.sha256)
+        except ValueError as e:  # changed since it was read
+            raise ConfigError(f"tokenizer: {e}") from None
 
     train_ds, valid_ds = build_data(cfg, layout, global_batch, run_dir)
     data_fp = train_ds.order_fingerprint

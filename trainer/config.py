@@ -237,7 +237,8 @@ class EvalSection:
 
 @dataclass
 class RunConfig:
-    """run_dir: everything the run writes goes here. tokenizer: path to the SentencePiece .model."""
+    """run_dir: everything the run writes goes here. tokenizer: a SentencePiece .model, a Hugging Face
+    tokenizer.json, or a directory holding one (``data_pipeline.tokenizer.resolve_tokenizer``)."""
 
     run_dir: str = "runs/default"
     tokenizer: str = ""
@@ -400,7 +401,8 @@ def validate(cfg: RunConfig) -> None:
         if s.weight <= 0:
             raise ConfigError(f"data.train[{i}].weight must be > 0")
     if not cfg.tokenizer:
-        raise ConfigError("tokenizer: path to the SentencePiece .model is required")
+        raise ConfigError("tokenizer: path to the tokenizer (SentencePiece .model or Hugging Face tokenizer.json) "
+                          "is required")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas must be a list of two numbers")
     if cfg.model.preset is None and cfg.model.init_from_hf is None and cfg.model.hidden_size is None:

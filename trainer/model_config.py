@@ -22,7 +22,8 @@ def resolve_model_config(cfg: RunConfig, tokenizer_vocab: int,
         assert init_from is not None, "read model.init_from_hf first"
         mcfg, state = init_from
         if mcfg.vocab_size < tokenizer_vocab:
-            raise ConfigError(f"model.init_from_hf vocab {mcfg.vocab_size} < tokenizer vocab {tokenizer_vocab}")
+            raise ConfigError(f"model.init_from_hf vocab {mcfg.vocab_size} < tokenizer vocab {tokenizer_vocab} (the "
+                              "tokenizer's ids, added tokens included, must fit the model's embedding)")
         return mcfg, state
     shape.setdefault("vocab_size", tokenizer_vocab)
     if shape["vocab_size"] < tokenizer_vocab:

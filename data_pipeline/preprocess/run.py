@@ -9,6 +9,7 @@ needed for it) and writes the manifest.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.files import atomic_copy, atomic_write_json, remove_temp_files, sha256_file
+from .. import hf_tokenizer
+from ..common.files import atomic_write_json, remove_temp_files
 from ..common.launch_env import mpi_world
+from ..hf_tokenizer import COMPANIONS
 from ..indexed_dataset import optimal_dtype
 from ..manifest import FORMAT, MANIFEST_NAME, SPLITS, assemble, write_manifest
 from ..readers import (
@@ -38,7 +41,15 @@ from ..readers import (
     fingerprint,
     iter_documents,
 )
-from ..tokenizer import tokenizer_info
+from ..tokenizer import (
+    HF_FILE,
+    SENTENCEPIECE,
+    SP_FILE,
+    TokenizerFiles,
+    copy_tokenizer,
+    resolve_tokenizer,
+    tokenizer_info,
+)
 from . import dedup
 from .dedup import screen
 from .encode import CHUNK_CHARS, CONT, Encoded, EncodePool, resolve_backend, split_exact
@@ -119,15 +130,22 @@ def _config_diff(old: dict, new: dict) -> str:
     return "the configuration differs"
 
 
-def _claim_output(out: Path, config: dict, overwrite: bool, comm) -> None:
+# The tokenizer copies preprocess may have left in an output directory (either kind).
+_TOKENIZER_NAMES = (SP_FILE, HF_FILE, *COMPANIONS)
+
+
+def _claim_output(out: Path, config: dict, overwrite: bool, comm, tokenizer: TokenizerFiles) -> None:
     """Make ``out`` this job's: emptied with ``overwrite``, else refused if it holds another job's output;
-    temporary files of a killed run removed; ``.state/config.json`` written."""
+    temporary files of a killed run removed; ``.state/config.json`` written. ``tokenizer``'s own files
+    are never removed (a --tokenizer that names a file in the output directory)."""
     state = out / ".state" / "config.json"
+    own = {p.resolve() for p, _ in tokenizer.all_files()}
     if overwrite:  # every rank: nodes without a shared filesystem have their own copies
         for name in (*SPLITS, ".state", dedup.LIST_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
-        for name in (MANIFEST_NAME, "tokenizer.model"):
-            (out / name).unlink(missing_ok=True)
+        for name in (MANIFEST_NAME, *_TOKENIZER_NAMES):
+            if (out / name).resolve() not in own:
+                (out / name).unlink(missing_ok=True)
     comm.barrier()
     if state.exists():
         try:
@@ -143,8 +161,8 @@ def _claim_output(out: Path, config: dict, overwrite: bool, comm) -> None:
         raise PipelineError(f"{out} holds a manifest from another job; pass --overwrite to replace it")
     # Temporary files of a killed run (unit files are cleaned per unit later). Before the barrier,
     # so that no rank deletes a file another rank is writing.
-    remove_temp_files(out, MANIFEST_NAME)
-    remove_temp_files(out, "tokenizer.model")
+    for name in (MANIFEST_NAME, *_TOKENIZER_NAMES):
+        remove_temp_files(out, name)
     remove_temp_files(state.parent, state.name)
     comm.barrier()  # every rank has compared before anyone writes
     if comm.rank == 0 or not state.exists():
@@ -166,11 +184,13 @@ def _absolute_loc(src: Source, rng: ReadRange | None, loc: str) -> str:
 def _batches(
     sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress: _Progress,
     ranges: list[ReadRange], drops: dict[int, tuple[str, str]] | None = None,
+    split: Callable[[str], list[str]] | None = split_exact,
 ) -> Iterator[tuple[list[Meta], list[str]]]:
     """Yield (metas, texts): one meta per item in input order, with one text per non-SKIP meta. Hashing
-    happens here, on the whole document, before any cutting. The ``ReadRange`` of each byte-range segment
-    is appended to ``ranges`` (its line count is final once the generator is exhausted). ``drops`` maps
-    the unit's duplicate candidates (``dedup``) to (reason, kept document's location)."""
+    happens here, on the whole document, before any cutting (by ``split``: ``_exact_split``). The
+    ``ReadRange`` of each byte-range segment is appended to ``ranges`` (its line count is final once the
+    generator is exhausted). ``drops`` maps the unit's duplicate candidates (``dedup``) to (reason, kept
+    document's location)."""
     opts = settings.read_options()
     candidate = 0
     limit = run.batch_chars
@@ -197,7 +217,7 @@ def _batches(
                 metas.append((SKIP, text, loc, ""))
                 continue
             n = len(text)
-            pieces = split_exact(text) if n > CHUNK_CHARS else [text]
+            pieces = split(text) if split is not None and n > CHUNK_CHARS else [text]
             # A long document's pieces may straddle batches (the consumer carries CONT tokens over), so
             # one book does not make one worker's batch while the others idle.
             for piece in pieces[:-1]:
@@ -297,6 +317,17 @@ def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pendin
     return docs
 
 
+def _exact_split(tokenizer: TokenizerFiles) -> Callable[[str], list[str]] | None:
+    """How long texts are cut without changing their tokens (``split_exact``): at spaces, dropped for
+    SentencePiece, kept for the Hugging Face tokenizers whose pre-tokenizer begins a word there; other
+    Hugging Face tokenizers get their texts whole."""
+    if tokenizer.kind == SENTENCEPIECE:
+        return split_exact
+    if hf_tokenizer.cuts_before_spaces(tokenizer.path):
+        return functools.partial(split_exact, keep_space=True)
+    return None
+
+
 def _resume(out: Path, mine: list[int], rank: int) -> tuple[dict[int, dict], list[int]]:
     """(records of this rank's units finished by an earlier run, kept; the units still to do, cleaned)."""
     done: dict[int, dict] = {}
@@ -316,15 +347,16 @@ def _resume(out: Path, mine: list[int], rank: int) -> tuple[dict[int, dict], lis
 
 def _process_units(
     out: Path, sources: list[Source], units: list[list[Segment]], mine: list[int], settings: Settings,
-    run: RunOptions, model_path: str, tok: dict, rank: int, drops: dedup.Drops | None = None,
+    run: RunOptions, tokenizer: TokenizerFiles, tok: dict, rank: int, drops: dedup.Drops | None = None,
 ) -> tuple[list[dict], dict]:
     """Do this rank's unfinished units; returns the records of all its units and the run's statistics."""
     dtype = optimal_dtype(tok["vocab_size"])
     done, todo = _resume(out, mine, rank)
     total = sum(unit_bytes_of(sources, units[u]) for u in todo)
     progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
-    backend = resolve_backend(run.backend) if run.workers > 1 and todo else "inline"
-    pool = EncodePool(backend, run.workers, model_path, dtype, run.threads_per_worker)
+    backend = resolve_backend(run.backend, tokenizer.kind) if run.workers > 1 and todo else "inline"
+    pool = EncodePool(backend, run.workers, tokenizer, dtype, run.threads_per_worker)
+    split = _exact_split(tokenizer)
     max_inflight = 2 * run.workers + 2  # bounded read-ahead: memory does not grow with the corpus
     # (writer, metas, result) per submitted batch; (writer, None, None) marks the end of its unit.
     inflight: deque[tuple[UnitWriter, list[Meta] | None, Callable[[], Encoded] | None]] = deque()
@@ -345,7 +377,7 @@ def _process_units(
             writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
             ranges: list[ReadRange] = []
             unit_drops = None if drops is None else drops.by_unit.get(u, {})
-            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, unit_drops):
+            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, unit_drops, split):
                 inflight.append((writer, metas, pool.submit(texts)))
                 while len(inflight) > max_inflight:
                     drain_one()
@@ -385,10 +417,11 @@ def preprocess(
     comm = mpi_world()
     out = Path(output)
     sources = expand_inputs(inputs, settings.format)
-    tok = tokenizer_info(model_path)
+    tokenizer = resolve_tokenizer(model_path)
+    tok = tokenizer_info(tokenizer)
     prints = _fingerprints(sources, run.fingerprint, comm, run.workers)
     config = _config(sources, tok, settings, prints, run.fingerprint)
-    _claim_output(out, config, run.overwrite, comm)
+    _claim_output(out, config, run.overwrite, comm, tokenizer)
 
     units = plan_units(sources, settings.unit_bytes)
     assignment = assign_units([unit_bytes_of(sources, u) for u in units], comm.size)
@@ -396,7 +429,7 @@ def preprocess(
     drops = _find_duplicates(out, sources, units, assignment, settings, run, comm) if settings.dedup else None
     err: BaseException | None = None
     try:
-        records, stats = _process_units(out, sources, units, mine, settings, run, model_path, tok, comm.rank,
+        records, stats = _process_units(out, sources, units, mine, settings, run, tokenizer, tok, comm.rank,
                                         drops)
     except BaseException as e:  # report on every rank instead of hanging the others in gather
         err, records, stats = e, [], {}
@@ -414,8 +447,8 @@ def preprocess(
         unit_records = [r for rs in gathered for r in rs]
         if len(unit_records) != len(units):
             raise RuntimeError(f"{len(unit_records)} unit records for {len(units)} units (a bug)")
-        manifest = assemble(config, unit_records, model_path)
-        _copy_tokenizer(model_path, out / "tokenizer.model", tok["sha256"])
+        manifest = assemble(config, unit_records, model_path, tokenizer.name)
+        _copy_tokenizer(tokenizer, out, tok["sha256"])
         write_manifest(out, manifest)
     finally:
         comm.barrier()  # every rank, failed or not: rank 0 has written the manifest before any returns
@@ -451,11 +484,10 @@ def _find_duplicates(out: Path, sources: list[Source], units: list[list[Segment]
     return drops
 
 
-def _copy_tokenizer(model_path: str, dst: Path, sha256: str) -> None:
-    """The tokenizer beside the shards (a dataset directory is complete on its own), unless already there."""
-    if dst.exists() and sha256_file(dst) == sha256:
-        return
+def _copy_tokenizer(tokenizer: TokenizerFiles, out: Path, sha256: str) -> None:
+    """The tokenizer beside the shards (a dataset directory is complete on its own): ``tokenizer.model``,
+    or ``tokenizer.json`` with the files beside it that name its special tokens; unless already there."""
     try:
-        atomic_copy(model_path, dst, expect_sha256=sha256)
+        copy_tokenizer(tokenizer, out, sha256)
     except ValueError as e:  # the file changed since it was read for the manifest
-        raise PipelineError(f"{model_path} changed during the run ({e})") from None
+        raise PipelineError(f"{tokenizer.path} changed during the run ({e})") from None

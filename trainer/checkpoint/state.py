@@ -28,7 +28,9 @@ class CheckpointError(InputError):
 
 @dataclass
 class TokenizerRecord:
-    """The run's SentencePiece model: ``file`` lives in the checkpoints directory beside the tags."""
+    """The run's tokenizer: ``file`` (``tokenizer.model``, or a Hugging Face ``tokenizer.json`` with its
+    tokenizer_config.json/special_tokens_map.json) lives in the checkpoints directory beside the tags;
+    ``vocab_size`` is its largest id + 1, added tokens included."""
 
     file: str = "tokenizer.model"
     sha256: str = ""

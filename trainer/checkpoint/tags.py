@@ -1,7 +1,8 @@
 """Checkpoint tags on disk: naming, which ones are complete, ``latest``, finding one, and rotation.
 
     RUN_DIR/checkpoints/latest               tag of the newest complete checkpoint
-    RUN_DIR/checkpoints/tokenizer.model      the run's tokenizer (export reads it)
+    RUN_DIR/checkpoints/tokenizer.model      the run's tokenizer (export reads it); for a Hugging Face
+                                             tokenizer: tokenizer.json (+ tokenizer_config.json, ...)
     RUN_DIR/checkpoints/step_00000200/       DeepSpeed's files, rng_state_rank{R}.pt, lmforge.json (last)
     RUN_DIR/checkpoints/step_00000200_universal/   DeepSpeed universal conversion of that tag (resume)
 

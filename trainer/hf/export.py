@@ -17,6 +17,10 @@ Verification (on by default) loads DIR with ``transformers`` in fp32 and checks:
 every weight bit-exact against the checkpoint's source weights (after the cast to --dtype); logits on fixed token
 batches equal to lmforge's own model run on the same (cast) weights within 1e-4; SentencePiece id
 parity and decode round trip for the fast and slow HF tokenizers; and that ``generate`` runs.
+
+A run trained with a Hugging Face tokenizer.json exports that file and the ones beside it unchanged
+(``tokenizer.write_hf_tokenizer_files``); the parity check then compares ``transformers`` on the export
+with the ``tokenizers`` library on the run's own tokenizer.json.
 """
 
 from __future__ import annotations
@@ -157,7 +161,9 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
     Raises CheckpointError (exit 2) for unusable input and ExportError (exit 1) when verification fails;
     in both cases nothing is left at ``output_dir`` (an existing directory is only replaced with
     ``overwrite``)."""
-    from .tokenizer import write_tokenizer_files
+    from data_pipeline.tokenizer import HF, resolve_tokenizer
+
+    from .tokenizer import write_hf_tokenizer_files, write_tokenizer_files
 
     out = Path(output_dir).resolve()
     if out.exists() and not overwrite:
@@ -183,13 +189,17 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
             t0 = time.time()
             write_weights(tmp, getters, torch_dtype, max_bytes, parameter_shapes(cfg))
             write_config(tmp, cfg, state, dtype)
-            write_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
+            if resolve_tokenizer(tok_file).kind == HF:
+                write_hf_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
+            else:
+                write_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
             write_readme(tmp, state, cfg, source, dtype)
             print(f"wrote {tmp.name} in {time.time() - t0:.1f}s from {source}", file=sys.stderr)
             if verify:
                 from .verify import verify_export
 
-                problems = verify_export(tmp, cfg, getters, torch_dtype, extra_texts=verify_texts or [])
+                problems = verify_export(tmp, cfg, getters, torch_dtype, extra_texts=verify_texts or [],
+                                         tokenizer_file=tok_file)
                 if problems:
                     raise ExportError("verification failed:\n  " + "\n  ".join(problems))
     finally:
@@ -202,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer.export_hf",
         description="Export an lmforge DeepSpeed checkpoint (any ZeRO stage, tensor-parallel size, precision) "
                     "to a Hugging Face LlamaForCausalLM directory with tokenizer, verified before it is "
-                    "written: weights, fp32 logits (<= 1e-4), tokenizer ids/decoding and generate(). "
+                    "written: weights, fp32 logits (<= 1e-4), tokenizer ids/decoding (a SentencePiece or "
+                    "Hugging Face tokenizer.json run) and generate(). "
                     "Exit status: 0 exported, 1 verification failed, 2 unusable checkpoint or arguments.")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="run directory, its checkpoints/ directory, or one tag directory (step_XXXXXXXX)")

@@ -4,8 +4,11 @@
 
 INIT_DIR gets ``model.safetensors`` in lmforge's parameter names (identical to HF's, tied
 ``lm_head.weight`` omitted) and ``lmforge_init.json`` (model_config, source directory, sha256 of every
-source file and of the written weights), plus ``tokenizer.model`` when the source has one. Weights keep
-their stored dtype, so lmforge -> HF -> lmforge is bit-exact.
+source file and of the written weights), plus the source's tokenizer files: ``tokenizer.model`` and a
+Hugging Face ``tokenizer.json`` with its ``tokenizer_config.json``/``special_tokens_map.json``, whichever it
+has, so that INIT_DIR (or the tokenizer.json in it) is the ``--tokenizer`` of preprocess and the trainer's
+``tokenizer:`` for continued pretraining. A tokenizer with more ids than the model's vocabulary is refused.
+Weights keep their stored dtype, so lmforge -> HF -> lmforge is bit-exact.
 
 ``load_hf_weights(path)`` accepts either an HF directory or an INIT_DIR and returns
 ``(ModelConfig, state_dict)`` for ``LlamaForCausalLM.load_state_dict`` (the trainer's
@@ -156,12 +159,51 @@ def verify_import(hf_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
     return [] if diff <= LOGIT_ATOL else [f"logits differ from transformers: max abs diff {diff:.3g} > {LOGIT_ATOL}"]
 
 
+def _tokenizer_files(src: Path, cfg: ModelConfig) -> list[Path]:
+    """The source's tokenizer files to copy (module docstring), each checked to fit the model's vocabulary."""
+    from data_pipeline import hf_tokenizer
+    from data_pipeline.tokenizer import (
+        HF,
+        SENTENCEPIECE,
+        SP_FILE,
+        TokenizerError,
+        TokenizerFiles,
+        load_processor,
+        resolve_tokenizer,
+    )
+
+    found: list[TokenizerFiles] = []
+    if (src / SP_FILE).is_file():
+        found.append(TokenizerFiles(SENTENCEPIECE, src / SP_FILE))
+    try:
+        files = resolve_tokenizer(src)
+    except TokenizerError:  # no tokenizer: weights only
+        files = None
+    if files is not None and files.kind == HF:
+        found.append(files)
+    out = []
+    for f in found:
+        try:
+            if f.kind == HF:
+                n = hf_tokenizer.vocab_size(hf_tokenizer.load(f.path))
+            else:
+                n = load_processor(f.path).vocab_size()
+        except TokenizerError as e:
+            raise HFImportError(str(e)) from None
+        if n > cfg.vocab_size:
+            raise HFImportError(f"{f.path}: {n} token ids, more than the model's vocab_size {cfg.vocab_size} "
+                                f"({src / 'config.json'})")
+        out += [p for p, _ in f.all_files()]
+    return out
+
+
 def import_hf(model_dir: str | Path, output_dir: str | Path, verify: bool = True, overwrite: bool = False) -> Path:
     src = Path(model_dir).resolve()
     out = Path(output_dir).resolve()
     if out.exists() and not overwrite:
         raise HFImportError(f"{out} already exists (pass --overwrite to replace it)")
     cfg, state = load_hf_weights(src)
+    tokenizer_files = _tokenizer_files(src, cfg)
     if verify:
         problems = verify_import(src, cfg, state)
         if problems:
@@ -170,8 +212,8 @@ def import_hf(model_dir: str | Path, output_dir: str | Path, verify: bool = True
         files = {k: v for k, v in state.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
         save_file({k: v.contiguous() for k, v in files.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
-        if (src / "tokenizer.model").is_file():
-            shutil.copyfile(src / "tokenizer.model", tmp / "tokenizer.model")
+        for f in tokenizer_files:
+            shutil.copyfile(f, tmp / f.name)
         meta = {
             "format": INIT_FORMAT, "model_config": cfg.to_dict(), "source": str(src),
             "source_sha256": {p.name: sha256_file(p) for p in sorted(src.iterdir()) if p.is_file()},

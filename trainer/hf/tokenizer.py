@@ -1,4 +1,10 @@
-"""SentencePiece model -> Hugging Face tokenizer files, and a parity check between the two.
+"""The run's tokenizer -> Hugging Face tokenizer files, and a parity check between the two.
+
+A run trained with a Hugging Face ``tokenizer.json`` exports the same files it was trained with
+(``write_hf_tokenizer_files``: tokenizer.json, and tokenizer_config.json / special_tokens_map.json when it
+had them; a tokenizer_config.json naming its class and special tokens is written when it had none), and
+``check_hf_tokenizer_parity`` checks that ``transformers`` loads them into the ids the ``tokenizers``
+library gave the training data. The rest of this module is about SentencePiece models:
 
 Why not ``transformers``' own conversion: in transformers 5 ``LlamaTokenizer`` rebuilds its backend
 from vocab + merges with a hard-coded pipeline (no normalizer, Metaspace pre-tokenizer), so a
@@ -164,6 +170,57 @@ def write_tokenizer_files(model_file: str | Path, out_dir: str | Path, model_max
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
     return ids
+
+
+def write_hf_tokenizer_files(tokenizer_json: str | Path, out_dir: str | Path, model_max_length: int) -> None:
+    """The Hugging Face tokenizer's files as they are (module docstring); returns nothing: its special
+    ids are the run's, recorded in the checkpoint."""
+    from data_pipeline import hf_tokenizer
+
+    src, out = Path(tokenizer_json), Path(out_dir)
+    shutil.copyfile(src, out / "tokenizer.json")
+    have = hf_tokenizer.companions(src)
+    for f in have:
+        shutil.copyfile(f, out / f.name)
+    if not any(f.name == "tokenizer_config.json" for f in have):
+        # PreTrainedTokenizerFast loads tokenizer.json as is, in transformers 4 and 5 alike; the eos found
+        # for training (e.g. <|endoftext|> in the vocabulary) is written down for transformers to see.
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **hf_tokenizer.special_tokens(src),
+                  "clean_up_tokenization_spaces": False, "model_max_length": model_max_length}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_hf_tokenizer_parity(model_dir: str | Path, reference: str | Path, texts: list[str]) -> list[str]:
+    """Compare the ``tokenizers`` library on ``reference`` (the run's tokenizer.json: what encoded the
+    training data, without special tokens) with each ``transformers`` tokenizer of ``model_dir``; return
+    mismatch messages. Per text: ids without special tokens equal; decode equals the reference's
+    (special tokens skipped, no clean-up of spaces on either side)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from data_pipeline import hf_tokenizer
+
+    model_dir = Path(model_dir)
+    ref = hf_tokenizer.load(reference)
+    toks = {"AutoTokenizer(tokenizer.json)": AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True),
+            "PreTrainedTokenizerFast": PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))}
+    problems: list[str] = []
+    for name, tok in toks.items():
+        for text in texts:
+            want = ref.encode(text, add_special_tokens=False).ids
+            got = list(tok.encode(text, add_special_tokens=False))
+            if got != want:
+                diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+                first = diff[0] if diff else min(len(got), len(want))
+                problems.append(f"tokenizer {name}: ids differ from the run's tokenizer.json on {text[:60]!r} at "
+                                f"position {first} (transformers {got[first:first + 5]} vs tokenizers "
+                                f"{want[first:first + 5]})")
+                continue
+            want_text = ref.decode(want, skip_special_tokens=True)
+            got_text = tok.decode(got, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            if got_text != want_text:
+                problems.append(f"tokenizer {name}: decode differs on {text[:60]!r}: "
+                                f"transformers {got_text[:60]!r} vs tokenizers {want_text[:60]!r}")
+    return problems
 
 
 def _hf_tokenizers(model_dir: Path) -> dict[str, object]:

@@ -50,27 +50,37 @@ def _check_config(hf_cfg, cfg: ModelConfig) -> list[str]:
     return problems
 
 
-def _check_special_ids(model_dir: Path, hf) -> list[str]:
+def _check_special_ids(model_dir: Path, hf, hf_tokenizer_json: bool = False) -> list[str]:
     """config.json / generation_config.json special ids must be the tokenizer's, or generation never
-    stops (eos) or starts from the wrong token (bos)."""
-    import sentencepiece as spm
+    stops (eos) or starts from the wrong token (bos). The tokenizer: the export's tokenizer.model, or its
+    Hugging Face tokenizer.json read with the tokenizer_config.json beside it (``hf_tokenizer_json``)."""
+    from data_pipeline.tokenizer import resolve_tokenizer, tokenizer_info
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    name = "tokenizer.json" if hf_tokenizer_json else "tokenizer.model"
+    info = tokenizer_info(resolve_tokenizer(model_dir / name))
     problems = []
-    if sp.get_piece_size() > hf.config.vocab_size:
-        problems.append(f"tokenizer has {sp.get_piece_size()} pieces but vocab_size is {hf.config.vocab_size}")
-    for name, want in (("bos_token_id", sp.bos_id()), ("eos_token_id", sp.eos_id()), ("pad_token_id", sp.pad_id())):
+    if info["vocab_size"] > hf.config.vocab_size:
+        problems.append(f"{name} has {info['vocab_size']} ids but vocab_size is {hf.config.vocab_size}")
+    for key, want in (("bos_token_id", info["bos_id"]), ("eos_token_id", info["eos_id"]),
+                      ("pad_token_id", info["pad_id"])):
         want = want if want >= 0 else None
         for where, c in (("config.json", hf.config), ("generation_config.json", hf.generation_config)):
-            got = getattr(c, name, None)
+            got = getattr(c, key, None)
             if got != want:
-                problems.append(f"{where} {name} is {got}, tokenizer.model says {want}")
+                problems.append(f"{where} {key} is {got}, {name} says {want}")
     return problems
 
 
 def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable[[], torch.Tensor]],
-                  dtype: torch.dtype, extra_texts: list[str] = ()) -> list[str]:
-    from .tokenizer import PARITY_TEXTS, check_tokenizer_parity
+                  dtype: torch.dtype, extra_texts: list[str] = (), tokenizer_file: Path | None = None) -> list[str]:
+    """``tokenizer_file``: the run's tokenizer (the checkpoint's copy); a Hugging Face tokenizer.json is
+    the reference of the HF parity check. Without it (or for a SentencePiece model) the export's
+    tokenizer.model is the reference."""
+    from data_pipeline.tokenizer import HF, resolve_tokenizer
+
+    from .tokenizer import PARITY_TEXTS, check_hf_tokenizer_parity, check_tokenizer_parity
+
+    hf_json = tokenizer_file is not None and resolve_tokenizer(tokenizer_file).kind == HF
 
     problems: list[str] = []
     try:
@@ -78,7 +88,7 @@ def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable
     except Exception as e:  # any load failure is the finding
         return [f"transformers cannot load the export: {type(e).__name__}: {e}"]
     problems += _check_config(hf.config, cfg)
-    problems += _check_special_ids(model_dir, hf)
+    problems += _check_special_ids(model_dir, hf, hf_json)
 
     # Reference: lmforge's own model with the checkpoint's weights, rounded to the export dtype exactly
     # as the files were, so the logit comparison isolates the architecture mapping from the cast.
@@ -109,7 +119,11 @@ def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable
             if not diff <= LOGIT_ATOL:  # also catches NaN
                 problems.append(f"logits batch {i} {tuple(ids.shape)}: max abs diff {diff:.3g} > {LOGIT_ATOL}")
 
-    problems += check_tokenizer_parity(model_dir, list(PARITY_TEXTS) + list(extra_texts))
+    texts = list(PARITY_TEXTS) + list(extra_texts)
+    if hf_json:
+        problems += check_hf_tokenizer_parity(model_dir, tokenizer_file, texts)
+    else:
+        problems += check_tokenizer_parity(model_dir, texts)
 
     # generate() runs (and exercises HF's KV-cache path): every greedy token must be an argmax of our
     # full-sequence logits up to the logit tolerance (a tie within 1e-4 may legitimately go either way).
