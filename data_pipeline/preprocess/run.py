@@ -74,11 +74,18 @@ def _config(sources: list[Source], tok: dict, settings: Settings, prints: list[s
         "tokenizer": {k: tok[k] for k in ("sha256", "vocab_size", "eos_id", "bos_id", "unk_id", "pad_id")},
         "dtype": optimal_dtype(tok["vocab_size"]).name,
         "fingerprint_method": method,
-        "sources": [
-            {"path": s.path, "format": s.format, "size": s.size, "fingerprint": fp} for s, fp in zip(sources, prints)
-        ],
+        "sources": [_source_record(s, fp) for s, fp in zip(sources, prints)],
         "settings": _settings_record(settings),
     }
+
+
+def _source_record(s: Source, fp: str) -> dict:
+    """A source as recorded; an hf: shard also names its data file when it has one (other sources keep
+    the record of earlier versions, so their outputs stay resumable)."""
+    rec = {"path": s.path, "format": s.format, "size": s.size, "fingerprint": fp}
+    if s.file:
+        rec["file"] = s.file
+    return rec
 
 
 def _settings_record(settings: Settings) -> dict:
