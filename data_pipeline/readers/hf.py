@@ -28,6 +28,11 @@ dataset of more than ``_DIRECT`` shards is first cut into about sqrt(N) contiguo
 first use), and a shard is taken from its block: ``datasets`` documents the contiguous split (the first
 ``N % B`` blocks hold one shard more), so shard I is block J's shard ``I - start(J)``.
 
+Torch: ``datasets`` imports torch whenever it is installed to build every IterableDataset (a shared-
+memory epoch counter for DataLoader workers), which cost each process 1.2 CPU-s and 220 MB here for
+nothing: ``_no_torch`` hides it while this module builds its datasets (the flag is restored after, so
+the rest of the process sees ``datasets`` unchanged).
+
 Exit: Arrow's parquet scanner threads that are still referenced when the interpreter shuts down (by the
 cached datasets, or by garbage cycles) abort the process, ``terminate called without an active
 exception``, exit 134 after all work is done (huggingface/datasets#7566, apache/arrow#45214; here about
@@ -38,11 +43,13 @@ garbage while Arrow is still alive.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import gc
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -74,14 +81,16 @@ class _Dataset:
         """Shard ``index`` as its own IterableDataset (via its block past ``_DIRECT`` shards)."""
         n = self.n
         if n <= _DIRECT:
-            return self.ds.shard(num_shards=n, index=index, contiguous=True)
+            with _no_torch():
+                return self.ds.shard(num_shards=n, index=index, contiguous=True)
         b = math.isqrt(n - 1) + 1  # blocks: ceil(sqrt(n)) <= n
         div, mod = divmod(n, b)  # blocks j < mod hold div + 1 shards, the others div
         j = index // (div + 1) if index < mod * (div + 1) else mod + (index - mod * (div + 1)) // div
         start, size = div * j + min(j, mod), div + (j < mod)
-        if j not in self.blocks:
-            self.blocks[j] = self.ds.shard(num_shards=b, index=j, contiguous=True)
-        return self.blocks[j].shard(num_shards=size, index=index - start, contiguous=True)
+        with _no_torch():
+            if j not in self.blocks:
+                self.blocks[j] = self.ds.shard(num_shards=b, index=j, contiguous=True)
+            return self.blocks[j].shard(num_shards=size, index=index - start, contiguous=True)
 
 
 def parse(spec: str) -> tuple[str, str, str]:
@@ -105,6 +114,23 @@ def split_path(path: str) -> tuple[str, int | None, int]:
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
+@contextlib.contextmanager
+def _no_torch():
+    """Build IterableDatasets without importing torch (see the module docstring)."""
+    import datasets
+
+    cfg = datasets.config
+    old = getattr(cfg, "TORCH_AVAILABLE", None)
+    if old is None or "torch" in sys.modules:
+        yield
+        return
+    cfg.TORCH_AVAILABLE = False
+    try:
+        yield
+    finally:
+        cfg.TORCH_AVAILABLE = old
+
+
 def _release() -> None:
     """(atexit) Join Arrow's scanner threads before the interpreter tears Arrow down."""
     _resolve.cache_clear()
@@ -121,7 +147,8 @@ def _resolve(spec: str) -> _Dataset:
     name, config, split = parse(spec)
     try:
         builder = datasets.load_dataset_builder(name, config or None)
-        ds = builder.as_streaming_dataset(split=split)
+        with _no_torch():
+            ds = builder.as_streaming_dataset(split=split)
     except Exception as e:  # unknown dataset, config or split; offline; no data files: datasets says which
         raise InputError(f"{spec}: cannot open the dataset ({type(e).__name__}: {e})") from None
     data_files = {str(k): v for k, v in (builder.config.data_files or {}).items()}
