@@ -22,7 +22,9 @@ With ``--hf``, the corpus's documents are also written once as ``--hf-files`` JS
 ``--cache``) and the pipeline runs on them twice: given directly, and as a local ``hf:`` dataset (read
 through ``datasets`` streaming, one shard per file); both lines print the run's own tokens/s (from its
 summary: reading to the last shard, without process start-up and input planning) beside the end-to-end
-figure, since ``datasets``' import and data-file resolution cost a fixed second or two.
+figure, since ``datasets``' import and data-file resolution cost a fixed second or two. ``--mpirun N``
+runs that pair again as ``mpirun -n N`` ranks of ``--workers / N`` workers each (pass ``--extra
+"--unit-bytes 2M"`` or so: a corpus in one unit leaves all ranks but one idle).
 
 The machine may be shared, so every figure is the best of ``--repeat`` runs, and the load average is
 printed. The target ratio (>= 0.85) is evaluated against the STRICTEST (fastest) of the raw figures.
@@ -30,7 +32,7 @@ Also printed: tokens per CPU-second (all processes/threads) of each, which a bus
 less than wall time: it shows how much CPU the pipeline spends beyond tokenizing.
 
     python benchmarks/preprocess_throughput.py [--corpora ../shared/corpora] [--vocab 32000] [--double]
-        [--hf] [--hf-files 16] [--repeat 3] [--workers N]
+        [--hf] [--hf-files 16] [--mpirun N] [--repeat 3] [--workers N] [--extra ARGS]
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ sys.path.insert(0, str(ROOT))
 TARGET = 0.85
 
 
-def run_pipeline(inputs: list[str], model: str, out: str, workers: int, extra: list[str]):
+def run_pipeline(inputs: list[str], model: str, out: str, workers: int, extra: list[str], launcher=()):
     """-> (seconds, stdout, peak RSS in KiB of the run's largest process, CPU seconds of the run's
     processes), from wait4."""
-    cmd = [sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", model,
+    cmd = [*launcher, sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", model,
            "--output", out, "--workers", str(workers), "--no-progress", "--overwrite", *extra]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true",
                     help="also run on the corpus as JSON-lines files, given directly and as an hf: dataset")
     ap.add_argument("--hf-files", type=int, default=16, help="JSON-lines files (hf: shards) for --hf")
+    ap.add_argument("--mpirun", type=int, default=0, metavar="N", help="with --hf: also as N MPI ranks")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lmforge_bench"))
     ap.add_argument("--extra", default="", help="extra preprocess arguments, e.g. '--batch-chars 4M'")
     ap.add_argument("--raw-reference", nargs=2, metavar=("MODEL", "INPUTS_JSON"), help=argparse.SUPPRESS)
@@ -144,7 +147,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", *inputs,
                         "--vocab-size", str(args.vocab), "--output", str(model.parent)], cwd=ROOT, check=True)
 
-    runs = [("corpus", inputs)]
+    # (name, inputs, launcher, workers per rank)
+    runs: list[tuple[str, list[str], list[str], int]] = [("corpus", inputs, [], args.workers)]
     if args.double:
         twice = cache / "double"
         if not twice.exists():
@@ -153,13 +157,19 @@ def main() -> None:
                     dst = twice / copy / Path(src.path).relative_to(corpora)
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     dst.symlink_to(Path(src.path).resolve())
-        runs.append(("corpus x2", [str(twice)]))
+        runs.append(("corpus x2", [str(twice)], [], args.workers))
 
     if args.hf:
         jsonl = cache / f"jsonl{args.hf_files}"
         if not jsonl.exists():
             write_jsonl(inputs, jsonl, args.hf_files)
-        runs += [("jsonl files", [str(jsonl)]), ("hf: jsonl files", [f"hf:{jsonl}"])]
+        runs += [(name, inp, [], args.workers) for name, inp in (("jsonl files", [str(jsonl)]),
+                                                                 ("hf: jsonl files", [f"hf:{jsonl}"]))]
+        if args.mpirun:
+            mpirun = Path(sys.executable).with_name("mpirun")
+            launcher = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(args.mpirun)]
+            w = max(1, args.workers // args.mpirun)
+            runs += [(f"{name}, mpirun -n {args.mpirun}", inp, launcher, w) for name, inp, _, _ in runs[-2:]]
 
     load0 = os.getloadavg()
     best: dict[str, dict] = {}
@@ -167,12 +177,13 @@ def main() -> None:
     raw_cpu_best: dict[str, float] = {}
     raw_info: dict = {}
     for _ in range(args.repeat):
-        for name, inp in runs:
-            dt, out, peak_kb, cpu = run_pipeline(inp, str(model), str(cache / "out"), args.workers,
-                                                 ["--valid-fraction", "0.01", *args.extra.split()])
+        for name, inp, launcher, workers in runs:
+            dt, out, peak_kb, cpu = run_pipeline(inp, str(model), str(cache / "out"), workers,
+                                                 ["--valid-fraction", "0.01", *args.extra.split()], launcher)
             toks = int(out.split(" tokens in ")[0].rsplit(" ", 1)[-1].replace(",", ""))
             own = float(out.split(" M tokens/s")[0].rsplit("(", 1)[-1])  # the run's summary line
-            b = best.setdefault(name, {"tokens": toks, "seconds": dt, "peak_kb": peak_kb, "cpu": cpu, "own": own})
+            b = best.setdefault(name, {"tokens": toks, "seconds": dt, "peak_kb": peak_kb, "cpu": cpu, "own": own,
+                                       "workers": workers})
             b["seconds"] = min(b["seconds"], dt)
             b["own"] = max(b["own"], own)
             b["cpu"] = min(b["cpu"], cpu)
@@ -204,7 +215,7 @@ def main() -> None:
     for name, b in best.items():
         rate = b["tokens"] / b["seconds"]
         ratio = rate / ref
-        print(f"pipeline [{name}] ({args.workers} workers, end to end): {b['tokens']:,} tokens in "
+        print(f"pipeline [{name}] ({b['workers']} workers, end to end): {b['tokens']:,} tokens in "
               f"{b['seconds']:.2f}s = {rate / 1e6:.2f} M tokens/s; ratio {ratio:.2f} to the strictest reference "
               f"({'meets' if ratio >= TARGET else 'BELOW'} target {TARGET}), {rate / raw_best['cut']:.2f} to cut "
               f"documents with list output, {rate / raw_best['whole']:.2f} to whole documents; peak RSS "
