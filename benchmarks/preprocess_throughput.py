@@ -18,6 +18,14 @@ Each repeat runs, one after the other, on the same tokenizer and all cores:
   as int32 numpy buffers (``return_type="numpy"``, what the pipeline's workers use: no Python int per
   token, so faster still).
 
+With ``--hf``, the corpus's documents are also written once as ``--hf-files`` JSON-lines files (in
+``--cache``) and the pipeline runs on them twice: given directly, and as a local ``hf:`` dataset (read
+through ``datasets`` streaming, one shard per file); both lines print the run's own tokens/s (from its
+summary: reading to the last shard, without process start-up and input planning) beside the end-to-end
+figure, since ``datasets``' import and data-file resolution cost a fixed second or two. ``--mpirun N``
+runs that pair again as ``mpirun -n N`` ranks of ``--workers / N`` workers each (pass ``--extra
+"--unit-bytes 2M"`` or so: a corpus in one unit leaves all ranks but one idle).
+
 The machine may be shared, so every figure is the best of ``--repeat`` runs, and the load average is
 printed. The target ratio (>= 0.85) is evaluated against the STRICTEST (fastest) of the raw figures.
 Also printed: tokens per CPU-second (all processes/threads) of each, which a busy machine distorts far
@@ -28,7 +36,7 @@ signature scan before tokenizing, see data_pipeline/preprocess/dedup.py); their 
 end-to-end tokens/s against the plain run (tokens written: the corpus has few duplicates).
 
     python benchmarks/preprocess_throughput.py [--corpora ../shared/corpora] [--vocab 32000] [--double]
-        [--repeat 3] [--workers N] [--compare-dedup]
+        [--hf] [--hf-files 16] [--mpirun N] [--repeat 3] [--workers N] [--extra ARGS] [--compare-dedup]
 """
 
 from __future__ import annotations
@@ -48,10 +56,10 @@ sys.path.insert(0, str(ROOT))
 TARGET = 0.85
 
 
-def run_pipeline(inputs: list[str], model: str, out: str, workers: int, extra: list[str]):
+def run_pipeline(inputs: list[str], model: str, out: str, workers: int, extra: list[str], launcher=()):
     """-> (seconds, stdout, peak RSS in KiB of the run's largest process, CPU seconds of the run's
     processes), from wait4."""
-    cmd = [sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", model,
+    cmd = [*launcher, sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", model,
            "--output", out, "--workers", str(workers), "--no-progress", "--overwrite", *extra]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
@@ -95,6 +103,21 @@ def raw_reference(inputs: list[str], model: str, threads: int) -> None:
     print(json.dumps(out))
 
 
+def write_jsonl(inputs: list[str], dst: Path, files: int) -> None:
+    """Every document of ``inputs`` as one JSON line, dealt round-robin into ``files`` files in ``dst``."""
+    from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    outs = [open(tmp / f"part-{i:05d}.jsonl", "w", encoding="utf-8") for i in range(files)]
+    docs = (t for s in expand_inputs(inputs) for k, t, _ in iter_documents(s, ReadOptions()) if k == DOC)
+    for i, text in enumerate(docs):
+        outs[i % files].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    for f in outs:
+        f.close()
+    tmp.rename(dst)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpora", default=str(ROOT.parent / "shared" / "corpora"),
@@ -103,6 +126,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs of each measurement")
     ap.add_argument("--double", action="store_true", help="also run on the corpus twice over (RSS check)")
+    ap.add_argument("--hf", action="store_true",
+                    help="also run on the corpus as JSON-lines files, given directly and as an hf: dataset")
+    ap.add_argument("--hf-files", type=int, default=16, help="JSON-lines files (hf: shards) for --hf")
+    ap.add_argument("--mpirun", type=int, default=0, metavar="N", help="with --hf: also as N MPI ranks")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lmforge_bench"))
     ap.add_argument("--compare-dedup", action="store_true",
                     help="also run with --dedup exact and --dedup minhash (ISSUE12: cost <= 10%% and <= 50%%)")
@@ -126,10 +153,11 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", *inputs,
                         "--vocab-size", str(args.vocab), "--output", str(model.parent)], cwd=ROOT, check=True)
 
-    runs = [("corpus", inputs, [])]
+    # (name, inputs, launcher, workers per rank, extra preprocess arguments)
+    runs: list[tuple[str, list[str], list[str], int, list[str]]] = [("corpus", inputs, [], args.workers, [])]
     if args.compare_dedup:
-        runs += [("corpus --dedup exact", inputs, ["--dedup", "exact"]),
-                 ("corpus --dedup minhash", inputs, ["--dedup", "minhash"])]
+        runs += [("corpus --dedup exact", inputs, [], args.workers, ["--dedup", "exact"]),
+                 ("corpus --dedup minhash", inputs, [], args.workers, ["--dedup", "minhash"])]
     if args.double:
         twice = cache / "double"
         if not twice.exists():
@@ -138,7 +166,19 @@ def main() -> None:
                     dst = twice / copy / Path(src.path).relative_to(corpora)
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     dst.symlink_to(Path(src.path).resolve())
-        runs.append(("corpus x2", [str(twice)], []))
+        runs.append(("corpus x2", [str(twice)], [], args.workers, []))
+
+    if args.hf:
+        jsonl = cache / f"jsonl{args.hf_files}"
+        if not jsonl.exists():
+            write_jsonl(inputs, jsonl, args.hf_files)
+        runs += [(name, inp, [], args.workers, []) for name, inp in (("jsonl files", [str(jsonl)]),
+                                                                     ("hf: jsonl files", [f"hf:{jsonl}"]))]
+        if args.mpirun:
+            mpirun = Path(sys.executable).with_name("mpirun")
+            launcher = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(args.mpirun)]
+            w = max(1, args.workers // args.mpirun)
+            runs += [(f"{name}, mpirun -n {args.mpirun}", inp, launcher, w, []) for name, inp, *_ in runs[-2:]]
 
     load0 = os.getloadavg()
     best: dict[str, dict] = {}
@@ -146,12 +186,16 @@ def main() -> None:
     raw_cpu_best: dict[str, float] = {}
     raw_info: dict = {}
     for _ in range(args.repeat):
-        for name, inp, run_extra in runs:
-            dt, out, peak_kb, cpu = run_pipeline(inp, str(model), str(cache / "out"), args.workers,
-                                                 ["--valid-fraction", "0.01", *args.extra.split(), *run_extra])
+        for name, inp, launcher, workers, run_extra in runs:
+            dt, out, peak_kb, cpu = run_pipeline(inp, str(model), str(cache / "out"), workers,
+                                                 ["--valid-fraction", "0.01", *args.extra.split(), *run_extra],
+                                                 launcher)
             toks = int(out.split(" tokens in ")[0].rsplit(" ", 1)[-1].replace(",", ""))
-            b = best.setdefault(name, {"tokens": toks, "seconds": dt, "peak_kb": peak_kb, "cpu": cpu})
+            own = float(out.split(" M tokens/s")[0].rsplit("(", 1)[-1])  # the run's summary line
+            b = best.setdefault(name, {"tokens": toks, "seconds": dt, "peak_kb": peak_kb, "cpu": cpu, "own": own,
+                                       "workers": workers})
             b["seconds"] = min(b["seconds"], dt)
+            b["own"] = max(b["own"], own)
             b["cpu"] = min(b["cpu"], cpu)
             b["peak_kb"] = max(b["peak_kb"], peak_kb)  # the worst peak: RSS must not depend on luck
         p = subprocess.run([sys.executable, __file__, "--workers", str(args.workers), "--raw-reference",
@@ -181,11 +225,13 @@ def main() -> None:
     for name, b in best.items():
         rate = b["tokens"] / b["seconds"]
         ratio = rate / ref
-        print(f"pipeline [{name}] ({args.workers} workers, end to end): {b['tokens']:,} tokens in "
+        print(f"pipeline [{name}] ({b['workers']} workers, end to end): {b['tokens']:,} tokens in "
               f"{b['seconds']:.2f}s = {rate / 1e6:.2f} M tokens/s; ratio {ratio:.2f} to the strictest reference "
               f"({'meets' if ratio >= TARGET else 'BELOW'} target {TARGET}), {rate / raw_best['cut']:.2f} to cut "
               f"documents with list output, {rate / raw_best['whole']:.2f} to whole documents; peak RSS "
               f"(largest process, worst run) {b['peak_kb'] / 1024:.0f} MiB")
+        print(f"  the run's own figure (reading to the last shard, without start-up and planning): "
+              f"{b['own']:.2f} M tokens/s")
         if name.startswith("corpus --dedup"):
             cost = 1 - best["corpus"]["seconds"] / b["seconds"]
             limit = 0.10 if "exact" in name else 0.50

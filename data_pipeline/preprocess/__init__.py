@@ -7,8 +7,11 @@ Design (why the output is byte-identical for any ``--workers`` and any number of
   ``--unit-bytes`` is cut into byte ranges of ``--unit-bytes``, one unit each, aligned to record
   boundaries by the reader (``readers.ReadRange``), so one 40 GB file spreads over all ranks and workers
   and resumes per range. Compressed files (.gz/.zst cannot seek), text files (one document each: a huge
-  one is streamed in pieces anyway), parquet and hf: sources are never cut. The plan depends only on the
-  inputs and ``--unit-bytes``, never on the worker or rank count (``plan``).
+  one is streamed in pieces anyway) and parquet are never cut. An ``hf:`` dataset is one source per shard
+  of its streaming dataset (for data files, one per file, with its size where local): its shards are
+  grouped, distributed and resumed like files, and their records in shard order are the dataset's
+  (``readers.hf``). The plan depends only on the inputs and ``--unit-bytes``, never on the worker or
+  rank count (``plan``).
 - A unit is read in order, tokenized in batches by a pool of worker threads (or processes, for a
   SentencePiece that holds the GIL: ``encode.resolve_backend``) with results consumed in submission
   order, and written to its own shards ``{split}/shard_{unit:05d}_{part:03d}``; a shard is closed when

@@ -4,6 +4,11 @@ A *unit* is a list of segments: consecutive sources totalling about ``unit_bytes
 range of a big splittable file. The plan depends only on the sources and ``unit_bytes``, never on the
 worker or rank count, and a unit's shards are named by its number: that is why the output bytes do not
 depend on how the work is distributed.
+
+The shards of an ``hf:`` dataset are sources too (``readers.hf``): small ones are grouped like small
+files, and a shard of unknown size (a hub file) is a unit alone, since it may be large (hub datasets
+are typically cut into files of hundreds of MB) and grouping by a size of 0 would put a whole dataset of
+thousands of shards back into one unit.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ Segment = tuple[int, int, int]
 
 def plan_units(sources: list[Source], unit_bytes: int) -> list[list[Segment]]:
     """Group consecutive sources into units of about ``unit_bytes``; a splittable file larger than that
-    becomes one unit per ``unit_bytes`` byte range, any other big file a unit alone."""
+    becomes one unit per ``unit_bytes`` byte range, any other big file (or hf: shard of unknown size) a
+    unit alone."""
     units: list[list[Segment]] = []
     cur: list[Segment] = []
     size = 0
@@ -26,6 +32,12 @@ def plan_units(sources: list[Source], unit_bytes: int) -> list[list[Segment]]:
                 units.append(cur)
                 cur, size = [], 0
             units.extend([(i, lo, min(lo + unit_bytes, s.size))] for lo in range(0, s.size, unit_bytes))
+            continue
+        if s.is_hf and s.size == 0:  # unknown size
+            if cur:
+                units.append(cur)
+                cur, size = [], 0
+            units.append([(i, 0, -1)])
             continue
         if cur and size + s.size > unit_bytes:
             units.append(cur)

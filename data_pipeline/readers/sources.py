@@ -4,6 +4,10 @@
 Formats: ``jsonl`` (also ``.json`` lines and WikiExtractor ``--json`` output), ``wikidoc``
 (WikiExtractor ``<doc ...>`` blocks), ``text`` (one document per file: books), ``parquet``, and
 ``hf`` for ``hf:NAME[:CONFIG][@SPLIT]``. ``auto`` picks by suffix, else by the first bytes.
+
+An ``hf:`` spec expands to one source per shard of its streaming dataset (``hf.shards``), each with its
+data file and size where ``datasets`` resolves one, so a dataset of many files is planned, distributed,
+fingerprinted and resumed like those files given directly.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ class InputError(_CommonInputError):
 
 @dataclass(frozen=True)
 class Source:
-    path: str  # file path as expanded, or "hf:NAME[:CONFIG][@SPLIT]"
+    path: str  # file path as expanded, or "hf:NAME[:CONFIG][@SPLIT]" with "[shard I of N]" when N > 1
     format: str
-    size: int  # bytes on disk (0 for hf:)
+    size: int  # bytes on disk (for hf: the shard's file when local, else 0: unknown)
+    file: str = ""  # hf: the shard's data file, when it is exactly one known file
 
     @property
     def is_hf(self) -> bool:
@@ -138,8 +143,6 @@ def detect_format(path: str) -> str:
 
 
 def _expand_one(spec: str) -> list[str]:
-    if spec.startswith("hf:"):
-        return [spec]
     if os.path.isdir(spec):
         found = sorted(
             str(p)
@@ -160,15 +163,22 @@ def _expand_one(spec: str) -> list[str]:
 
 
 def expand_inputs(specs: list[str], fmt: str = "auto") -> list[Source]:
-    """Files, directories (recursive, sorted) and globs -> ordered, de-duplicated sources."""
+    """Files, directories (recursive, sorted), globs and ``hf:`` datasets (one source per shard) ->
+    ordered, de-duplicated sources."""
     if fmt not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
-    paths = dict.fromkeys(p for spec in specs for p in _expand_one(spec))  # ordered set
-    return [
-        Source(p, "hf", 0) if p.startswith("hf:")
-        else Source(p, detect_format(p) if fmt == "auto" else fmt, os.path.getsize(p))
-        for p in paths
-    ]
+    sources: dict[str, Source] = {}  # ordered set, by path
+    for spec in specs:
+        if spec.startswith("hf:"):
+            from . import hf  # imports datasets: only when needed
+
+            for sh in hf.shards(spec):
+                sources.setdefault(sh.path, Source(sh.path, "hf", sh.size, sh.file))
+            continue
+        for p in _expand_one(spec):
+            if p not in sources:
+                sources[p] = Source(p, detect_format(p) if fmt == "auto" else fmt, os.path.getsize(p))
+    return list(sources.values())
 
 
 def fingerprint(src: Source, method: str = "sampled", samples: int = 16, block: int = 1 << 16) -> str:
@@ -179,13 +189,22 @@ def fingerprint(src: Source, method: str = "sampled", samples: int = 16, block: 
     double the I/O of a 40 GB run; sampled blocks catch truncation, appends and replaced files, which is
     what resume checks need, but not an edit that keeps the size and misses every block.
     ``full``: sha256 of the path, the size and every byte (streamed), for a guarantee.
+    An ``hf:`` shard with a local data file is fingerprinted by that file's bytes the same way (and its
+    name); one with a remote file by the file's URL (which holds the dataset's commit); any other by the
+    dataset's resolved data files (``hf.identity``).
     """
     if method not in FINGERPRINT_METHODS:
         raise InputError(f"unknown fingerprint method {method!r}; choose from {', '.join(FINGERPRINT_METHODS)}")
     h = hashlib.sha256(f"{src.path}|{src.size}|".encode())
+    data = src.path
     if src.is_hf:
-        return h.hexdigest()
-    with open(src.path, "rb") as f:
+        from . import hf
+
+        h.update(f"{src.file}|".encode() if src.file else hf.identity(src.path).encode())
+        if not (src.file and os.path.isfile(src.file)):
+            return h.hexdigest()
+        data = src.file
+    with open(data, "rb") as f:
         if method == "full" or src.size <= samples * block:
             while chunk := f.read(1 << 22):
                 h.update(chunk)

@@ -1,6 +1,6 @@
 """preprocess end to end with real SentencePiece on real text (tests/data/corpus and the demo's sample
 corpus): determinism across workers and MPI ranks, exact chunked tokenization, bad-input accounting,
-resume after kill -9."""
+resume after kill -9; the same for a local hf: dataset of several files, read in units of its shards."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from data_pipeline.manifest import load_manifest, shard_prefixes
 from data_pipeline.preprocess import BACKEND_ENV, resolve_backend, split_exact
 from data_pipeline.readers import DOC, ReadOptions, expand_inputs, fingerprint, iter_documents
 from data_pipeline.tools import merge, verify
+from tests.helpers.hfdata import corpus_documents, write_jsonl_dir
 from tests.helpers.paths import BIN, CORPUS, ROOT, SAMPLE
 from tests.helpers.process import child_env, run_cmd
 
@@ -34,6 +35,20 @@ INPUTS = [
     SAMPLE / "books/pg1952.txt", CORPUS / "books/1342-0.txt", CORPUS / "books/74-0.txt",
     SAMPLE / "wikipedia", CORPUS / "wikipedia/WikiTasks/AA/wiki_00", CORPUS / "wikipedia/zhwiki",
 ]
+
+
+# A local hf: dataset: the documents of these inputs (650 KB) in 8 JSON-lines files, one shard each.
+HF_INPUTS = [CORPUS / "wikipedia/Wikipedia_Json2conll", CORPUS / "wikipedia/zhwiki", CORPUS / "wikipedia/WikiTasks",
+             SAMPLE / "books/pg1952.txt"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    records = [{"text": t} for t in corpus_documents(HF_INPUTS)]
+    records.insert(len(records) // 2, {"text": ""})  # counted as skipped, at its file:row
+    out = tmp_path_factory.mktemp("hf") / "dataset"
+    write_jsonl_dir(out, records, 8)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +288,47 @@ def test_inspect_verify_merge(tok, tmp_path):
     assert p.returncode == 1 and "sha256 mismatch" in p.stderr
 
 
+def test_hf_dataset_read_in_shard_units(tok, hf_dir, tmp_path):
+    """hf:DIR of 8 JSON-lines files is 8 sources (one per shard) planned into several units: the same bytes
+    for 1 and 2 workers; the same shards, counts and skip locations as the same files given directly; the
+    same token stream as one unit holding every shard; a changed file is refused on a rerun."""
+    spec = f"hf:{hf_dir}"
+    for name, workers in (("w1", "1"), ("w2", "2")):
+        preprocess(tok, tmp_path / name, "--workers", workers, "--unit-bytes", "200k", inputs=[spec])
+    same_tree(tmp_path / "w1", tmp_path / "w2")
+    assert _finished_units(tmp_path / "w2") >= 3
+    preprocess(tok, tmp_path / "direct", "--workers", "2", "--unit-bytes", "200k", inputs=[hf_dir])
+    preprocess(tok, tmp_path / "one", "--workers", "2", "--unit-bytes", "1G", inputs=[spec])
+    assert _finished_units(tmp_path / "one") == 1
+    m, direct = load_manifest(tmp_path / "w2"), load_manifest(tmp_path / "direct")
+    files = sorted(hf_dir.iterdir())
+    assert [(src["path"], src["file"], src["size"]) for src in m["sources"]] == \
+        [(f"{spec}[shard {i} of 8]", str(f), f.stat().st_size) for i, f in enumerate(files)]
+    assert m["splits"] == direct["splits"]  # shard files listed with their sha256s: byte-identical
+    for key in ("records", "skipped", "skip_examples", "totals"):
+        assert m[key] == direct[key], key
+    assert m["skipped"] == {"empty": 1} and m["skip_examples"]["empty"][0].startswith(str(hf_dir / "part-0000"))
+    for split, toks in token_stream(tmp_path / "one").items():
+        assert np.array_equal(toks, token_stream(tmp_path / "w2")[split]), split
+    assert verify(tmp_path / "w2") == []
+    with open(files[5], "a") as f:
+        f.write('{"text": "one more document"}\n')
+    p = preprocess(tok, tmp_path / "w2", "--unit-bytes", "200k", inputs=[spec], check=False)
+    assert p.returncode == 2 and f"input {spec}[shard 5 of 8] changed" in p.stderr
+
+
 @pytest.mark.slow
 def test_mpirun_2_ranks_byte_identical(tok, tmp_path):
     preprocess(tok, tmp_path / "one", "--workers", "1")
     preprocess(tok, tmp_path / "mpi", "--workers", "1", launcher=[BIN / "mpirun", "-n", "2"])
+    same_tree(tmp_path / "one", tmp_path / "mpi")
+
+
+@pytest.mark.slow
+def test_hf_dataset_mpirun_2_ranks_byte_identical(tok, hf_dir, tmp_path):
+    for name, launcher in (("one", []), ("mpi", [BIN / "mpirun", "-n", "2"])):
+        preprocess(tok, tmp_path / name, "--workers", "1", "--unit-bytes", "200k", inputs=[f"hf:{hf_dir}"],
+                   launcher=launcher)
     same_tree(tmp_path / "one", tmp_path / "mpi")
 
 
@@ -290,7 +342,16 @@ def test_kill_9_and_resume_is_byte_identical(tok, tmp_path):
     byte-identical to an uninterrupted run. Every file of the test corpora (2.8 MB) in 100 KB units; each
     run is killed a random moment after a random number of its units finished (watching the unit state
     files, not a clock: a busy machine must not let the run finish first), so others are in flight."""
-    inputs = [*INPUTS, SAMPLE / "books", CORPUS / "books", CORPUS / "wikipedia"]
+    _kill_9_and_resume([*INPUTS, SAMPLE / "books", CORPUS / "books", CORPUS / "wikipedia"], tok, tmp_path)
+
+
+@pytest.mark.slow
+def test_hf_dataset_kill_9_and_resume_is_byte_identical(tok, hf_dir, tmp_path):
+    """The same for hf:DIR, whose 8 shards are 8 units of 100 KB: resumed per shard."""
+    _kill_9_and_resume([f"hf:{hf_dir}"], tok, tmp_path)
+
+
+def _kill_9_and_resume(inputs: list, tok: Path, tmp_path: Path) -> None:
     cmd = [PY, "-m", "data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
            "--no-progress", "--unit-bytes", "100k", "--max-shard-bytes", "300k", "--valid-fraction", "0.05",
            "--workers", "2"]

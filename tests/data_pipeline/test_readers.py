@@ -20,11 +20,14 @@ from data_pipeline.readers import (
     ReadRange,
     Source,
     expand_inputs,
+    fingerprint,
     iter_documents,
 )
+from data_pipeline.readers import hf as hf_reader
 from data_pipeline.readers import lines as reader_lines
 from data_pipeline.readers import text as text_reader
 from data_pipeline.readers import wikidoc as wikidoc_reader
+from tests.helpers.hfdata import corpus_documents, write_jsonl_dir
 from tests.helpers.paths import CORPUS, SAMPLE
 
 
@@ -138,6 +141,62 @@ def test_expand_inputs_dirs_globs_and_errors(tmp_path):
     assert [s.format for s in srcs] == ["wikidoc", "jsonl", "text", "wikidoc", "text", "text", "text"]
     with pytest.raises(InputError, match="no such file"):
         expand_inputs([str(tmp_path / "missing.jsonl")])
+
+
+@pytest.mark.parametrize("direct", [64, 2])  # ds.shard on the whole dataset; via sqrt(N) blocks
+def test_hf_dataset_is_read_per_shard(tmp_path, monkeypatch, direct):
+    """An hf: directory of 7 JSON-lines files is 7 sources, one per shard, each knowing its file and size;
+    their items in order are the whole dataset's (as one reader reads it) and the files' own, at
+    ``file:row``. A bad JSON line ends its shard in one read_error; the other shards are read; a changed
+    file changes its shard's fingerprint only."""
+    monkeypatch.setattr(hf_reader, "_DIRECT", direct)
+    hf_reader._resolve.cache_clear()
+    docs = corpus_documents([CORPUS / "wikipedia/Wikipedia_Json2conll", CORPUS / "wikipedia/zhwiki"])
+    records = [{"text": t} for t in docs] + [{"text": ""}, {"text": "last one"}]
+    files = write_jsonl_dir(tmp_path / "ds", records, 7)
+    spec = f"hf:{tmp_path / 'ds'}"
+    srcs = expand_inputs([spec, spec])  # listed once
+    assert [s.path for s in srcs] == [f"{spec}[shard {i} of 7]" for i in range(7)]
+    assert [(s.format, s.file, s.size) for s in srcs] == [("hf", str(f), f.stat().st_size) for f in files]
+    shards = [it for s in srcs for it in iter_documents(s, ReadOptions())]
+    direct_items = [it for f in files for it in iter_documents(expand_inputs([str(f)])[0], ReadOptions())]
+    assert shards == direct_items  # jsonl has no blank lines here: row = line
+    assert [(k, t) for k, t, _ in hf_reader.read(spec, ReadOptions())] == [(k, t) for k, t, _ in shards]
+    assert [k for k, _, _ in shards].count(DOC) == len(docs) + 1 and shards[-2][1] == "empty"
+    assert shards[0][2] == f"{files[0]}:1" and shards[-1][2] == f"{files[-1]}:{len(files[-1].read_text().splitlines())}"
+
+    prints = [fingerprint(s) for s in srcs]
+    lines = files[3].read_bytes().splitlines(keepends=True)
+    files[3].write_bytes(lines[0] + b"{oops\n" + b"".join(lines[1:]))
+    hf_reader._resolve.cache_clear()
+    srcs2 = expand_inputs([spec])
+    assert [fingerprint(s) for s in srcs2] != prints and [fingerprint(s) for s in srcs2[:3]] == prints[:3]
+    # The json builder parses a file in blocks: the error loses the block (here the whole small file).
+    (item,) = iter_documents(srcs2[3], ReadOptions())
+    assert item[:2] == (SKIP, "read_error") and item[2].startswith(f"{files[3]}:1 (ArrowInvalid: JSON parse error")
+    assert [it for s in srcs2[4:] for it in iter_documents(s, ReadOptions())] == \
+        [it for s in srcs[4:] for it in iter_documents(s, ReadOptions())]
+
+
+def test_hf_single_shard_and_bad_specs(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one/data.jsonl").write_text('{"text": "alpha"}\n{"text": "beta"}\n')
+    spec = f"hf:{tmp_path / 'one'}"
+    (src,) = expand_inputs([spec + "@train"])
+    assert (src.path, src.file) == (spec + "@train", str(tmp_path / "one/data.jsonl"))
+    assert list(iter_documents(src, ReadOptions())) == [
+        (DOC, "alpha", f"{tmp_path / 'one/data.jsonl'}:1"), (DOC, "beta", f"{tmp_path / 'one/data.jsonl'}:2")]
+    for bad, message in [
+        ("hf:", "no dataset name"),
+        ("hf::cfg@train", "no dataset name"),
+        (spec + "@", "empty split"),
+        (spec + "@validation", "cannot open the dataset"),
+        (f"hf:{tmp_path / 'missing'}", "cannot open the dataset"),
+        (spec + "[shard 0 of 1]", "name a whole dataset"),
+    ]:
+        with pytest.raises(InputError, match=message) as e:
+            expand_inputs([bad])
+        assert str(e.value).startswith(bad + ":")
 
 
 def _read_in_ranges(path, unit: int, **opts) -> list:
