@@ -9,7 +9,8 @@ Two passes. The tokenizing pass must know, when it reaches a document, whether a
    (atomically; zip CRCs catch a damaged file, which is then scanned again). A document's id is
    ``unit << 32 | k`` for the k-th candidate of its unit, so ids sort in input order. Ranks scan the
    units they will tokenize, so no rank needs another's files (no shared filesystem is assumed); units
-   are scanned in parallel by ``--workers`` processes.
+   are scanned in parallel by ``--workers`` processes (whole units each when there are enough, else
+   the batches of one unit while this process reads it).
 2. **Exchange** (MPI collectives, only keys and ids, never texts): signatures are partitioned by key
    over the ranks (``alltoall``); each rank groups equal keys and emits an edge from every member of a
    group to its smallest id; rank 0 joins the edges into clusters (union-find, memory bounded by the
@@ -55,6 +56,7 @@ import multiprocessing as mp
 import sys
 import unicodedata
 import zipfile
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +76,8 @@ MINHASH_SEED = 1
 DEFAULT_PERM = 112
 DEFAULT_THRESHOLD = 0.72
 LIST_DIR = "duplicates"  # OUT/duplicates/unit_NNNNN.tsv: every removed duplicate and what it duplicates
-_SIG_BATCH = 512  # documents per rensa call, at most
-_SIG_BATCH_SHINGLES = 65536  # shingles per rensa call, at most (bounds the memory of a batch of books)
+_SIG_BATCH = 512  # documents per signature batch, at most
+_SIG_BATCH_CHARS = 1 << 20  # characters per signature batch, at most (bounds the memory of a batch of books)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,41 +191,62 @@ def _iter_candidates(sources: list[Source], segments: list[Segment], settings: S
                 yield text, loc
 
 
-def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segment], settings: Settings) -> int:
-    """Compute and save the signatures of ``unit``'s candidates; returns the input bytes scanned."""
+def _signature_batch(texts: list[str], exact: bool, ngram: int, perm: int) -> tuple[bytes, np.ndarray | None]:
+    """The exact keys (concatenated) and MinHash signatures (n, perm) of a batch of candidates."""
+    keys = b"".join(exact_key(t) for t in texts) if exact else b""
+    if not perm:
+        return keys, None
+    import rensa
+
+    sets = [shingles(t, ngram) for t in texts]
+    rows = rensa.RMinHash.digest_matrix_from_token_sets(sets, perm, MINHASH_SEED).to_rows()
+    return keys, np.asarray(rows, dtype=np.uint32).reshape(len(texts), perm)
+
+
+def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segment], settings: Settings,
+              pool=None, workers: int = 1) -> int:
+    """Compute and save the signatures of ``unit``'s candidates; returns the input bytes scanned. With a
+    process ``pool`` this process reads and ``workers`` processes hash, batch by batch (bounded read-ahead);
+    without, everything happens here."""
     exact, minhash = "exact" in settings.dedup, "minhash" in settings.dedup
-    perm = settings.minhash_bands * settings.minhash_rows
+    perm = settings.minhash_bands * settings.minhash_rows if minhash else 0
     keys: list[bytes] = []
     sigs: list[np.ndarray] = []
-    pending: list[list[str]] = []
-    held = 0  # shingles in pending
     paths: dict[str, int] = {}
     pidx: list[int] = []
     lines: list[int] = []
     ranges: list[ReadRange] = []
+    inflight: deque = deque()
+    args = (exact, settings.minhash_ngram, perm)
 
-    def flush() -> None:
-        nonlocal held
-        import rensa
+    def submit(batch: list[str]) -> None:
+        if pool is None:
+            collect(_signature_batch(batch, *args))
+            return
+        inflight.append(pool.apply_async(_signature_batch, (batch, *args)))
+        while len(inflight) > 2 * workers:
+            collect(inflight.popleft().get())
 
-        rows = rensa.RMinHash.digest_matrix_from_token_sets(pending, perm, MINHASH_SEED).to_rows()
-        sigs.append(np.asarray(rows, dtype=np.uint32).reshape(len(pending), perm))
-        pending.clear()
-        held = 0
+    def collect(result: tuple[bytes, np.ndarray | None]) -> None:
+        keys.append(result[0])
+        if result[1] is not None:
+            sigs.append(result[1])
 
+    batch: list[str] = []
+    held = 0  # characters (exact) or words (minhash shingles) in the batch: bounds its memory
     for text, loc in _iter_candidates(sources, segments, settings, ranges):
         path, _, line = loc.rpartition(":")
         pidx.append(paths.setdefault(path, len(paths)))
         lines.append(int(line))
-        if exact:
-            keys.append(exact_key(text))
-        if minhash:
-            pending.append(shingles(text, settings.minhash_ngram))
-            held += len(pending[-1])
-            if len(pending) >= _SIG_BATCH or held >= _SIG_BATCH_SHINGLES:
-                flush()
-    if pending:
-        flush()
+        batch.append(text)
+        held += len(text)
+        if len(batch) >= _SIG_BATCH or held >= _SIG_BATCH_CHARS:
+            submit(batch)
+            batch, held = [], 0
+    if batch:
+        submit(batch)
+    while inflight:
+        collect(inflight.popleft().get())
     n = len(lines)
     arrays = {
         "path_index": np.asarray(pidx, dtype=np.int32),
@@ -279,18 +302,23 @@ def scan_units(out: Path, sources: list[Source], units: list[list[Segment]], min
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"dedup-scan[r{rank}]" if rank else "dedup-scan",
                    file=sys.stderr, mininterval=0.5)
     jobs = [(out, sources, u, units[u], settings) for u in todo]
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     try:
-        if workers > 1 and len(todo) > 1:
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ctx.Pool(min(workers, len(todo))) as pool:
+        if workers > 1 and len(todo) >= workers:  # units in parallel: each process reads and hashes one
+            with ctx.Pool(workers) as pool:
                 for n in pool.imap(_scan_job, jobs):
                     if bar is not None:
                         bar.update(n)
-        else:
-            for job in jobs:
-                n = _scan_job(job)
-                if bar is not None:
-                    bar.update(n)
+        else:  # fewer units than workers: this process reads, the workers hash its batches
+            pool = ctx.Pool(workers) if workers > 1 else None
+            try:
+                for job in jobs:
+                    n = scan_unit(*job, pool=pool, workers=workers)
+                    if bar is not None:
+                        bar.update(n)
+            finally:
+                if pool is not None:
+                    pool.terminate()
     finally:
         if bar is not None:
             bar.close()
