@@ -84,14 +84,16 @@ _SIG_BATCH_CHARS = 1 << 20  # characters per signature batch, at most (bounds th
 # What a document is (shared with the tokenizing pass, which must count candidates identically)
 
 
-def screen(kind: int, text: str, loc: str, filters: tuple[str, ...]) -> tuple[int, str, int]:
+def screen(kind: int, text: str, loc: str, filters: tuple[str, ...], hashed: bool = True) -> tuple[int, str, int]:
     """An item as the pipeline treats it: ``(kind, text or skip reason, hash of the whole document)``.
     A document with unencodable text (lone surrogates from a JSON escape) or removed by a quality rule
-    becomes a ``SKIP``. Every ``DOC`` that comes out is a deduplication candidate."""
+    becomes a ``SKIP``. Every ``DOC`` that comes out is a deduplication candidate. ``hashed=False``: the
+    same verdicts without the hash (0), for the scan."""
     if kind == SKIP:
         return kind, text, 0
     try:
-        h = doc_hash(text.encode("utf-8"))
+        raw = text.encode("utf-8")
+        h = doc_hash(raw) if hashed else 0
     except UnicodeEncodeError:
         if kind != DOC:  # part of a streamed document: cannot drop just a piece
             raise PipelineError(f"{loc}: unencodable text inside a streamed document") from None
@@ -114,7 +116,9 @@ def parse_modes(spec: str) -> tuple[str, ...]:
 
 def normalize_exact(text: str) -> str:
     """NFC, whitespace runs -> one space, stripped: what "equal" means for ``--dedup exact``."""
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    if not text.isascii():  # (ASCII is its own NFC)
+        text = unicodedata.normalize("NFC", text)
+    return " ".join(text.split())
 
 
 def exact_key(text: str) -> bytes:
@@ -186,7 +190,7 @@ def _iter_candidates(sources: list[Source], segments: list[Segment], settings: S
         if rng is not None:
             ranges.append(rng)
         for kind, text, loc in iter_documents(sources[si], opts, rng):
-            kind, text, _ = screen(kind, text, loc, settings.filters)
+            kind, text, _ = screen(kind, text, loc, settings.filters, hashed=False)
             if kind == DOC:
                 yield text, loc
 
