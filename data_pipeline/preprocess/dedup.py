@@ -9,8 +9,8 @@ Two passes. The tokenizing pass must know, when it reaches a document, whether a
    (atomically; zip CRCs catch a damaged file, which is then scanned again). A document's id is
    ``unit << 32 | k`` for the k-th candidate of its unit, so ids sort in input order. Ranks scan the
    units they will tokenize, so no rank needs another's files (no shared filesystem is assumed); units
-   are scanned in parallel by ``--workers`` processes (whole units each when there are enough, else
-   the batches of one unit while this process reads it).
+   are scanned in parallel by ``--workers`` processes (whole units each when there are enough, else a
+   unit's sources, or the batches of a one-source unit while this process reads it).
 2. **Exchange** (MPI collectives, only keys and ids, never texts): signatures are partitioned by key
    over the ranks (``alltoall``); each rank groups equal keys and emits an edge from every member of a
    group to its smallest id; rank 0 joins the edges into clusters (union-find, memory bounded by the
@@ -207,11 +207,10 @@ def _signature_batch(texts: list[str], exact: bool, ngram: int, perm: int) -> tu
     return keys, np.asarray(rows, dtype=np.uint32).reshape(len(texts), perm)
 
 
-def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segment], settings: Settings,
-              pool=None, workers: int = 1) -> int:
-    """Compute and save the signatures of ``unit``'s candidates; returns the input bytes scanned. With a
-    process ``pool`` this process reads and ``workers`` processes hash, batch by batch (bounded read-ahead);
-    without, everything happens here."""
+def _scan(sources: list[Source], segments: list[Segment], settings: Settings, pool=None, workers: int = 1) -> dict:
+    """The candidates of ``segments`` in order: their locations, exact keys and MinHash signatures. With
+    a process ``pool`` this process reads and ``workers`` processes hash, batch by batch (bounded
+    read-ahead); without, everything happens here."""
     exact, minhash = "exact" in settings.dedup, "minhash" in settings.dedup
     perm = settings.minhash_bands * settings.minhash_rows if minhash else 0
     keys: list[bytes] = []
@@ -223,6 +222,11 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
     inflight: deque = deque()
     args = (exact, settings.minhash_ngram, perm)
 
+    def collect(result: tuple[bytes, np.ndarray | None]) -> None:
+        keys.append(result[0])
+        if result[1] is not None:
+            sigs.append(result[1])
+
     def submit(batch: list[str]) -> None:
         if pool is None:
             collect(_signature_batch(batch, *args))
@@ -231,13 +235,8 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
         while len(inflight) > 2 * workers:
             collect(inflight.popleft().get())
 
-    def collect(result: tuple[bytes, np.ndarray | None]) -> None:
-        keys.append(result[0])
-        if result[1] is not None:
-            sigs.append(result[1])
-
     batch: list[str] = []
-    held = 0  # characters (exact) or words (minhash shingles) in the batch: bounds its memory
+    held = 0  # characters in the batch: bounds its memory
     for text, loc in _iter_candidates(sources, segments, settings, ranges):
         path, _, line = loc.rpartition(":")
         pidx.append(paths.setdefault(path, len(paths)))
@@ -251,19 +250,44 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
         submit(batch)
     while inflight:
         collect(inflight.popleft().get())
-    n = len(lines)
+    return {"paths": list(paths), "pidx": pidx, "lines": lines, "keys": b"".join(keys),
+            "sigs": np.concatenate(sigs) if sigs else np.zeros((0, perm), np.uint32),
+            "range_lines": ranges[0].lines if ranges else 0, "relative": bool(ranges and ranges[0].start > 0)}
+
+
+def _scan_segment(args: tuple) -> dict:
+    source, segment, settings = args
+    return _scan([source], [(0, segment[1], segment[2])], settings)
+
+
+def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segment], settings: Settings,
+              pool=None, workers: int = 1) -> int:
+    """Compute and save the signatures of ``unit``'s candidates; returns the input bytes scanned. With a
+    process ``pool``, a unit of several sources is read and hashed a source per worker (results merged in
+    order), a unit of one source is read here and hashed by the workers."""
+    if pool is not None and len(segments) > 1:
+        parts = pool.map(_scan_segment, [(sources[si], (si, lo, hi), settings) for si, lo, hi in segments])
+        paths: dict[str, int] = {}
+        r = {"pidx": [], "lines": [], "keys": b"".join(p["keys"] for p in parts),
+             "sigs": np.concatenate([p["sigs"] for p in parts]), "range_lines": 0, "relative": False}
+        for p in parts:
+            remap = [paths.setdefault(name, len(paths)) for name in p["paths"]]
+            r["pidx"].extend(remap[i] for i in p["pidx"])
+            r["lines"].extend(p["lines"])
+        r["paths"] = list(paths)
+    else:
+        r = _scan(sources, segments, settings, pool, workers)
+    n = len(r["lines"])
     arrays = {
-        "path_index": np.asarray(pidx, dtype=np.int32),
-        "line": np.asarray(lines, dtype=np.int64),
-        "meta": np.asarray(json.dumps({
-            "paths": list(paths), "range_lines": ranges[0].lines if ranges else 0,
-            "relative": bool(ranges and ranges[0].start > 0), "candidates": n,
-        })),
+        "path_index": np.asarray(r["pidx"], dtype=np.int32),
+        "line": np.asarray(r["lines"], dtype=np.int64),
+        "meta": np.asarray(json.dumps({"paths": r["paths"], "range_lines": r["range_lines"],
+                                       "relative": r["relative"], "candidates": n})),
     }
-    if exact:
-        arrays["exact"] = np.frombuffer(b"".join(keys), dtype=np.uint64).reshape(n, 2)
-    if minhash:
-        arrays["minhash"] = np.concatenate(sigs) if sigs else np.zeros((0, perm), np.uint32)
+    if "exact" in settings.dedup:
+        arrays["exact"] = np.frombuffer(r["keys"], dtype=np.uint64).reshape(n, 2)
+    if "minhash" in settings.dedup:
+        arrays["minhash"] = r["sigs"]
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(sig_path(out, unit), buf.getvalue())
@@ -313,7 +337,7 @@ def scan_units(out: Path, sources: list[Source], units: list[list[Segment]], min
                 for n in pool.imap(_scan_job, jobs):
                     if bar is not None:
                         bar.update(n)
-        else:  # fewer units than workers: this process reads, the workers hash its batches
+        else:  # fewer units than workers: the workers share each unit (by source, or by batch)
             pool = ctx.Pool(workers) if workers > 1 else None
             try:
                 for job in jobs:
