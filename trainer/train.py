@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 import time
 
@@ -329,5 +330,23 @@ def main(argv=None) -> int:
     return run_cli(lambda: train(load_config(args.config, args.overrides)), prog="trainer.train")
 
 
+def exit_skipping_teardown(rc: int) -> None:
+    """Leave the process without the interpreter's teardown, after a run that ended cleanly (metrics and
+    TensorBoard closed, checkpoints written and fsynced, process group destroyed). The teardown destroys
+    C++ objects of torch, gloo and DeepSpeed whose threads can still be joinable: now and then a rank
+    that had finished everything aborted there ("terminate called without an active exception", signal
+    6; seen in the suite's 2-rank deepspeed and mpirun runs, about 1 run in 50-100), and its launcher
+    reported the finished run as failed."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0:
+        exit_skipping_teardown(0)
+    sys.exit(code)
