@@ -339,6 +339,9 @@ def exit_skipping_teardown(rc: int) -> None:
     reported the finished run as failed."""
     import logging
 
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: finalize, or MPICH leaves its /dev/shm segment
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
