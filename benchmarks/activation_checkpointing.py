@@ -36,24 +36,24 @@ MODES = ("off", "every2", "every1", "deepspeed")
 def child(mode: str, preset: str, seq_len: int, batch: int, grads_out: str) -> dict:
     import torch
 
-    from model import LlamaForCausalLM, get_preset
+    from lmforge.model import build_model, get_preset
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(get_preset(preset)).train()
+    model = build_model(get_preset(preset)).train()
     if mode == "deepspeed":
         import deepspeed
 
-        from trainer import distributed, parallelize
+        from lmforge.trainer.parallel import distributed, transforms
 
         # Swap the trainer's checkpoint function for DeepSpeed's (the model itself never imports DeepSpeed).
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
         distributed.init()  # deepspeed.checkpointing.configure() asks for the rank
         deepspeed.checkpointing.configure(None, partition_activations=False, checkpoint_in_cpu=False)
-        parallelize.checkpoint = lambda fn, *args, use_reentrant=False: deepspeed.checkpointing.checkpoint(fn, *args)
-        parallelize.apply_activation_checkpointing(model, 1)
+        transforms.checkpoint = lambda fn, *args, use_reentrant=False: deepspeed.checkpointing.checkpoint(fn, *args)
+        transforms.apply_activation_checkpointing(model, 1)
     else:
-        from trainer.parallelize import apply_activation_checkpointing
+        from lmforge.trainer.parallel.transforms import apply_activation_checkpointing
 
         apply_activation_checkpointing(model, {"off": 0, "every2": 2, "every1": 1}[mode])
     gen = torch.Generator().manual_seed(1)

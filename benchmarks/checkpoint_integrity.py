@@ -23,21 +23,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import PRESETS, LlamaForCausalLM, get_preset, num_params  # noqa: E402
-from trainer import (
-    deepspeed_compat,  # noqa: E402
-    distributed,  # noqa: E402
-)
-from trainer.checkpoint.background import BackgroundWriter  # noqa: E402
-from trainer.checkpoint.integrity import check_files, record_files  # noqa: E402
-from trainer.config import RunConfig  # noqa: E402
-from trainer.ds_config import build_ds_config  # noqa: E402
-from trainer.engine import param_groups  # noqa: E402
+from lmforge.model import all_presets, build_model, get_preset, num_params  # noqa: E402
+from lmforge.trainer.checkpoint.background import BackgroundWriter  # noqa: E402
+from lmforge.trainer.checkpoint.integrity import check_files, record_files  # noqa: E402
+from lmforge.trainer.config import RunConfig  # noqa: E402
+from lmforge.trainer.parallel import deepspeed_compat, distributed  # noqa: E402
+from lmforge.trainer.parallel.ds_config import build_ds_config  # noqa: E402
+from lmforge.trainer.parallel.engine import param_groups  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="350m", choices=list(PRESETS))
+    ap.add_argument("--preset", default="350m", choices=list(all_presets()))
     ap.add_argument("--dir", default="/tmp/lmforge_ckpt_bench", help="scratch directory (removed at the end)")
     a = ap.parse_args()
     import deepspeed
@@ -49,7 +46,7 @@ def main() -> int:
     cfg = RunConfig()
     cfg.train.micro_batch_size, cfg.train.precision, cfg.parallel.zero_stage = 1, "fp32", 1
     mcfg = get_preset(a.preset, vocab_size=32000)
-    model = LlamaForCausalLM(mcfg)
+    model = build_model(mcfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1),
                                       config=build_ds_config(cfg, 1, "fp32", mcfg.hidden_size))
     x = torch.randint(0, 32000, (1, 64))

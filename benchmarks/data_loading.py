@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_pipeline.gpt_dataset import PackedDataset, _blend_indices  # noqa: E402
-from data_pipeline.indexed_dataset import IndexedDatasetWriter  # noqa: E402
-from trainer.batching import DistributedSampleIterator, make_batch  # noqa: E402
+from lmforge.data_pipeline.gpt_dataset import PackedDataset, _blend_indices  # noqa: E402
+from lmforge.data_pipeline.indexed_dataset import IndexedDatasetWriter  # noqa: E402
+from lmforge.trainer.batching import DistributedSampleIterator, make_batch  # noqa: E402
 
 
 def timed(label: str, fn):

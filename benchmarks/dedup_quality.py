@@ -5,7 +5,7 @@ Wikipedia and Gutenberg books) is read as given, followed by one JSON-lines file
 its documents (``tests/helpers/planted.py``: exact copies re-spaced and in NFD, 1/3/5% of words edited,
 paragraphs reordered, a different header line; ``--per-kind`` of each). Then
 
-    python -m data_pipeline preprocess --dedup exact,minhash [--minhash-threshold T] ...
+    python -m lmforge.data_pipeline preprocess --dedup exact,minhash [--minhash-threshold T] ...
 
 runs on it, and every removed document (``OUT/duplicates/*.tsv``) is compared with the document kept
 for it, by the true 5-gram Jaccard similarity that MinHash estimates:
@@ -43,8 +43,8 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lmforge_bench"))
     args = ap.parse_args()
 
-    from data_pipeline.preprocess.dedup import detection_probability, normalize_exact
-    from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+    from lmforge.data_pipeline.preprocess.dedup import detection_probability, normalize_exact
+    from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
     from tests.helpers.planted import KINDS, jaccard, plant
 
     corpora = Path(args.corpora)
@@ -53,7 +53,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     model = cache / "tok8000" / "tokenizer.model"
     if not model.exists():
-        subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", *inputs,
+        subprocess.run([sys.executable, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", *inputs,
                         "--vocab-size", "8000", "--output", str(model.parent)], cwd=ROOT, check=True)
     text_at: dict[str, str] = {}
     docs: list[str] = []
@@ -72,7 +72,7 @@ def main() -> None:
     out = cache / "dedup_out"
     extra = [] if args.threshold is None else ["--minhash-threshold", str(args.threshold)]
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, str(planted),
+    subprocess.run([sys.executable, "-m", "lmforge.data_pipeline", "preprocess", "--input", *inputs, str(planted),
                     "--tokenizer", str(model), "--output", str(out), "--overwrite", "--no-progress",
                     "--workers", str(args.workers), "--dedup", "exact,minhash", *extra], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)

@@ -1,4 +1,4 @@
-"""Peak memory of `python -m trainer.export_hf` on a 350m-preset checkpoint (vocab 32000, fp32).
+"""Peak memory of `python -m lmforge.trainer.export_hf` on a 350m-preset checkpoint (vocab 32000, fp32).
 
     .venv/bin/python benchmarks/export_memory.py [--workdir DIR] [--keep]
 
@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and exports")
     a = ap.parse_args()
-    from model import get_preset, num_params
+    from lmforge.model import get_preset, num_params
     from tests.helpers.checkpoints import make_checkpoint, train_test_tokenizer
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="export_mem_"))
@@ -85,9 +85,9 @@ def main() -> int:
         py = sys.executable
         runs = {
             "imports only": [py, "-c", "import torch, deepspeed, transformers, safetensors, trainer.hf.export"],
-            "export --no-verify": [py, "-m", "trainer.export_hf", "--checkpoint", str(ckpt), "--output",
+            "export --no-verify": [py, "-m", "lmforge.trainer.export_hf", "--checkpoint", str(ckpt), "--output",
                                    str(work / "hf_noverify"), "--no-verify", "--overwrite"],
-            "export (verified)": [py, "-m", "trainer.export_hf", "--checkpoint", str(ckpt), "--output",
+            "export (verified)": [py, "-m", "lmforge.trainer.export_hf", "--checkpoint", str(ckpt), "--output",
                                   str(work / "hf_verified"), "--overwrite"],
         }
         print(f"{'run':<22}{'rc':>4}{'peak RssAnon':>15}{'peak VmRSS':>13}{'wall s':>9}")

@@ -6,7 +6,7 @@ wikipedia/; the repository's ``tests/data/corpus`` works for a quick run). The t
 by ``train-tokenizer --type hf-bpe`` once and cached in ``--cache``.
 
 Each repeat runs, one after the other, on all cores:
-- the pipeline end to end (``python -m data_pipeline preprocess``: files in -> shards out, including
+- the pipeline end to end (``python -m lmforge.data_pipeline preprocess``: files in -> shards out, including
   process start-up, reading, decoding, hashing, writing and checksumming; worker threads, each encoding
   its batches with ``encode_batch_fast``);
 - raw ``Tokenizer.encode_batch_fast(texts, add_special_tokens=False)`` on the same documents already in
@@ -43,10 +43,10 @@ from benchmarks.preprocess_throughput import run_pipeline  # noqa: E402
 
 def raw_reference(inputs: list[str], tokenizer: str) -> None:
     """(subprocess) Print JSON: raw tokenizers tokens/s on the documents, whole, as the pipeline encodes them."""
-    from data_pipeline import hf_tokenizer
-    from data_pipeline.preprocess import CHUNK_CHARS, split_exact
-    from data_pipeline.readers import DOC, LAST, PART, ReadOptions, expand_inputs, iter_documents
-    from data_pipeline.tokenizer import resolve_tokenizer
+    from lmforge.common.tokenizer_files import resolve_tokenizer
+    from lmforge.data_pipeline import hf_tokenizer
+    from lmforge.data_pipeline.preprocess import CHUNK_CHARS, split_exact
+    from lmforge.data_pipeline.readers import DOC, LAST, PART, ReadOptions, expand_inputs, iter_documents
 
     opts = ReadOptions()
     texts = [t for s in expand_inputs(inputs) for k, t, _ in iter_documents(s, opts) if k in (DOC, PART, LAST)]
@@ -95,8 +95,9 @@ def main() -> None:
         tokenizer = str(cache / f"hfbpe{args.vocab}")
         if not (Path(tokenizer) / "tokenizer.json").exists():
             print(f"training a {args.vocab} byte-level BPE into {tokenizer} ...", flush=True)
-            subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--type", "hf-bpe", "--input",
-                            *inputs, "--vocab-size", str(args.vocab), "--output", tokenizer], cwd=ROOT, check=True)
+            subprocess.run([sys.executable, "-m", "lmforge.data_pipeline", "train-tokenizer", "--type", "hf-bpe",
+                            "--input", *inputs, "--vocab-size", str(args.vocab), "--output", tokenizer],
+                           cwd=ROOT, check=True)
 
     load0 = os.getloadavg()
     best: dict | None = None

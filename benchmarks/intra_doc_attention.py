@@ -1,8 +1,9 @@
 """Step-time cost of intra-document attention vs plain causal attention.
 
-Times forward+backward of ``model.LlamaForCausalLM`` on packed rows (documents separated by EOD) with
+Times forward+backward of a preset's model (``lmforge.model.build_model``) on packed rows (documents
+separated by EOD) with
   * causal:     SDPA ``is_causal=True`` (documents attend across boundaries);
-  * intra-doc:  ``segment_ids`` -> the trainer's attention policy (``trainer.parallelize.document_attention``):
+  * intra-doc:  ``segment_ids`` -> the trainer's attention policy (``trainer.batching.document_attention``):
                 causal SDPA on each document's span, or one dense mask for very short documents, plus
                 position ids reset per document (what the trainer passes with ``data.intra_doc_attention``).
                 (The earlier dense boolean (B, 1, T, T) SDPA mask cost 1-12% here, 12% at seq 1024.)
@@ -27,9 +28,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import LlamaForCausalLM, get_preset  # noqa: E402
-from trainer.batching import make_batch  # noqa: E402
-from trainer.parallelize import SPAN_ATTENTION_MIN_MEAN_TOKENS, document_attention, on_device  # noqa: E402
+from lmforge.model import CausalLM, build_model, get_preset  # noqa: E402
+from lmforge.trainer.batching import (  # noqa: E402
+    SPAN_ATTENTION_MIN_MEAN_TOKENS,
+    document_attention,
+    make_batch,  # noqa: E402
+    on_device,
+)
 
 EOD = 2
 
@@ -47,7 +52,7 @@ def packed_rows(batch: int, seq_len: int, vocab: int, mean_doc: int, rng: np.ran
     return rows
 
 
-def time_step(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+def time_step(model: CausalLM, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(cpu seconds, wall seconds) of one forward+backward."""
     cuda = batch["input_ids"].is_cuda
     if cuda:
@@ -92,7 +97,7 @@ def main() -> None:
     for preset in args.presets:
         cfg = get_preset(preset, vocab_size=args.vocab_size,
                          max_position_embeddings=max(args.seq_lens + [get_preset(preset).max_position_embeddings]))
-        model = LlamaForCausalLM(cfg).to(dev, dtype).train()
+        model = build_model(cfg).to(dev, dtype).train()
         model.loss_chunk_tokens = 2048
         for seq_len in args.seq_lens:
             rows = packed_rows(args.batch_size, seq_len, args.vocab_size, args.mean_doc_len, rng)

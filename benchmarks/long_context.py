@@ -1,6 +1,6 @@
 """Long context: peak memory per rank and tokens/s with and without Ulysses sequence parallelism (ISSUE11).
 
-CPU section (default): the real trainer (``deepspeed --num_gpus S --module trainer.train``, gloo) on the
+CPU section (default): the real trainer (``deepspeed --num_gpus S --module lmforge.trainer.train``, gloo) on the
 shipped sample corpus, one sample of ``seq`` tokens per step (micro batch 1, data-parallel 1, so S = 1
 and S = 2 train the same samples), ZeRO-1, fp32, every layer's activations recomputed
 (``activation_checkpointing: 1``), document masking on. For each preset and sequence length it prints
@@ -109,7 +109,7 @@ def cpu(args, data: dict, work: Path) -> None:
 def gpu(args, data: dict, work: Path) -> None:
     import torch
 
-    from model import get_preset
+    from lmforge.model import get_preset
 
     print(f"GPU: {torch.cuda.get_device_name()}; {args.preset}, bf16, ZeRO-1, micro batch 1, activation "
           "checkpointing every layer, flex document kernel")

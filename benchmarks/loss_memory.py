@@ -31,8 +31,8 @@ def child(preset: str, seq_len: int, batch: int, dtype: str, chunk: int) -> dict
     import torch
     import torch.nn.functional as F
 
-    from model import IGNORE_INDEX, get_preset
-    from model.llama import LMHead
+    from lmforge.model import IGNORE_INDEX, get_preset
+    from lmforge.model.llama import LMHead
 
     torch.manual_seed(0)
     cfg = get_preset(preset, vocab_size=32000)

@@ -6,7 +6,7 @@ below them is read, in any format the pipeline reads. The repository's own ``tes
 works too, for a quick run. A tokenizer of ``--vocab`` is trained on it once and cached in ``--cache``.
 
 Each repeat runs, one after the other, on the same tokenizer and all cores:
-- the pipeline end to end (``python -m data_pipeline preprocess``: files in -> shards out, including
+- the pipeline end to end (``python -m lmforge.data_pipeline preprocess``: files in -> shards out, including
   process start-up, reading, decoding, hashing, writing and checksumming), on the corpus and, with
   ``--double``, on the corpus twice over (to show that peak RSS does not grow with the corpus). Its
   tokenizer backend is the default ("auto": threads when SentencePiece releases the GIL); set
@@ -59,8 +59,8 @@ TARGET = 0.85
 def run_pipeline(inputs: list[str], model: str, out: str, workers: int, extra: list[str], launcher=()):
     """-> (seconds, stdout, peak RSS in KiB of the run's largest process, CPU seconds of the run's
     processes), from wait4."""
-    cmd = [*launcher, sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", model,
-           "--output", out, "--workers", str(workers), "--no-progress", "--overwrite", *extra]
+    cmd = [*launcher, sys.executable, "-m", "lmforge.data_pipeline", "preprocess", "--input", *inputs,
+           "--tokenizer", model, "--output", out, "--workers", str(workers), "--no-progress", "--overwrite", *extra]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fo, stderr=fe, text=True)
@@ -78,8 +78,8 @@ def raw_reference(inputs: list[str], model: str, threads: int) -> None:
     """(subprocess) Print JSON: raw SentencePiece tokens/s on whole documents and on split_exact pieces."""
     import sentencepiece as spm
 
-    from data_pipeline.preprocess import CHUNK_CHARS, split_exact
-    from data_pipeline.readers import DOC, LAST, PART, ReadOptions, expand_inputs, iter_documents
+    from lmforge.data_pipeline.preprocess import CHUNK_CHARS, split_exact
+    from lmforge.data_pipeline.readers import DOC, LAST, PART, ReadOptions, expand_inputs, iter_documents
 
     opts = ReadOptions()
     texts = [t for s in expand_inputs(inputs) for k, t, _ in iter_documents(s, opts) if k in (DOC, PART, LAST)]
@@ -105,7 +105,7 @@ def raw_reference(inputs: list[str], model: str, threads: int) -> None:
 
 def write_jsonl(inputs: list[str], dst: Path, files: int) -> None:
     """Every document of ``inputs`` as one JSON line, dealt round-robin into ``files`` files in ``dst``."""
-    from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+    from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
 
     tmp = dst.with_name(dst.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def main() -> None:
         raw_reference(json.loads(args.raw_reference[1]), args.raw_reference[0], args.workers)
         return
 
-    from data_pipeline.readers import expand_inputs
+    from lmforge.data_pipeline.readers import expand_inputs
 
     corpora = Path(args.corpora)
     inputs = [str(corpora / "books"), str(corpora / "wikipedia")]
@@ -150,7 +150,7 @@ def main() -> None:
     model = cache / f"tok{args.vocab}" / "tokenizer.model"
     if not model.exists():
         print(f"training a {args.vocab} BPE tokenizer into {model.parent} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", *inputs,
+        subprocess.run([sys.executable, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", *inputs,
                         "--vocab-size", str(args.vocab), "--output", str(model.parent)], cwd=ROOT, check=True)
 
     # (name, inputs, launcher, workers per rank, extra preprocess arguments)

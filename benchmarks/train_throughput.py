@@ -1,13 +1,14 @@
-"""Training-step throughput of the real DeepSpeed engine on synthetic tokens, optionally against HF Llama.
+"""Training-step throughput of the real DeepSpeed engine on synthetic tokens, optionally against transformers.
 
-Builds ``model.LlamaForCausalLM`` for ``--preset`` under ``deepspeed.initialize`` with the DeepSpeed
-JSON the trainer derives (``trainer.ds_config.build_ds_config``: ZeRO stage, precision, micro batch,
-accumulation, clipping, AdamW), feeds it random token samples through the trainer's data path
+Builds the model of ``--preset`` (any family: ``lmforge.model.build_model``) under ``deepspeed.initialize``
+with the DeepSpeed JSON the trainer derives (``trainer.parallel.ds_config.build_ds_config``: ZeRO stage,
+precision, micro batch, accumulation, clipping, AdamW), feeds it random token samples through the trainer's data path
 (``DistributedSampleIterator`` -> ``make_batch`` collate, optionally on the prefetch thread -> device copy)
 and times warmup + N optimizer steps. Prints tokens/s, model TFLOP/s per device, MFU (when a peak is
 known), peak memory and the data-wait fraction of the step.
 
-``--compare-hf`` also builds ``transformers.LlamaForCausalLM`` of the same shape with the same weights
+``--compare-hf`` also builds the family's ``transformers`` class (``LlamaForCausalLM``, ``Qwen3ForCausalLM``)
+of the same shape with the same weights
 under the same DeepSpeed config, in the same process, and alternates timed rounds (ours, HF, HF, ours,
 ...) so that load from other processes hits both alike; the step-time ratio ours/HF is reported per round
 and as the median. Both models get the same loss code (fp32 cross-entropy over the full logits), so the
@@ -44,14 +45,23 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import IGNORE_INDEX, PRESETS, LlamaForCausalLM, flops_per_token, get_preset, num_params  # noqa: E402
-from trainer import distributed  # noqa: E402
-from trainer.batching import DistributedSampleIterator, make_batch  # noqa: E402
-from trainer.config import RunConfig  # noqa: E402
-from trainer.ds_config import build_ds_config, resolve_precision  # noqa: E402
-from trainer.engine import param_groups  # noqa: E402
-from trainer.metrics import detect_peak_tflops  # noqa: E402
-from trainer.parallelize import BatchTransform, apply_activation_checkpointing, compile_layers  # noqa: E402
+from lmforge.model import (  # noqa: E402
+    IGNORE_INDEX,
+    CausalLM,
+    all_presets,
+    build_model,
+    family_of,
+    flops_per_token,
+    get_preset,
+    num_params,
+)
+from lmforge.trainer.batching import BatchTransform, DistributedSampleIterator, make_batch  # noqa: E402
+from lmforge.trainer.config import RunConfig  # noqa: E402
+from lmforge.trainer.metrics import detect_peak_tflops  # noqa: E402
+from lmforge.trainer.parallel import distributed  # noqa: E402
+from lmforge.trainer.parallel.ds_config import build_ds_config, resolve_precision  # noqa: E402
+from lmforge.trainer.parallel.engine import param_groups  # noqa: E402
+from lmforge.trainer.parallel.transforms import apply_activation_checkpointing, compile_layers  # noqa: E402
 
 EOD = 2
 
@@ -76,7 +86,7 @@ class SyntheticTokens:
 
 
 class HFWithOurLoss(nn.Module):
-    """transformers' LlamaForCausalLM body + lm_head, with our loss (labels are already shifted)."""
+    """transformers' model of the family (body + lm_head), with our loss (labels are already shifted)."""
 
     def __init__(self, hf: nn.Module):
         super().__init__()
@@ -88,14 +98,10 @@ class HFWithOurLoss(nn.Module):
                                ignore_index=IGNORE_INDEX)
 
 
-def build_hf_twin(ours: LlamaForCausalLM, activation_checkpointing: int) -> nn.Module:
-    from transformers import LlamaConfig
-    from transformers import LlamaForCausalLM as HFLlama
-
-    c = ours.config.to_dict()
-    c.pop("initializer_range")
-    hf = HFLlama(LlamaConfig(**c, attention_bias=False, mlp_bias=False, hidden_act="silu",
-                             attn_implementation="sdpa", use_cache=False))
+def build_hf_twin(ours: CausalLM, activation_checkpointing: int) -> nn.Module:
+    adapter = family_of(ours.config).hf
+    hf = adapter.transformers_model_class()(adapter.transformers_config_class()(
+        **adapter.to_hf_config(ours.config), attn_implementation="sdpa", use_cache=False))
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     if unexpected or not set(missing) <= {"lm_head.weight"}:  # tied lm_head: HF ties it itself
         raise RuntimeError(f"HF twin state dict mismatch: missing {missing}, unexpected {unexpected}")
@@ -154,7 +160,7 @@ def peak_memory_gb() -> tuple[float, str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size preset")
+    ap.add_argument("--preset", default="tiny", choices=list(all_presets()), help="model size preset (any family)")
     ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4, help="samples per rank per forward")
@@ -171,7 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=None,
                     help="timed rounds (default 1, or 4 with --compare-hf: ours/HF alternate)")
-    ap.add_argument("--compare-hf", action="store_true", help="also time transformers' LlamaForCausalLM")
+    ap.add_argument("--compare-hf", action="store_true",
+                    help="also time transformers' model of the family (LlamaForCausalLM, Qwen3ForCausalLM)")
     ap.add_argument("--compile", action="store_true",
                     help="compile our model's decoder layers (train.compile); the HF twin stays eager")
     ap.add_argument("--mean-doc-len", type=int, default=0,
@@ -232,7 +239,7 @@ def main(argv=None) -> int:
     peak = a.peak_tflops or detect_peak_tflops(precision)
 
     torch.manual_seed(a.seed)
-    ours = LlamaForCausalLM(mcfg)
+    ours = build_model(mcfg)
     apply_activation_checkpointing(ours, a.activation_checkpointing)
     ours.loss_chunk_tokens = a.loss_chunk_tokens
     models = {"ours": ours}

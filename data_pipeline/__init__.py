@@ -9,9 +9,9 @@ The flow, one owner per step:
     manifest.py       manifest.json: the contract between the pipeline and the trainer
     tools.py          inspect, verify, merge
     gpt_dataset.py    shards -> packed, shuffled, blended training samples
-    cli.py            ``python -m data_pipeline ...``
+    cli.py            ``python -m lmforge.data_pipeline ...``
     common/           what every lmforge command shares: files, errors and exit codes, launcher env
 
-Run ``python -m data_pipeline --help``. Light imports only here: the trainer imports
+Run ``python -m lmforge.data_pipeline --help``. Light imports only here: the trainer imports
 ``data_pipeline.manifest`` and ``data_pipeline.indexed_dataset`` without pulling in the readers.
 """

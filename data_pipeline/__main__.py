@@ -1,4 +1,4 @@
-"""``python -m data_pipeline ...`` (see ``data_pipeline.cli``)."""
+"""``python -m lmforge.data_pipeline ...`` (see ``data_pipeline.cli``)."""
 
 import sys
 

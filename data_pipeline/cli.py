@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_pipeline {train-tokenizer,preprocess,inspect,verify,merge} ...``.
+"""Command line: ``python -m lmforge.data_pipeline {train-tokenizer,preprocess,inspect,verify,merge} ...``.
 
 ``main(argv)`` is also what ``lmforge train-tokenizer|preprocess|inspect|verify|merge`` dispatches to.
 Exit codes follow ``common.errors``: 0 done, 2 bad input (an ``error:`` line), 1 ``verify`` found
@@ -14,19 +14,19 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .common.errors import EXIT_FAILED, run_cli
+from lmforge.common.errors import EXIT_FAILED, run_cli
 
 if TYPE_CHECKING:  # the commands import their modules when they run: --help stays instant
     from .readers import ReadOptions
 
 EPILOG = """examples:
-  python -m data_pipeline train-tokenizer --input corpora/books corpora/wikipedia --vocab-size 32000 \\
+  python -m lmforge.data_pipeline train-tokenizer --input corpora/books corpora/wikipedia --vocab-size 32000 \\
       --output tok/
-  python -m data_pipeline train-tokenizer --type hf-bpe --input corpora/ --vocab-size 32000 --output hftok/
-  python -m data_pipeline preprocess --input 'pile/*.jsonl.zst' --tokenizer tok/tokenizer.model \\
+  python -m lmforge.data_pipeline train-tokenizer --type hf-bpe --input corpora/ --vocab-size 32000 --output hftok/
+  python -m lmforge.data_pipeline preprocess --input 'pile/*.jsonl.zst' --tokenizer tok/tokenizer.model \\
       --output data/ --workers 16 --valid-fraction 0.01
-  mpirun -n 4 python -m data_pipeline preprocess ...   (same bytes as one process)
-  python -m data_pipeline inspect data/ ; python -m data_pipeline verify data/
+  mpirun -n 4 python -m lmforge.data_pipeline preprocess ...   (same bytes as one process)
+  python -m lmforge.data_pipeline inspect data/ ; python -m lmforge.data_pipeline verify data/
 """
 
 
@@ -55,7 +55,7 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_pipeline",
+        prog="python -m lmforge.data_pipeline",
         description="lmforge offline data pipeline: train a tokenizer (SentencePiece, or a Hugging Face "
         "byte-level BPE) and tokenize corpora into Megatron-compatible MMIDIDX shards with a manifest.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -224,7 +224,8 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _filters(spec: str) -> tuple[str, ...]:
-    from .common.errors import InputError
+    from lmforge.common.errors import InputError
+
     from .preprocess.quality import parse_rules
 
     try:
@@ -234,7 +235,8 @@ def _filters(spec: str) -> tuple[str, ...]:
 
 
 def _dedup_settings(args: argparse.Namespace) -> dict:
-    from .common.errors import InputError
+    from lmforge.common.errors import InputError
+
     from .preprocess.dedup import lsh_params, parse_modes
 
     try:
@@ -310,4 +312,4 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: COMMANDS[args.command](args), prog="python -m data_pipeline")
+    return run_cli(lambda: COMMANDS[args.command](args), prog="python -m lmforge.data_pipeline")

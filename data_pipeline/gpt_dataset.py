@@ -40,8 +40,9 @@ from functools import cached_property
 import numpy as np
 from tqdm import tqdm
 
-from .common.errors import InputError
-from .common.files import atomic_open, atomic_write_json, sha256_file_cached, sha256_json
+from lmforge.common.errors import InputError
+from lmforge.common.files import atomic_open, atomic_write_json, sha256_file_cached, sha256_json
+
 from .indexed_dataset import IndexedDataset, exists
 from .manifest import MANIFEST_NAME, ManifestError, shard_prefixes
 

@@ -38,46 +38,21 @@ import json
 import os
 from pathlib import Path
 
-from .common.files import atomic_write_bytes, atomic_write_json, sha256_file
-from .tokenizer import HF_FILE, SP_FILE, TokenizerError, sample_sentences
+from lmforge.common.files import atomic_write_bytes, atomic_write_json, sha256_file
+from lmforge.common.tokenizer_files import (
+    HF_FILE,
+    SP_FILE,
+    TokenizerError,
+    companions,
+    read_json_cached,
+)
 
-# Files beside a tokenizer.json that say which of its tokens are special: copied with it everywhere.
-COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+from .sampling import sample_sentences
+
 KNOWN_EOS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 TRAINING_RECORD = "tokenizer_training.json"  # hf-bpe's record of its training run (SentencePiece's: tokenizer.json)
-
-
-_PARSED: dict = {}
-
-
-def _read(path: str | os.PathLike):
-    """The parsed JSON of ``path``, once per process and file version (a tokenizer.json of a 128k vocabulary
-    is ~10 MB, and recognising, loading and inspecting it would each parse it again)."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _PARSED:
-        _PARSED.clear()
-        _PARSED[key] = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    return _PARSED[key]
-
-
-def json_kind(path: str | os.PathLike) -> tuple[str, str]:
-    """("hf", "") for a Hugging Face tokenizer.json, ("lmforge-record", why) for lmforge's SentencePiece
-    training record, ("other", why) for anything else (not JSON, or JSON of another shape)."""
-    try:
-        d = _read(path)
-    except UnicodeDecodeError:
-        return "other", "not UTF-8 text"
-    except ValueError as e:
-        return "other", f"not valid JSON ({e})"
-    if isinstance(d, dict) and d.get("format") == "lmforge-tokenizer-v1":
-        return "lmforge-record", ("lmforge's record of a SentencePiece training run, not a tokenizer; pass the "
-                                  "tokenizer.model beside it (or the directory)")
-    if isinstance(d, dict) and isinstance(d.get("model"), dict) and isinstance(d.get("added_tokens"), list):
-        return "hf", ""
-    return "other", "JSON, but not a Hugging Face tokenizer.json (no 'model' object and 'added_tokens' list)"
 
 
 # Pre-tokenizer regexes in which a space only ever begins a match or lies in a match of whitespace alone, so
@@ -97,7 +72,7 @@ def cuts_before_spaces(path: str | os.PathLike) -> bool:
     """Whether cutting a text right before a space that sits between two non-space characters (the space
     starting the second piece) leaves its tokens unchanged (module docstring), judged from the
     tokenizer.json's normalizer, pre-tokenizer and added tokens. False means: encode texts whole."""
-    d = _read(path)
+    d = read_json_cached(path)
     norm = d.get("normalizer")
     if norm is not None and norm.get("type") != "NFC":  # NFC: a space never composes with its neighbours
         return False
@@ -116,10 +91,6 @@ def cuts_before_spaces(path: str | os.PathLike) -> bool:
     # whitespace could straddle the cut.
     return ok and not any(t.get("lstrip") or t.get("rstrip") or t.get("single_word")
                           or any(c.isspace() for c in t.get("content", "")) for t in d.get("added_tokens", []))
-
-
-def companions(tokenizer_json: Path) -> tuple[Path, ...]:
-    return tuple(p for p in (tokenizer_json.parent / n for n in COMPANIONS) if p.is_file())
 
 
 _LOADED: dict = {}
@@ -195,7 +166,7 @@ def special_ids(path: str | os.PathLike, tok=None) -> dict[str, int]:
                 "Write a tokenizer_config.json beside it with \"eos_token\": \"<the token>\"")
         ids["eos_id"] = tok.token_to_id(found[0])
     if ids["unk_id"] < 0:
-        unk = _read(path)["model"].get("unk_token")
+        unk = read_json_cached(path)["model"].get("unk_token")
         if isinstance(unk, str) and tok.token_to_id(unk) is not None:
             ids["unk_id"] = tok.token_to_id(unk)
     return ids

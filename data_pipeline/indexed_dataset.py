@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common.errors import InputError
+from lmforge.common.errors import InputError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

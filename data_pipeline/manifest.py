@@ -20,8 +20,9 @@ import json
 import os
 from pathlib import Path
 
-from .common.errors import InputError
-from .common.files import atomic_write_json, sha256_file, sha256_json
+from lmforge.common.errors import InputError
+from lmforge.common.files import atomic_write_json, sha256_file, sha256_json
+
 from .indexed_dataset import IndexedDataset, exists
 
 MANIFEST_NAME = "manifest.json"

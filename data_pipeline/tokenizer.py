@@ -1,18 +1,14 @@
-"""Tokenizers: SentencePiece training from a bounded-memory sample of a document stream, and loading either
-kind the pipeline and the trainer accept (``resolve_tokenizer``).
+"""Tokenizers: SentencePiece training from a bounded-memory sample of a document stream (``sampling``), and
+what the pipeline and the trainer do with either kind they accept.
 
-The stream (any format ``data_pipeline.readers`` reads) is cut into lines; lines longer than SentencePiece's
-``max_sentence_length`` are split at whitespace so nothing is silently dropped by the trainer; a
-seeded reservoir sample (Algorithm R) of at most ``sample_sentences`` lines and ``sample_bytes`` bytes
-is kept, so memory is bounded whatever the corpus size. Ids are Llama-compatible: unk 0, bos 1, eos 2,
-pad optional (-1 = none). ``tokenizer.json`` next to the model records the settings, the sample
-statistics and the corpus fingerprint.
+Ids are Llama-compatible: unk 0, bos 1, eos 2, pad optional (-1 = none). ``tokenizer.json`` next to the
+model records the settings, the sample statistics and the corpus fingerprint.
 
 ``--tokenizer`` (preprocess) and the trainer's ``tokenizer:`` name either a SentencePiece model or a
-Hugging Face ``tokenizer.json`` (``hf_tokenizer``: recognised by content, since the training record above
-shares that name), or a directory holding one (its Hugging Face tokenizer.json if it has one, else its
-tokenizer.model). ``resolve_tokenizer`` says which (``TokenizerFiles``); ``tokenizer_info`` gives what the
-manifest and checkpoints record of either; ``copy_tokenizer`` puts its files beside shards or checkpoints.
+Hugging Face ``tokenizer.json`` (``hf_tokenizer``), or a directory holding one; which one a path is, is
+``lmforge.common.tokenizer_files.resolve_tokenizer`` (``TokenizerFiles``). Here: ``tokenizer_info`` gives
+what the manifest and checkpoints record of either; ``copy_tokenizer`` puts its files beside shards or
+checkpoints; ``Decoder`` turns ids back into text.
 """
 
 from __future__ import annotations
@@ -20,76 +16,21 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from .common.errors import InputError
-from .common.files import atomic_copy, atomic_write_bytes, atomic_write_json, sha256_file
-from .readers import DOC, LAST, PART, ReadOptions, Source, expand_inputs, fingerprint, iter_documents
+from lmforge.common.files import atomic_copy, atomic_write_bytes, atomic_write_json, sha256_file
+from lmforge.common.tokenizer_files import (
+    HF,
+    HF_FILE,
+    TokenizerError,
+    TokenizerFiles,
+    json_kind,
+    resolve_tokenizer,
+)
 
-MAX_SENTENCE_BYTES = 4000  # SentencePiece's default max_sentence_length is 4192 bytes
-SENTENCEPIECE, HF = "sentencepiece", "hf"
-SP_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
-
-
-class TokenizerError(InputError):
-    """Nothing to train on, settings a trainer rejects, or a file that is not a tokenizer (file and reason)."""
-
-
-def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> list[str]:
-    """Split ``line`` into pieces of at most ``limit`` UTF-8 bytes, preferring whitespace cuts."""
-    if len(line.encode("utf-8")) <= limit:
-        return [line]
-    out = []
-    while line:
-        # Take at most `limit` bytes' worth of characters (<= limit chars; chars can be 1-4 bytes).
-        cut = limit
-        while len(line[:cut].encode("utf-8")) > limit:
-            cut = cut * 3 // 4
-        if cut < len(line):
-            space = line.rfind(" ", cut // 2, cut)
-            if space > 0:
-                cut = space
-        out.append(line[:cut])
-        line = line[cut:].lstrip(" ")
-    return [p for p in out if p.strip()]
-
-
-def sample_sentences(
-    sources: list[Source],
-    opts: ReadOptions,
-    max_sentences: int,
-    max_bytes: int,
-    seed: int,
-) -> tuple[list[str], dict]:
-    """Reservoir-sample lines from the stream. Deterministic for a seed and input order."""
-    rng = random.Random(seed)
-    reservoir: list[tuple[int, str]] = []
-    res_bytes = 0
-    seen = 0
-    docs = 0
-    for src in sources:
-        for kind, text, _loc in iter_documents(src, opts):
-            if kind not in (DOC, PART, LAST):
-                continue
-            docs += kind != PART
-            for line in text.split("\n"):
-                if not line.strip():
-                    continue
-                for piece in split_long_line(line):
-                    seen += 1
-                    if len(reservoir) < max_sentences and res_bytes < max_bytes:
-                        reservoir.append((seen, piece))
-                        res_bytes += len(piece)
-                    else:
-                        j = rng.randrange(seen)
-                        if j < len(reservoir):
-                            res_bytes += len(piece) - len(reservoir[j][1])
-                            reservoir[j] = (seen, piece)
-    reservoir.sort()  # stream order: a sample that reads like the corpus, independent of hash order
-    stats = {"documents": docs, "lines_seen": seen, "lines_sampled": len(reservoir), "sample_chars": res_bytes}
-    return [s for _, s in reservoir], stats
+from . import hf_tokenizer
+from .readers import ReadOptions, expand_inputs, fingerprint
+from .sampling import sample_sentences
 
 
 def train_tokenizer(
@@ -108,8 +49,6 @@ def train_tokenizer(
     fmt: str = "auto",
 ) -> Path:
     import sentencepiece as spm
-
-    from .hf_tokenizer import json_kind
 
     if (Path(output_dir) / HF_FILE).is_file() and json_kind(Path(output_dir) / HF_FILE)[0] == "hf":
         raise TokenizerError(f"{output_dir} holds a Hugging Face tokenizer ({HF_FILE}); choose another --output")
@@ -207,62 +146,11 @@ def _sp_info(model_path: str | os.PathLike) -> dict:
 # Either kind: SentencePiece or Hugging Face
 
 
-@dataclass(frozen=True)
-class TokenizerFiles:
-    """A tokenizer on disk: ``kind`` (SENTENCEPIECE or HF), ``path`` the file that is fingerprinted
-    (sha256) and copied under ``name``, and for HF the ``companions`` beside it that name its special
-    tokens (tokenizer_config.json, special_tokens_map.json), copied with it under their own names."""
-
-    kind: str
-    path: Path
-    companions: tuple[Path, ...] = ()
-
-    @property
-    def name(self) -> str:
-        return SP_FILE if self.kind == SENTENCEPIECE else HF_FILE
-
-    def all_files(self) -> list[tuple[Path, str]]:
-        """(source, name to copy it to) for the tokenizer and its companions."""
-        return [(self.path, self.name)] + [(c, c.name) for c in self.companions]
-
-
-def resolve_tokenizer(path: str | os.PathLike | TokenizerFiles) -> TokenizerFiles:
-    """Which tokenizer ``path`` is (module docstring); TokenizerError naming the file and the reason if it
-    is neither kind. A SentencePiece model is only recognised here (not JSON); loading it checks it."""
-    from . import hf_tokenizer as hf
-
-    if isinstance(path, TokenizerFiles):
-        return path
-    p = Path(path)
-    if p.is_dir():
-        why = ""
-        if (p / HF_FILE).is_file():
-            kind, why = hf.json_kind(p / HF_FILE)
-            if kind == "hf":
-                return TokenizerFiles(HF, p / HF_FILE, hf.companions(p / HF_FILE))
-        if (p / SP_FILE).is_file():
-            return TokenizerFiles(SENTENCEPIECE, p / SP_FILE)
-        raise TokenizerError(f"{p}: a directory without a Hugging Face {HF_FILE} or a SentencePiece {SP_FILE}"
-                             + (f" ({p / HF_FILE}: {why})" if why else ""))
-    if not p.is_file():
-        raise TokenizerError(f"{p}: no such file or directory")
-    with open(p, "rb") as f:
-        head = f.read(256).removeprefix(b"\xef\xbb\xbf").lstrip()
-    if head.startswith(b"{"):  # a SentencePiece model is a protobuf: never starts with "{"
-        kind, why = hf.json_kind(p)
-        if kind != "hf":
-            raise TokenizerError(f"{p}: not a tokenizer: {why}")
-        return TokenizerFiles(HF, p, hf.companions(p))
-    return TokenizerFiles(SENTENCEPIECE, p)
-
-
 def tokenizer_info(model_path: str | os.PathLike | TokenizerFiles) -> dict:
     """sha256, vocab size (largest id + 1) and special ids (-1 = none) of either kind of tokenizer: what
     the manifest records. ``eos_id`` is the end-of-document id appended to every document."""
     files = resolve_tokenizer(model_path)
     if files.kind == HF:
-        from . import hf_tokenizer
-
         return hf_tokenizer.info(files.path)
     try:
         return _sp_info(files.path)
@@ -287,8 +175,6 @@ class Decoder:
 
     def __init__(self, files: TokenizerFiles):
         if files.kind == HF:
-            from . import hf_tokenizer
-
             tok = hf_tokenizer.load(files.path)
             self.decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # as SentencePiece does
             self.id_to_piece = tok.id_to_token

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common.files import atomic_copy, sha256_file
+from lmforge.common.files import atomic_copy, sha256_file
+
 from .indexed_dataset import IndexedDataset, IndexedDatasetError
 from .manifest import (
     MANIFEST_NAME,
@@ -73,7 +74,9 @@ def inspect(out: str | os.PathLike, samples: int = 3, chars: int = 300) -> str:
     sp = None
     tok_path = root / tk.get("file", "tokenizer.model")
     if tok_path.exists():
-        from .tokenizer import Decoder, resolve_tokenizer
+        from lmforge.common.tokenizer_files import resolve_tokenizer
+
+        from .tokenizer import Decoder
 
         sp = Decoder(resolve_tokenizer(tok_path))
     for split, shards in m["splits"].items():
@@ -130,7 +133,7 @@ def merge(inputs: list[str], output: str) -> dict:
                     except ValueError:  # the copy's checksum is not the recorded one
                         raise ManifestError(f"{src}: checksum mismatch; run verify on {root}") from None
                 merged.append(new)
-    from .tokenizer import resolve_tokenizer
+    from lmforge.common.tokenizer_files import resolve_tokenizer
 
     name = ref["tokenizer"].get("file", "tokenizer.model")
     for src, dst in resolve_tokenizer(_root(ref_path) / name).all_files():  # with an HF tokenizer's companions

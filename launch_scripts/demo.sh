@@ -14,19 +14,19 @@ mkdir -p "$RUN"
 stage() { printf '\n==> [%s] %s\n' "$(date +%T)" "$*"; }
 
 stage "1/5 train tokenizer (BPE, vocab 8000) on $CORPUS"
-python -m data_pipeline train-tokenizer --input "$CORPUS/wikipedia" "$CORPUS/books" --vocab-size 8000 --output "$RUN/tokenizer"
+python -m lmforge.data_pipeline train-tokenizer --input "$CORPUS/wikipedia" "$CORPUS/books" --vocab-size 8000 --output "$RUN/tokenizer"
 
 stage "2/5 tokenize into Megatron-format shards"
-python -m data_pipeline preprocess --input "$CORPUS/wikipedia" "$CORPUS/books" --tokenizer "$RUN/tokenizer/tokenizer.model" \
+python -m lmforge.data_pipeline preprocess --input "$CORPUS/wikipedia" "$CORPUS/books" --tokenizer "$RUN/tokenizer/tokenizer.model" \
   --output "$RUN/data" --valid-fraction 0.05 --strip-gutenberg
 
 stage "3/5 train the tiny preset on $NPROC CPU ranks, ZeRO-2 (TensorBoard: tensorboard --logdir $RUN/tensorboard)"
 deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
-  --module trainer.train --config configs/demo.yaml "$@"
+  --module lmforge.trainer.train --config configs/demo.yaml "$@"
 
 stage "4/5 export to Hugging Face format (verifies logits and tokenizer parity)"
-python -m trainer.export_hf --checkpoint "$RUN/checkpoints" --output "$RUN/hf" --overwrite
+python -m lmforge.trainer.export_hf --checkpoint "$RUN/checkpoints" --output "$RUN/hf" --overwrite
 
 stage "5/5 generate with transformers from $RUN/hf"
-python -m trainer.generate --model "$RUN/hf" --prompt "Alice was beginning to"
+python -m lmforge.trainer.generate --model "$RUN/hf" --prompt "Alice was beginning to"
 stage "done: $RUN (metrics.jsonl, tensorboard/, checkpoints/, hf/)"

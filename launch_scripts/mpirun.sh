@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# MPI launch: `mpirun -n N python -m trainer.train ...`, one process per GPU (per gloo rank on CPU).
-# trainer/distributed.py reads rank and world size from MPI (mpi4py), the local rank from the
+# MPI launch: `mpirun -n N python -m lmforge.trainer.train ...`, one process per GPU (per gloo rank on CPU).
+# trainer/parallel/distributed.py reads rank and world size from MPI (mpi4py), the local rank from the
 # node-local communicator, and uses MASTER_ADDR/MASTER_PORT from the environment when they are set
 # (otherwise rank 0's first `hostname -I` address and port 29500).
 # Works with MPICH / Intel MPI (hydra: -genv, -f) and Open MPI (-x, --hostfile); the flavour is read
@@ -68,4 +68,4 @@ else
     if [[ -n ${!v:-} ]]; then args+=(-genv "$v" "${!v}"); fi
   done
 fi
-exec "$PYTHON" -m trainer.launch -- "$MPIRUN" "${args[@]}" "$PYTHON" -u -m trainer.train --config "$CONFIG" "$@"
+exec "$PYTHON" -m lmforge.trainer.launch -- "$MPIRUN" "${args[@]}" "$PYTHON" -u -m lmforge.trainer.train --config "$CONFIG" "$@"

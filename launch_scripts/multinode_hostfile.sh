@@ -75,4 +75,4 @@ args=(--hostfile "$HOSTFILE" --launcher pdsh --master_port "$PORT")
 [[ -n $MASTER ]] && args+=(--master_addr "$MASTER")
 # pdsh runs the command in the current directory on every node, so it must exist at the same path
 # there (run from the repository root or a shared run area); relative paths in CONFIG resolve against it.
-exec "${PYTHON:-python}" -m trainer.launch -- deepspeed "${args[@]}" --module trainer.train --config "$CONFIG" "$@"
+exec "${PYTHON:-python}" -m lmforge.trainer.launch -- deepspeed "${args[@]}" --module lmforge.trainer.train --config "$CONFIG" "$@"

@@ -7,7 +7,7 @@ usage() {
   cat <<'USAGE'
 Usage: launch_scripts/single_node.sh [-n NPROC] [-p PORT] CONFIG [section.key=value ...]
 
-Train on this machine with the DeepSpeed launcher (deepspeed --num_gpus NPROC --module trainer.train).
+Train on this machine with the DeepSpeed launcher (deepspeed --num_gpus NPROC --module lmforge.trainer.train).
 
   -n NPROC   ranks to start (default: number of visible CUDA GPUs, or 1 without CUDA)
   -p PORT    rendezvous port on 127.0.0.1 (default: $MASTER_PORT or 29500)
@@ -41,5 +41,5 @@ fi
 check_posint -n "$NPROC"
 check_port "$PORT"
 
-exec "${PYTHON:-python}" -m trainer.launch -- deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
-  --module trainer.train --config "$CONFIG" "$@"
+exec "${PYTHON:-python}" -m lmforge.trainer.launch -- deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
+  --module lmforge.trainer.train --config "$CONFIG" "$@"

@@ -64,9 +64,9 @@ trap 'stop USR1' USR1
 # Each node's output goes through a line prefixer that ignores stop signals (a group SIGTERM must not
 # close the pipe under the node while it saves).
 for node in 0 1; do
-  setsid "$PYTHON" -m trainer.launch -- deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$node" \
+  setsid "$PYTHON" -m lmforge.trainer.launch -- deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$node" \
     --num_nodes 2 --num_gpus "$GPUS" --master_addr 127.0.0.1 --master_port "$PORT" \
-    --module trainer.train --config "$CONFIG" "$@" \
+    --module lmforge.trainer.train --config "$CONFIG" "$@" \
     > >(trap "" TERM INT USR1; exec sed -u "s/^/[node$node] /") 2>&1 &
   pids+=("$!")
 done

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.gpt_dataset import PackedDataset
-from data_pipeline.indexed_dataset import IndexedDatasetWriter
-from model import IGNORE_INDEX, LlamaForCausalLM, get_preset
-from trainer.batching import DataExhaustedError, DistributedSampleIterator, make_batch
-from trainer.parallelize import document_attention
+from lmforge.data_pipeline.gpt_dataset import PackedDataset
+from lmforge.data_pipeline.indexed_dataset import IndexedDatasetWriter
+from lmforge.model import IGNORE_INDEX, build_model, get_preset
+from lmforge.trainer.batching import DataExhaustedError, DistributedSampleIterator, document_attention, make_batch
 
 E = 2  # EOD
 
@@ -47,7 +46,7 @@ def test_packed_documents_see_only_themselves(min_mean_tokens):
     compute what each document computes alone. Tolerance 1e-5: fp32, identical math, only the SDPA
     kernel's blocking differs."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(get_preset("debug", vocab_size=64)).eval()
+    model = build_model(get_preset("debug", vocab_size=64)).eval()
     docs = [[5, 9, 13, 7, E], [21, 22, E], [30, 31, 32, 33, 34, 35, E], [40, 41]]
     row = np.concatenate([np.array(d) for d in docs] + [np.array([50])])  # (T+1,) with a trailing label
     b = document_attention(make_batch([row], E, reset_position_ids=True, intra_doc_attention=True),

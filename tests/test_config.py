@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from lmforge.trainer.config import ConfigError, check_global_batch, load_config
+from lmforge.trainer.parallel.ds_config import build_ds_config
 from tests.helpers.paths import ROOT
-from trainer.config import ConfigError, check_global_batch, load_config
-from trainer.ds_config import build_ds_config
 
 
 def test_every_shipped_config_loads():

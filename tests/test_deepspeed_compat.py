@@ -1,4 +1,4 @@
-"""Every workaround in trainer/deepspeed_compat.py, shown against the DeepSpeed behaviour it exists for.
+"""Every workaround in trainer/parallel/deepspeed_compat.py, shown against the DeepSpeed behaviour it exists for.
 
 Each case first reproduces the upstream behaviour on real DeepSpeed objects (a 1-rank gloo engine of the
 debug preset) and then shows the fix. When a DeepSpeed upgrade makes a workaround unnecessary, its
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.trainer import deepspeed_compat
 from tests.helpers.distributed import run_distributed
-from trainer import deepspeed_compat
 
 
 def test_version_guard(monkeypatch):
@@ -60,11 +60,11 @@ def test_shm_segment_is_left_behind_and_released():
 def _engine(zero_stage: int, clip: float = 1.0):
     import deepspeed
 
-    from model import LlamaForCausalLM, get_preset
-    from trainer.engine import param_groups
+    from lmforge.model import build_model, get_preset
+    from lmforge.trainer.parallel.engine import param_groups
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(get_preset("debug", vocab_size=300))
+    model = build_model(get_preset("debug", vocab_size=300))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": clip, "steps_per_print": 10**9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
               "zero_optimization": {"stage": zero_stage}}
@@ -81,7 +81,7 @@ def _step(engine, nan: bool = False) -> None:
 
 def zero0_patches() -> dict:
     """ZeRO-0 fp32 engines with and without the patches (gradient norm; non-finite step)."""
-    from trainer.distributed import collective_device
+    from lmforge.trainer.parallel.distributed import collective_device
 
     out = {}
     plain = _engine(0)
@@ -118,7 +118,7 @@ def test_zero0_grad_norm_and_nonfinite_guard():
 def zero3_universal_load(workdir: str) -> dict:
     """A ZeRO-3 engine with decay / no-decay groups, saved, converted to the universal format, and loaded
     into a fresh engine; the optimizer state as DeepSpeed leaves it and after ``fix_universal_load``."""
-    from trainer.checkpoint import ds_to_universal
+    from lmforge.trainer.checkpoint import ds_to_universal
 
     eng = _engine(3)
     _step(eng)
@@ -189,10 +189,12 @@ def autotp_zero3_schema() -> dict:
     import torch.distributed as dist
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
-    from model import LlamaForCausalLM, get_preset
-    from trainer.config import RunConfig
-    from trainer.ds_config import build_ds_config
-    from trainer.engine import build_model, init_layout, initialize
+    from lmforge.model import build_model as build_module
+    from lmforge.model import get_preset
+    from lmforge.trainer.config import RunConfig
+    from lmforge.trainer.parallel.ds_config import build_ds_config
+    from lmforge.trainer.parallel.engine import build_model, initialize
+    from lmforge.trainer.parallel.layout import init_layout
 
     layout = init_layout(2)
     cfg = RunConfig()
@@ -200,7 +202,7 @@ def autotp_zero3_schema() -> dict:
     mcfg = get_preset("debug", vocab_size=1000)
     ds_config = build_ds_config(cfg, layout.dp, "fp32", mcfg.hidden_size)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=layout.mpu):
-        upstream = LlamaForCausalLM(mcfg)
+        upstream = build_module(mcfg)
     upstream_group = dist.get_world_size(upstream.model.embed_tokens.weight.ds_process_group)
     model = build_model(mcfg, ds_config, 3, 0, layout)
     ours_group = dist.get_world_size(model.model.embed_tokens.weight.ds_process_group)
@@ -224,7 +226,7 @@ def test_autotp_zero3_checkpoint_schema_and_partition_group():
     * ``zero.Init(mpu=...)`` partitions over the world, not the data-parallel group, so the parameters
       AutoTP leaves whole were split across the tensor-parallel ranks (the optimizer files then held
       half of them: "start (0) + length (64000) exceeds dimension size (32000)" in ds_to_universal);
-      trainer.engine.build_model passes the data-parallel group;
+      trainer.parallel.engine.build_model passes the data-parallel group;
     * AutoTP's schema records those parameters with ZeRO-3's placeholder shape (0,), and the TP merge
       fails ("supplied a shard of 64 elements, but the map describes 0"); the fix records ds_shape."""
     results = run_distributed(autotp_zero3_schema, 2, timeout=300)
@@ -248,12 +250,14 @@ def ulysses_zero3(workdir: str) -> dict:
     import deepspeed.runtime.engine as ds_engine
     import torch.distributed as dist
 
-    from model import LlamaForCausalLM, get_preset
-    from trainer import engine as tengine
-    from trainer import parallelize
-    from trainer.engine import param_groups
+    from lmforge.model import build_model, get_preset
+    from lmforge.trainer.batching import sequence_slice
+    from lmforge.trainer.parallel import engine as tengine
+    from lmforge.trainer.parallel import transforms
+    from lmforge.trainer.parallel.engine import param_groups
+    from lmforge.trainer.parallel.layout import init_layout
 
-    layout = tengine.init_layout(1, 2)
+    layout = init_layout(1, 2)
     mcfg = get_preset("debug", vocab_size=300)
     ids = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
@@ -263,20 +267,19 @@ def ulysses_zero3(workdir: str) -> dict:
 
     def norm(fix: bool) -> float:
         model = tengine.build_model(mcfg, config, 3, 0, layout)  # the same weights as an eager build
-        tf = parallelize.parallelize(model, intra_doc_attention=False, activation_checkpointing=0,
-                                     sequence_parallel=2, sp_rank=layout.sp_rank, sp_group=layout.sp_group)
+        transforms.parallelize(model, activation_checkpointing=0, sequence_parallel=2, sp_group=layout.sp_group)
         eng, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=config,
                                        mpu=layout.mpu)
         if fix:
             assert deepspeed_compat.fix_zero3_sequence_parallel_grads(eng, 2)
-        eng.backward(eng(**tf(dict(batch))))
+        eng.backward(eng(**sequence_slice(dict(batch), 2, layout.sp_rank)))
         eng.step()
         out = float(eng.get_global_grad_norm())
         eng.destroy()
         return out
 
     torch.manual_seed(0)
-    whole = LlamaForCausalLM(mcfg)  # the same initial weights, the whole batch, no parallelism
+    whole = build_model(mcfg)  # the same initial weights, the whole batch, no parallelism
     whole(**batch).backward()
     reference = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in whole.parameters()])))
     upstream_meta = ds_engine._checkpoint_parallel_metadata.__wrapped__(layout.mpu)

@@ -14,12 +14,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from data_pipeline.common.errors import InputError
+from lmforge.common.errors import InputError
+from lmforge.trainer.checkpoint import CheckpointError
+from lmforge.trainer.hf.export import export
+from lmforge.trainer.hf.importer import load_hf_weights
 from tests.helpers.checkpoints import held_out_texts, make_checkpoint, train_test_tokenizer
 from tests.helpers.paths import ROOT
-from trainer.checkpoint import CheckpointError
-from trainer.hf.export import export
-from trainer.hf.importer import load_hf_weights
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.slow
@@ -128,7 +128,7 @@ def test_tensor_parallel_2_bf16_exports_fp32_masters_for_zero1_and_zero3(tmp_pat
     """bf16 AutoTP-2 runs export their fp32 masters, not the bf16 weights: ZeRO-1's are checked by the
     exporter to round to the saved bf16 shards; ZeRO-3 (same seed and data) gives the same masters; an
     existing complete <tag>_universal (made by a resume) is reused."""
-    from trainer import checkpoint
+    from lmforge.trainer import checkpoint
 
     z1 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=1, world_size=2, tp=2, precision="bf16")
     z3 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=3, world_size=2, tp=2, precision="bf16")
@@ -193,7 +193,7 @@ def test_cli_verification_failure_exits_nonzero_and_leaves_nothing(zero1, tmp_pa
     meta["tokenizer"]["eos_id"] = 5  # config.json would say 5 while the tokenizer's </s> is 2
     meta_f.write_text(json.dumps(meta))
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "trainer.export_hf", "--checkpoint", str(ck),
+    proc = subprocess.run([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", str(ck),
                            "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode != 0

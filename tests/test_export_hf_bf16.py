@@ -18,12 +18,12 @@ import sys
 import pytest
 import torch
 
-from model import LlamaForCausalLM, ModelConfig
+from lmforge.model import build_model, config_from_dict
+from lmforge.trainer.checkpoint import CheckpointError
+from lmforge.trainer.hf.export import export
+from lmforge.trainer.hf.importer import load_hf_weights
+from lmforge.trainer.hf.verify import LOGIT_ATOL
 from tests.helpers.runs import deepspeed_train, write_config
-from trainer.checkpoint import CheckpointError
-from trainer.hf.export import export
-from trainer.hf.importer import load_hf_weights
-from trainer.hf.verify import LOGIT_ATOL
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytestmark = pytest.mark.slow
@@ -46,7 +46,7 @@ def _train_bf16(tmp_path, tiny_data, stage: int, ds_template: dict | None = None
     ckpt = run / "checkpoints"
     meta = json.loads((ckpt / TAG / "lmforge.json").read_text())
     assert meta["precision"] == "bf16" and meta["zero_stage"] == stage
-    return ckpt, ModelConfig.from_dict(meta["model_config"])
+    return ckpt, config_from_dict(meta["model_config"])
 
 
 def _masters_zero0(states_file, cfg) -> dict[str, torch.Tensor]:
@@ -68,7 +68,7 @@ def _masters_universal(ckpt, cfg) -> dict[str, torch.Tensor]:
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                     str(ckpt / TAG), "--output_folder", str(out_dir), "--num_extract_workers", "1",
                     "--num_merge_workers", "1", "--inject_missing_state"], check=True, capture_output=True)
-    names = [n for n, _ in LlamaForCausalLM(cfg).named_parameters()]
+    names = [n for n, _ in build_model(cfg).named_parameters()]
     # DeepSpeed's own per-parameter fp32 file (a pickled dict: weights_only=False on our own test output)
     return {n: torch.load(out_dir / "zero" / n / "fp32.pt", weights_only=False)["param"] for n in names}
 
@@ -84,7 +84,7 @@ def _check_logits(out, cfg, weights: dict[str, torch.Tensor]):
     from transformers import LlamaForCausalLM as HFLlama
 
     hf = HFLlama.from_pretrained(str(out), dtype=torch.float32, local_files_only=True).eval()
-    ours = LlamaForCausalLM(cfg).eval()
+    ours = build_model(cfg).eval()
     ours.load_state_dict({**weights, **({"lm_head.weight": weights["model.embed_tokens.weight"]}
                                         if cfg.tie_word_embeddings else {})})
     ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -134,8 +134,8 @@ def test_bf16_run_exports_fp32_masters(name, tmp_path, tiny_data):
             sd["optimizer"]["fp32_groups"][1][0].add_(0.25)
         torch.save(sd, path)
         # As if saved that way (the file records updated): the integrity check would refuse it first.
-        from trainer.checkpoint.integrity import record_files
-        from trainer.checkpoint.state import read_state, write_state
+        from lmforge.trainer.checkpoint.integrity import record_files
+        from lmforge.trainer.checkpoint.state import read_state, write_state
 
         state = read_state(ckpt / TAG)
         state.files = record_files(ckpt / TAG)
@@ -155,7 +155,7 @@ def test_bf16_zero0_tensor_parallel_2_exports_masters(tmp_path):
     ckpt = make_checkpoint(tmp_path / "run", tok, [[1, 5, 6, 7, 8, 9]] * 2, zero_stage=0, world_size=2, tp=2,
                            precision="bf16")
     meta = json.loads((ckpt / TAG / "lmforge.json").read_text())
-    cfg = ModelConfig.from_dict(meta["model_config"])
+    cfg = config_from_dict(meta["model_config"])
     shards = [_masters_zero0(ckpt / TAG / f"mp_rank_{r:02d}_model_states.pt", cfg) for r in range(2)]
     out = export(ckpt, tmp_path / "hf")  # verified: weights + logits vs transformers
     _, state = load_hf_weights(out)

@@ -9,8 +9,8 @@ import os
 import pytest
 import sentencepiece as spm
 
+from lmforge.trainer.hf.tokenizer import PARITY_TEXTS, check_tokenizer_parity, write_tokenizer_files
 from tests.helpers.checkpoints import held_out_texts, train_test_tokenizer
-from trainer.hf.tokenizer import PARITY_TEXTS, check_tokenizer_parity, write_tokenizer_files
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

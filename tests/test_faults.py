@@ -18,12 +18,12 @@ import psutil
 import pytest
 import torch
 
+from lmforge.trainer import checkpoint as ckpt
+from lmforge.trainer import faults
+from lmforge.trainer.signals import StopFlag
 from tests.helpers.paths import ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, deepspeed_train, read_metrics, write_config
-from trainer import checkpoint as ckpt
-from trainer import faults
-from trainer.signals import StopFlag
 
 # ---------------------------------------------------------------------------------------------------
 # Unit level

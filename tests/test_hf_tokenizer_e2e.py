@@ -14,13 +14,13 @@ import sys
 import pytest
 import torch
 
-from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.manifest import load_manifest, shard_prefixes
+from lmforge.data_pipeline.indexed_dataset import IndexedDataset
+from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
+from lmforge.trainer.hf.tokenizer import PARITY_TEXTS
 from tests.helpers.checkpoints import held_out_texts
 from tests.helpers.paths import SAMPLE
 from tests.helpers.process import run_cmd
 from tests.helpers.runs import deepspeed_train, read_metrics, write_config
-from trainer.hf.tokenizer import PARITY_TEXTS
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 PY = sys.executable
@@ -37,7 +37,7 @@ INPUTS = [SAMPLE / "wikipedia", SAMPLE / "books"]
 @pytest.fixture(scope="module")
 def hf_tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("hftok")
-    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--type", "hf-bpe", "--input", *INPUTS,
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "train-tokenizer", "--type", "hf-bpe", "--input", *INPUTS,
              "--vocab-size", TOKENIZER_VOCAB, "--output", out])
     return out
 
@@ -72,20 +72,21 @@ def _texts() -> list[str]:
 def test_hf_model_with_byte_level_bpe_imports_trains_and_exports(tmp_path, hf_tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model import LlamaForCausalLM
-    from trainer.checkpoint import find_checkpoint, read_state, weight_source
-    from trainer.hf.verify import LOGIT_ATOL
+    from lmforge.model import build_model
+    from lmforge.trainer.checkpoint import find_checkpoint, read_state, weight_source
+    from lmforge.trainer.hf.verify import LOGIT_ATOL
 
     hf_dir, init, data, run, export = (tmp_path / n for n in ("hf", "init", "data", "run", "export"))
     original, tok = _random_hf_model(hf_tokenizer_dir, hf_dir)
     assert len(tok) == TOKENIZER_VOCAB and tok.eos_token_id == 1
 
-    run_cmd([PY, "-m", "trainer.import_hf", "--model", hf_dir, "--output", init])
+    run_cmd([PY, "-m", "lmforge.trainer.import_hf", "--model", hf_dir, "--output", init])
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (init / name).read_bytes() == (hf_dir / name).read_bytes(), name
 
-    run_cmd([PY, "-m", "data_pipeline", "preprocess", "--input", *INPUTS, "--tokenizer", init / "tokenizer.json",
-             "--output", data, "--valid-fraction", "0.05", "--strip-gutenberg", "--no-progress", "--workers", "2"])
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *INPUTS, "--tokenizer",
+             init / "tokenizer.json", "--output", data, "--valid-fraction", "0.05", "--strip-gutenberg",
+             "--no-progress", "--workers", "2"])
     m = load_manifest(data)
     assert m["tokenizer"]["file"] == "tokenizer.json" and m["dtype"] == "uint16"
     assert (m["tokenizer"]["vocab_size"], m["tokenizer"]["eos_id"], m["tokenizer"]["bos_id"]) == (TOKENIZER_VOCAB, 1, 0)
@@ -115,7 +116,7 @@ def test_hf_model_with_byte_level_bpe_imports_trains_and_exports(tmp_path, hf_to
     texts = _texts()
     verify_file = tmp_path / "held_out.txt"
     verify_file.write_text("\n".join(texts), encoding="utf-8")
-    run_cmd([PY, "-m", "trainer.export_hf", "--checkpoint", ckdir, "--output", export,
+    run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", export,
              "--verify-text-file", verify_file])  # verified: weights, logits, HF tokenizer parity, generate
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (export / name).read_bytes() == (hf_dir / name).read_bytes(), name
@@ -131,7 +132,7 @@ def test_hf_model_with_byte_level_bpe_imports_trains_and_exports(tmp_path, hf_to
 
     # Our model on the checkpoint's own weights (not the export's files) against transformers on the export.
     getters, _ = weight_source(tag, state)
-    ours = LlamaForCausalLM(state.model).eval()
+    ours = build_model(state.model).eval()
     ours.load_state_dict({k: get().float() for k, get in getters.items()})
     ids = torch.tensor([tok.encode(texts[-2], add_special_tokens=False)[:100]])
     with torch.no_grad():
@@ -145,16 +146,16 @@ def test_hf_model_with_byte_level_bpe_imports_trains_and_exports(tmp_path, hf_to
     # the one the data was cut with fails verification (exit 1), and nothing is written.
     config = json.loads((ckdir / "tokenizer_config.json").read_text())
     (ckdir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|begin_of_text|>"}))
-    p = run_cmd([PY, "-m", "trainer.export_hf", "--checkpoint", ckdir, "--output", tmp_path / "bad"], check=False)
+    p = run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", tmp_path / "bad"],
+                check=False)
     assert p.returncode == 1 and "eos_token_id is 1, tokenizer.json says 0" in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tmp_path, hf_tokenizer_dir):
-    from trainer.build import load_tokenizer
-    from trainer.config import ConfigError, RunConfig
-    from trainer.hf.importer import HFImportError, import_hf, load_hf_weights
-    from trainer.model_config import resolve_model_config
+    from lmforge.trainer.build import load_tokenizer, resolve_model
+    from lmforge.trainer.config import ConfigError, RunConfig
+    from lmforge.trainer.hf.importer import HFImportError, import_hf, load_hf_weights
 
     hf_dir = tmp_path / "hf"
     _random_hf_model(hf_tokenizer_dir, hf_dir, vocab_size=TOKENIZER_VOCAB - 64)
@@ -166,13 +167,13 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, hf_tokenizer_dir):
     cfg = RunConfig(tokenizer=str(hf_dir))
     cfg.model.preset, cfg.model.init_from_hf = None, str(hf_dir)
     with pytest.raises(ConfigError, match=f"vocab {TOKENIZER_VOCAB - 64} < tokenizer vocab {TOKENIZER_VOCAB}"):
-        resolve_model_config(cfg, tok.vocab_size, load_hf_weights(hf_dir))
+        resolve_model(cfg, tok.vocab_size, load_hf_weights(hf_dir))
 
 
 def test_export_parity_check_catches_a_changed_hf_tokenizer(tmp_path, hf_tokenizer_dir):
     """The export's HF tokenizer files pass the parity check against the run's tokenizer.json, and a
     tokenizer.json that encodes differently (a prefix space added, as some converters do) fails it."""
-    from trainer.hf.tokenizer import check_hf_tokenizer_parity, write_hf_tokenizer_files
+    from lmforge.trainer.hf.tokenizer import check_hf_tokenizer_parity, write_hf_tokenizer_files
 
     out = tmp_path / "export"
     out.mkdir()

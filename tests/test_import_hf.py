@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from data_pipeline.gpt_dataset import build_dataset
-from model import LlamaForCausalLM
+from lmforge.data_pipeline.gpt_dataset import build_dataset
+from lmforge.model import build_model
+from lmforge.trainer.hf.importer import HFImportError, import_hf, load_hf_weights, model_config_from_hf
 from tests.helpers.runs import TINY_VOCAB, deepspeed_train, hf_loss_on_packed_samples, read_metrics, write_config
-from trainer.hf.importer import HFImportError, import_hf, load_hf_weights, model_config_from_hf
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -42,7 +42,7 @@ def test_random_llama_imports_with_logit_parity(tmp_path, tie):
     cfg, state = load_hf_weights(out)
     assert cfg.num_key_value_heads == 2 and cfg.tie_word_embeddings == tie
     assert cfg.rope_theta == 50000.0 and cfg.rms_norm_eps == 1e-6
-    ours = LlamaForCausalLM(cfg).eval()
+    ours = build_model(cfg).eval()
     ours.load_state_dict(state)
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

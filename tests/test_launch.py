@@ -75,7 +75,7 @@ def test_mpirun_matches_single_node(reference):
 
 
 _PROBE = (
-    "import os; from data_pipeline.common.launch_env import torch_env; torch_env(); "
+    "import os; from lmforge.common.launch_env import torch_env; torch_env(); "
     # One write per rank: with PYTHONUNBUFFERED, print(a, b, ...) writes piecewise and ranks interleave.
     "os.write(1, (' '.join(['PROBE', *(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', "
     "'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))]) + chr(10)).encode())"

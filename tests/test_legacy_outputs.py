@@ -12,9 +12,9 @@ import sys
 import pytest
 import yaml
 
-from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.manifest import load_manifest, shard_prefixes
-from data_pipeline.tools import verify
+from lmforge.data_pipeline.indexed_dataset import IndexedDataset
+from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
+from lmforge.data_pipeline.tools import verify
 from tests.helpers.paths import ROOT, SAMPLE, TEST_DATA
 from tests.helpers.process import run_cmd
 from tests.helpers.runs import deepspeed_train, read_metrics
@@ -26,7 +26,7 @@ BOOK = (SAMPLE / "books" / "pg1952.txt").relative_to(ROOT)
 
 
 def test_tokenizer_and_shards_are_read_and_rewritten_byte_for_byte(tmp_path):
-    run_cmd([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", BOOK, "--vocab-size", 400,
+    run_cmd([sys.executable, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", BOOK, "--vocab-size", 400,
              "--output", tmp_path / "tok", "--threads", 1])
     legacy_tok = LEGACY / "tokenizer" / "tokenizer.model"
     assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == legacy_tok.read_bytes()
@@ -36,7 +36,7 @@ def test_tokenizer_and_shards_are_read_and_rewritten_byte_for_byte(tmp_path):
     ds = IndexedDataset(prefix)
     assert ds.num_documents == 1 and ds.num_tokens == load_manifest(LEGACY / "data")["totals"]["train"]["tokens"]
 
-    run_cmd([sys.executable, "-m", "data_pipeline", "preprocess", "--input", BOOK, "--tokenizer",
+    run_cmd([sys.executable, "-m", "lmforge.data_pipeline", "preprocess", "--input", BOOK, "--tokenizer",
              LEGACY / "tokenizer" / "tokenizer.model", "--output", tmp_path / "data", "--valid-fraction", 0,
              "--strip-gutenberg", "--no-progress", "--workers", 1])
     for ext in (".bin", ".idx"):
@@ -66,7 +66,7 @@ def test_checkpoint_resumes_to_the_old_runs_loss_and_exports(tmp_path):
     # Same weights, Adam moments, LR step, RNG state and sample window as the old run's step 3: bitwise.
     assert (row["step"], row["loss"], row["lr"]) == (3, old[3]["loss"], old[3]["lr"])
 
-    from trainer.hf.export import export
+    from lmforge.trainer.hf.export import export
 
     hf = export(LEGACY / "checkpoints", tmp_path / "hf", step=2)  # verified against transformers
     assert "step 2" in (hf / "README.md").read_text()

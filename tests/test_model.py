@@ -1,5 +1,5 @@
-"""Model unit tests: HF logit parity, parameter counts, presets, loss masking (import hygiene:
-tests/test_layout.py)."""
+"""Model unit tests: every family's logits against its ``transformers`` class, parameter and FLOP counts,
+presets, loss masking, the chunked loss (import hygiene: tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,35 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig
-from transformers import LlamaForCausalLM as HFLlama
 
-from model import PRESETS, LlamaForCausalLM, flops_per_token, get_preset, num_params
+from lmforge.model import all_presets, build_model, families, family_of, flops_per_token, get_preset, num_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def hf_twin(model: LlamaForCausalLM) -> HFLlama:
-    c = model.config.to_dict()
-    c.pop("initializer_range")
-    hf = HFLlama(LlamaConfig(**c, attention_bias=False, mlp_bias=False, hidden_act="silu",
-                             attn_implementation="sdpa"))
+def hf_twin(model):
+    """The ``transformers`` model of ``model``'s family with the same weights (its adapter's config)."""
+    hf_adapter = family_of(model.config).hf
+    hf = hf_adapter.transformers_model_class()(hf_adapter.transformers_config_class()(
+        **hf_adapter.to_hf_config(model.config), attn_implementation="sdpa"))
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
     # HF ties lm_head to the embedding itself; no other key may differ.
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     return hf.eval()
 
 
-@pytest.mark.parametrize("tied,kv", [(True, 2), (False, 4), (False, 1)])
-def test_logits_match_transformers(tied, kv):
+@pytest.mark.parametrize("preset,tied,kv", [("debug", True, 2), ("debug", False, 4), ("debug", False, 1),
+                                            ("qwen3-debug", True, 2), ("qwen3-debug", False, 1)])
+def test_logits_match_transformers(preset, tied, kv):
+    """Each family against its transformers class on the same fp32 weights (norm weights perturbed, so a
+    norm applied to the wrong tensor or over the wrong axis shows: Qwen3's per-head q/k norms)."""
     torch.manual_seed(0)
-    cfg = get_preset("debug", vocab_size=500, tie_word_embeddings=tied, num_key_value_heads=kv)
-    ours = LlamaForCausalLM(cfg).eval()
+    cfg = get_preset(preset, vocab_size=500, tie_word_embeddings=tied, num_key_value_heads=kv)
+    ours = build_model(cfg).eval()
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
     hf = hf_twin(ours)
     x = torch.randint(0, 500, (3, 40))
     with torch.no_grad():
@@ -40,42 +45,92 @@ def test_logits_match_transformers(tied, kv):
     assert diff <= 1e-5, diff
 
 
-def test_param_count_matches_module():
-    for name in ("debug", "tiny", "125m"):
+def test_param_count_matches_module_and_closed_form():
+    """``num_params`` counts the module's own parameters (a tied head once); the Llama closed form
+    (attention 2d² + 2d·kv, MLP 3d·f, two norms per layer, the final norm, embedding, untied head) agrees."""
+    for name in ("debug", "tiny", "125m", "qwen3-debug", "qwen3-0.6b"):
         for tied in (True, False):
             cfg = get_preset(name, vocab_size=1000, tie_word_embeddings=tied)
             with torch.device("meta"):
-                m = LlamaForCausalLM(cfg)
+                m = build_model(cfg)
             unique = {id(p): p.numel() for p in m.parameters()}
             assert sum(unique.values()) == num_params(cfg), (name, tied)
+            d, f, hd, H, K, L = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads,
+                                 cfg.num_key_value_heads, cfg.num_hidden_layers)
+            per_layer = 2 * d * H * hd + 2 * d * K * hd + 3 * d * f + 2 * d
+            per_layer += 2 * hd if cfg.family == "qwen3" else 0  # q_norm, k_norm
+            body = L * per_layer + d
+            assert num_params(cfg, non_embedding=True) == body, name
+            assert num_params(cfg) == body + 1000 * d * (1 if tied else 2), name
 
 
 def test_presets_are_what_the_readme_says():
-    """Every preset has a row in the README's preset table whose shape and parameter count (at vocab
-    32,000) are the preset's own, and the table lists no other preset."""
+    """Every preset of every family has a row in the README's preset table whose family, shape and
+    parameter count (at the vocabulary the table names) are the preset's own, and the table lists no other
+    preset."""
     import re
 
     rows = {}
     for line in (ROOT / "README.md").read_text().splitlines():
-        m = re.match(r"\| `(\w+)` \| ([\d.]+) ([MB]) \| (\d+) \| (\d+) \| (\d+) / (\d+) \| (\d+) \| (yes|no) \|", line)
+        m = re.match(r"\| `([\w.-]+)` \| (\w+) \| ([\d.]+) ([MB]) \| (\d+) \| (\d+) \| (\d+) / (\d+) \| "
+                     r"(\d+) \| (\d+) \| (yes|no) \|", line)
         if m:
             rows[m.group(1)] = m.groups()[1:]
-    assert set(rows) == set(PRESETS)
-    for name, (count, unit, layers, d, heads, kv, ff, tied) in rows.items():
-        cfg = get_preset(name, vocab_size=32000)
+    assert set(rows) == set(all_presets())
+    vocab = {"llama": 32000, "qwen3": 151936}  # the README's columns
+    for name, (family, count, unit, layers, d, heads, kv, hd, ff, tied) in rows.items():
+        cfg = get_preset(name, vocab_size=vocab[family])
+        assert cfg.family == family, name
         assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                cfg.intermediate_size, cfg.tie_word_embeddings) == (
-            int(layers), int(d), int(heads), int(kv), int(ff), tied == "yes"), name
+                cfg.head_dim, cfg.intermediate_size, cfg.tie_word_embeddings) == (
+            int(layers), int(d), int(heads), int(kv), int(hd), int(ff), tied == "yes"), name
         decimals = len(count.partition(".")[2])  # the table rounds to the digits it shows
         shown = num_params(cfg) / (1e6 if unit == "M" else 1e9)
         assert abs(shown - float(count)) <= 0.5 * 10**-decimals + 1e-9, (name, shown, count)
         assert flops_per_token(cfg, 2048) > 6 * num_params(cfg, non_embedding=True)
 
 
+def test_flops_per_token_closed_form():
+    """6 × (every linear weight, the output head included) + 12 · L · T · H·D (attention, no causal
+    discount); 8 instead of 6 with recomputation."""
+    for name in ("125m", "qwen3-0.6b"):
+        cfg = get_preset(name, vocab_size=32000)
+        d, f, hd, H, K, L = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads,
+                             cfg.num_key_value_heads, cfg.num_hidden_layers)
+        matmul = L * (2 * d * H * hd + 2 * d * K * hd + 3 * d * f) + 32000 * d
+        attn = 2 * L * 2048 * H * hd
+        assert flops_per_token(cfg, 2048) == 6 * matmul + 6 * attn
+        assert flops_per_token(cfg, 2048, recompute=True) == 8 * matmul + 8 * attn
+
+
+def test_every_family_is_complete():
+    """Each registered family has presets whose names say nothing twice, a config class that round-trips
+    through its dict (the family's name in it), and a plan that covers every linear layer and embedding."""
+    import fnmatch
+
+    from torch import nn
+
+    from lmforge.model import config_from_dict
+
+    assert {"llama", "qwen3"} <= set(families())
+    for fam in families().values():
+        cfg = fam.config(next(iter(fam.presets)), vocab_size=300)
+        d = cfg.to_dict()
+        assert d["family"] == fam.name and config_from_dict(d) == cfg
+        with torch.device("meta"):
+            m = fam.build(cfg)
+        for name, mod in m.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                assert any(fnmatch.fnmatchcase(name, p) for p in fam.tp_plan), (fam.name, name)
+    legacy = get_preset("debug").to_dict()
+    del legacy["family"]  # checkpoints written before families: Llama
+    assert config_from_dict(legacy) == get_preset("debug")
+
+
 def test_loss_masking_and_segments():
     torch.manual_seed(0)
     cfg = get_preset("debug", vocab_size=100)
-    m = LlamaForCausalLM(cfg).eval()
+    m = build_model(cfg).eval()
     x = torch.randint(0, 100, (2, 16))
     labels = x.clone()
     labels[:, :8] = -100
@@ -107,7 +162,7 @@ def test_chunked_loss_equals_the_whole_logits_loss(chunk):
     results = []
     for chunk_tokens in (0, chunk):
         torch.manual_seed(1)
-        m = LlamaForCausalLM(cfg).train()
+        m = build_model(cfg).train()
         m.loss_chunk_tokens = chunk_tokens
         loss = m(x, labels=labels)
         loss.backward()

@@ -1,15 +1,15 @@
 """Parallelism parity on real 2-rank DeepSpeed engines (gloo on CPU, fp32).
 
 Two 2-rank runs of ``run_cases`` (``tests.helpers.distributed.run_distributed``; data-parallel 2, then
-tensor-parallel 2) build every case's engine with the trainer's own code (``trainer.engine`` layout,
-model build incl. ``zero.Init`` for ZeRO-3, ``trainer.parallelize``, ``trainer.ds_config``, the LR
-schedule, the ``deepspeed_compat`` patches), train ``steps`` optimizer steps on the same fixed global
-batches, and record per-step losses and grad norms; one trainer launch checks TP=2 + ZeRO-3 +
-activation checkpointing end to end through ``deepspeed``.
+tensor-parallel 2) build every case's engine with the trainer's own code (``trainer.parallel``: layout,
+model build incl. ``zero.Init`` for ZeRO-3, the model transforms, the DeepSpeed config, the LR schedule,
+the ``deepspeed_compat`` patches and, with TP, the check of AutoTP against the family's plan), train
+``steps`` optimizer steps on the same fixed global batches, and record per-step losses and grad norms;
+one trainer launch checks TP=2 + ZeRO-3 + activation checkpointing end to end through ``deepspeed``.
 
 Sizes: the debug preset at vocab 1000 keeps every parameter below DeepSpeed's default
 ``stage3_param_persistence_threshold`` (1e5 elements). The trainer's DeepSpeed config sets it from the
-hidden size instead (10·d = 640 here: ``trainer.ds_config.communication_defaults``), as these cases do,
+hidden size instead (10·d = 640 here: ``trainer.parallel.ds_config.communication_defaults``), as these cases do,
 so ZeRO-3 partitions and gathers every matrix as in a real model (the test asserts that the ranks hold
 partitions of all 15 matrices, the 5 norm weights persisting).
 
@@ -34,14 +34,15 @@ import sys
 import pytest
 import torch
 
-from model import get_preset
+from lmforge.model import get_preset
+from lmforge.trainer import checkpoint as ckpt
+from lmforge.trainer.config import ConfigError, RunConfig
+from lmforge.trainer.parallel.ds_config import build_ds_config
+from lmforge.trainer.parallel.engine import param_groups
+from lmforge.trainer.parallel.layout import check_tensor_parallel
 from tests.helpers.distributed import run_distributed
 from tests.helpers.paths import ROOT
 from tests.helpers.runs import deepspeed_train, read_metrics, write_config
-from trainer import checkpoint as ckpt
-from trainer.config import ConfigError, RunConfig
-from trainer.ds_config import build_ds_config
-from trainer.engine import check_tensor_parallel, param_groups
 
 LOSS_RTOL = 2e-6
 GNORM_RTOL = 3e-5
@@ -64,7 +65,8 @@ def run_case(case: dict, tp: int) -> dict:
     """One case on this rank: the trainer's engine pieces, BASE["steps"] steps on the fixed batches."""
     import torch.distributed as dist
 
-    from trainer import engine, parallelize
+    from lmforge.trainer.parallel import engine, transforms
+    from lmforge.trainer.parallel.layout import init_layout
 
     cfg = RunConfig()
     cfg.train.micro_batch_size, cfg.train.grad_accum = case["micro"], case["grad_accum"]
@@ -73,14 +75,13 @@ def run_case(case: dict, tp: int) -> dict:
     cfg.parallel.zero_stage, cfg.parallel.tensor_parallel = case["zero_stage"], tp
     cfg.parallel.activation_checkpointing = case.get("ac", 0)
     cfg.parallel.offload = case.get("offload", "none")
-    layout = engine.init_layout(tp)
-    mcfg = get_preset("debug", vocab_size=BASE["vocab"])
+    layout = init_layout(tp)
+    mcfg = get_preset(case.get("preset", "debug"), vocab_size=BASE["vocab"])
     check_tensor_parallel(mcfg, layout.tp)
     ds_config = build_ds_config(cfg, layout.dp, "fp32", mcfg.hidden_size)
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, case.get("seed", BASE["seed"]), layout)
-    parallelize.parallelize(model, intra_doc_attention=False,
-                            activation_checkpointing=cfg.parallel.activation_checkpointing,
-                            loss_chunk_tokens=case.get("loss_chunk", 0), compile=case.get("compile", False))
+    transforms.parallelize(model, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                           loss_chunk_tokens=case.get("loss_chunk", 0), compile=case.get("compile", False))
     eng = engine.initialize(model, cfg, ds_config, layout)
     shapes = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in eng.module.named_parameters()}
     # ZeRO-3 parameters that stay partitioned and are gathered at every use (ds_persist False); the
@@ -170,7 +171,7 @@ def test_zero_stages_give_the_same_losses(dp_runs):
     assert ref[0] - min(ref) > 0.05, ref  # training moves the loss: the comparison sees the updates
     for z in (1, 2, 3):
         assert max_rel(dp_runs[f"zero{z}"]["losses"], ref) <= LOSS_RTOL, (z, dp_runs[f"zero{z}"]["losses"], ref)
-    gref = dp_runs["zero0"]["grad_norms"]  # ZeRO-0's norm: kept by trainer.engine.keep_zero0_grad_norm
+    gref = dp_runs["zero0"]["grad_norms"]  # ZeRO-0's norm: kept by deepspeed_compat.keep_zero0_grad_norm
     for z in (1, 2, 3):
         assert max_rel(dp_runs[f"zero{z}"]["grad_norms"], gref) <= GNORM_RTOL, z
     # ZeRO-3 really partitions: every rank holds only partitions of the 15 matrices (and ZeRO 0-2 none).
@@ -323,9 +324,9 @@ def test_compiled_layers_match_eager(dp_runs, tp_runs):
 
 
 def _export_weights(run, out) -> dict[str, torch.Tensor]:
-    from trainer.hf.importer import load_hf_weights
+    from lmforge.trainer.hf.importer import load_hf_weights
 
-    subprocess.run([sys.executable, "-m", "trainer.export_hf", "--checkpoint", str(run), "--output", str(out)],
+    subprocess.run([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", str(run), "--output", str(out)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
     return load_hf_weights(out)[1]
 
@@ -337,7 +338,7 @@ def test_tp2_zero3_exports_like_tp1_and_resumes_on_one_rank(tmp_path, tiny_data,
     persistence threshold is 10·d = 640 elements: the 1000 × 64 embedding and all 14 TP-sharded matrices
     are partitioned; only the 64-element norms persist): its export equals the export of the same
     training on one rank without TP, and it resumes on 1 rank (universal conversion, TP 2 -> 1) with the
-    loss the 1-rank run has at that step. Before the fixes in trainer.engine.build_model and
+    loss the 1-rank run has at that step. Before the fixes in trainer.parallel.engine.build_model and
     deepspeed_compat.fix_autotp_replicated_shapes both failed inside DeepSpeed's ds_to_universal.
 
     Tolerances: fp32, the two runs differ only in the order of the row-parallel sums (~1e-7 relative

@@ -1,21 +1,15 @@
-"""The training-time transformations of trainer/parallelize.py on the plain model: the intra-document
-attention policy (per-span SDPA, a dense mask, or a flex block mask) and activation checkpointing,
-against each document run alone and against the unmodified model."""
+"""The attention policy of trainer/batching.py (per-span SDPA, a dense mask, or a flex block mask) and the
+model transforms of trainer/parallel/transforms.py (activation checkpointing, per-layer compile) on the
+plain model, against each document run alone and against the unmodified model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model import LlamaForCausalLM, get_preset
-from trainer.parallelize import (
-    apply_activation_checkpointing,
-    document_attention,
-    document_spans,
-    on_device,
-    parallelize,
-    resolve_attention_kernel,
-)
+from lmforge.model import build_model, get_preset
+from lmforge.trainer.batching import document_attention, document_spans, on_device, resolve_attention_kernel
+from lmforge.trainer.parallel.transforms import apply_activation_checkpointing, compile_layers, parallelize
 
 LENGTHS = [[5, 1, 18], [24], [3, 3, 3, 15]]  # documents per row; a 1-token document included
 
@@ -51,7 +45,7 @@ def test_intra_document_attention_equals_each_document_run_alone(min_mean_tokens
     w = torch.randn(3, 24, 100, generator=torch.Generator().manual_seed(1))  # a loss touching every logit
     for every in (0, 1):
         torch.manual_seed(2)
-        m = LlamaForCausalLM(cfg).train()
+        m = build_model(cfg).train()
         apply_activation_checkpointing(m, every)
         packed = m(**batch)
         (packed * w).sum().backward()
@@ -79,7 +73,7 @@ def test_intra_document_spans_take_the_fused_kernel():
     slices, for instance)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    m = LlamaForCausalLM(get_preset("debug", vocab_size=100)).train()  # GQA: 4 query heads, 2 kv heads
+    m = build_model(get_preset("debug", vocab_size=100)).train()  # GQA: 4 query heads, 2 kv heads
     x = torch.randint(3, 100, (2, 32))
     seg = torch.tensor([[0] * 10 + [1] * 22, [0] * 3 + [1] * 29])
     batch = document_attention({"input_ids": x, "labels": x, "segment_ids": seg}, min_mean_tokens=0)
@@ -98,10 +92,10 @@ def test_activation_checkpointing_same_gradients_and_names():
     grads, calls = [], []
     for every in (0, 1, 2):
         torch.manual_seed(1)
-        m = LlamaForCausalLM(cfg).train()
+        m = build_model(cfg).train()
         names = [n for n, _ in m.named_parameters()]
-        transform = parallelize(m, intra_doc_attention=False, activation_checkpointing=every)
-        assert [n for n, _ in m.named_parameters()] == names and transform({"a": 1}) == {"a": 1}
+        assert parallelize(m, activation_checkpointing=every) is m
+        assert [n for n, _ in m.named_parameters()] == names
         calls.append(0)
         m.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
         m(x, labels=x).backward()
@@ -111,7 +105,7 @@ def test_activation_checkpointing_same_gradients_and_names():
         for n in g:
             assert torch.equal(g[n], grads[0][n]), n
     with pytest.raises(ValueError, match=">= 0"):
-        apply_activation_checkpointing(LlamaForCausalLM(cfg), -1)
+        apply_activation_checkpointing(build_model(cfg), -1)
 
 
 @pytest.mark.slow  # flex attention compiles its CPU kernel on first use: ~13 s
@@ -124,7 +118,7 @@ def test_flex_block_mask_equals_each_document_run_alone():
     batch = on_device(document_attention(_packed_batch(), min_mean_tokens=0, kernel="flex"))
     assert type(batch["attn_mask"]).__name__ == "BlockMask" and "document_ids" not in batch
     torch.manual_seed(2)
-    m = LlamaForCausalLM(cfg).eval()
+    m = build_model(cfg).eval()
     x = batch["input_ids"]
     with torch.no_grad():
         packed = m(**batch)
@@ -153,9 +147,6 @@ def test_attention_kernel_resolution():
     assert resolve_attention_kernel("spans", "cuda", compiled=False) == "spans"
     with pytest.raises(ValueError, match="attention kernel"):
         resolve_attention_kernel("ring", "cpu", compiled=False)
-    with pytest.raises(ValueError, match="resolve"):
-        parallelize(LlamaForCausalLM(get_preset("debug", vocab_size=100)), intra_doc_attention=True,
-                    activation_checkpointing=0, attention_kernel="auto")
 
 
 @pytest.mark.parametrize("kernel", ["mask", "spans"])
@@ -165,10 +156,8 @@ def test_compiled_layers_do_not_recompile_for_new_documents(kernel):
     on Python constants), which is why ``auto`` never hands spans to compiled layers."""
     from torch._dynamo.utils import counters
 
-    from trainer.parallelize import compile_layers
-
     torch._dynamo.reset()
-    m = LlamaForCausalLM(get_preset("debug", vocab_size=100))
+    m = build_model(get_preset("debug", vocab_size=100))
     compile_layers(m)
     x = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     before = counters["stats"]["unique_graphs"]

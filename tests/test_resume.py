@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from model import get_preset
+from lmforge.model import get_preset
+from lmforge.trainer import checkpoint as ckpt
+from lmforge.trainer.checkpoint import resume
+from lmforge.trainer.checkpoint.state import write_state
+from lmforge.trainer.config import ConfigError, RunConfig, load_config
 from tests.helpers.paths import ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, deepspeed_train, last_rows, write_config
-from trainer import checkpoint as ckpt
-from trainer.checkpoint import resume
-from trainer.checkpoint.state import write_state
-from trainer.config import ConfigError, RunConfig, load_config
 
 MAX_STEPS = 12
 SECTIONS = dict(train={"micro_batch_size": 2, "grad_accum": 1, "max_steps": MAX_STEPS, "seed": 7,
@@ -358,20 +358,20 @@ def test_verify_and_export_name_the_damaged_file(tmp_path, reference):
 
     run = tmp_path / "run"
     ckdir = _copy_tags(reference["run"], ["step_00000004", "step_00000006"], run)
-    ok = run_cmd([sys.executable, "-m", "trainer.verify_checkpoint", run])
+    ok = run_cmd([sys.executable, "-m", "lmforge.trainer.verify_checkpoint", run])
     assert "step_00000004: ok" in ok.stdout and "step_00000006: ok" in ok.stdout
     _damage(ckdir / "step_00000006" / "rng_state_rank0.pt", "bit-flipped")
-    bad = run_cmd([sys.executable, "-m", "trainer.verify_checkpoint", run], check=False)
+    bad = run_cmd([sys.executable, "-m", "lmforge.trainer.verify_checkpoint", run], check=False)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "step_00000004: ok" in bad.stdout and "step_00000006: DAMAGED" in bad.stdout
     assert f"{ckdir / 'step_00000006' / 'rng_state_rank0.pt'}: CRC-32" in bad.stdout
-    sizes = run_cmd([sys.executable, "-m", "trainer.verify_checkpoint", run, "--sizes-only"])
+    sizes = run_cmd([sys.executable, "-m", "lmforge.trainer.verify_checkpoint", run, "--sizes-only"])
     assert "step_00000006: ok" in sizes.stdout  # a flipped bit keeps the size: only the checksum sees it
-    exp = run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", run, "--output", tmp_path / "hf",
+    exp = run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", run, "--output", tmp_path / "hf",
                    "--no-verify"], check=False)
     assert exp.returncode == 2 and "is damaged, refusing to export it" in exp.stderr, exp.stderr[-2000:]
     assert "rng_state_rank0.pt: CRC-32" in exp.stderr and not (tmp_path / "hf").exists()
-    run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", run, "--output", tmp_path / "hf",
+    run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", run, "--output", tmp_path / "hf",
              "--no-verify", "--step", "4"])
 
 
@@ -380,7 +380,7 @@ def test_async_saves_train_identically_and_resume_bitwise(tmp_path, tiny_data, r
     """checkpoint.async_save: the losses are bitwise the synchronous run's (saving in the background
     changes nothing in training), each periodic tag is completed later with every file recorded (CRC-32
     computed while writing), and a resume from one continues bitwise."""
-    from trainer.checkpoint.integrity import check_tag
+    from lmforge.trainer.checkpoint.integrity import check_tag
 
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, **SECTIONS)

@@ -27,11 +27,11 @@ import sys
 import pytest
 import torch
 
+from lmforge.trainer.batching import sequence_slice
+from lmforge.trainer.config import ConfigError, DataSource, RunConfig, validate
 from tests.helpers.paths import SAMPLE
 from tests.helpers.process import run_cmd
 from tests.helpers.runs import deepspeed_train, last_rows, read_metrics, write_config
-from trainer.config import ConfigError, DataSource, RunConfig, validate
-from trainer.parallelize import sequence_slice
 
 LOSS_RTOL = 2e-6
 GNORM_RTOL = 3e-5
@@ -41,7 +41,7 @@ SEQ = 256
 @pytest.fixture(scope="module")
 def short_docs(tiny_data, tmp_path_factory) -> dict:
     """Shards of the sample Wikipedia cut into 25-word documents."""
-    from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+    from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
 
     root = tmp_path_factory.mktemp("short_docs")
     with open(root / "paragraphs.jsonl", "w") as f:
@@ -51,7 +51,7 @@ def short_docs(tiny_data, tmp_path_factory) -> dict:
                     words = text.split()
                     for i in range(0, len(words) - 25, 25):  # 25-word documents
                         f.write(json.dumps({"text": " ".join(words[i:i + 25])}) + "\n")
-    run_cmd([sys.executable, "-m", "data_pipeline", "preprocess", "--input", root / "paragraphs.jsonl",
+    run_cmd([sys.executable, "-m", "lmforge.data_pipeline", "preprocess", "--input", root / "paragraphs.jsonl",
              "--tokenizer", tiny_data["tokenizer"], "--output", root / "data", "--valid-fraction", "0",
              "--no-progress"])
     totals = json.loads((root / "data" / "manifest.json").read_text())["totals"]["train"]
@@ -87,8 +87,8 @@ def test_s2_matches_s1_and_resumes_at_s1(short_docs, tmp_path, zero, kv_heads, c
     _compare(s1, s2, range(1, 7))
     assert s2[6]["consumed_samples"] == s1[6]["consumed_samples"] == 12  # the same samples, dp 1
     if zero == 3:  # export is unaffected: the S = 2 ZeRO-3 checkpoint exports and verifies its logits
-        out = run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", tmp_path / "s2" / "checkpoints",
-                       "--output", tmp_path / "hf"])
+        out = run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint",
+                       tmp_path / "s2" / "checkpoints", "--output", tmp_path / "hf"])
         assert "exported and verified" in out.stdout + out.stderr
 
     # The S = 2 checkpoint of step 3 (as after a crash right after it) resumed at S = 1 on one rank:
@@ -133,8 +133,8 @@ def test_config_errors(tmp_path):
     cfg.data.seq_len, cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel = 96, 2, 2
     with pytest.raises(ConfigError, match="cannot be combined"):
         validate(cfg)
-    from model import get_preset
-    from trainer.engine import check_sequence_parallel
+    from lmforge.model import get_preset
+    from lmforge.trainer.parallel.layout import check_sequence_parallel
 
     with pytest.raises(ConfigError, match="must divide the model's num_attention_heads=4"):
         check_sequence_parallel(get_preset("debug", vocab_size=300), 3)

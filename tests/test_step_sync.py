@@ -51,8 +51,8 @@ def run_and_record(cfg_path: str, inject_nan_at: int) -> tuple[list, list[int]]:
     """Build a Trainer in this rank, record host reads by our code while it runs; -> (reads, sync steps)."""
     import os
 
-    from trainer import train
-    from trainer.config import load_config
+    from lmforge.trainer import train
+    from lmforge.trainer.config import load_config
 
     os.environ[train.faults.INJECT_ENV] = str(inject_nan_at)  # a non-finite step must not force a read
     trainer = train.Trainer(load_config(cfg_path))
@@ -103,8 +103,8 @@ def run_with_cuda_sync_warnings(cfg_path: str) -> tuple[list, list[int]]:
     from our code (the warning's location) with the step and phase (tests/gpu/test_gpu.py)."""
     import warnings
 
-    from trainer import train
-    from trainer.config import load_config
+    from lmforge.trainer import train
+    from lmforge.trainer.config import load_config
 
     trainer = train.Trainer(load_config(cfg_path))
     state = _track_phase(trainer)
@@ -136,10 +136,10 @@ def test_model_step_has_no_data_dependent_shapes(kernel):
     under ``FakeTensorMode`` here. It caught the chunked loss selecting its unmasked rows."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from model import LlamaForCausalLM, ModelConfig
-    from trainer.parallelize import document_attention
+    from lmforge.model.llama import LlamaConfig, LlamaForCausalLM
+    from lmforge.trainer.batching import document_attention
 
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg)
     model.loss_chunk_tokens = 32  # 128 tokens: 4 chunks

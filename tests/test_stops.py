@@ -8,7 +8,7 @@ shell job or a scheduler's step is, waits for training to be under way, then sto
 * SIGTERM to the launch command's process alone (a container runtime's PID 1, ``kill <pid>``);
 * under plain ``deepspeed``, SIGTERM to its process alone: it dies at once, its per-node launcher and the
   ranks live on, and the ranks must notice that their launcher is gone, save and exit;
-* the stop file (``python -m trainer.launch --stop RUN_DIR``), no signal at all;
+* the stop file (``python -m lmforge.trainer.launch --stop RUN_DIR``), no signal at all;
 * Ctrl-C twice: everything ends at once, without a checkpoint.
 
 Each ends with the expected exit status, a complete checkpoint at the step the ranks stopped after (except
@@ -26,11 +26,11 @@ import time
 import psutil
 import pytest
 
+from lmforge.trainer import checkpoint as ckpt
+from lmforge.trainer.signals import _is_launcher
 from tests.helpers.paths import ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, read_metrics, write_config
-from trainer import checkpoint as ckpt
-from trainer.signals import _is_launcher
 
 SCRIPTS = ROOT / "launch_scripts"
 
@@ -144,14 +144,14 @@ def test_plain_deepspeed_killed_alone_leaves_no_orphan_training(tmp_path, tiny_d
 
 @pytest.mark.slow
 def test_stop_file_stops_every_rank_and_is_consumed(tmp_path, tiny_data):
-    """No signal: `python -m trainer.launch --stop RUN_DIR` writes RUN_DIR/STOP; the ranks save and exit
+    """No signal: `python -m lmforge.trainer.launch --stop RUN_DIR` writes RUN_DIR/STOP; the ranks save and exit
     0 (here under plain deepspeed); the file is renamed so that the next start trains."""
     cfg, run = _config(tmp_path, tiny_data)
     log = tmp_path / "log"
     proc = _start(deepspeed_args(cfg, [], 2, free_port()), log)
     try:
         procs = _wait_training(proc, run, log)
-        subprocess.run([sys.executable, "-m", "trainer.launch", "--stop", run], cwd=ROOT, env=child_env(),
+        subprocess.run([sys.executable, "-m", "lmforge.trainer.launch", "--stop", run], cwd=ROOT, env=child_env(),
                        check=True, timeout=60)
         rc = proc.wait(timeout=300)
         assert rc == 0, log.read_text()[-4000:]

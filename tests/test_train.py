@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from data_pipeline.gpt_dataset import build_dataset
+from lmforge.data_pipeline.gpt_dataset import build_dataset
+from lmforge.trainer import checkpoint as ckpt
 from tests.helpers import golden
 from tests.helpers.process import run_cmd
 from tests.helpers.runs import deepspeed_train, hf_loss_on_packed_samples, read_metrics, write_config
-from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def check_tensorboard(run, rows):
 def check_export_matches_trainer_eval(tmp_path, run, tiny_data):
     """The exported model's validation loss computed by transformers equals the trainer's eval loss."""
     out = tmp_path / "hf"
-    run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", run / "checkpoints", "--output", out])
+    run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", run / "checkpoints", "--output", out])
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

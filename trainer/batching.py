@@ -1,9 +1,25 @@
 """From packed samples to model inputs, and which samples each data-parallel rank reads.
 
-``make_batch`` recovers document boundaries from EOD tokens the way Megatron's
-``get_ltor_masks_and_position_ids`` does. ``DistributedSampleIterator`` walks the dataset's global order
-(``data_pipeline.gpt_dataset``) from ``consumed_samples``, so resuming (even at another data-parallel
-size) continues exactly. Both run on the trainer's prefetch thread, overlapping the previous step.
+A batch travels forward only: data (``data_pipeline.gpt_dataset``) -> here -> the engine -> the model.
+
+* ``DistributedSampleIterator`` walks the dataset's global order from ``consumed_samples``, so resuming
+  (even at another data-parallel size) continues exactly.
+* ``make_batch`` turns samples into inputs and labels, recovering document boundaries from EOD tokens the
+  way Megatron's ``get_ltor_masks_and_position_ids`` does.
+* ``BatchTransform`` applies the **attention policy**: how a batch's packed documents reach the model. With
+  ``data.intra_doc_attention`` the batch carries ``segment_ids``; ``document_attention`` turns them, on the
+  prefetch thread and never inside ``forward``, into the model's ``doc_spans`` (causal SDPA per document
+  span: fused kernels, work = the documents' triangles) or, for batches of very short documents, one dense
+  ``attn_mask`` (cheaper than hundreds of tiny calls; ``benchmarks/intra_doc_attention.py --mode
+  spans|mask`` measures the crossover that ``SPAN_ATTENTION_MIN_MEAN_TOKENS`` encodes). Rows holding one
+  document each get plain causal attention. With the ``flex`` kernel (``parallel.attention_kernel``;
+  ``auto`` picks it on CUDA) the prefetch thread keeps the document ids as a tensor and ``on_device`` turns
+  them, once per batch and on the GPU, into a flex-attention ``BlockMask`` that every layer shares: one
+  block-sparse kernel per layer, no host reads, and no Python structure that would make ``torch.compile``
+  recompile per batch. Under sequence parallelism it then keeps this rank's slice of the sequence
+  (``sequence_slice``).
+
+All of it except ``on_device`` runs on the trainer's prefetch thread, overlapping the previous step.
 """
 
 from __future__ import annotations
@@ -14,8 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from model import IGNORE_INDEX
+from lmforge.model import IGNORE_INDEX, DocSpans
 
 
 def make_batch(
@@ -57,6 +74,136 @@ def make_batch(
             doc_start = np.maximum.accumulate(np.where(starts_here, idx, 0), axis=1)
             out["position_ids"] = idx - doc_start
     return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+# Batches whose documents average fewer tokens than this use one dense mask instead of per-span calls.
+# Where the crossover lies on CPU: benchmarks/intra_doc_attention.py --mode spans|mask (seq 1024, tiny
+# preset: spans win from ~16 tokens per document on). Not yet measured on GPUs.
+SPAN_ATTENTION_MIN_MEAN_TOKENS = 16
+
+# How intra-document attention is executed: per-span SDPA, one dense mask, or a flex BlockMask;
+# "auto" = flex on CUDA; on CPU spans (flex has no CPU backward), or mask when compiled (spans are
+# Python tuples: a compiled layer would recompile for every new set of documents).
+ATTENTION_KERNELS = ("auto", "spans", "mask", "flex")
+# Block-mask construction materialises (B, T, T) booleans unless compiled; compiled from this length on.
+FLEX_COMPILED_MASK_FROM_SEQ = 8192
+
+
+def document_spans(segment_ids: np.ndarray | torch.Tensor) -> DocSpans:
+    """Per row, the (start, end) token ranges of its packed documents, in order.
+
+    segment_ids (B, T) int, non-decreasing along each row: tokens with equal ids belong to the same
+    document. Host-side (numpy): call it on the data side, never inside the step."""
+    seg = np.asarray(segment_ids)
+    T = seg.shape[1]
+    spans = []
+    for row in seg:
+        cuts = (np.flatnonzero(row[1:] != row[:-1]) + 1).tolist()
+        edges = [0, *cuts, T]
+        spans.append(tuple(zip(edges[:-1], edges[1:])))
+    return tuple(spans)
+
+
+def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that also forbids attention across packed documents: what per-span attention
+    computes, as one dense (B, 1, T, T) boolean mask, True where attention is allowed."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+    """The flex-attention ``BlockMask`` of causal attention within documents, built on the device of
+    ``document_ids`` (B, T) without host reads; blocks entirely inside one document's causal triangle
+    are marked full (no mask evaluation), blocks across documents are skipped."""
+    B, T = document_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (document_ids[b, q] == document_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device,
+                             _compile=T >= FLEX_COMPILED_MASK_FROM_SEQ)
+
+
+def document_attention(batch: dict[str, torch.Tensor], min_mean_tokens: int = SPAN_ATTENTION_MIN_MEAN_TOKENS,
+                       kernel: str = "spans") -> dict:
+    """The attention policy (module docstring): replace ``segment_ids`` by the model's
+    attention input: ``doc_spans``, ``attn_mask``, or (``kernel="flex"``) ``document_ids``, which
+    ``on_device`` turns into the block mask."""
+    out = dict(batch)
+    segment_ids = out.pop("segment_ids", None)
+    if segment_ids is None:
+        return out
+    seg = np.asarray(segment_ids)
+    if not (seg[:, 1:] != seg[:, :-1]).any():
+        return out  # one document per row: plain causal attention
+    if kernel == "flex":
+        out["document_ids"] = segment_ids.to(torch.int32)
+        return out
+    spans = document_spans(seg)
+    n_docs = sum(len(row) for row in spans)
+    if kernel == "mask" or seg.size < min_mean_tokens * n_docs:
+        out["attn_mask"] = document_attention_mask(segment_ids)
+    else:
+        out["doc_spans"] = spans
+    return out
+
+
+def on_device(batch: dict) -> dict:
+    """The device half of the attention policy, once per batch after the copy: document ids -> BlockMask."""
+    if "document_ids" not in batch:
+        return batch
+    out = dict(batch)
+    out["attn_mask"] = document_block_mask(out.pop("document_ids"))
+    return out
+
+
+def resolve_attention_kernel(kernel: str, device_type: str, compiled: bool) -> str:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, not {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    if device_type == "cuda":
+        return "flex"
+    return "mask" if compiled else "spans"
+
+
+class BatchTransform:
+    """What every batch goes through between ``make_batch`` and the engine: ``__call__`` on the prefetch
+    thread (host tensors): the attention policy, then with ``sp`` > 1 this rank's slice ``sp_rank`` of the
+    sequence (after the document structure was taken from the whole of it); ``on_device`` after the
+    batch's copy to the device."""
+
+    def __init__(self, intra_doc_attention: bool, kernel: str = "spans", sp: int = 1, sp_rank: int = 0):
+        self.intra_doc_attention, self.kernel = intra_doc_attention, kernel
+        self.sp, self.sp_rank = sp, sp_rank
+
+    def __call__(self, batch: dict) -> dict:
+        out = document_attention(batch, kernel=self.kernel) if self.intra_doc_attention else batch
+        return sequence_slice(out, self.sp, self.sp_rank) if self.sp > 1 else out
+
+    def on_device(self, batch: dict) -> dict:
+        return on_device(batch)
+
+
+def sequence_slice(batch: dict, sp: int, sp_rank: int) -> dict:
+    """This sequence-parallel rank's share of a batch: tokens [r*T/S, (r+1)*T/S) of ``input_ids``,
+    ``labels`` and ``position_ids`` (global positions), plus ``loss_tokens``, the whole batch's count of
+    unmasked labels. Attention inputs (spans, mask, document ids) stay whole: after the all-to-all every
+    rank attends over the whole sequence."""
+    out = dict(batch)
+    B, T = out["input_ids"].shape
+    if T % sp:
+        raise ValueError(f"sequence length {T} is not divisible by parallel.sequence_parallel={sp}")
+    n = T // sp
+    sl = slice(sp_rank * n, (sp_rank + 1) * n)
+    if "position_ids" not in out:
+        out["position_ids"] = torch.arange(T, dtype=torch.long).expand(B, T)
+    out["loss_tokens"] = int((out["labels"] != IGNORE_INDEX).sum())
+    for key in ("input_ids", "labels", "position_ids"):
+        out[key] = out[key][:, sl].contiguous()
+    return out
 
 
 class DataExhaustedError(RuntimeError):

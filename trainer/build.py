@@ -3,10 +3,11 @@
 ``build_run(cfg)`` turns a validated ``RunConfig`` into everything the step loop needs, in the order the
 pieces depend on each other: the process group and the parallel layout, the tokenizer (SentencePiece or
 Hugging Face: its vocabulary, added tokens included, sizes the model; its EOS is the end-of-document
-token), the model config, the global sample order, the resume plan (chosen before the engine exists:
-another layout needs DeepSpeed's universal loader, which is selected in its config), the model with its
-training-time transformations (``parallelize.py``), and the DeepSpeed engine, loaded from the checkpoint
-when resuming.
+token), the model config (its family's, from ``lmforge.model``), the global sample order, the resume plan
+(chosen before the engine exists: another layout needs DeepSpeed's universal loader, which is selected in
+its config), the model with its training-time transformations (``parallel/transforms.py``), the DeepSpeed
+engine, loaded from the checkpoint when resuming, and the batch transform (``batching.py``) that gives the
+model its attention structure.
 Every rank calls it; the collectives inside are called in the same order everywhere.
 
 This is the composition root: the one engine-stage module that imports the later stages (the resume
@@ -24,17 +25,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.common.files import atomic_write_text
-from data_pipeline.gpt_dataset import BlendedDataset, PackedDataset, build_dataset
-from data_pipeline.manifest import MANIFEST_NAME
-from data_pipeline.tokenizer import TokenizerError, TokenizerFiles, copy_tokenizer, resolve_tokenizer, tokenizer_info
-from model import ModelConfig
+from lmforge.common.files import atomic_write_text
+from lmforge.common.tokenizer_files import TokenizerError, TokenizerFiles, resolve_tokenizer
+from lmforge.data_pipeline.gpt_dataset import BlendedDataset, PackedDataset, build_dataset
+from lmforge.data_pipeline.manifest import MANIFEST_NAME
+from lmforge.data_pipeline.tokenizer import copy_tokenizer, tokenizer_info
+from lmforge.model import ModelConfig, build_config
 
-from . import checkpoint, distributed, engine, parallelize
+from . import checkpoint
+from .batching import BatchTransform, resolve_attention_kernel
 from .checkpoint import resume
 from .config import ConfigError, RunConfig, check_global_batch, dump_config
-from .ds_config import build_ds_config, resolve_precision
-from .model_config import resolve_model_config
+from .parallel import distributed, engine, transforms
+from .parallel import layout as layouts
+from .parallel.ds_config import build_ds_config, resolve_precision
 
 Dataset = PackedDataset | BlendedDataset
 
@@ -71,7 +75,7 @@ class Tokenizer:
 @dataclass
 class Run:
     cfg: RunConfig
-    layout: engine.Layout
+    layout: layouts.Layout
     precision: str
     global_batch: int
     run_dir: Path
@@ -81,7 +85,7 @@ class Run:
     train_ds: Dataset
     valid_ds: Dataset | None
     data_fingerprint: str  # the training order's identity, independent of its length
-    batch_transform: parallelize.BatchTransform
+    batch_transform: BatchTransform
     ds_config: dict
     engine: object  # deepspeed.DeepSpeedEngine
     step: int = 0
@@ -100,7 +104,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer(files, info["sha256"], info)
 
 
-def build_data(cfg: RunConfig, layout: engine.Layout, global_batch: int,
+def build_data(cfg: RunConfig, layout: layouts.Layout, global_batch: int,
                run_dir: Path) -> tuple[Dataset, Dataset | None]:
     """One global sample order for training (this rank's slice of each step is chosen by the iterator)
     and the validation order. Collective."""
@@ -129,10 +133,35 @@ def build_data(cfg: RunConfig, layout: engine.Layout, global_batch: int,
     return train_ds, valid_ds
 
 
+def resolve_model(cfg: RunConfig, tokenizer_vocab: int,
+                  init_from: tuple[ModelConfig, dict] | None = None) -> tuple[ModelConfig, dict | None]:
+    """(model config, initial weights or None): the family's config from the ``model:`` section (preset and
+    overrides, vocab_size defaulting to the tokenizer's), or the one read from ``model.init_from_hf``
+    (``trainer.hf.importer.load_hf_weights``). Errors are ConfigErrors naming the ``model.*`` key."""
+    m = cfg.model
+    if m.init_from_hf:
+        assert init_from is not None, "read model.init_from_hf first"
+        mcfg, state = init_from
+        if m.family is not None and m.family != mcfg.family:
+            raise ConfigError(f"model.family is {m.family!r} but model.init_from_hf {m.init_from_hf} is a "
+                              f"{mcfg.family!r} model")
+        if mcfg.vocab_size < tokenizer_vocab:
+            raise ConfigError(f"model.init_from_hf vocab {mcfg.vocab_size} < tokenizer vocab {tokenizer_vocab} (the "
+                              "tokenizer's ids, added tokens included, must fit the model's embedding)")
+        return mcfg, state
+    shape = {"vocab_size": tokenizer_vocab, **m.overrides}
+    if shape["vocab_size"] < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size {shape['vocab_size']} < tokenizer vocab {tokenizer_vocab}")
+    try:
+        return build_config(m.family, m.preset, **shape), None
+    except (TypeError, ValueError) as e:  # heads not dividing the width, and the like
+        raise ConfigError(f"model: {e}") from None
+
+
 def build_run(cfg: RunConfig, log=print) -> Run:
     """Everything the step loop needs (module docstring). Collective."""
     distributed.init(cfg.parallel.collective_timeout_minutes)
-    layout = engine.init_layout(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel)
+    layout = layouts.init_layout(cfg.parallel.tensor_parallel, cfg.parallel.sequence_parallel)
     global_batch = check_global_batch(cfg, layout.dp)
     precision = resolve_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
@@ -143,9 +172,9 @@ def build_run(cfg: RunConfig, log=print) -> Run:
         from .hf.importer import load_hf_weights
 
         init_from = load_hf_weights(cfg.model.init_from_hf)
-    mcfg, init_state = resolve_model_config(cfg, tok.vocab_size, init_from)
-    engine.check_tensor_parallel(mcfg, layout.tp)
-    engine.check_sequence_parallel(mcfg, layout.sp)
+    mcfg, init_state = resolve_model(cfg, tok.vocab_size, init_from)
+    layouts.check_tensor_parallel(mcfg, layout.tp)
+    layouts.check_sequence_parallel(mcfg, layout.sp)
     if layout.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -169,14 +198,13 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     np.random.seed(cfg.train.seed)
     ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision, mcfg.hidden_size))
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state)
-    kernel = parallelize.resolve_attention_kernel(cfg.parallel.attention_kernel,
-                                                  "cuda" if torch.cuda.is_available() else "cpu", cfg.train.compile)
-    batch_transform = parallelize.parallelize(
-        model, intra_doc_attention=cfg.data.intra_doc_attention,
-        activation_checkpointing=cfg.parallel.activation_checkpointing,
-        loss_chunk_tokens=cfg.parallel.loss_chunk_tokens, attention_kernel=kernel, compile=cfg.train.compile,
-        sequence_parallel=layout.sp, sp_rank=layout.sp_rank, sp_group=layout.sp_group)
+    transforms.parallelize(model, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                           loss_chunk_tokens=cfg.parallel.loss_chunk_tokens, compile=cfg.train.compile,
+                           sequence_parallel=layout.sp, sp_group=layout.sp_group)
     eng = engine.initialize(model, cfg, ds_config, layout)
+    kernel = resolve_attention_kernel(cfg.parallel.attention_kernel, "cuda" if torch.cuda.is_available() else "cpu",
+                                      cfg.train.compile)
+    batch_transform = BatchTransform(cfg.data.intra_doc_attention, kernel, layout.sp, layout.sp_rank)
     if layout.rank == 0:
         atomic_write_text(run_dir / "ds_config.json", json.dumps(ds_config, indent=1))
 

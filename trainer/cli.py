@@ -11,10 +11,10 @@ import sys
 
 DATA_COMMANDS = {"train-tokenizer", "preprocess", "inspect", "verify", "merge"}
 MODULES = {
-    "train": "trainer.train",
-    "export-hf": "trainer.hf.export",
-    "import-hf": "trainer.hf.importer",
-    "generate": "trainer.hf.generate",
+    "train": "lmforge.trainer.train",
+    "export-hf": "lmforge.trainer.hf.export",
+    "import-hf": "lmforge.trainer.hf.importer",
+    "generate": "lmforge.trainer.hf.generate",
 }
 
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in DATA_COMMANDS:
-        from data_pipeline.cli import main as data_main
+        from lmforge.data_pipeline.cli import main as data_main
 
         return data_main([cmd, *rest])
     if cmd in MODULES:

@@ -2,7 +2,7 @@
 
 Every field is documented here (the docstring of its dataclass). Unknown keys are errors naming the
 key; values are type-checked. The DeepSpeed JSON is *derived* from this config
-(``trainer.ds_config.build_ds_config``): no value lives in two places.
+(``trainer.parallel.ds_config.build_ds_config``): no value lives in two places.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from data_pipeline.common.errors import InputError
-from model import PRESETS
+from lmforge.common.errors import InputError
+from lmforge.model import resolve_family
 
 
 class ConfigError(InputError):
@@ -26,30 +26,32 @@ class ConfigError(InputError):
 
 @dataclass
 class ModelSection:
-    """Model shape.
+    """The model: a family, a size preset, and overrides of the family's config fields. The family's config
+    class (``model/<family>/config.py``) owns the shape; this section only names it.
 
-    preset: a size preset from ``model.PRESETS`` (debug, tiny, 125m, 350m, 760m, 1b, 3b, 7b, 13b, 70b).
-    Any ``ModelConfig`` field given here (hidden_size, intermediate_size, num_hidden_layers,
-    num_attention_heads, num_key_value_heads, max_position_embeddings, rope_theta, rms_norm_eps,
-    tie_word_embeddings, initializer_range, vocab_size) overrides the preset; without a preset all
-    shape fields must be given. vocab_size defaults to the tokenizer's.
-    init_from_hf: a local Hugging Face Llama directory (or an ``import_hf`` output) whose weights
-    initialise the model for continued pretraining; the shape then comes from it.
+    family: llama | qwen3 (``lmforge.model.families()``); default: the preset's family, else llama.
+    preset: a size preset of any family (names are unique across families, so a preset says its family):
+        llama: debug, tiny, 125m, 350m, 760m, 1b, 3b, 7b, 13b, 70b; qwen3: qwen3-debug, qwen3-tiny,
+        qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b. Without a preset, the shape fields are given here.
+    init_from_hf: a local Hugging Face directory of a supported architecture (LlamaForCausalLM,
+        MistralForCausalLM, Qwen3ForCausalLM) or an ``import_hf`` output, whose weights initialise the model
+        for continued pretraining; the family and shape then come from it (no other keys).
+    Any other key is a field of the family's config class, overriding the preset: hidden_size,
+        intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+        max_position_embeddings, rope_theta, rms_norm_eps, tie_word_embeddings, initializer_range,
+        vocab_size (default: the tokenizer's), and the family's own (qwen3: head_dim). An unknown key is an
+        error naming it and the family's fields.
     """
 
+    family: str | None = None
     preset: str | None = None
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int | None = None
-    rope_theta: float | None = None
-    rms_norm_eps: float | None = None
-    tie_word_embeddings: bool | None = None
-    initializer_range: float | None = None
     init_from_hf: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # family config fields (written flat in YAML)
+
+    SECTION_KEYS: ClassVar[tuple[str, ...]] = ("family", "preset", "init_from_hf")
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "preset": self.preset, "init_from_hf": self.init_from_hf, **self.overrides}
 
 
 @dataclass
@@ -175,7 +177,7 @@ class ParallelSection:
         on, so the failure is raised, not hung on).
     ds_config: optional DeepSpeed JSON template supplying settings this config does not own
         (documented examples in ds_configs/). Communication settings the template leaves out are
-        chosen from the model size (``trainer.ds_config.communication_defaults``).
+        chosen from the model size (``trainer.parallel.ds_config.communication_defaults``).
     """
 
     zero_stage: int = 2
@@ -252,7 +254,9 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()  # the family's fields flat, as they are written
+        return d
 
 
 _CHOICES = {
@@ -307,7 +311,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _build_model(d: dict, key: str = "model") -> ModelSection:
+    """``model:``: family, preset and init_from_hf, and any field of the family's config class (coerced to its
+    type there); the family is resolved here, so an unknown family, preset or field names its key."""
+    section = {k: _coerce(d[k], str | None, f"{key}.{k}") for k in ModelSection.SECTION_KEYS if k in d}
+    fields_ = {k: v for k, v in d.items() if k not in ModelSection.SECTION_KEYS and v is not None}
+    if section.get("init_from_hf"):
+        if fields_:
+            raise ConfigError(f"{key}: init_from_hf takes the shape from the checkpoint; drop "
+                              f"{', '.join(f'{key}.{k}' for k in sorted(fields_))}")
+        if section.get("family") is None:  # known once the directory is read (trainer.build)
+            return ModelSection(**section)
+    try:
+        fam = resolve_family(section.get("family"), section.get("preset"))
+    except ValueError as e:
+        which = "preset" if section.get("family") is None or section.get("preset") is not None else "family"
+        raise ConfigError(f"{key}.{which}: {e}") from None
+    hints = typing.get_type_hints(fam.config_class)
+    valid = fam.field_names()
+    overrides = {}
+    for k, v in fields_.items():
+        if k not in valid:
+            raise ConfigError(f"unknown config key {f'{key}.{k}'!r}; valid keys here: "
+                              f"{', '.join(ModelSection.SECTION_KEYS)} and the {fam.name} family's fields "
+                              f"{', '.join(valid)}")
+        overrides[k] = _coerce(v, hints[k], f"{key}.{k}")
+    return ModelSection(family=fam.name, preset=section.get("preset"), init_from_hf=section.get("init_from_hf"),
+                        overrides=overrides)
+
+
 def _build(cls: type, d: dict, prefix: str = ""):
+    if cls is ModelSection:
+        return _build_model(d, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in d:
@@ -405,10 +440,8 @@ def validate(cfg: RunConfig) -> None:
                           "is required")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas must be a list of two numbers")
-    if cfg.model.preset is None and cfg.model.init_from_hf is None and cfg.model.hidden_size is None:
+    if cfg.model.preset is None and cfg.model.init_from_hf is None and "hidden_size" not in cfg.model.overrides:
         raise ConfigError("model: give a preset, explicit shape fields, or init_from_hf")
-    if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset: {cfg.model.preset!r} is not one of {', '.join(PRESETS)}")
 
 
 def check_global_batch(cfg: RunConfig, dp_size: int) -> int:

@@ -1,8 +1,8 @@
-"""``python -m trainer.export_hf``: Export a checkpoint to Hugging Face format (see trainer/hf/export.py)."""
+"""``python -m lmforge.trainer.export_hf``: Export a checkpoint to Hugging Face format (see trainer/hf/export.py)."""
 
 import sys
 
-from trainer.hf.export import main
+from lmforge.trainer.hf.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

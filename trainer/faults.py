@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Callable
 
-from data_pipeline.common.errors import InputError, TrainingAborted
+from lmforge.common.errors import InputError, TrainingAborted
 
 INJECT_ENV = "LMFORGE_INJECT_NAN_AT_STEP"
 

@@ -1,8 +1,8 @@
-"""``python -m trainer.import_hf``: Import a Hugging Face Llama as initial weights (see trainer/hf/importer.py)."""
+"""``python -m lmforge.trainer.import_hf``: import a Hugging Face model as initial weights (trainer/hf/importer.py)."""
 
 import sys
 
-from trainer.hf.importer import main
+from lmforge.trainer.hf.importer import main
 
 if __name__ == "__main__":
     sys.exit(main())

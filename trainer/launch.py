@@ -1,4 +1,4 @@
-"""``python -m trainer.launch -- LAUNCHER ...``: run a launcher command (``deepspeed ...``, ``mpirun ...``)
+"""``python -m lmforge.trainer.launch -- LAUNCHER ...``: run a launcher command (``deepspeed ...``, ``mpirun ...``)
 so that a stop reaches the ranks as a stop, however it is sent, and the command ends only when they do.
 
 The plain launchers get stops wrong (README, "Stopping a run"): SIGTERM to ``deepspeed``'s process group
@@ -14,7 +14,7 @@ session of its own, so a signal to this command's process group reaches this pro
 * exits with the launcher's status (0 after a clean stop; a rank's failure is non-zero), then kills
   whatever the launcher left behind in its session: no process outlives the command.
 
-``python -m trainer.launch --stop RUN_DIR`` writes the stop file: every rank on every node saves and
+``python -m lmforge.trainer.launch --stop RUN_DIR`` writes the stop file: every rank on every node saves and
 exits 0 at its next step boundary (the file is renamed ``STOP.consumed`` afterwards).
 """
 
@@ -148,7 +148,7 @@ class Launch:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.launch", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m lmforge.trainer.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grace", type=float, default=None,
                     help="after a stop signal, kill everything if the ranks have not exited within this many "
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
     if not command:
-        ap.error("give the launcher command after --, e.g. -- deepspeed --num_gpus 8 --module trainer.train ...")
+        ap.error("give the launcher command after --, e.g. "
+                 "-- deepspeed --num_gpus 8 --module lmforge.trainer.train ...")
     return Launch(command, a.grace).run()
 
 

@@ -5,7 +5,7 @@ request is enough: the flag is summed over all ranks. The requests:
 
 * **signals**: SIGTERM (schedulers, ``scancel``), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's advance warning
   before the time limit). A second Ctrl-C stops at once, without a checkpoint.
-* **the stop file** ``RUN_DIR/STOP`` (``touch RUN_DIR/STOP``, or ``python -m trainer.launch --stop
+* **the stop file** ``RUN_DIR/STOP`` (``touch RUN_DIR/STOP``, or ``python -m lmforge.trainer.launch --stop
   RUN_DIR``): for launchers that kill remote ranks outright (DeepSpeed's pdsh runner) and for people
   without a shell on the nodes. Looked for at most once per ``POLL_SECONDS``; a rank that saw it renames
   it to ``STOP.consumed`` when the run has stopped, so that the next start trains.
@@ -36,7 +36,7 @@ LAUNCHER_PROGRAMS = frozenset({"deepspeed", "mpiexec", "mpirun", "mpiexec.hydra"
 
 
 def _is_launcher(cmdline: list[str]) -> bool:
-    """A launcher's command line (never a rank's: ranks run `-m trainer.train` with no launcher module)."""
+    """A launcher's command line (never a rank's: ranks run `-m lmforge.trainer.train` with no launcher module)."""
     if any(mark in arg for arg in cmdline for mark in LAUNCHER_MARKS):
         return True
     # A launcher program, or its console script run by python (python /path/to/bin/deepspeed ...).

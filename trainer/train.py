@@ -1,6 +1,6 @@
 """Pretraining entry point and the step loop.
 
-    deepspeed --num_gpus N --module trainer.train --config configs/demo.yaml [section.key=value ...]
+    deepspeed --num_gpus N --module lmforge.trainer.train --config configs/demo.yaml [section.key=value ...]
 
 One DeepSpeed engine per rank (gloo on CPU, NCCL on GPU), built by ``trainer/build.py``. Writes
 RUN_DIR/metrics.jsonl, RUN_DIR/tensorboard/, RUN_DIR/checkpoints/ and resumes from the latest complete
@@ -20,27 +20,27 @@ import time
 import torch
 import torch.distributed as dist
 
-from data_pipeline.common.errors import run_cli
-from model import flops_per_token, num_params
+from lmforge.common.errors import run_cli
+from lmforge.model import flops_per_token, num_params
 
 from . import checkpoint, faults
 from .batching import DistributedSampleIterator, make_batch
 from .build import Run, build_run
 from .config import RunConfig, load_config
-from .distributed import StepSums, mean_across_ranks
-from .engine import hpz_group_size
 from .metrics import MetricsLogger, detect_peak_tflops, format_eta, memory_stats
+from .parallel.distributed import StepSums, mean_across_ranks
+from .parallel.engine import hpz_group_size
 from .signals import StopFlag
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="trainer.train",
+        prog="lmforge.trainer.train",
         description="Train a Llama-family model with DeepSpeed. Launch with "
-        "`deepspeed --num_gpus N --module trainer.train --config CFG [section.key=value ...]`. "
+        "`deepspeed --num_gpus N --module lmforge.trainer.train --config CFG [section.key=value ...]`. "
         "Exit status: 0 finished or stopped cleanly (checkpoint saved), 2 bad config or data, "
         "3 aborted after train.max_nonfinite_steps non-finite steps.",
-        epilog="Example: deepspeed --num_gpus 2 --module trainer.train --config configs/demo.yaml "
+        epilog="Example: deepspeed --num_gpus 2 --module lmforge.trainer.train --config configs/demo.yaml "
         "train.max_steps=50 parallel.zero_stage=3",
     )
     ap.add_argument("--config", required=True, help="run config YAML (see configs/ and README)")
@@ -327,7 +327,7 @@ def _grad_norm(engine) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: train(load_config(args.config, args.overrides)), prog="trainer.train")
+    return run_cli(lambda: train(load_config(args.config, args.overrides)), prog="lmforge.trainer.train")
 
 
 def exit_skipping_teardown(rc: int) -> None:

@@ -1,4 +1,4 @@
-"""``python -m trainer.verify_checkpoint PATH``: check every checkpoint of a run against the file sizes and
+"""``python -m lmforge.trainer.verify_checkpoint PATH``: check every checkpoint of a run against the file sizes and
 CRC-32s recorded when it was saved (trainer/checkpoint/integrity.py).
 
 PATH is a run directory, its ``checkpoints/`` directory or one tag directory. Prints one line per tag
@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipeline.common.errors import CheckFailed, run_cli
-from trainer.checkpoint import CheckpointError, check_tag, complete_tags, read_state
-from trainer.checkpoint.integrity import DAMAGED_SUFFIX
-from trainer.checkpoint.tags import is_complete
+from lmforge.common.errors import CheckFailed, run_cli
+from lmforge.trainer.checkpoint import CheckpointError, check_tag, complete_tags, read_state
+from lmforge.trainer.checkpoint.integrity import DAMAGED_SUFFIX
+from lmforge.trainer.checkpoint.tags import is_complete
 
 
 def verify(path: Path, checksums: bool = True) -> int:
@@ -52,12 +52,12 @@ def verify(path: Path, checksums: bool = True) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.verify_checkpoint", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m lmforge.trainer.verify_checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", type=Path, help="run directory, its checkpoints/ directory, or one tag directory")
     ap.add_argument("--sizes-only", action="store_true", help="compare sizes only (no reading)")
     a = ap.parse_args(argv)
-    return run_cli(lambda: verify(a.path, checksums=not a.sizes_only), prog="trainer.verify_checkpoint")
+    return run_cli(lambda: verify(a.path, checksums=not a.sizes_only), prog="lmforge.trainer.verify_checkpoint")
 
 
 if __name__ == "__main__":

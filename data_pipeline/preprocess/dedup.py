@@ -63,7 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.files import atomic_write_bytes
+from lmforge.common.files import atomic_write_bytes
+
 from ..readers import DOC, SKIP, ReadRange, Source, iter_documents
 from . import quality
 from .plan import Segment

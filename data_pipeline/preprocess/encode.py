@@ -17,7 +17,9 @@ from itertools import chain
 
 import numpy as np
 
-from ..tokenizer import HF, SENTENCEPIECE, TokenizerFiles, load_processor, resolve_tokenizer
+from lmforge.common.tokenizer_files import HF, SENTENCEPIECE, TokenizerFiles, resolve_tokenizer
+
+from ..tokenizer import load_processor
 from .settings import PipelineError
 
 CHUNK_CHARS = 16384  # texts longer than this are cut by split_exact

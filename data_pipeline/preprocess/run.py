@@ -22,10 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.common.files import atomic_write_json, remove_temp_files
+from lmforge.common.launch_env import mpi_world
+from lmforge.common.tokenizer_files import (
+    COMPANIONS,
+    HF_FILE,
+    SENTENCEPIECE,
+    SP_FILE,
+    TokenizerFiles,
+    resolve_tokenizer,
+)
+
 from .. import hf_tokenizer
-from ..common.files import atomic_write_json, remove_temp_files
-from ..common.launch_env import mpi_world
-from ..hf_tokenizer import COMPANIONS
 from ..indexed_dataset import optimal_dtype
 from ..manifest import FORMAT, MANIFEST_NAME, SPLITS, assemble, write_manifest
 from ..readers import (
@@ -41,15 +49,7 @@ from ..readers import (
     fingerprint,
     iter_documents,
 )
-from ..tokenizer import (
-    HF_FILE,
-    SENTENCEPIECE,
-    SP_FILE,
-    TokenizerFiles,
-    copy_tokenizer,
-    resolve_tokenizer,
-    tokenizer_info,
-)
+from ..tokenizer import copy_tokenizer, tokenizer_info
 from . import dedup
 from .dedup import screen
 from .encode import CHUNK_CHARS, CONT, Encoded, EncodePool, resolve_backend, split_exact

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..common.errors import InputError
+from lmforge.common.errors import InputError
+
 from ..readers import ReadOptions
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.files import atomic_write_json, remove_temp_files, sha256_file
+from lmforge.common.files import atomic_write_json, remove_temp_files, sha256_file
+
 from ..indexed_dataset import IndexedDatasetWriter
 from ..manifest import MAX_EXAMPLES, SPLITS, shard_entry, shard_files
 from ..readers import DOC, LAST

@@ -4,8 +4,8 @@
 documents, pieces of documents too long to hold, or a skip reason at ``file:line``. Every record read is
 one of them: nothing is lost silently.
 
-    sources.py   what the user named -> ordered ``Source`` list; format detection, decompression,
-                 fingerprints
+    inputs.py    what the user named -> ordered ``Source`` list; content fingerprints
+    sources.py   ``Source``, format detection, decompression
     lines.py     raw lines or blocks of lines of a file, byte ranges (``ReadRange``)
     items.py     item kinds, skip reasons, decoding and the document assembler the formats share
     jsonl.py, wikidoc.py, text.py, parquet.py, hf.py
@@ -20,18 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from . import hf, jsonl, parquet, text, wikidoc
+from .inputs import expand_inputs, fingerprint
 from .items import DOC, ERROR_REASONS, LAST, PART, SKIP, Item, ReadOptions
 from .lines import ReadRange, count_newlines
-from .sources import (
-    FINGERPRINT_METHODS,
-    FORMATS,
-    InputError,
-    Source,
-    expand_inputs,
-    fingerprint,
-    open_binary,
-    splittable,
-)
+from .sources import FINGERPRINT_METHODS, FORMATS, InputError, Source, open_binary, splittable
 
 __all__ = [
     "DOC", "PART", "LAST", "SKIP", "ERROR_REASONS", "FINGERPRINT_METHODS", "FORMATS", "InputError", "Item",

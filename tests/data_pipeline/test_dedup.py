@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.manifest import load_manifest
-from data_pipeline.preprocess.dedup import (
+from lmforge.data_pipeline.manifest import load_manifest
+from lmforge.data_pipeline.preprocess.dedup import (
     _clusters,
     _group_edges,
     detection_probability,
@@ -32,7 +32,7 @@ from data_pipeline.preprocess.dedup import (
     parse_modes,
     shingles,
 )
-from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
 from tests.data_pipeline.test_preprocess import INPUTS, PY, _finished_units, preprocess, same_tree, tok  # noqa: F401
 from tests.helpers.paths import BIN, ROOT
 from tests.helpers.planted import jaccard, plant
@@ -151,7 +151,7 @@ def test_dedup_kill_9_and_resume_is_byte_identical(tok, tmp_path):  # noqa: F811
     """kill -9 of the process group during the scan or the tokenizing pass, then the same command: the
     output is byte-identical to an uninterrupted run; a damaged signature file is scanned again."""
     inputs, _, _ = planted_inputs(tmp_path)
-    cmd = [PY, "-m", "data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
+    cmd = [PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
            "--no-progress", "--unit-bytes", "100k", "--max-shard-bytes", "300k", "--valid-fraction", "0.05",
            "--workers", "2", "--dedup", "exact,minhash"]
     run_cmd([*cmd, "--output", tmp_path / "clean"])

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_pipeline.gpt_dataset import (
+from lmforge.data_pipeline.gpt_dataset import (
     BlendedDataset,
     DatasetConfigError,
     PackedDataset,
     build_dataset,
     resolve_prefixes,
 )
-from data_pipeline.indexed_dataset import IndexedDatasetWriter
-from data_pipeline.manifest import FORMAT, shard_entry, write_manifest
+from lmforge.data_pipeline.indexed_dataset import IndexedDatasetWriter
+from lmforge.data_pipeline.manifest import FORMAT, shard_entry, write_manifest
 from tests.helpers.paths import CORPUS
 
 WIKI = CORPUS / "wikipedia" / "wikitext-2-raw" / "wiki.test.raw"

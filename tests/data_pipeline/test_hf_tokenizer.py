@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.hf_tokenizer import train_hf_bpe
-from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.manifest import load_manifest, shard_prefixes
-from data_pipeline.preprocess import CHUNK_CHARS, split_exact
-from data_pipeline.tokenizer import HF, SENTENCEPIECE, TokenizerError, resolve_tokenizer, tokenizer_info
-from data_pipeline.tools import inspect, merge, verify
+from lmforge.common.tokenizer_files import HF, SENTENCEPIECE, TokenizerError, resolve_tokenizer
+from lmforge.data_pipeline.hf_tokenizer import train_hf_bpe
+from lmforge.data_pipeline.indexed_dataset import IndexedDataset
+from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
+from lmforge.data_pipeline.preprocess import CHUNK_CHARS, split_exact
+from lmforge.data_pipeline.tokenizer import tokenizer_info
+from lmforge.data_pipeline.tools import inspect, merge, verify
 from tests.helpers.paths import CORPUS, SAMPLE
 from tests.helpers.process import run_cmd
 
@@ -40,7 +41,7 @@ def _tokenizers(path):
 
 
 def test_hf_bpe_training_is_deterministic_lossless_and_loadable(hf_tok, tmp_path):
-    p = run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--type", "hf-bpe", "--input", *TRAIN_INPUTS,
+    p = run_cmd([PY, "-m", "lmforge.data_pipeline", "train-tokenizer", "--type", "hf-bpe", "--input", *TRAIN_INPUTS,
                  "--vocab-size", "2000", "--output", tmp_path])
     assert "vocab 2000" in p.stdout
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -63,7 +64,7 @@ def test_hf_bpe_training_is_deterministic_lossless_and_loadable(hf_tok, tmp_path
 
     # One output directory holds one kind of tokenizer.
     with pytest.raises(TokenizerError, match="holds a Hugging Face tokenizer"):
-        from data_pipeline.tokenizer import train_tokenizer
+        from lmforge.data_pipeline.tokenizer import train_tokenizer
 
         train_tokenizer([str(SAMPLE / "wikipedia")], str(tmp_path), vocab_size=500)
     sp_dir = tmp_path / "sp"
@@ -81,8 +82,9 @@ def _jsonl(path: Path, texts: list[str]) -> Path:
 
 
 def _preprocess(tok, out, inputs, *extra, check=True, **env):
-    return run_cmd([PY, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok, "--output", out,
-                    "--no-progress", "--unit-bytes", "200k", "--max-shard-bytes", "100k", *extra], check=check, **env)
+    return run_cmd([PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok,
+                    "--output", out, "--no-progress", "--unit-bytes", "200k", "--max-shard-bytes", "100k", *extra],
+                   check=check, **env)
 
 
 def _same_tree(a: Path, b: Path) -> None:
@@ -174,8 +176,8 @@ def test_long_texts_are_cut_only_where_the_tokens_stay_the_same(hf_tok, tmp_path
     ``cuts_before_spaces`` accepts (GPT-2's, Llama 3's; Qwen2's with NFC), on every long document of the
     corpora (English and Chinese Wikipedia, books; their first 30,000 characters) with 1000-character
     pieces; the tokenizers it rejects get their texts whole."""
-    from data_pipeline.hf_tokenizer import cuts_before_spaces
-    from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+    from lmforge.data_pipeline.hf_tokenizer import cuts_before_spaces
+    from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
 
     accepted = [hf_tok, _variant(hf_tok, tmp_path / "llama3", pre_tokenizer=_split_then_bytes(LLAMA3_SPLIT)),
                 _variant(hf_tok, tmp_path / "qwen2", pre_tokenizer=_split_then_bytes(QWEN2_SPLIT),
@@ -255,7 +257,7 @@ def test_eos_and_vocab_size_come_from_the_tokenizers_files(tmp_path):
 def test_tokenizer_paths_are_recognised_by_content(hf_tok, tmp_path):
     # A SentencePiece training output: tokenizer.model beside lmforge's own tokenizer.json record.
     sp_dir = tmp_path / "sp"
-    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", SAMPLE / "books" / "pg1952.txt",
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", SAMPLE / "books" / "pg1952.txt",
              "--vocab-size", "400", "--threads", "1", "--output", sp_dir])
     assert resolve_tokenizer(sp_dir).kind == SENTENCEPIECE and resolve_tokenizer(sp_dir).path.name == "tokenizer.model"
     assert resolve_tokenizer(sp_dir / "tokenizer.model").kind == SENTENCEPIECE

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipeline.gpt_dataset import PackedDataset
-from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.manifest import load_manifest, shard_prefixes
+from lmforge.data_pipeline.gpt_dataset import PackedDataset
+from lmforge.data_pipeline.indexed_dataset import IndexedDataset
+from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
 from tests.helpers.paths import CORPUS, SAMPLE
 from tests.helpers.process import run_cmd
 
@@ -34,7 +34,7 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok")
-    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", SAMPLE / "books/pg1952.txt",
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", SAMPLE / "books/pg1952.txt",
              CORPUS / "wikipedia/Wikipedia_Json2conll", CORPUS / "wikipedia/zhwiki", "--vocab-size", "2000",
              "--character-coverage", "0.98", "--output", out, "--threads", "1"])
     return out / "tokenizer.model"
@@ -91,7 +91,7 @@ def test_preprocess_bytes_equal_megatron_preprocess_data(tok, tmp_path):
     jsonl = tmp_path / "in.jsonl"
     write_jsonl(jsonl)
     megatron_preprocess(jsonl, tok, tmp_path / "megatron_text_document")
-    run_cmd([PY, "-m", "data_pipeline", "preprocess", "--input", jsonl, "--tokenizer", tok, "--output",
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", jsonl, "--tokenizer", tok, "--output",
              tmp_path / "ours", "--no-progress", "--workers", "2", "--keep-empty", "--valid-fraction", "0"])
     (prefix,) = shard_prefixes(tmp_path / "ours", "train")
     assert shard_prefixes(tmp_path / "ours", "valid") == []
@@ -105,7 +105,7 @@ def test_preprocess_bytes_equal_megatron_preprocess_data(tok, tmp_path):
 def test_megatron_reads_our_shards(tok, tmp_path):
     """Several units and shards, books streamed in pieces (documents of several sequences)."""
     inputs = [SAMPLE / "books/pg1952.txt", SAMPLE / "books/11-0.txt", SAMPLE / "wikipedia"]
-    run_cmd([PY, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok, "--output",
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok, "--output",
              tmp_path / "ours", "--no-progress", "--workers", "2", "--max-doc-bytes", "40k",
              "--max-shard-bytes", "200k", "--unit-bytes", "100k", "--valid-fraction", "0.1"])
     m = load_manifest(tmp_path / "ours")

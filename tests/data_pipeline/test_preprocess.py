@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_pipeline.indexed_dataset import IndexedDataset
-from data_pipeline.manifest import load_manifest, shard_prefixes
-from data_pipeline.preprocess import BACKEND_ENV, resolve_backend, split_exact
-from data_pipeline.readers import DOC, ReadOptions, expand_inputs, fingerprint, iter_documents
-from data_pipeline.tools import merge, verify
+from lmforge.data_pipeline.indexed_dataset import IndexedDataset
+from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
+from lmforge.data_pipeline.preprocess import BACKEND_ENV, resolve_backend, split_exact
+from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, fingerprint, iter_documents
+from lmforge.data_pipeline.tools import merge, verify
 from tests.helpers.hfdata import corpus_documents, write_jsonl_dir
 from tests.helpers.paths import BIN, CORPUS, ROOT, SAMPLE
 from tests.helpers.process import child_env, run_cmd
@@ -54,13 +54,13 @@ def hf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok")
-    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", *INPUTS, "--vocab-size", "1200",
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", *INPUTS, "--vocab-size", "1200",
              "--character-coverage", "0.98", "--output", out, "--threads", "1"])
     return out / "tokenizer.model"
 
 
 def preprocess(tok: Path, out: Path, *extra, inputs=INPUTS, check=True, launcher=()) -> subprocess.CompletedProcess:
-    return run_cmd([*launcher, PY, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok,
+    return run_cmd([*launcher, PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok,
                     "--output", out, "--no-progress", "--unit-bytes", "400k", "--max-shard-bytes", "300k",
                     "--valid-fraction", "0.05", *extra], check=check)
 
@@ -75,7 +75,7 @@ def same_tree(a: Path, b: Path) -> None:
 
 
 def test_tokenizer_is_deterministic_and_llama_ids(tok, tmp_path):
-    run_cmd([PY, "-m", "data_pipeline", "train-tokenizer", "--input", *INPUTS, "--vocab-size", "1200",
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", *INPUTS, "--vocab-size", "1200",
              "--character-coverage", "0.98", "--output", tmp_path, "--threads", "1"])
     assert (tmp_path / "tokenizer.model").read_bytes() == tok.read_bytes()
     sp = spm.SentencePieceProcessor(model_file=str(tok))
@@ -161,7 +161,7 @@ def test_bad_input_exits_2_with_one_error_line(tok, tmp_path):
         (["inspect", tmp_path], "no manifest"),
     ]
     for args, message in cases:
-        p = run_cmd([PY, "-m", "data_pipeline", *args], check=False)
+        p = run_cmd([PY, "-m", "lmforge.data_pipeline", *args], check=False)
         assert (p.returncode, p.stderr.count("error: "), "Traceback" in p.stderr) == (2, 1, False), p.stderr
         assert message in p.stderr
 
@@ -274,7 +274,7 @@ def test_changed_input_is_refused_then_overwrite(tok, tmp_path):
 def test_inspect_verify_merge(tok, tmp_path):
     preprocess(tok, tmp_path / "a", inputs=INPUTS[:3])
     preprocess(tok, tmp_path / "b", inputs=INPUTS[4:5])
-    p = run_cmd([PY, "-m", "data_pipeline", "inspect", tmp_path / "a", "--samples", "1"])
+    p = run_cmd([PY, "-m", "lmforge.data_pipeline", "inspect", tmp_path / "a", "--samples", "1"])
     assert "sample 0:" in p.stdout and "doc length" in p.stdout
     m = merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab"))
     ma, mb = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
@@ -284,7 +284,7 @@ def test_inspect_verify_merge(tok, tmp_path):
     data = bytearray(shard.read_bytes())
     data[10] ^= 1
     shard.write_bytes(bytes(data))
-    p = run_cmd([PY, "-m", "data_pipeline", "verify", tmp_path / "ab"], check=False)
+    p = run_cmd([PY, "-m", "lmforge.data_pipeline", "verify", tmp_path / "ab"], check=False)
     assert p.returncode == 1 and "sha256 mismatch" in p.stderr
 
 
@@ -352,7 +352,7 @@ def test_hf_dataset_kill_9_and_resume_is_byte_identical(tok, hf_dir, tmp_path):
 
 
 def _kill_9_and_resume(inputs: list, tok: Path, tmp_path: Path) -> None:
-    cmd = [PY, "-m", "data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
+    cmd = [PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
            "--no-progress", "--unit-bytes", "100k", "--max-shard-bytes", "300k", "--valid-fraction", "0.05",
            "--workers", "2"]
     run_cmd([*cmd, "--output", tmp_path / "clean"])

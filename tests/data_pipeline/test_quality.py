@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.manifest import load_manifest
-from data_pipeline.preprocess.quality import GROUPS, RULES, check, parse_rules, words
+from lmforge.data_pipeline.manifest import load_manifest
+from lmforge.data_pipeline.preprocess.quality import GROUPS, RULES, check, parse_rules, words
 from tests.data_pipeline.test_preprocess import INPUTS, preprocess, same_tree, tok  # noqa: F401 (fixture)
 from tests.helpers.paths import BIN, CORPUS
 

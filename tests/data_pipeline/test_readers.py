@@ -10,7 +10,7 @@ import os
 import pytest
 import zstandard
 
-from data_pipeline.readers import (
+from lmforge.data_pipeline.readers import (
     DOC,
     LAST,
     PART,
@@ -23,10 +23,10 @@ from data_pipeline.readers import (
     fingerprint,
     iter_documents,
 )
-from data_pipeline.readers import hf as hf_reader
-from data_pipeline.readers import lines as reader_lines
-from data_pipeline.readers import text as text_reader
-from data_pipeline.readers import wikidoc as wikidoc_reader
+from lmforge.data_pipeline.readers import hf as hf_reader
+from lmforge.data_pipeline.readers import lines as reader_lines
+from lmforge.data_pipeline.readers import text as text_reader
+from lmforge.data_pipeline.readers import wikidoc as wikidoc_reader
 from tests.helpers.hfdata import corpus_documents, write_jsonl_dir
 from tests.helpers.paths import CORPUS, SAMPLE
 

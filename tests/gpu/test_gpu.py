@@ -39,7 +39,7 @@ def test_fp16_dynamic_loss_scaling_trains(tmp_path, tiny_data):
 
 
 def nccl_collectives() -> list:
-    """On each rank: trainer.distributed.init() must give NCCL on CUDA, and collectives work."""
+    """On each rank: trainer.parallel.distributed.init() must give NCCL on CUDA, and collectives work."""
     import os
 
     import torch.distributed as dist
@@ -63,10 +63,10 @@ def test_nccl_backend_and_collectives():
 
 
 def _flash_model():
-    from model import LlamaForCausalLM, ModelConfig
+    from lmforge.model.llama import LlamaConfig, LlamaForCausalLM
 
     # head_dim 64 (flash supports <= 256, multiples of 8); 8 query heads over 2 kv heads: the GQA path.
-    cfg = ModelConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
@@ -104,7 +104,7 @@ def test_intra_document_attention_uses_flash_and_matches_documents_alone():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     model = _flash_model()
-    from trainer.parallelize import document_spans
+    from lmforge.trainer.batching import document_spans
 
     lengths = [[100, 1, 155], [256], [64, 64, 128]]
     x = torch.randint(3, 512, (3, 256), device="cuda")
@@ -156,7 +156,7 @@ def test_no_device_syncs_from_our_step_path(tmp_path, tiny_data):
 def test_flex_document_attention_matches_per_span_attention_with_gradients():
     """The CUDA default for packed documents (one flex kernel per layer, block mask built on the GPU)
     against per-span flash SDPA (itself checked against documents run alone above), forward and backward."""
-    from trainer.parallelize import document_attention, on_device
+    from lmforge.trainer.batching import document_attention, on_device
 
     lengths = [[100, 1, 155], [256], [64, 64, 128], [3] * 85 + [1]]
     x = torch.randint(3, 512, (4, 256), device="cuda")
@@ -211,7 +211,7 @@ def test_bf16_zero3_trains_and_exports_verified(tmp_path, tiny_data):
     deepspeed_train(cfg, [], nproc=1)
     rows = read_metrics(run)
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows), rows
-    out = run_cmd([sys.executable, "-m", "trainer.export_hf", "--checkpoint", run / "checkpoints",
+    out = run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", run / "checkpoints",
                    "--output", tmp_path / "hf"], timeout=600)
     assert (tmp_path / "hf" / "model.safetensors").exists() or list((tmp_path / "hf").glob("*.safetensors"))
     assert "verif" in (out.stdout + out.stderr).lower()

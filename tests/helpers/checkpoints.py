@@ -44,17 +44,17 @@ def _train_and_save(spec: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from data_pipeline.common.files import sha256_file
-    from model import LlamaForCausalLM, get_preset
-    from trainer import checkpoint
-    from trainer.config import DataSource, RunConfig
-    from trainer.ds_config import communication_defaults
+    from lmforge.common.files import sha256_file
+    from lmforge.model import build_model, get_preset
+    from lmforge.trainer import checkpoint
+    from lmforge.trainer.config import DataSource, RunConfig
+    from lmforge.trainer.parallel.ds_config import communication_defaults
 
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = spm.SentencePieceProcessor(model_file=spec["tokenizer"])
     cfg = get_preset(spec["preset"], **{"vocab_size": sp.get_piece_size(), **spec["overrides"]})
     torch.manual_seed(0)  # same init on every rank, as the trainer does
-    model = LlamaForCausalLM(cfg)
+    model = build_model(cfg)
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,

@@ -2,7 +2,7 @@
 
 ``run_distributed(fn, world_size=2, args=(...))`` starts ``world_size`` processes the way a launcher
 does (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in the environment, one thread each), each
-joins the process group through the trainer's own ``trainer.distributed.init`` (gloo on CPU, NCCL on
+joins the process group through the trainer's own ``trainer.parallel.distributed.init`` (gloo on CPU, NCCL on
 CUDA, DeepSpeed's communication layer initialised), calls ``fn(*args)`` and sends back what it returns.
 The parent gets the per-rank results in rank order, or an AssertionError carrying every failing rank's
 traceback. ``fn`` must be importable by module and name (a top-level function of a test module or
@@ -82,7 +82,7 @@ def _main(spec_path: str, out_path: str) -> int:
     module, qualname, args, init = pickle.loads(Path(spec_path).read_bytes())
     try:
         if init:
-            from trainer import distributed
+            from lmforge.trainer.parallel import distributed
 
             distributed.init(timeout_minutes=10)
         fn = importlib.import_module(module)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
+from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
 
 
 def corpus_documents(inputs: list[Path]) -> list[str]:

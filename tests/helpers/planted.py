@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import unicodedata
 
-from data_pipeline.preprocess.dedup import shingles
+from lmforge.data_pipeline.preprocess.dedup import shingles
 
 KINDS = ("exact", "edit1", "edit3", "edit5", "reorder", "header")
 HEADERS = ("From Wikipedia, the free encyclopedia (mirror)", "Retrieved from the 2019 dump",

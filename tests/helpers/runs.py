@@ -2,7 +2,7 @@
 
 ``build_tiny_data`` tokenizes the shipped sample corpus with a real SentencePiece model (vocab 1000)
 into real shards; ``write_config`` writes a ``debug``-preset run config over it; ``deepspeed_train``
-starts ``deepspeed --num_gpus N --module trainer.train`` exactly as users do (gloo on CPU) and checks
+starts ``deepspeed --num_gpus N --module lmforge.trainer.train`` exactly as users do (gloo on CPU) and checks
 that the run released DeepSpeed's shared-memory segments.
 """
 
@@ -23,9 +23,9 @@ def build_tiny_data(out: Path) -> dict:
     """A real SentencePiece tokenizer (vocab 1000, one trainer thread: the same model on every machine)
     and real shards (5% valid) of the sample corpus."""
     inputs = [SAMPLE / "wikipedia", SAMPLE / "books"]
-    run_cmd([sys.executable, "-m", "data_pipeline", "train-tokenizer", "--input", *inputs, "--vocab-size",
+    run_cmd([sys.executable, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", *inputs, "--vocab-size",
              TINY_VOCAB, "--threads", "1", "--output", out / "tok"])
-    run_cmd([sys.executable, "-m", "data_pipeline", "preprocess", "--input", *inputs, "--tokenizer",
+    run_cmd([sys.executable, "-m", "lmforge.data_pipeline", "preprocess", "--input", *inputs, "--tokenizer",
              out / "tok" / "tokenizer.model", "--output", out / "data", "--valid-fraction", "0.05",
              "--strip-gutenberg", "--no-progress"])
     return {"tokenizer": out / "tok" / "tokenizer.model", "data": out / "data", "root": out}
@@ -57,13 +57,13 @@ def write_config(path: Path, tiny_data: dict, run_dir: Path, **sections) -> Path
 
 def deepspeed_args(config: Path | str, overrides: list[str], nproc: int, port: int) -> list:
     return [BIN / "deepspeed", "--num_gpus", nproc, "--master_addr", "127.0.0.1", "--master_port", port,
-            "--module", "trainer.train", "--config", config, *overrides]
+            "--module", "lmforge.trainer.train", "--config", config, *overrides]
 
 
 def deepspeed_train(config: Path | str, overrides: list[str], nproc: int = 2, timeout: int = 600,
                     check: bool = True, **env) -> subprocess.CompletedProcess:
-    """A real multi-process run: ``deepspeed --num_gpus N --module trainer.train`` on loopback."""
-    from trainer.deepspeed_compat import shm_segment_path
+    """A real multi-process run: ``deepspeed --num_gpus N --module lmforge.trainer.train`` on loopback."""
+    from lmforge.trainer.parallel.deepspeed_compat import shm_segment_path
 
     port = free_port()
     proc = run_cmd(deepspeed_args(config, overrides, nproc, port), timeout=timeout, check=check, **env)
@@ -90,8 +90,7 @@ def hf_loss_on_packed_samples(hf_model, samples: list, eod_id: int) -> tuple[flo
     documents, so a caller can check the samples really pack several."""
     import torch
 
-    from trainer.batching import make_batch
-    from trainer.parallelize import document_spans
+    from lmforge.trainer.batching import document_spans, make_batch
 
     b = make_batch(samples, eod_id=eod_id, intra_doc_attention=True)
     spans = document_spans(b["segment_ids"])

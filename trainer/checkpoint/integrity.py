@@ -5,7 +5,7 @@ records the size and CRC-32 of its share, and rank 0 writes the records into ``l
 last): ``"files": {"mp_rank_00_model_states.pt": {"size": N, "crc32": "1a2b3c4d"}, ...}``. Resume and
 export check sizes always and checksums unless told not to (``checkpoint.verify``: ``checksums`` |
 ``sizes``); a damaged latest checkpoint is set aside — renamed ``step_N.damaged``, never deleted — and
-the run resumes from the previous complete one. ``python -m trainer.verify_checkpoint RUN_DIR`` checks
+the run resumes from the previous complete one. ``python -m lmforge.trainer.verify_checkpoint RUN_DIR`` checks
 every tag of a run. CRC-32 (zlib's, ~GB/s) catches truncation, every single-bit flip and every burst of up to 32
 bits; it is not a defence against deliberate tampering.
 """

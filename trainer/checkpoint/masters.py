@@ -19,7 +19,7 @@ Both readers here are lazy (one parameter in memory at a time) and every master 
 half-precision module weight saved beside it: the master rounded to that dtype must equal it bit for
 bit, which is how DeepSpeed derives the module weight after each step. That check is what makes the
 unnamed ZeRO-0 group order safe to reconstruct (a wrong order fails it). These layouts are
-DeepSpeed's private file formats: like ``trainer/deepspeed_compat.py`` they were read off 0.19.8, and
+DeepSpeed's private file formats: like ``trainer/parallel/deepspeed_compat.py`` they were read off 0.19.8, and
 tests/test_export_hf_bf16.py checks them against real bf16 runs.
 """
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from model import LlamaForCausalLM, ModelConfig
+from lmforge.model import ModelConfig, build_model
 
-from ..engine import param_groups
+from ..parallel.engine import param_groups
 from .state import CheckpointError
 
 Getter = Callable[[], torch.Tensor]
@@ -45,9 +45,9 @@ class MasterError(CheckpointError):
 
 def group_orders(cfg: ModelConfig) -> list[list[list[str]]]:
     """Candidate parameter-name orders of the optimizer's groups: the trainer's (decay matrices, then
-    1-D tensors; trainer.engine.param_groups) and DeepSpeed's single group of model.parameters()."""
+    1-D tensors; trainer.parallel.engine.param_groups) and DeepSpeed's single group of model.parameters()."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = build_model(cfg)
     names = {id(p): n for n, p in model.named_parameters()}  # tied weights appear once, as in the optimizer
     trainer = [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
     return [trainer, [list(names.values())]]

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import deepspeed_compat
 from ..config import ConfigError, RunConfig
+from ..parallel import deepspeed_compat
 from .save import load_rng
 from .state import CheckpointState, read_state
 from .tags import latest_tag, universal_tag

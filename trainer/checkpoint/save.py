@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.common.files import atomic_write_text
+from lmforge.common.files import atomic_write_text
 
-from .. import deepspeed_compat
+from ..parallel import deepspeed_compat
 from .background import BackgroundWriter
 from .integrity import record_files
 from .state import CheckpointState, write_state

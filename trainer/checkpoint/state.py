@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.common.errors import InputError
-from data_pipeline.common.files import atomic_write_text, read_json, sha256_file
-from model import ModelConfig
+from lmforge.common.errors import InputError
+from lmforge.common.files import atomic_write_text, read_json, sha256_file
+from lmforge.model import ModelConfig, config_from_dict
 
 STATE_FILE = "lmforge.json"
 FORMAT = "lmforge-checkpoint-v1"
@@ -45,7 +45,7 @@ class TokenizerRecord:
 class CheckpointState:
     step: int
     consumed_samples: int  # position in the global sample order: a resume continues here
-    model_config: dict  # ModelConfig.to_dict()
+    model_config: dict  # ModelConfig.to_dict(): the family and its fields (no family: Llama, as before families)
     config: dict  # the resolved RunConfig.to_dict()
     tokenizer: TokenizerRecord
     data_fingerprint: str  # order_fingerprint of the training data (gpt_dataset)
@@ -66,7 +66,7 @@ class CheckpointState:
 
     @property
     def model(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.model_config)
+        return config_from_dict(self.model_config)
 
     def saved_global_batch(self) -> int:
         if self.global_batch_size:

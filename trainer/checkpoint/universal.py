@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from data_pipeline.common.files import atomic_write_text
+from lmforge.common.files import atomic_write_text
 
 from .state import CheckpointError
 from .tags import universal_tag
@@ -61,7 +61,7 @@ def ds_to_universal(src: Path, out: Path, log=print, workers: int | None = None)
             f"(full log: {staging / 'convert.log'}). The conversion is needed to resume on another data- or "
             "tensor-parallel size and to export tensor-parallel ZeRO checkpoints; resuming with the layout the "
             "checkpoint was saved with needs none. Tensor-parallel ZeRO-3 checkpoints saved by lmforge before "
-            "its DeepSpeed 0.19.8 fixes (trainer/deepspeed_compat.py: fix_autotp_replicated_shapes) cannot "
+            "its DeepSpeed 0.19.8 fixes (trainer/parallel/deepspeed_compat.py: fix_autotp_replicated_shapes) cannot "
             "be converted.")
     shutil.move(str(staging / "convert.log"), staging / out.name / "convert.log")
     atomic_write_text(staging / out.name / UNIVERSAL_MARKER,

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from model import ModelConfig, parameter_shapes
+from lmforge.model import ModelConfig, parameter_shapes
 
-from .. import deepspeed_compat
+from ..parallel import deepspeed_compat
 from . import masters as master_layouts
 from .state import CheckpointError, CheckpointState
 from .tags import universal_tag

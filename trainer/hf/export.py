@@ -1,6 +1,7 @@
-"""Export an lmforge checkpoint to a Hugging Face ``LlamaForCausalLM`` directory, verified before it exists.
+"""Export an lmforge checkpoint to a Hugging Face directory of its family's architecture (``LlamaForCausalLM``,
+``Qwen3ForCausalLM``: the family's adapter, ``lmforge.model.<family>.hf``), verified before it exists.
 
-    python -m trainer.export_hf --checkpoint RUN/checkpoints --output DIR [--dtype bf16|fp16|fp32]
+    python -m lmforge.trainer.export_hf --checkpoint RUN/checkpoints --output DIR [--dtype bf16|fp16|fp32]
                                 [--step N] [--no-verify] [--max-shard-size 2GB] [--overwrite]
 
 The export is built in ``DIR.tmp-<pid>`` next to DIR and renamed to DIR only after verification
@@ -35,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.common.errors import CheckFailed, InputError, run_cli
-from data_pipeline.common.files import atomic_dir
-from model import ModelConfig, parameter_shapes
+from lmforge.common.errors import CheckFailed, InputError, run_cli
+from lmforge.common.files import atomic_dir
+from lmforge.model import ModelConfig, family_of, parameter_shapes
 
 from ..checkpoint import (
     CheckpointError,
@@ -64,22 +65,27 @@ def _parse_size(s: str) -> int:
     return int(u)
 
 
-def write_config(out: Path, cfg: ModelConfig, state: CheckpointState, dtype_name: str) -> None:
-    from transformers import GenerationConfig, LlamaConfig
+def hf_adapter(cfg: ModelConfig):
+    """The family's Hugging Face adapter; InputError (exit 2) for a family without one."""
+    fam = family_of(cfg)
+    if fam.hf is None:
+        raise InputError(f"the {fam.name} family has no Hugging Face counterpart (model/{fam.name}/: Family.hf is "
+                         "None): nothing to export to")
+    return fam.hf
 
+
+def write_config(out: Path, cfg: ModelConfig, state: CheckpointState, dtype_name: str) -> None:
+    from transformers import GenerationConfig
+
+    adapter = hf_adapter(cfg)
     tok = state.tokenizer
     ids = {k: (v if v is not None and v >= 0 else None)
            for k, v in (("bos_id", tok.bos_id), ("eos_id", tok.eos_id), ("pad_id", tok.pad_id))}
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name]
-    hf = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.initializer_range, attention_bias=False, mlp_bias=False,
+    hf = adapter.transformers_config_class()(
+        **adapter.to_hf_config(cfg),
         bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids["pad_id"],
-        architectures=["LlamaForCausalLM"], torch_dtype=torch_dtype,
+        architectures=[adapter.architecture], torch_dtype=torch_dtype,
     )
     hf.save_pretrained(out)
     # transformers 5 writes rope_theta only inside rope_parameters; transformers 4 reads the top-level key
@@ -96,7 +102,7 @@ def write_config(out: Path, cfg: ModelConfig, state: CheckpointState, dtype_name
 def _manifest_summary(data: dict) -> list[str]:
     """One line per training source: weight and, when its manifest is readable here, the token and
     document counts per split (the data may live on another machine; then only the path is given)."""
-    from data_pipeline.manifest import ManifestError, load_manifest, split_totals
+    from lmforge.data_pipeline.manifest import ManifestError, load_manifest, split_totals
 
     lines = []
     for src in data.get("train") or []:
@@ -116,9 +122,9 @@ def write_readme(out: Path, state: CheckpointState, cfg: ModelConfig, source: st
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
         f"# lmforge export (step {state.step})", "",
-        "A Llama-architecture causal language model pretrained with lmforge and exported by "
-        "`python -m trainer.export_hf`; the export was checked against the checkpoint (weights, logits, "
-        "tokenizer) before it was written.", "",
+        f"A `{hf_adapter(cfg).architecture}` causal language model (lmforge family `{cfg.family}`) pretrained "
+        "with lmforge and exported by `python -m lmforge.trainer.export_hf`; the export was checked against "
+        "the checkpoint (weights, logits, tokenizer) before it was written.", "",
         "## Final losses", "",
         f"- step: {state.step}, consumed samples: {state.consumed_samples}",
         f"- train loss: {state.train_loss}", f"- eval loss: {state.eval_loss}", "",
@@ -161,7 +167,7 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
     Raises CheckpointError (exit 2) for unusable input and ExportError (exit 1) when verification fails;
     in both cases nothing is left at ``output_dir`` (an existing directory is only replaced with
     ``overwrite``)."""
-    from data_pipeline.tokenizer import HF, resolve_tokenizer
+    from lmforge.common.tokenizer_files import HF, resolve_tokenizer
 
     from .tokenizer import write_hf_tokenizer_files, write_tokenizer_files
 
@@ -174,10 +180,11 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
     problems = check_tag(tag_dir, checksums)
     if problems:
         raise CheckpointError(f"{tag_dir} is damaged, refusing to export it:\n  " + "\n  ".join(problems)
-                              + "\n(--step N exports an earlier checkpoint; python -m trainer.verify_checkpoint "
-                              "lists the intact ones)")
+                              + "\n(--step N exports an earlier checkpoint; python -m "
+                              "lmforge.trainer.verify_checkpoint lists the intact ones)")
     state = read_state(tag_dir)
     cfg = state.model
+    adapter = hf_adapter(cfg)
     tok_file = tokenizer_path(tag_dir, state)
     print(f"exporting {tag_dir} (step {state.step}) -> {out}", file=sys.stderr)
     # Scratch for a universal conversion (tensor-parallel ZeRO masters), beside the output, not in the
@@ -187,7 +194,9 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
         getters, source = weight_source(tag_dir, state, scratch=scratch)
         with atomic_dir(out) as tmp:
             t0 = time.time()
-            write_weights(tmp, getters, torch_dtype, max_bytes, parameter_shapes(cfg))
+            shapes = parameter_shapes(cfg)
+            write_weights(tmp, {adapter.to_hf_name(k): g for k, g in getters.items()}, torch_dtype, max_bytes,
+                          {adapter.to_hf_name(k): v for k, v in shapes.items()})
             write_config(tmp, cfg, state, dtype)
             if resolve_tokenizer(tok_file).kind == HF:
                 write_hf_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
@@ -209,9 +218,10 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.export_hf",
+        prog="python -m lmforge.trainer.export_hf",
         description="Export an lmforge DeepSpeed checkpoint (any ZeRO stage, tensor-parallel size, precision) "
-                    "to a Hugging Face LlamaForCausalLM directory with tokenizer, verified before it is "
+                    "to a Hugging Face directory of its family's architecture (LlamaForCausalLM, Qwen3ForCausalLM) "
+                    "with tokenizer, verified before it is "
                     "written: weights, fp32 logits (<= 1e-4), tokenizer ids/decoding (a SentencePiece or "
                     "Hugging Face tokenizer.json run) and generate(). "
                     "Exit status: 0 exported, 1 verification failed, 2 unusable checkpoint or arguments.")

@@ -1,6 +1,6 @@
 """Generate a continuation with ``transformers`` from an exported Hugging Face directory.
 
-    python -m trainer.generate --model runs/demo/hf --prompt "The history of"
+    python -m lmforge.trainer.generate --model runs/demo/hf --prompt "The history of"
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from data_pipeline.common.errors import InputError, run_cli
+from lmforge.common.errors import InputError, run_cli
 
 
 def main(argv=None) -> int:
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
 
 
 def _generate(argv) -> int:
-    ap = argparse.ArgumentParser(prog="trainer.generate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="lmforge.trainer.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="exported Hugging Face model directory")
     ap.add_argument("--prompt", default="The history of", help="text to continue")
     ap.add_argument("--max-new-tokens", type=int, default=60)

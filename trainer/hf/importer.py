@@ -1,6 +1,6 @@
-"""Import a local Hugging Face Llama-family model as initial weights for continued pretraining.
+"""Import a local Hugging Face model of a supported architecture as initial weights for continued pretraining.
 
-    python -m trainer.import_hf --model HF_DIR --output INIT_DIR [--no-verify] [--overwrite]
+    python -m lmforge.trainer.import_hf --model HF_DIR --output INIT_DIR [--no-verify] [--overwrite]
 
 INIT_DIR gets ``model.safetensors`` in lmforge's parameter names (identical to HF's, tied
 ``lm_head.weight`` omitted) and ``lmforge_init.json`` (model_config, source directory, sha256 of every
@@ -10,9 +10,12 @@ has, so that INIT_DIR (or the tokenizer.json in it) is the ``--tokenizer`` of pr
 ``tokenizer:`` for continued pretraining. A tokenizer with more ids than the model's vocabulary is refused.
 Weights keep their stored dtype, so lmforge -> HF -> lmforge is bit-exact.
 
-``load_hf_weights(path)`` accepts either an HF directory or an INIT_DIR and returns
-``(ModelConfig, state_dict)`` for ``LlamaForCausalLM.load_state_dict`` (the trainer's
-``model.init_from_hf``). Unsupported architectures fail with the config key that rules them out.
+The architecture (``config.json``'s ``architectures``) picks the lmforge family (``lmforge.model.hf_family``:
+LlamaForCausalLM and MistralForCausalLM -> llama, Qwen3ForCausalLM -> qwen3), whose adapter reads the config
+and names the weights; any other architecture is refused in one line naming the entry found and the
+architectures lmforge imports. ``load_hf_weights(path)`` accepts either an HF directory or an INIT_DIR and
+returns ``(ModelConfig, state_dict)`` for the family's module (the trainer's ``model.init_from_hf``).
+Unsupported settings fail with the config key that rules them out.
 Verification (default) runs HF's model and ours on the same random tokens in fp32 (<= 1e-4, see
 ``trainer/hf/verify.py``'s LOGIT_ATOL).
 """
@@ -30,12 +33,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data_pipeline.common.errors import CheckFailed, InputError, run_cli
-from data_pipeline.common.files import atomic_dir, read_json, sha256_file
-from model import ModelConfig, parameter_shapes
+from lmforge.common.errors import CheckFailed, InputError, run_cli
+from lmforge.common.files import atomic_dir, read_json, sha256_file
+from lmforge.model import ModelConfig, build_model, config_from_dict, family_of, hf_family, parameter_shapes
 
 INIT_FORMAT = "lmforge-init-v1"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
 class HFImportError(InputError):
@@ -43,42 +45,13 @@ class HFImportError(InputError):
 
 
 def model_config_from_hf(d: dict, where: str = "config.json") -> ModelConfig:
-    """HF config.json dict -> ModelConfig; raises HFImportError for anything our model cannot represent."""
-    mt = d.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise HFImportError(f"{where}: model_type {mt!r} is not supported (need one of {SUPPORTED_MODEL_TYPES})")
-    if mt == "mistral" and d.get("sliding_window") is not None:
-        raise HFImportError(f"{where}: sliding_window={d['sliding_window']} attention is not supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if d.get(key):
-            raise HFImportError(f"{where}: {key}=true is not supported (lmforge's Llama has no biases)")
-    if d.get("hidden_act", "silu") != "silu":
-        raise HFImportError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (need 'silu')")
-    rope_params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    for spec in (rope_params, scaling):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind not in (None, "default"):
-            raise HFImportError(f"{where}: rope scaling {kind!r} is not supported (only the default rotary)")
-    theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    heads = d["num_attention_heads"]
-    head_dim = d.get("head_dim") or d["hidden_size"] // heads
-    if head_dim * heads != d["hidden_size"]:
-        raise HFImportError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size {d['hidden_size']}")
+    """HF config.json dict -> the config of the lmforge family that architecture belongs to (its adapter,
+    ``lmforge.model.<family>.hf``); HFImportError naming the file and key for anything no family's module
+    represents, including an architecture lmforge has no family for."""
     try:
-        return ModelConfig(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            max_position_embeddings=d.get("max_position_embeddings", 2048), rope_theta=float(theta),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            initializer_range=float(d.get("initializer_range", 0.02)),
-        )
-    except KeyError as e:
-        raise HFImportError(f"{where}: missing required key {e}") from e
+        return hf_family(d, where).hf.from_hf_config(d, where)
     except ValueError as e:
-        raise HFImportError(f"{where}: {e}") from e
+        raise HFImportError(str(e)) from None
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -96,17 +69,19 @@ def _weight_files(d: Path) -> list[Path]:
 
 def _read_state(files: list[Path], cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
     shapes = parameter_shapes(cfg)
+    from_hf = family_of(cfg).hf.from_hf_name
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
             raise HFImportError(f"{f}: listed in the index but missing")
         with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                if k.endswith("rotary_emb.inv_freq"):
-                    continue  # derived from rope_theta; old exports carried it
+            for hf_name in sf.keys():
+                k = from_hf(hf_name)
+                if k is None:
+                    continue  # derived from the config (rotary inv_freq in old exports)
                 if k not in shapes:
-                    raise HFImportError(f"{f}: tensor {k} has no counterpart in lmforge's Llama")
-                state[k] = sf.get_tensor(k)
+                    raise HFImportError(f"{f}: tensor {hf_name} has no counterpart in lmforge's {cfg.family} model")
+                state[k] = sf.get_tensor(hf_name)
     if cfg.tie_word_embeddings:
         emb = state.get("model.embed_tokens.weight")
         head = state.pop("lm_head.weight", None)
@@ -133,7 +108,10 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
         meta = read_json(init_meta, HFImportError)
         if meta.get("format") != INIT_FORMAT:
             raise HFImportError(f"{init_meta}: format {meta.get('format')!r}, expected {INIT_FORMAT!r}")
-        cfg = ModelConfig.from_dict(meta["model_config"])
+        try:
+            cfg = config_from_dict(meta["model_config"])
+        except ValueError as e:
+            raise HFImportError(f"{init_meta}: {e}") from None
         weights = d / "model.safetensors"
         if sha256_file(weights) != meta["weights_sha256"]:
             raise HFImportError(f"{weights}: sha256 differs from {init_meta} (file modified or truncated)")
@@ -145,12 +123,10 @@ def load_hf_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def verify_import(hf_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> list[str]:
-    from model import LlamaForCausalLM
-
     from .verify import LOGIT_ATOL, load_hf_model
 
-    hf = load_hf_model(hf_dir)
-    ours = LlamaForCausalLM(cfg).eval()
+    hf = load_hf_model(hf_dir, cfg)
+    ours = build_model(cfg).eval()
     ours.load_state_dict({k: v.float() for k, v in state.items()})
     ids = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_position_embeddings)),
                         generator=torch.Generator().manual_seed(0))
@@ -161,16 +137,16 @@ def verify_import(hf_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
 
 def _tokenizer_files(src: Path, cfg: ModelConfig) -> list[Path]:
     """The source's tokenizer files to copy (module docstring), each checked to fit the model's vocabulary."""
-    from data_pipeline import hf_tokenizer
-    from data_pipeline.tokenizer import (
+    from lmforge.common.tokenizer_files import (
         HF,
         SENTENCEPIECE,
         SP_FILE,
         TokenizerError,
         TokenizerFiles,
-        load_processor,
         resolve_tokenizer,
     )
+    from lmforge.data_pipeline import hf_tokenizer
+    from lmforge.data_pipeline.tokenizer import load_processor
 
     found: list[TokenizerFiles] = []
     if (src / SP_FILE).is_file():
@@ -226,8 +202,9 @@ def import_hf(model_dir: str | Path, output_dir: str | Path, verify: bool = True
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m trainer.import_hf",
-        description="Turn a local Hugging Face Llama-family directory (safetensors) into lmforge initial "
+        prog="python -m lmforge.trainer.import_hf",
+        description="Turn a local Hugging Face directory (safetensors; LlamaForCausalLM, MistralForCausalLM or "
+                    "Qwen3ForCausalLM) into lmforge initial "
                     "weights (use the output, or the HF directory itself, as model.init_from_hf). Exit status: "
                     "0 imported, 1 logits differ from transformers, 2 unusable directory or arguments.")
     p.add_argument("--model", required=True, type=Path, help="local Hugging Face model directory")

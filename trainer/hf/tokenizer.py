@@ -175,7 +175,7 @@ def write_tokenizer_files(model_file: str | Path, out_dir: str | Path, model_max
 def write_hf_tokenizer_files(tokenizer_json: str | Path, out_dir: str | Path, model_max_length: int) -> None:
     """The Hugging Face tokenizer's files as they are (module docstring); returns nothing: its special
     ids are the run's, recorded in the checkpoint."""
-    from data_pipeline import hf_tokenizer
+    from lmforge.data_pipeline import hf_tokenizer
 
     src, out = Path(tokenizer_json), Path(out_dir)
     shutil.copyfile(src, out / "tokenizer.json")
@@ -197,7 +197,7 @@ def check_hf_tokenizer_parity(model_dir: str | Path, reference: str | Path, text
     (special tokens skipped, no clean-up of spaces on either side)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from data_pipeline import hf_tokenizer
+    from lmforge.data_pipeline import hf_tokenizer
 
     model_dir = Path(model_dir)
     ref = hf_tokenizer.load(reference)

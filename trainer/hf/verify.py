@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from model import LlamaForCausalLM, ModelConfig
+from lmforge.model import ModelConfig, build_model, family_of
 
 # Logit bound for fp32 parity. Both sides run the same fp32 weights through the same operations; they
 # differ only in kernel choice (HF may pick eager/SDPA attention, different matmul blocking), which
@@ -22,29 +22,27 @@ from model import LlamaForCausalLM, ModelConfig
 LOGIT_ATOL = 1e-4
 
 
-def load_hf_model(model_dir: Path):
+def load_hf_model(model_dir: Path, cfg: ModelConfig):
+    """The export (or an import's source) loaded with the ``transformers`` class of ``cfg``'s family, in fp32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import LlamaForCausalLM as HFLlama
-
+    cls = family_of(cfg).hf.transformers_model_class()
     try:
-        return HFLlama.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
+        return cls.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True).eval()
     except TypeError:  # transformers 4 spells it torch_dtype
-        return HFLlama.from_pretrained(str(model_dir), torch_dtype=torch.float32, local_files_only=True).eval()
+        return cls.from_pretrained(str(model_dir), torch_dtype=torch.float32, local_files_only=True).eval()
 
 
 def _check_config(hf_cfg, cfg: ModelConfig) -> list[str]:
-    rope = getattr(hf_cfg, "rope_theta", None)
-    if rope is None:
-        rope = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta")
-    got = {
-        "vocab_size": hf_cfg.vocab_size, "hidden_size": hf_cfg.hidden_size,
-        "intermediate_size": hf_cfg.intermediate_size, "num_hidden_layers": hf_cfg.num_hidden_layers,
-        "num_attention_heads": hf_cfg.num_attention_heads, "num_key_value_heads": hf_cfg.num_key_value_heads,
-        "max_position_embeddings": hf_cfg.max_position_embeddings, "rope_theta": rope,
-        "rms_norm_eps": hf_cfg.rms_norm_eps, "tie_word_embeddings": hf_cfg.tie_word_embeddings,
-    }
-    problems = [f"config.json {k}: transformers reads {v!r}, checkpoint has {getattr(cfg, k)!r}"
-                for k, v in got.items() if v != getattr(cfg, k)]
+    """Every field of the family's config as ``transformers`` read it back from config.json."""
+    problems = []
+    for k in type(cfg).field_names():
+        got = getattr(hf_cfg, k, None)
+        if k == "rope_theta" and got is None:  # transformers 5 keeps it in rope_parameters only
+            got = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta")
+        if k == "initializer_range":
+            continue  # not part of the function the weights compute
+        if got != getattr(cfg, k):
+            problems.append(f"config.json {k}: transformers reads {got!r}, checkpoint has {getattr(cfg, k)!r}")
     if getattr(hf_cfg, "head_dim", cfg.head_dim) != cfg.head_dim:
         problems.append(f"config.json head_dim {hf_cfg.head_dim} != {cfg.head_dim}")
     return problems
@@ -54,7 +52,8 @@ def _check_special_ids(model_dir: Path, hf, hf_tokenizer_json: bool = False) -> 
     """config.json / generation_config.json special ids must be the tokenizer's, or generation never
     stops (eos) or starts from the wrong token (bos). The tokenizer: the export's tokenizer.model, or its
     Hugging Face tokenizer.json read with the tokenizer_config.json beside it (``hf_tokenizer_json``)."""
-    from data_pipeline.tokenizer import resolve_tokenizer, tokenizer_info
+    from lmforge.common.tokenizer_files import resolve_tokenizer
+    from lmforge.data_pipeline.tokenizer import tokenizer_info
 
     name = "tokenizer.json" if hf_tokenizer_json else "tokenizer.model"
     info = tokenizer_info(resolve_tokenizer(model_dir / name))
@@ -76,7 +75,7 @@ def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable
     """``tokenizer_file``: the run's tokenizer (the checkpoint's copy); a Hugging Face tokenizer.json is
     the reference of the HF parity check. Without it (or for a SentencePiece model) the export's
     tokenizer.model is the reference."""
-    from data_pipeline.tokenizer import HF, resolve_tokenizer
+    from lmforge.common.tokenizer_files import HF, resolve_tokenizer
 
     from .tokenizer import PARITY_TEXTS, check_hf_tokenizer_parity, check_tokenizer_parity
 
@@ -84,7 +83,7 @@ def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable
 
     problems: list[str] = []
     try:
-        hf = load_hf_model(model_dir)
+        hf = load_hf_model(model_dir, cfg)
     except Exception as e:  # any load failure is the finding
         return [f"transformers cannot load the export: {type(e).__name__}: {e}"]
     problems += _check_config(hf.config, cfg)
@@ -92,19 +91,22 @@ def verify_export(model_dir: Path, cfg: ModelConfig, getters: dict[str, Callable
 
     # Reference: lmforge's own model with the checkpoint's weights, rounded to the export dtype exactly
     # as the files were, so the logit comparison isolates the architecture mapping from the cast.
-    ours = LlamaForCausalLM(cfg).eval()
+    ours = build_model(cfg).eval()
     ours_sd = ours.state_dict()
     hf_sd = hf.state_dict()
+    to_hf = family_of(cfg).hf.to_hf_name
     with torch.no_grad():
         for k, get in getters.items():
             ref = get().to(dtype).float()
             ours_sd[k].copy_(ref)
-            if k not in hf_sd:
-                problems.append(f"weight {k}: missing from the transformers model")
-            elif hf_sd[k].shape != ref.shape or not torch.equal(hf_sd[k], ref):
-                problems.append(f"weight {k}: differs from the checkpoint after loading with transformers")
+            name = to_hf(k)
+            if name not in hf_sd:
+                problems.append(f"weight {name}: missing from the transformers model")
+            elif hf_sd[name].shape != ref.shape or not torch.equal(hf_sd[name], ref):
+                problems.append(f"weight {name}: differs from the checkpoint after loading with transformers")
             del ref
-    if cfg.tie_word_embeddings and not torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight):
+    if cfg.tie_word_embeddings and not torch.equal(hf.get_output_embeddings().weight,
+                                                   hf.get_input_embeddings().weight):
         problems.append("lm_head is not tied to embed_tokens in the transformers model")
     if problems:
         return problems  # logits would only restate a weight/config problem

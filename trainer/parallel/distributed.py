@@ -1,7 +1,7 @@
 """The process group and the few collectives the step loop itself calls.
 
 ``init`` works under every launcher (deepspeed with a hostfile or ``--no_ssh``, torchrun, mpirun, srun):
-``data_pipeline.common.launch_env.torch_env`` derives RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from
+``lmforge.common.launch_env.torch_env`` derives RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from
 whichever started the process. DeepSpeed's own MPI discovery is off: it always overwrites MASTER_ADDR
 with rank 0's first ``hostname -I`` address, which picks the wrong interface on multi-homed nodes.
 """
@@ -13,7 +13,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from data_pipeline.common.launch_env import torch_env
+from lmforge.common.launch_env import torch_env
 
 from . import deepspeed_compat
 

@@ -72,7 +72,7 @@ def check_version() -> str:
     if version not in TESTED and os.environ.get(ALLOW_ENV) != "1":
         raise DeepSpeedVersionError(
             f"DeepSpeed {deepspeed.__version__} is installed; lmforge's DeepSpeed workarounds "
-            f"(trainer/deepspeed_compat.py) were written and tested for {', '.join(TESTED)} only. Install "
+            f"(trainer/parallel/deepspeed_compat.py) were written and tested for {', '.join(TESTED)} only. Install "
             f"deepspeed=={TESTED[-1]} (make setup does), or set {ALLOW_ENV}=1 to try anyway and run "
             "tests/test_deepspeed_compat.py to see which workarounds still apply")
     return version

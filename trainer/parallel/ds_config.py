@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.common.files import read_json
+from lmforge.common.files import read_json
 
-from .config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig
 
 # (dotted key in the DeepSpeed JSON) -> (run-config key that owns it)
 OWNED = {

@@ -1,0 +1,84 @@
+"""What a family's Hugging Face adapter is (``HFAdapter``), and checks of ``config.json`` that several
+families share. Pure dictionaries: ``transformers`` is imported only by the methods that return its
+classes, so the model package imports without it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+
+def _same(name: str) -> str | None:
+    return name
+
+
+@dataclass(frozen=True)
+class HFAdapter:
+    """How a family maps onto a ``transformers`` architecture.
+
+    architectures: the ``config.json`` ``architectures`` entries this family imports; the first is the one
+        export writes and the ``transformers`` class verification loads.
+    model_types: the ``config.json`` ``model_type`` values it imports (the first is export's).
+    config_class: the ``transformers`` configuration class export builds ``config.json`` with.
+    to_hf_config: lmforge config -> the architecture's ``config.json`` fields (special ids and dtype are
+        added by export).
+    from_hf_config: a ``config.json`` dict and where it came from -> lmforge config; ValueError naming the key
+        and why for anything this family's module cannot represent.
+    to_hf_name / from_hf_name: parameter names both ways (identity where the module keeps HF's names;
+        from_hf_name returns None for tensors to skip, such as old exports' rotary ``inv_freq``).
+    """
+
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+    config_class: str
+    to_hf_config: Callable[[ModelConfig], dict]
+    from_hf_config: Callable[[dict, str], ModelConfig]
+    to_hf_name: Callable[[str], str] = _same
+    from_hf_name: Callable[[str], str | None] = _same
+
+    @property
+    def architecture(self) -> str:
+        return self.architectures[0]
+
+    def transformers_model_class(self):
+        import transformers
+
+        return getattr(transformers, self.architecture)
+
+    def transformers_config_class(self):
+        import transformers
+
+        return getattr(transformers, self.config_class)
+
+
+def skip_rotary_buffers(name: str) -> str | None:
+    """``from_hf_name`` for modules named as in HF: old exports carried the derived ``inv_freq``."""
+    return None if name.endswith("rotary_emb.inv_freq") else name
+
+
+def rope_theta(d: dict, where: str, default: float = 10000.0) -> float:
+    """The rotary base of a config.json (transformers 4's top-level ``rope_theta`` or 5's
+    ``rope_parameters``); ValueError for any scaled rotary type (only the default one is implemented)."""
+    rope_params = d.get("rope_parameters") or {}
+    for spec in (rope_params, d.get("rope_scaling") or {}):
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind not in (None, "default"):
+            raise ValueError(f"{where}: rope scaling {kind!r} is not supported (only the default rotary)")
+    return float(d.get("rope_theta", rope_params.get("rope_theta", default)))
+
+
+def refuse(d: dict, where: str, *, true_keys: tuple[str, ...] = (), act: str = "silu") -> None:
+    """ValueError if any of ``true_keys`` is set true, or ``hidden_act`` is not ``act``."""
+    for key in true_keys:
+        if d.get(key):
+            raise ValueError(f"{where}: {key}={d[key]!r} is not supported")
+    if d.get("hidden_act", act) != act:
+        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (need {act!r})")
+
+
+def require(d: dict, key: str, where: str):
+    if key not in d:
+        raise ValueError(f"{where}: missing required key {key!r}")
+    return d[key]
