@@ -1,7 +1,7 @@
-"""Foundations every lmforge command shares: files (atomic writes, hashing), errors and exit codes, and
-the launcher environment (MPI, Slurm, torch-style variables).
+"""Foundations every lmforge stage shares (``lmforge.common``): errors and exit codes (``errors``), atomic
+files and hashes (``files``), the launcher environment: MPI, Slurm, torch-style variables (``launch_env``),
+and which tokenizer a path is (``tokenizer_files``).
 
-They live in ``data_pipeline`` because it is the first package of the flow (corpus -> shards ->
-samples -> engine -> checkpoint -> Hugging Face) and every later package may depend on it; nothing here
-imports torch, DeepSpeed or any other lmforge module.
+Nothing here imports torch, DeepSpeed or any other lmforge package: every stage (the data pipeline, the
+model, the trainer) may depend on it, and it on none of them.
 """

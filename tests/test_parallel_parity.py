@@ -65,7 +65,7 @@ def run_case(case: dict, tp: int) -> dict:
     """One case on this rank: the trainer's engine pieces, BASE["steps"] steps on the fixed batches."""
     import torch.distributed as dist
 
-    from lmforge.trainer.parallel import engine, transforms
+    from lmforge.trainer.parallel import engine, tp_plan, transforms
     from lmforge.trainer.parallel.layout import init_layout
 
     cfg = RunConfig()
@@ -84,6 +84,7 @@ def run_case(case: dict, tp: int) -> dict:
                            loss_chunk_tokens=case.get("loss_chunk", 0), compile=case.get("compile", False))
     eng = engine.initialize(model, cfg, ds_config, layout)
     shapes = {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in eng.module.named_parameters()}
+    styles = {n: style for n, (style, _) in tp_plan.applied(eng.module).items()}  # what AutoTP made of each
     # ZeRO-3 parameters that stay partitioned and are gathered at every use (ds_persist False); the
     # persistent ones (at most stage3_param_persistence_threshold elements) are kept whole once gathered.
     partitioned = sum(getattr(p, "ds_persist", True) is False for p in eng.module.parameters())
@@ -115,7 +116,7 @@ def run_case(case: dict, tp: int) -> dict:
     gc.collect()
     return {"losses": losses, "grad_norms": norms, "shapes": shapes, "dp": layout.dp, "dp_rank": layout.dp_rank,
             "tp_rank": layout.tp_rank, "partitioned": partitioned,
-            "graphs": graphs, "compiled": compiled}
+            "graphs": graphs, "compiled": compiled, "styles": styles}
 
 
 def run_cases(cases: list[dict], tp: int) -> dict:
@@ -144,7 +145,7 @@ def dp_runs() -> dict:
         dict(name="zero3_offload", zero_stage=3, micro=4, grad_accum=1, offload="optimizer+params"),
     ] + [dict(name=f"zero{z}_compiled", zero_stage=z, micro=4, grad_accum=1, compile=True) for z in (0, 1, 2, 3)] + [
         dict(name="zero2_compiled_ac1", zero_stage=2, micro=4, grad_accum=1, compile=True, ac=1),
-    ]
+    ] + [dict(name=f"qwen3_zero{z}", zero_stage=z, micro=4, grad_accum=1, preset="qwen3-debug") for z in range(4)]
     return run_all(1, cases)
 
 
@@ -156,7 +157,8 @@ def tp_runs() -> dict:
         dict(name="tp2_zero3_chunked_loss", zero_stage=3, micro=8, grad_accum=1, loss_chunk=100),
         dict(name="tp2_zero3_offload", zero_stage=3, micro=8, grad_accum=1, offload="optimizer+params"),
         dict(name="tp2_zero1_compiled", zero_stage=1, micro=8, grad_accum=1, compile=True),
-    ]
+    ] + [dict(name=f"qwen3_tp2_zero{z}", zero_stage=z, micro=8, grad_accum=1, preset="qwen3-debug")
+         for z in range(4)]
     return run_all(2, cases)
 
 
@@ -232,6 +234,122 @@ def test_tensor_parallel_2_matches_1_with_every_zero_stage(dp_runs, tp_runs):
             assert s["model.layers.1.mlp.gate_proj.weight"] == s["model.layers.1.mlp.up_proj.weight"] == [88, 64]
             assert s["model.layers.1.mlp.down_proj.weight"] == [64, 88]
             assert s["model.embed_tokens.weight"] == [1000, 64] and s["model.norm.weight"] == [64]
+
+
+@pytest.mark.slow
+def test_qwen3_zero_stages_and_tensor_parallel_match(dp_runs, tp_runs):
+    """The second family under the same parity bounds: ZeRO 0-3 and TP 2 × ZeRO 0-3 against ZeRO-0, TP 1.
+    qwen3-debug: 4 heads of 32 on a width of 64 (q_proj 64 -> 128), 2 kv heads, per-head q/k norms that TP
+    keeps whole on both ranks; ZeRO-3 partitions its 15 matrices."""
+    ref, gref = dp_runs["qwen3_zero0"]["losses"], dp_runs["qwen3_zero0"]["grad_norms"]
+    assert ref[0] - min(ref) > 0.05, ref
+    assert max_rel(ref, dp_runs["zero0"]["losses"]) > 100 * LOSS_RTOL  # another model: the bounds can fail
+    runs = [dp_runs[f"qwen3_zero{z}"] for z in (1, 2, 3)] + [tp_runs[f"qwen3_tp2_zero{z}"] for z in range(4)]
+    for run in runs:
+        assert max_rel(run["losses"], ref) <= LOSS_RTOL, (run["losses"], ref)
+        assert max_rel(run["grad_norms"], gref) <= GNORM_RTOL, (run["grad_norms"], gref)
+    assert [r["partitioned"] for r in dp_runs["qwen3_zero3"]["ranks"]] == [15, 15]
+    for r in tp_runs["qwen3_tp2_zero2"]["ranks"]:
+        s = r["shapes"]
+        assert s["model.layers.0.self_attn.q_proj.weight"] == [64, 64]  # 2 of 4 heads of 32
+        assert s["model.layers.0.self_attn.k_proj.weight"] == [32, 64]  # 1 of 2 kv heads
+        assert s["model.layers.0.self_attn.o_proj.weight"] == [64, 64]
+        assert s["model.layers.0.self_attn.q_norm.weight"] == s["model.layers.0.self_attn.k_norm.weight"] == [32]
+
+
+@pytest.mark.slow
+def test_autotp_did_what_each_familys_plan_says(tp_runs):
+    """``trainer.parallel.tp_plan.check`` ran inside every TP engine above (a mismatch fails the case at
+    start-up); here the recorded styles are compared with each family's stated plan directly."""
+    from lmforge.model import get_family
+    from lmforge.trainer.parallel.tp_plan import planned
+
+    for case, family in (("tp2_zero2", "llama"), ("qwen3_tp2_zero2", "qwen3")):
+        plan = get_family(family).tp_plan
+        styles = tp_runs[case]["styles"]  # rank 0's; rank 1's passed the same check at start-up
+        assert styles and {n: planned(plan, n) for n in styles} == styles, (family, styles)
+        assert sorted(set(styles.values())) == ["column", "replicated", "row"]
+
+
+class _OddNames(torch.nn.Module):
+    """A decoder layer whose MLP output projection has a name AutoTP does not know (fc_out): AutoTP shards
+    it by columns like fc_in, where the plan says rows."""
+
+    def __init__(self, d):
+        super().__init__()
+        from lmforge.model.common import RMSNorm
+
+        self.self_attn = torch.nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, n, torch.nn.Linear(d, d, bias=False))
+        self.mlp = torch.nn.Module()
+        self.mlp.fc_in, self.mlp.fc_out = torch.nn.Linear(d, 4 * d, bias=False), torch.nn.Linear(4 * d, d, bias=False)
+        self.input_layernorm = RMSNorm(d, 1e-5)
+
+
+def autotp_plan_mismatch() -> str:
+    """AutoTP on a model whose MLP is named otherwise than Hugging Face's, against the plan it should have."""
+    import deepspeed
+
+    from lmforge.model import Family
+    from lmforge.model.llama import LlamaConfig
+    from lmforge.trainer.config import ConfigError
+    from lmforge.trainer.parallel import tp_plan
+    from lmforge.trainer.parallel.layout import init_layout
+
+    layout = init_layout(2)
+
+    class OddModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(100, 64)
+            self.layers = torch.nn.ModuleList([_OddNames(64)])
+
+    class OddForCausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = OddModel()
+
+        def forward(self, x):
+            return x
+
+    model = OddForCausalLM()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), mpu=layout.mpu, config={
+        "train_micro_batch_size_per_gpu": 1, "tensor_parallel": {"autotp_size": 2},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
+    plan = {"model.embed_tokens": "replicated", "model.layers.*.self_attn.[qkv]_proj": "column",
+            "model.layers.*.self_attn.o_proj": "row", "model.layers.*.mlp.fc_in": "column",
+            "model.layers.*.mlp.fc_out": "row"}
+    fam = Family(name="llama", config_class=LlamaConfig, model_class=OddForCausalLM, presets={}, tp_plan=plan)
+    try:
+        tp_plan.check(eng.module, fam, 2, shapes)
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.slow
+def test_a_plan_autotp_does_not_follow_fails_at_start_up():
+    msg, _ = run_distributed(autotp_plan_mismatch, 2, timeout=300)
+    assert "model.layers.0.mlp.fc_out: the llama plan says row, AutoTP made it column" in msg, msg
+    assert "fc_in" not in msg and "o_proj" not in msg  # what AutoTP did as planned is not reported
+
+
+def test_family_plans_agree_with_transformers_own():
+    """Each family's plan states for the decoder layers what transformers' own ``base_model_tp_plan`` of the
+    same architecture says (colwise = column, rowwise = row, replicated* = replicated)."""
+    from lmforge.model import families
+
+    for fam in families().values():
+        if fam.hf is None:
+            continue
+        hf_plan = getattr(fam.hf.transformers_config_class(), "base_model_tp_plan", None) or {}
+        style = {"colwise": "column", "rowwise": "row"}
+        hf = {f"model.{k}": style.get(v, "replicated" if v.startswith("replicated") else v)
+              for k, v in hf_plan.items() if k.startswith("layers.")}
+        ours = {k: v for k, v in fam.tp_plan.items() if k.startswith("model.layers.")}
+        assert hf and ours == hf, (fam.name, ours, hf)
 
 
 @pytest.mark.slow
