@@ -48,7 +48,7 @@ def main() -> int:
     mcfg = get_preset(a.preset, vocab_size=32000)
     model = build_model(mcfg)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1),
-                                      config=build_ds_config(cfg, 1, "fp32", mcfg.hidden_size))
+                                      config=build_ds_config(cfg, 1, "fp32", mcfg))
     x = torch.randint(0, 32000, (1, 64))
     engine.backward(engine(x, labels=x))
     engine.step()  # Adam moments exist

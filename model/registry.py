@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -25,7 +26,18 @@ from .common.config import ModelConfig
 from .common.hf import HFAdapter
 
 DEFAULT_FAMILY = "llama"
-TP_STYLES = ("column", "row", "replicated")
+# How tensor parallelism treats a module (Hugging Face's tp_plan styles, by other names): "column" splits a
+# linear layer's outputs, "row" its inputs (partial outputs summed by an all-reduce), "replicated" keeps it
+# whole on every rank, and "replicated_with_grad_allreduce" keeps it whole but sums its gradient over the
+# tensor-parallel ranks, for weights applied to sharded activations (Qwen3's per-head q/k norms see only
+# this rank's heads).
+TP_STYLES = ("column", "row", "replicated", "replicated_with_grad_allreduce")
+
+
+def plan_regex(pattern: str) -> str:
+    """A ``tp_plan`` pattern as a regular expression over module names: ``*`` is one name component (a layer
+    index), everything else literal."""
+    return re.escape(pattern).replace(r"\*", r"[^.]+")
 
 
 @dataclass(frozen=True)
@@ -33,8 +45,8 @@ class Family:
     """name: the ``model.family`` value. config_class: a frozen dataclass derived from ``ModelConfig``.
     model_class: the ``nn.Module`` built as ``model_class(config)`` (a ``model.common.CausalLM``).
     presets: preset name -> config fields (names unique across families). tp_plan: module-name pattern
-    (``*`` = any layer index) -> "column" | "row" | "replicated", for every ``nn.Linear`` and
-    ``nn.Embedding`` of the module (norms are always replicated and may be listed). hf: the Hugging Face
+    (``*`` = any layer index) -> one of ``TP_STYLES``, for every ``nn.Linear`` and ``nn.Embedding`` of the
+    module (other modules with weights, the norms, are "replicated" unless listed). hf: the Hugging Face
     adapter, or None for a family with no ``transformers`` counterpart (no import or export then)."""
 
     name: str

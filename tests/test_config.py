@@ -37,13 +37,39 @@ def test_overrides_are_typed(tmp_path):
     ("parallel.zero_stage=4", "zero_stage"),
     ("parallel.offload=optimizer+params", "zero_stage=3"),
     ("data.train=[{path: x, wieght: 1}]", "data.train[0].wieght"),
-    ("model.preset=huge", "model.preset: 'huge' is not one of debug"),
+    ("model.preset=huge", "model.preset: unknown model preset 'huge'; presets: llama: debug, tiny"),
+    ("model.family=gpt2", "model.family: unknown model family 'gpt2'; lmforge has: llama, qwen3"),
+    ("model.family=qwen3", "model.preset: preset 'tiny' is not a qwen3 preset \\(it is llama's\\); qwen3 presets: "
+                           "qwen3-debug"),
+    ("model.hiden_size=64", "unknown config key 'model.hiden_size'; valid keys here: family, preset, init_from_hf and "
+                            "the llama family's fields vocab_size, hidden_size"),
+    ("model.head_dim=64", "unknown config key 'model.head_dim'"),  # Qwen3's field, not Llama's
+    ("model.hidden_size=big", "model.hidden_size: expected an integer"),
+    ("model.init_from_hf=x;model.hidden_size=64", "model: init_from_hf takes the shape from the checkpoint; drop "
+                                                  "model.hidden_size"),
     ("parallel.attention_kernel=ring", "parallel.attention_kernel: 'ring' is not one of auto"),
     ("train.compile=maybe", "train.compile: expected true/false"),
 ])
 def test_bad_keys_and_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         load_config(ROOT / "configs/demo.yaml", override.split(";"))
+
+
+def test_model_section_is_family_preset_and_the_familys_fields(tmp_path):
+    """One owner of the shape: ``model:`` names a family and preset and overrides fields of that family's
+    config class, typed by it; a preset says its family; the dump writes the fields flat, as they were given."""
+    from lmforge.trainer.config import dump_config
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["model.preset=qwen3-debug", "model.head_dim=16",
+                                                    "model.rope_theta=5e5"])
+    m = cfg.model
+    assert (m.family, m.preset, m.overrides) == ("qwen3", "qwen3-debug", {"head_dim": 16, "rope_theta": 5e5})
+    dumped = dump_config(cfg)
+    assert "family: qwen3" in dumped and "head_dim: 16" in dumped and "overrides" not in dumped
+    (tmp_path / "again.yaml").write_text(dumped)
+    assert load_config(tmp_path / "again.yaml").model == m
+    legacy = load_config(ROOT / "configs/demo.yaml", ["model.family=null"])  # no family: the preset's (Llama's)
+    assert legacy.model.family == "llama"
 
 
 def test_global_batch_checked():

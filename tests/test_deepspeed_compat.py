@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.trainer import deepspeed_compat
+from lmforge.trainer.parallel import deepspeed_compat
 from tests.helpers.distributed import run_distributed
 
 
@@ -200,7 +200,7 @@ def autotp_zero3_schema() -> dict:
     cfg = RunConfig()
     cfg.parallel.zero_stage, cfg.parallel.tensor_parallel, cfg.train.precision = 3, 2, "fp32"
     mcfg = get_preset("debug", vocab_size=1000)
-    ds_config = build_ds_config(cfg, layout.dp, "fp32", mcfg.hidden_size)
+    ds_config = build_ds_config(cfg, layout.dp, "fp32", mcfg)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=layout.mpu):
         upstream = build_module(mcfg)
     upstream_group = dist.get_world_size(upstream.model.embed_tokens.weight.ds_process_group)

@@ -78,7 +78,7 @@ def run_case(case: dict, tp: int) -> dict:
     layout = init_layout(tp)
     mcfg = get_preset(case.get("preset", "debug"), vocab_size=BASE["vocab"])
     check_tensor_parallel(mcfg, layout.tp)
-    ds_config = build_ds_config(cfg, layout.dp, "fp32", mcfg.hidden_size)
+    ds_config = build_ds_config(cfg, layout.dp, "fp32", mcfg)
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, case.get("seed", BASE["seed"]), layout)
     transforms.parallelize(model, activation_checkpointing=cfg.parallel.activation_checkpointing,
                            loss_chunk_tokens=case.get("loss_chunk", 0), compile=case.get("compile", False))
@@ -318,7 +318,8 @@ def autotp_plan_mismatch() -> str:
     eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), mpu=layout.mpu, config={
         "train_micro_batch_size_per_gpu": 1, "tensor_parallel": {"autotp_size": 2},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
-    plan = {"model.embed_tokens": "replicated", "model.layers.*.self_attn.[qkv]_proj": "column",
+    plan = {"model.embed_tokens": "replicated", "model.layers.*.self_attn.q_proj": "column",
+            "model.layers.*.self_attn.k_proj": "column", "model.layers.*.self_attn.v_proj": "column",
             "model.layers.*.self_attn.o_proj": "row", "model.layers.*.mlp.fc_in": "column",
             "model.layers.*.mlp.fc_out": "row"}
     fam = Family(name="llama", config_class=LlamaConfig, model_class=OddForCausalLM, presets={}, tp_plan=plan)

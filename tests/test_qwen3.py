@@ -105,7 +105,7 @@ def test_qwen3_imported_trains_with_tp2_zero3_exports_and_resumes_elsewhere(tmp_
     assert [r["step"] for r in rows] == [1, 2, 3]
     train = build_dataset([(str(tiny_data["data"]), 1.0)], "train", SEQ, 16, 7, cache_dir=None)
     want, docs = hf_loss_on_packed_samples(original, [train[i] for i in range(4)], eod_id=2)
-    assert docs > 4 and abs(rows[0]["loss"] - want) < LOSS_ATOL, (rows[0]["loss"], want)
+    assert docs >= 4 and abs(rows[0]["loss"] - want) < LOSS_ATOL, (rows[0]["loss"], want)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05  # it trained (the later comparisons see updates)
 
     ckdir = run / "checkpoints"
@@ -116,7 +116,7 @@ def test_qwen3_imported_trains_with_tp2_zero3_exports_and_resumes_elsewhere(tmp_
     assert json.loads((export / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
     reloaded = _load_hf(export)
     assert type(reloaded).__name__ == "Qwen3ForCausalLM"
-    getters, _ = weight_source(tag, st)
+    getters, _ = weight_source(tag, st, scratch=tmp_path / "scratch")  # TP × ZeRO-3: universal conversion
     ours = build_model(st.model).eval()
     ours.load_state_dict({k: get().float() for k, get in getters.items()})
     ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(3))

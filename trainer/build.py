@@ -196,7 +196,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     # Identical initial weights on every rank and at every ZeRO stage for a seed (ZeRO-3 builds under
     # zero.Init with the same values as an eager build: engine.py); DeepSpeed also broadcasts rank 0's.
     np.random.seed(cfg.train.seed)
-    ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision, mcfg.hidden_size))
+    ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision, mcfg))
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state)
     transforms.parallelize(model, activation_checkpointing=cfg.parallel.activation_checkpointing,
                            loss_chunk_tokens=cfg.parallel.loss_chunk_tokens, compile=cfg.train.compile,

@@ -325,7 +325,7 @@ def _build_model(d: dict, key: str = "model") -> ModelSection:
     try:
         fam = resolve_family(section.get("family"), section.get("preset"))
     except ValueError as e:
-        which = "preset" if section.get("family") is None or section.get("preset") is not None else "family"
+        which = "family" if str(e).startswith("unknown model family") else "preset"
         raise ConfigError(f"{key}.{which}: {e}") from None
     hints = typing.get_type_hints(fam.config_class)
     valid = fam.field_names()

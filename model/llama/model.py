@@ -83,11 +83,12 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(cfg, LlamaModel(cfg))
 
 
-# Tensor parallelism (DeepSpeed AutoTP), by module name (``*`` = any layer index): q/k/v and gate/up are
-# split by output columns (each rank holds whole heads and a slice of the MLP), o/down by input rows (their
-# partial outputs are summed by an all-reduce); the embedding, the output head and every norm are
-# replicated. The trainer checks after ``deepspeed.initialize`` that AutoTP did exactly this
-# (``trainer/parallel/tp_plan.py``), and tests/test_parallel_parity.py on 2 ranks.
+# Tensor parallelism, by module name (``*`` = any layer index): q/k/v and gate/up are split by output
+# columns (each rank holds whole heads and a slice of the MLP), o/down by input rows (their partial outputs
+# are summed by an all-reduce); the embedding, the output head and every norm (whose inputs are whole on
+# every rank) are replicated. The trainer hands this plan to DeepSpeed's AutoTP and checks after
+# ``deepspeed.initialize`` that it was done exactly so (``trainer/parallel/tp_plan.py``;
+# tests/test_parallel_parity.py on 2 ranks).
 TP_PLAN = {
     "model.embed_tokens": "replicated",
     "model.layers.*.self_attn.q_proj": "column",

@@ -85,15 +85,17 @@ class Qwen3ForCausalLM(CausalLM):
 
 # Tensor parallelism (DeepSpeed AutoTP): as Llama's (model/llama/model.py), and the same as transformers'
 # own ``Qwen3Config.base_model_tp_plan``. q_norm/k_norm act on one head at a time with weights shared by all
-# heads, so each rank keeps them whole (replicated) and applies them to the heads it holds.
+# heads: each rank keeps them whole and applies them to the heads it holds, so its gradient is a partial sum
+# over its own heads and is summed over the tensor-parallel ranks (without that sum the ranks' copies drift
+# apart from the first update on).
 TP_PLAN = {
     "model.embed_tokens": "replicated",
     "model.layers.*.self_attn.q_proj": "column",
     "model.layers.*.self_attn.k_proj": "column",
     "model.layers.*.self_attn.v_proj": "column",
     "model.layers.*.self_attn.o_proj": "row",
-    "model.layers.*.self_attn.q_norm": "replicated",
-    "model.layers.*.self_attn.k_norm": "replicated",
+    "model.layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+    "model.layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
     "model.layers.*.mlp.gate_proj": "column",
     "model.layers.*.mlp.up_proj": "column",
     "model.layers.*.mlp.down_proj": "row",

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from lmforge.common.files import read_json
+from lmforge.model import ModelConfig, family_of
+from lmforge.model.registry import plan_regex
 
 from ..config import ConfigError, RunConfig
 
@@ -102,9 +104,27 @@ def communication_defaults(zero_stage: int, hidden_size: int, precision: str, cu
     return top, zero
 
 
-def build_ds_config(cfg: RunConfig, dp_size: int, precision: str, hidden_size: int | None = None) -> dict:
-    """The DeepSpeed JSON of a run; with the model's ``hidden_size``, the communication settings
-    ``communication_defaults`` chooses where the template sets none."""
+def autotp_partition_config(tp_plan: dict[str, str]) -> dict:
+    """A family's tensor-parallel plan (``Family.tp_plan``: module-name pattern -> style) as DeepSpeed's
+    configurable-AutoTP ``partition_config``: one layer spec per pattern, matched against the full parameter
+    name; replicated modules are "skip" specs (with ``grad_allreduce`` where the plan says their gradient is
+    summed over the TP ranks). ``use_default_specs`` off and ``strict_mode`` on: AutoTP then shards exactly
+    what the plan says, and a linear layer the plan does not name is an error at start-up."""
+    specs = []
+    for pattern, style in tp_plan.items():
+        spec = {"patterns": ["^" + plan_regex(pattern) + r"\.weight$"],
+                "partition_type": {"column": "column", "row": "row"}.get(style, "skip")}
+        if style == "replicated_with_grad_allreduce":
+            spec["grad_allreduce"] = True
+        specs.append(spec)
+    return {"use_default_specs": False, "strict_mode": True, "layer_specs": specs}
+
+
+def build_ds_config(cfg: RunConfig, dp_size: int, precision: str, model: ModelConfig | None = None) -> dict:
+    """The DeepSpeed JSON of a run; with the model's config, the communication settings
+    ``communication_defaults`` chooses from its width where the template sets none, and under tensor
+    parallelism its family's plan for AutoTP (``autotp_partition_config``)."""
+    hidden_size = model.hidden_size if model is not None else None
     t, o, p = cfg.train, cfg.optim, cfg.parallel
     ds = load_template(p.ds_config)
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
@@ -155,5 +175,8 @@ def build_ds_config(cfg: RunConfig, dp_size: int, precision: str, hidden_size: i
             ds["optimizer"]["params"]["fused"] = True
 
     if p.tensor_parallel > 1:
-        ds["tensor_parallel"] = {"autotp_size": p.tensor_parallel}
+        if model is None:
+            raise ValueError("build_ds_config: tensor parallelism needs the model config (its family's plan)")
+        ds["tensor_parallel"] = {"autotp_size": p.tensor_parallel,
+                                 "partition_config": autotp_partition_config(family_of(model).tp_plan)}
     return ds
