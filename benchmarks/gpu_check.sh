@@ -14,6 +14,8 @@
 #                  the no-sync test, compiled flex training vs eager, bf16 ZeRO-1/ZeRO-3 through the
 #                  trainer, bf16 export verified)
 #   4. attention   benchmarks/intra_doc_attention.py on the GPU: 125m, seq 4096/8192, flex and spans vs causal
+#   5. qwen3       benchmarks/train_throughput.py, qwen3-1.7b preset (vocab 151,936), bf16, seq 4096, micro batch 2,
+#                  ZeRO-1, ~500-token documents, compiled layers with flex document masking -> tokens/s, MFU
 #
 # Machines without DeepSpeed and the pipeline's extras (the H200 image has torch, transformers,
 # sentencepiece, tensorboard, mpi4py, but no deepspeed, zstandard or pydantic): put their wheels in .whl/
@@ -25,6 +27,13 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false MASTER_ADDR=127.0.0.1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# lmforge's packages import as lmforge.* (pyproject.toml maps them onto the top-level folders). Without an
+# installed lmforge (a bare GPU machine), a namespace folder of links to them does the same.
+if ! "$PY" -c "import lmforge.trainer" 2>/dev/null; then
+  mkdir -p /tmp/lmforge-src/lmforge
+  for d in common data_pipeline model trainer; do ln -sfn "$PWD/$d" "/tmp/lmforge-src/lmforge/$d"; done
+  export PYTHONPATH="/tmp/lmforge-src:$PYTHONPATH"
+fi
 T0=$(date +%s)
 status() { echo "$1 $2 $(( $(date +%s) - T0 ))" >> "$OUT/sections.txt"; echo "=== [$(( $(date +%s) - T0 ))s] $1: $2"; }
 
@@ -61,6 +70,12 @@ for mode in flex spans; do
   tail -3 "$OUT/attention_$mode.log"
 done
 
+# 5. qwen3: the second family at a real size
+timeout 120 "$PY" benchmarks/train_throughput.py --preset qwen3-1.7b --vocab-size 151936 --precision bf16 \
+  --seq-len 4096 --micro-batch 2 --zero-stage 1 --warmup 2 --steps 6 --mean-doc-len 500 --variants compiled:flex \
+  --json "$OUT/throughput_qwen3.json" > "$OUT/throughput_qwen3.log" 2>&1 && status qwen3 ok || status qwen3 "FAILED($?)"
+grep -v -i "warn" "$OUT/throughput_qwen3.log" | tail -4
+
 "$PY" - "$OUT" <<'EOF'
 import json, re, sys
 from pathlib import Path
@@ -79,6 +94,14 @@ if (out / "throughput.json").exists():
                      f"x{r['step_time_median_s'] / base:.3f} vs eager:causal" if base else ""))
     rows.append(("compile time (first compiled step)", f"{t.get('compile_s') or 0:.0f} s", "", "", ""))
     rows.append(("peak memory", f"{t['peak_memory_gb']:.1f} GiB", "", "", ""))
+if (out / "throughput_qwen3.json").exists():
+    t = json.loads((out / "throughput_qwen3.json").read_text())
+    summary["throughput_qwen3"] = t
+    for v in t["variants"]:
+        r = t[v]
+        rows.append((f"qwen3-1.7b bf16 seq4096 mb2 {v}", f"{r['tokens_per_s']:,.0f} tok/s",
+                     f"{r['tflops_per_device']:.0f} TFLOP/s", f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "MFU n/a",
+                     f"peak {t['peak_memory_gb']:.1f} GiB"))
 for mode in ("flex", "spans"):
     f = out / f"attention_{mode}.log"
     if f.exists():

@@ -20,7 +20,7 @@ import torch
 
 from lmforge.trainer import checkpoint as ckpt
 from lmforge.trainer import faults
-from lmforge.trainer.signals import StopFlag
+from lmforge.trainer.signals import StopFlag, is_rank
 from tests.helpers.paths import ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, deepspeed_train, read_metrics, write_config
@@ -95,7 +95,7 @@ def _rank_processes(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
         except psutil.NoSuchProcess:
             continue
         ranks = [a.split("=", 1)[1] for a in cmd if a.startswith("--local_rank=")]
-        if ranks and "trainer.train" in cmd:
+        if ranks and is_rank(cmd):
             out[int(ranks[0])] = p
     return out
 

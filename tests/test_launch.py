@@ -1,4 +1,6 @@
-"""Launchers other than plain `deepspeed --num_gpus`: two "nodes" on one machine and mpirun.
+"""Launchers other than plain `deepspeed --num_gpus`: two "nodes" on one machine and mpirun; and every
+command run from a directory holding a user's own ``model.py``, ``trainer.py``, ``data_pipeline.py`` and
+``common.py``.
 
 All three launches run the same computation (world size 2, same global sample order, fp32, gloo), so
 their losses, gradient norms and final weights must be *bitwise* equal to the reference run's: any
@@ -167,3 +169,26 @@ def test_slurm_template_saves_on_usr1_and_requeues(tmp_path, tiny_data):
     assert (tmp_path / "scontrol.log").read_text().split() == ["scontrol", "requeue", "4242"]
     step = read_metrics(run)[-1]["step"]
     assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+
+
+@pytest.mark.slow
+def test_commands_run_beside_a_users_model_py_trainer_py_and_data_pipeline_py(tmp_path, tiny_data):
+    """``python -m``, ``python -c`` and the launcher put the working directory first on ``sys.path``: a user's
+    ``model.py`` there used to replace lmforge's ``model`` package (``cannot import name 'LlamaForCausalLM'
+    from 'model'``). The packages are ``lmforge.*`` now; each file here fails loudly if it is imported."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("model", "trainer", "data_pipeline", "common"):
+        (work / f"{name}.py").write_text(f"raise ImportError('the user\\'s own {name}.py was imported')\n")
+    run_cmd([sys.executable, "-c", "import lmforge.trainer.parallel.engine, lmforge.trainer.train, "
+             "lmforge.trainer.hf.export, lmforge.model.qwen3"], cwd=work)
+    out = run_cmd([sys.executable, "-m", "lmforge.data_pipeline", "inspect", tiny_data["data"], "--samples", "1"],
+                  cwd=work)
+    assert "documents" in out.stdout
+    assert run_cmd([BIN / "lmforge", "--help"], cwd=work).returncode == 0
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, tmp_path / "run", train={"max_steps": 2},
+                       checkpoint={"interval": 0})
+    deepspeed_train(cfg, [], nproc=1, cwd=work)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    with pytest.raises(AssertionError, match="own model.py was imported"):  # the files do what they say
+        run_cmd([sys.executable, "-c", "import model"], cwd=work)

@@ -86,9 +86,9 @@ def test_s2_matches_s1_and_resumes_at_s1(short_docs, tmp_path, zero, kv_heads, c
     assert sorted(s2) == [1, 2, 3, 4, 5, 6]
     _compare(s1, s2, range(1, 7))
     assert s2[6]["consumed_samples"] == s1[6]["consumed_samples"] == 12  # the same samples, dp 1
-    if zero == 3:  # export is unaffected: the S = 2 ZeRO-3 checkpoint exports and verifies its logits
+    if zero == 3:  # export is unaffected: the S = 2 ZeRO-3 checkpoint exports (bf16 weights) and verifies
         out = run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint",
-                       tmp_path / "s2" / "checkpoints", "--output", tmp_path / "hf"])
+                       tmp_path / "s2" / "checkpoints", "--output", tmp_path / "hf", "--dtype", "bf16"])
         assert "exported and verified" in out.stdout + out.stderr
 
     # The S = 2 checkpoint of step 3 (as after a crash right after it) resumed at S = 1 on one rank:

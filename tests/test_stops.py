@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from lmforge.trainer import checkpoint as ckpt
-from lmforge.trainer.signals import _is_launcher
+from lmforge.trainer.signals import _is_launcher, is_rank
 from tests.helpers.paths import ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, read_metrics, write_config
@@ -57,7 +57,7 @@ def _wait_training(proc: subprocess.Popen, run, log_path) -> list[psutil.Process
         assert time.time() < deadline, "no training steps after 300 s"
         time.sleep(0.1)
     procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    ranks = [p for p in procs if "trainer.train" in p.cmdline() and not _is_launcher(p.cmdline())]
+    ranks = [p for p in procs if is_rank(p.cmdline())]
     assert len(ranks) == 2, [p.cmdline() for p in procs]
     return procs
 

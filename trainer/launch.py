@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from .signals import _is_launcher
+from .signals import is_rank
 
 FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGUSR1: signal.SIGUSR1,
              signal.SIGHUP: signal.SIGTERM}
@@ -39,7 +39,7 @@ def _say(msg: str) -> None:
 
 
 def rank_processes(root_pid: int) -> list:
-    """The ``trainer.train`` processes below ``root_pid`` on this machine."""
+    """The training ranks (``lmforge.trainer.train``) below ``root_pid`` on this machine."""
     import psutil
 
     out = []
@@ -52,7 +52,7 @@ def rank_processes(root_pid: int) -> list:
             cmd = p.cmdline()
         except psutil.Error:
             continue
-        if ("trainer.train" in cmd or any(a.endswith("trainer/train.py") for a in cmd)) and not _is_launcher(cmd):
+        if is_rank(cmd):
             out.append(p)
     return out
 

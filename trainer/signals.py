@@ -35,6 +35,16 @@ LAUNCHER_PROGRAMS = frozenset({"deepspeed", "mpiexec", "mpirun", "mpiexec.hydra"
                                "prterun", "prted", "orted", "torchrun"})
 
 
+# What a training rank runs: ``python -m lmforge.trainer.train`` (or the file itself).
+RANK_MODULE = "lmforge.trainer.train"
+
+
+def is_rank(cmdline: list[str]) -> bool:
+    """A training rank's command line (its module or file, and no launcher module)."""
+    runs_training = RANK_MODULE in cmdline or any(a.endswith("trainer/train.py") for a in cmdline)
+    return runs_training and not _is_launcher(cmdline)
+
+
 def _is_launcher(cmdline: list[str]) -> bool:
     """A launcher's command line (never a rank's: ranks run `-m lmforge.trainer.train` with no launcher module)."""
     if any(mark in arg for arg in cmdline for mark in LAUNCHER_MARKS):

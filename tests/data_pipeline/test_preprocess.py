@@ -23,7 +23,7 @@ from lmforge.data_pipeline.indexed_dataset import IndexedDataset
 from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
 from lmforge.data_pipeline.preprocess import BACKEND_ENV, resolve_backend, split_exact
 from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, fingerprint, iter_documents
-from lmforge.data_pipeline.tools import merge, verify
+from lmforge.data_pipeline.tools import verify
 from tests.helpers.hfdata import corpus_documents, write_jsonl_dir
 from tests.helpers.paths import BIN, CORPUS, ROOT, SAMPLE
 from tests.helpers.process import child_env, run_cmd
@@ -276,7 +276,8 @@ def test_inspect_verify_merge(tok, tmp_path):
     preprocess(tok, tmp_path / "b", inputs=INPUTS[4:5])
     p = run_cmd([PY, "-m", "lmforge.data_pipeline", "inspect", tmp_path / "a", "--samples", "1"])
     assert "sample 0:" in p.stdout and "doc length" in p.stdout
-    m = merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab"))
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "merge", tmp_path / "a", tmp_path / "b", "--output", tmp_path / "ab"])
+    m = load_manifest(tmp_path / "ab")
     ma, mb = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
     assert m["totals"]["train"]["tokens"] == ma["totals"]["train"]["tokens"] + mb["totals"]["train"]["tokens"]
     assert verify(tmp_path / "ab") == []

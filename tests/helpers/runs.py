@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.paths import BIN, SAMPLE
+from tests.helpers.paths import BIN, ROOT, SAMPLE
 from tests.helpers.process import free_port, run_cmd
 
 TINY_VOCAB = 1000
@@ -61,12 +61,13 @@ def deepspeed_args(config: Path | str, overrides: list[str], nproc: int, port: i
 
 
 def deepspeed_train(config: Path | str, overrides: list[str], nproc: int = 2, timeout: int = 600,
-                    check: bool = True, **env) -> subprocess.CompletedProcess:
-    """A real multi-process run: ``deepspeed --num_gpus N --module lmforge.trainer.train`` on loopback."""
+                    check: bool = True, cwd: Path = ROOT, **env) -> subprocess.CompletedProcess:
+    """A real multi-process run: ``deepspeed --num_gpus N --module lmforge.trainer.train`` on loopback, from
+    ``cwd`` (the repository by default)."""
     from lmforge.trainer.parallel.deepspeed_compat import shm_segment_path
 
     port = free_port()
-    proc = run_cmd(deepspeed_args(config, overrides, nproc, port), timeout=timeout, check=check, **env)
+    proc = run_cmd(deepspeed_args(config, overrides, nproc, port), timeout=timeout, check=check, cwd=cwd, **env)
     # DeepSpeed's CPU shm all-reduce segments (~66 MB of RAM each) must not outlive the run.
     leaked = [p.name for r in range(nproc) if (p := shm_segment_path(r, "127.0.0.1", port)).exists()]
     assert not leaked, f"run left shared-memory segments behind: {leaked}"

@@ -33,16 +33,14 @@ def load_hf_model(model_dir: Path, cfg: ModelConfig):
 
 
 def _check_config(hf_cfg, cfg: ModelConfig) -> list[str]:
-    """Every field of the family's config as ``transformers`` read it back from config.json."""
+    """Every ``config.json`` field the family's adapter wrote, as ``transformers`` read it back."""
     problems = []
-    for k in type(cfg).field_names():
+    for k, want in family_of(cfg).hf.to_hf_config(cfg).items():
         got = getattr(hf_cfg, k, None)
         if k == "rope_theta" and got is None:  # transformers 5 keeps it in rope_parameters only
             got = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta")
-        if k == "initializer_range":
-            continue  # not part of the function the weights compute
-        if got != getattr(cfg, k):
-            problems.append(f"config.json {k}: transformers reads {got!r}, checkpoint has {getattr(cfg, k)!r}")
+        if got != want:
+            problems.append(f"config.json {k}: transformers reads {got!r}, the checkpoint's model has {want!r}")
     if getattr(hf_cfg, "head_dim", cfg.head_dim) != cfg.head_dim:
         problems.append(f"config.json head_dim {hf_cfg.head_dim} != {cfg.head_dim}")
     return problems
