@@ -1,13 +1,42 @@
-"""Session fixtures shared by the trainer, checkpoint and export tests (helpers live in tests/helpers/)."""
+"""Session fixtures shared by the trainer, checkpoint and export tests (helpers live in tests/helpers/):
+the prepared data, one golden trainer run that several test files compare against instead of each
+training its own, and a working directory holding a user's own ``model.py`` and friends."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers.runs import build_tiny_data
+from tests.helpers.runs import build_tiny_data, deepspeed_train, last_rows
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     """A real SentencePiece tokenizer (vocab 1000) and real shards of the shipped sample corpus."""
     return build_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def golden_run(tmp_path_factory, tiny_data) -> dict:
+    """The golden run (tests/helpers/golden.py: debug preset, 2 ranks by ``deepspeed --num_gpus 2``, ZeRO-2,
+    fp32, 6 steps, checkpoints at steps 3 and 6) plus evaluation at steps 3 and 6, which does not change the
+    training losses. Trained once: tests/test_train.py checks it against the golden file and everything it
+    wrote; tests/test_launch.py runs its config through the other launchers and compares bitwise. Tests
+    that continue or damage it work on a copy (``copy_run``)."""
+    from tests.helpers import golden
+
+    root = tmp_path_factory.mktemp("golden")
+    cfg = golden.golden_config(root / "cfg.yaml", tiny_data, root / "run", eval={"interval": 3, "steps": 2})
+    out = deepspeed_train(cfg, [])
+    assert "world 2 = dp 2" in out.stdout
+    return {"cfg": cfg, "run": root / "run", "rows": last_rows(root / "run"), "stdout": out.stdout}
+
+
+@pytest.fixture(scope="session")
+def users_dir(tmp_path_factory):
+    """A working directory holding a user's own ``model.py``, ``trainer.py``, ``data_pipeline.py`` and
+    ``common.py``, each failing loudly if imported: ``python -m``/``-c`` and the launchers put the working
+    directory first on ``sys.path``, where these once replaced lmforge's packages of the same names."""
+    work = tmp_path_factory.mktemp("users_dir")
+    for name in ("model", "trainer", "data_pipeline", "common"):
+        (work / f"{name}.py").write_text(f"raise ImportError(\"the user's own {name}.py was imported\")\n")
+    return work

@@ -1,7 +1,8 @@
 """Continued pretraining of a Hugging Face model with its own byte-level BPE tokenizer, end to end: a random
 ``transformers`` Llama saved with a tokenizer trained by ``train-tokenizer --type hf-bpe`` -> ``import_hf``
 -> ``preprocess --tokenizer INIT/tokenizer.json`` -> a DeepSpeed run -> ``export_hf`` (verified) ->
-``transformers`` reloads it with the same ids and our model's logits. Also the vocabulary checks on the
+``transformers`` reloads it with the same ids and our model's logits; the first step's loss is transformers'
+on the imported weights. Also the vocabulary checks on the
 way (a tokenizer larger than the model is refused) and the export's parity check on a broken tokenizer."""
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import sys
 import pytest
 import torch
 
+from lmforge.data_pipeline.gpt_dataset import build_dataset
 from lmforge.data_pipeline.indexed_dataset import IndexedDataset
 from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
 from lmforge.trainer.hf.tokenizer import PARITY_TEXTS
 from tests.helpers.checkpoints import held_out_texts
 from tests.helpers.paths import SAMPLE
 from tests.helpers.process import run_cmd
-from tests.helpers.runs import deepspeed_train, read_metrics, write_config
+from tests.helpers.runs import deepspeed_train, hf_loss_on_packed_samples, read_metrics, write_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 PY = sys.executable
@@ -103,7 +105,14 @@ def test_hf_model_with_byte_level_bpe_imports_trains_and_exports(tmp_path, hf_to
                        train={"max_steps": 3, "micro_batch_size": 2, "seed": 7, "precision": "fp32"},
                        optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1}, checkpoint={"interval": 3})
     deepspeed_train(cfg, ["model.preset=null"], nproc=1)
-    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Continued pretraining starts from the imported weights: the first step's loss, computed before any
+    # update, equals transformers' on the same two samples (fp32 on both sides, summation order only:
+    # ~1e-7 relative on a loss of ~8; another init is O(1) off).
+    train = build_dataset([(str(data), 1.0)], "train", 64, 2, 7, cache_dir=None)
+    want, _ = hf_loss_on_packed_samples(original, [train[0], train[1]], eod_id=tok.eos_token_id)
+    assert abs(rows[0]["loss"] - want) < 1e-5, (rows[0]["loss"], want)
     ckdir = run / "checkpoints"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (ckdir / name).read_bytes() == (hf_dir / name).read_bytes(), name

@@ -16,10 +16,10 @@ import torch
 
 from tests.helpers.paths import BIN, ROOT
 from tests.helpers.process import child_env, free_port, run_cmd
-from tests.helpers.runs import deepspeed_train, read_metrics, write_config
+from tests.helpers.runs import read_metrics, write_config
 
 SCRIPTS = ROOT / "launch_scripts"
-STEPS = 4
+STEPS = 6  # the golden run's (conftest.golden_run)
 
 
 def _final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -40,20 +40,15 @@ def _assert_same_run(run_dir, ref_dir) -> None:
         assert torch.equal(w[k], w_ref[k]), k
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_data):
-    """The same config run by `deepspeed --num_gpus 2` (2 ranks on one node)."""
-    tmp = tmp_path_factory.mktemp("launch")
-    cfg = write_config(tmp / "cfg.yaml", tiny_data, tmp / "ref", train={"max_steps": STEPS},
-                       checkpoint={"interval": 0})
-    out = deepspeed_train(cfg, [])
-    assert "world 2 = dp 2" in out.stdout
-    return cfg, tmp
+@pytest.fixture()
+def reference(golden_run, tmp_path):
+    """The golden run's config, run by `deepspeed --num_gpus 2` (2 ranks on one node: conftest.golden_run)."""
+    return golden_run["cfg"], tmp_path, golden_run["run"]
 
 
 @pytest.mark.slow
 def test_two_nodes_on_one_machine_match_single_node(reference):
-    cfg, tmp = reference
+    cfg, tmp, ref = reference
     run = tmp / "two_nodes"
     out = run_cmd(["bash", SCRIPTS / "two_nodes_local.sh", "-p", free_port(), cfg, f"run_dir={run}"])
     # Node 1's launcher really started rank 1 of a 2-rank world and it finished cleanly.
@@ -63,17 +58,17 @@ def test_two_nodes_on_one_machine_match_single_node(reference):
     assert any("exits successfully" in line for line in node1)
     assert "[node0] lmforge:" in out.stdout and "world 2 = dp 2" in out.stdout
     assert "both nodes finished" in out.stdout
-    _assert_same_run(run, tmp / "ref")
+    _assert_same_run(run, ref)
 
 
 @pytest.mark.slow
 def test_mpirun_matches_single_node(reference):
-    cfg, tmp = reference
+    cfg, tmp, ref = reference
     run = tmp / "mpirun"
     out = run_cmd(["bash", SCRIPTS / "mpirun.sh", "-n", 2, "-m", "127.0.0.1", "-p", free_port(), cfg,
                    f"run_dir={run}"], MPIRUN=BIN / "mpirun", PYTHON=sys.executable)
     assert "world 2 = dp 2" in out.stdout
-    _assert_same_run(run, tmp / "ref")
+    _assert_same_run(run, ref)
 
 
 _PROBE = (
@@ -171,24 +166,16 @@ def test_slurm_template_saves_on_usr1_and_requeues(tmp_path, tiny_data):
     assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
 
 
-@pytest.mark.slow
-def test_commands_run_beside_a_users_model_py_trainer_py_and_data_pipeline_py(tmp_path, tiny_data):
-    """``python -m``, ``python -c`` and the launcher put the working directory first on ``sys.path``: a user's
-    ``model.py`` there used to replace lmforge's ``model`` package (``cannot import name 'LlamaForCausalLM'
-    from 'model'``). The packages are ``lmforge.*`` now; each file here fails loudly if it is imported."""
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in ("model", "trainer", "data_pipeline", "common"):
-        (work / f"{name}.py").write_text(f"raise ImportError('the user\\'s own {name}.py was imported')\n")
+def test_commands_run_beside_a_users_model_py_trainer_py_and_data_pipeline_py(users_dir, tiny_data):
+    """``python -m``, ``python -c`` and the launchers put the working directory first on ``sys.path``: a
+    user's ``model.py`` there used to replace lmforge's ``model`` package (``cannot import name
+    'LlamaForCausalLM' from 'model'``). The packages are ``lmforge.*`` now. ``users_dir`` holds such files,
+    each failing if imported (the trainer itself is launched from there by tests/test_legacy_outputs.py)."""
     run_cmd([sys.executable, "-c", "import lmforge.trainer.parallel.engine, lmforge.trainer.train, "
-             "lmforge.trainer.hf.export, lmforge.model.qwen3"], cwd=work)
+             "lmforge.trainer.hf.export, lmforge.model.qwen3"], cwd=users_dir)
     out = run_cmd([sys.executable, "-m", "lmforge.data_pipeline", "inspect", tiny_data["data"], "--samples", "1"],
-                  cwd=work)
-    assert "documents" in out.stdout
-    assert run_cmd([BIN / "lmforge", "--help"], cwd=work).returncode == 0
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, tmp_path / "run", train={"max_steps": 2},
-                       checkpoint={"interval": 0})
-    deepspeed_train(cfg, [], nproc=1, cwd=work)
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+                  cwd=users_dir)
+    assert "sample 0:" in out.stdout
+    assert "lmforge train-tokenizer" in run_cmd([BIN / "lmforge", "--help"], cwd=users_dir).stdout
     with pytest.raises(AssertionError, match="own model.py was imported"):  # the files do what they say
-        run_cmd([sys.executable, "-c", "import model"], cwd=work)
+        run_cmd([sys.executable, "-c", "import model"], cwd=users_dir)

@@ -49,7 +49,9 @@ def test_tokenizer_and_shards_are_read_and_rewritten_byte_for_byte(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_resumes_to_the_old_runs_loss_and_exports(tmp_path):
+def test_checkpoint_resumes_to_the_old_runs_loss_and_exports(tmp_path, users_dir):
+    """Launched from a directory holding a user's own model.py, trainer.py, data_pipeline.py and common.py
+    (conftest.users_dir): the trainer imports only lmforge's packages."""
     run = tmp_path / "run"
     shutil.copytree(LEGACY / "checkpoints", run / "checkpoints")
     cfg = yaml.safe_load((LEGACY / "config.yaml").read_text())
@@ -59,7 +61,7 @@ def test_checkpoint_resumes_to_the_old_runs_loss_and_exports(tmp_path):
     # in another order (~1e-7 relative), so the bitwise comparison below asks for the old way.
     cfg["parallel"]["loss_chunk_tokens"] = 0
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    out = deepspeed_train(tmp_path / "cfg.yaml", [], nproc=1)
+    out = deepspeed_train(tmp_path / "cfg.yaml", [], nproc=1, cwd=users_dir)
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'}: step 2, 4 samples consumed" in out.stdout
     old = {r["step"]: r for r in map(json.loads, (LEGACY / "metrics.jsonl").read_text().splitlines())}
     (row,) = read_metrics(run)

@@ -362,23 +362,6 @@ def test_cpu_offload_matches(dp_runs, tp_runs):
         assert max_rel(run["grad_norms"], gref) <= GNORM_RTOL, (run["grad_norms"], gref)
 
 
-@pytest.mark.slow
-def test_trainer_tp2_zero3_checkpointed_end_to_end(tmp_path, tiny_data):
-    """The trainer itself on TP=2 × ZeRO-3 × activation checkpointing: DeepSpeed's groups give dp 1."""
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, train={"micro_batch_size": 4, "max_steps": 3,
-                       "seed": 7, "precision": "fp32"}, checkpoint={"interval": 0, "keep_last": 1},
-                       parallel={"zero_stage": 3, "tensor_parallel": 2, "activation_checkpointing": 1})
-    out = deepspeed_train(cfg, [])
-    assert "world 2 = dp 1 × tp 2 | ZeRO-3" in out.stdout
-    rows = read_metrics(run)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["loss"] == r["loss"] and r["grad_norm"] > 0 for r in rows)
-    assert rows[-1]["consumed_samples"] == 3 * 4  # dp 1: the TP pair shares one sample stream
-    state = ckpt.read_state(run / "checkpoints" / "step_00000003")
-    assert (state.tensor_parallel, state.data_parallel, state.zero_stage) == (2, 1, 3)
-
-
 # ---- fast checks (no launch) ----------------------------------------------------------------------
 
 
@@ -442,49 +425,63 @@ def test_compiled_layers_match_eager(dp_runs, tp_runs):
     assert run["compiled"]
 
 
-def _export_weights(run, out) -> dict[str, torch.Tensor]:
+def _export_weights(run, out, step: int) -> dict[str, torch.Tensor]:
     from lmforge.trainer.hf.importer import load_hf_weights
 
-    subprocess.run([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", str(run), "--output", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint", str(run), "--output", str(out),
+                    "--step", str(step)], cwd=ROOT, check=True, capture_output=True, timeout=600)
     return load_hf_weights(out)[1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_tp2_zero3_exports_like_tp1_and_resumes_on_one_rank(tmp_path, tiny_data, precision):
-    """The trainer on TP=2 × ZeRO-3 at sizes where ZeRO-3 partitions every matrix (the trainer's
+    """The trainer on TP=2 × ZeRO-3 (fp32 also with every layer recomputed: activation checkpointing is
+    bitwise, so nothing below changes) at sizes where ZeRO-3 partitions every matrix (the trainer's
     persistence threshold is 10·d = 640 elements: the 1000 × 64 embedding and all 14 TP-sharded matrices
-    are partitioned; only the 64-element norms persist): its export equals the export of the same
-    training on one rank without TP, and it resumes on 1 rank (universal conversion, TP 2 -> 1) with the
-    loss the 1-rank run has at that step. Before the fixes in trainer.parallel.engine.build_model and
-    deepspeed_compat.fix_autotp_replicated_shapes both failed inside DeepSpeed's ds_to_universal.
+    are partitioned; only the 64-element norms persist): DeepSpeed's groups give dp 1 and the TP pair reads
+    one sample stream; its step-3 export equals the export of the same training on one rank without TP;
+    and it resumes on 1 rank (universal conversion, TP 2 -> 1) with the step-4 loss the 1-rank run has.
+    Before the fixes in trainer.parallel.engine.build_model and deepspeed_compat.fix_autotp_replicated_shapes
+    both failed inside DeepSpeed's ds_to_universal. A constant LR (after warmup) makes step k's update the
+    same whether a run is told 3 or 4 steps: the 1-rank run trains 4 steps with a checkpoint at 3, the TP-2
+    run 3, then 1 more on one rank. The resume converts the TP-2 checkpoint first; its export reuses that
+    conversion (as the export documents).
 
     Tolerances: fp32, the two runs differ only in the order of the row-parallel sums (~1e-7 relative
     per op, carried by 3 Adam steps): measured 4.1e-7 relative (norm of the difference over the norm of
     the weight, worst tensor) and 0.0 in the step-4 loss; bounds 1e-4 and 1e-5. bf16 matmuls round
     differently with TP (8-bit mantissa): measured 3.8e-3 and 2.1e-7; bounds 5e-2 and 2e-2. A wrong
     merge (swapped shards, a replicated weight doubled, a half missing) is ~1.0 relative."""
+    train = {"micro_batch_size": 4, "seed": 7, "precision": precision}
+    optim = {"schedule": "constant"}
+    tp2, tp1 = tmp_path / "tp2", tmp_path / "tp1"
+    ac = 1 if precision == "fp32" else 0
+    cfg2 = write_config(tmp_path / "tp2.yaml", tiny_data, tp2, train={**train, "max_steps": 3}, optim=optim,
+                        checkpoint={"interval": 0, "keep_last": 2},
+                        parallel={"zero_stage": 3, "tensor_parallel": 2, "activation_checkpointing": ac})
+    out = deepspeed_train(cfg2, [])
+    assert "world 2 = dp 1 × tp 2 | ZeRO-3" in out.stdout
+    rows = read_metrics(tp2)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows)
+    assert rows[-1]["consumed_samples"] == 3 * 4  # dp 1: the TP pair shares one sample stream
+    state = ckpt.read_state(tp2 / "checkpoints" / "step_00000003")
+    assert (state.tensor_parallel, state.data_parallel, state.zero_stage) == (2, 1, 3)
+    cfg1 = write_config(tmp_path / "tp1.yaml", tiny_data, tp1, train={**train, "max_steps": 4}, optim=optim,
+                        checkpoint={"interval": 3, "keep_last": 2}, parallel={"zero_stage": 3, "tensor_parallel": 1})
+    deepspeed_train(cfg1, [], nproc=1)
 
-    train = {"micro_batch_size": 4, "max_steps": 3, "seed": 7, "precision": precision}
-    runs = {}
-    for name, tp, nproc in (("tp2", 2, 2), ("tp1", 1, 1)):
-        run = tmp_path / name
-        cfg = write_config(tmp_path / f"{name}.yaml", tiny_data, run, train=train,
-                           checkpoint={"interval": 0, "keep_last": 2},
-                           parallel={"zero_stage": 3, "tensor_parallel": tp})
-        deepspeed_train(cfg, [], nproc=nproc)
-        runs[name] = (run, cfg)
-    a = _export_weights(runs["tp2"][0], tmp_path / "hf_tp2")
-    b = _export_weights(runs["tp1"][0], tmp_path / "hf_tp1")
+    # Resume the TP-2 checkpoint on 1 rank for one more step: the 1-rank run's step 4.
+    out = deepspeed_train(cfg2, ["train.max_steps=4", "parallel.tensor_parallel=1",
+                                 "parallel.activation_checkpointing=0"], nproc=1)
+    assert "resumed from" in out.stdout and "tensor-parallel 2" in out.stdout, out.stdout[-2000:]
+    la, lb = (read_metrics(r)[-1] for r in (tp2, tp1))
+    assert la["step"] == lb["step"] == 4
+    assert abs(la["loss"] - lb["loss"]) <= (1e-5 if precision == "fp32" else 2e-2) * abs(lb["loss"]), (la, lb)
+
+    a = _export_weights(tp2, tmp_path / "hf_tp2", step=3)  # through the conversion the resume made
+    b = _export_weights(tp1, tmp_path / "hf_tp1", step=3)
     assert set(a) == set(b)
     bound = 1e-4 if precision == "fp32" else 5e-2
     rel = {k: ((a[k] - b[k]).norm() / b[k].norm()).item() for k in b}
     assert max(rel.values()) <= bound, sorted(rel.items(), key=lambda kv: -kv[1])[:3]
-    # Resume the TP-2 checkpoint on 1 rank for one more step; the 1-rank run does the same step.
-    out = deepspeed_train(runs["tp2"][1], ["train.max_steps=4", "parallel.tensor_parallel=1"], nproc=1)
-    assert "resumed from" in out.stdout and "tensor-parallel 2" in out.stdout, out.stdout[-2000:]
-    deepspeed_train(runs["tp1"][1], ["train.max_steps=4"], nproc=1)
-    la, lb = (read_metrics(runs[n][0])[-1] for n in ("tp2", "tp1"))
-    assert la["step"] == lb["step"] == 4
-    assert abs(la["loss"] - lb["loss"]) <= (1e-5 if precision == "fp32" else 2e-2) * abs(lb["loss"]), (la, lb)

@@ -161,10 +161,10 @@ def test_compiled_layers_do_not_recompile_for_new_documents(kernel):
     compile_layers(m)
     x = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     before = counters["stats"]["unique_graphs"]
-    for cut in (5, 9, 13):
+    for cut in (5, 13):
         seg = torch.zeros(2, 24, dtype=torch.long)
         seg[:, cut:] = 1
         m(**document_attention({"input_ids": x, "labels": x, "segment_ids": seg}, min_mean_tokens=0,
                                kernel=kernel)).backward()
     graphs = counters["stats"]["unique_graphs"] - before
-    assert graphs == (1 if kernel == "mask" else 3), graphs
+    assert graphs == (1 if kernel == "mask" else 2), graphs

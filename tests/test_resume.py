@@ -326,24 +326,29 @@ OPTIM_FILE = "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's ZeRO-2 part
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
-def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed_bitwise(tmp_path, tiny_data,
-                                                                                    reference, how):
-    """The latest checkpoint (step 6) has one damaged file: the start names it, renames the tag
-    step_00000006.damaged (kept, not deleted), resumes from step 4 and trains losses bitwise equal to the
-    uninterrupted run; exit 0."""
+def test_damaged_latest_checkpoints_are_set_aside_and_the_previous_one_resumed_bitwise(tmp_path, tiny_data,
+                                                                                     reference):
+    """The two newest checkpoints each have one damaged file, step 8 a truncated one (a full disk, a partial
+    copy: its size is wrong) and step 6 a flipped bit (only its CRC-32 sees it): the start names each file,
+    renames each tag step_N.damaged (kept, not deleted), resumes from step 4 and trains losses bitwise equal
+    to the uninterrupted run; exit 0."""
     run = tmp_path / "run"
-    ckdir = _copy_tags(reference["run"], ["step_00000004", "step_00000006"], run)
-    _damage(ckdir / "step_00000006" / OPTIM_FILE, how)
+    ckdir = _copy_tags(reference["run"], ["step_00000004", "step_00000006", "step_00000008"], run)
+    _damage(ckdir / "step_00000008" / OPTIM_FILE, "truncated")
+    _damage(ckdir / "step_00000006" / OPTIM_FILE, "bit-flipped")
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, **SECTIONS)
     out = deepspeed_train(cfg, [])
-    assert f"checkpoint {ckdir / 'step_00000006'} is damaged" in out.stdout, out.stdout[-3000:]
-    assert f"{ckdir / 'step_00000006' / OPTIM_FILE}: " in out.stdout
-    assert ("bytes" if how == "truncated" else "CRC-32") in out.stdout
+    for step, how in ((8, "bytes"), (6, "CRC-32")):
+        tag = ckpt.tag_for(step)
+        assert f"checkpoint {ckdir / tag} is damaged" in out.stdout, out.stdout[-3000:]
+        (line,) = [x for x in out.stdout.splitlines() if f"{ckdir / tag / OPTIM_FILE}: " in x]
+        assert how in line, line
+        assert (ckdir / f"{tag}.damaged" / OPTIM_FILE).is_file()
+    assert "set aside as step_00000008.damaged; resuming from the previous complete checkpoint step_00000006" \
+        in out.stdout
     assert "set aside as step_00000006.damaged; resuming from the previous complete checkpoint step_00000004" \
         in out.stdout
     assert f"resumed from {ckdir / 'step_00000004'}" in out.stdout
-    assert (ckdir / "step_00000006.damaged" / OPTIM_FILE).is_file()
     rows = last_rows(run)
     for s in range(5, MAX_STEPS + 1):
         assert rows[s]["loss"] == reference["rows"][s]["loss"], s

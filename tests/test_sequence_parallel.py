@@ -156,12 +156,13 @@ def test_zero3_hpz_on_two_nodes_matches_plain_zero3(tiny_data, tmp_path):
     from tests.helpers.paths import ROOT
     from tests.helpers.process import free_port
 
+    # 3 steps: hpZ changes where each gather reads from, which the first step shows as well as the sixth.
     plain = write_config(tmp_path / "plain.yaml", tiny_data, tmp_path / "plain", parallel={"zero_stage": 3},
-                         checkpoint={"interval": 0})
+                         checkpoint={"interval": 0}, train={"max_steps": 3})
     deepspeed_train(plain, [], nproc=4)
     hpz = write_config(tmp_path / "hpz.yaml", tiny_data, tmp_path / "hpz", checkpoint={"interval": 0},
-                       parallel={"zero_stage": 3, "zero_hpz_partition_size": 2})
+                       parallel={"zero_stage": 3, "zero_hpz_partition_size": 2}, train={"max_steps": 3})
     out = run_cmd(["bash", ROOT / "launch_scripts" / "two_nodes_local.sh", "-g", 2, "-p", free_port(), hpz])
     assert "world 4 = dp 4" in out.stdout
     assert "ZeRO++ hpZ: secondary weight partitions over groups of 2 ranks" in out.stdout
-    _compare(last_rows(tmp_path / "plain"), last_rows(tmp_path / "hpz"), range(1, 7))
+    _compare(last_rows(tmp_path / "plain"), last_rows(tmp_path / "hpz"), range(1, 4))

@@ -13,17 +13,13 @@ from lmforge.data_pipeline.gpt_dataset import build_dataset
 from lmforge.trainer import checkpoint as ckpt
 from tests.helpers import golden
 from tests.helpers.process import run_cmd
-from tests.helpers.runs import deepspeed_train, hf_loss_on_packed_samples, read_metrics, write_config
+from tests.helpers.runs import deepspeed_train, hf_loss_on_packed_samples, read_metrics
 
 pytestmark = pytest.mark.slow
 
 
-def test_two_rank_run_matches_golden_writes_everything_and_resumes_exactly(tmp_path, tiny_data):
-    run = tmp_path / "run"
-    # The golden run (tests/helpers/golden.py) plus evaluation, which does not change the train losses.
-    cfg = golden.golden_config(tmp_path / "cfg.yaml", tiny_data, run, eval={"interval": 3, "steps": 2})
-    deepspeed_train(cfg, [])
-
+def test_two_rank_run_matches_golden_writes_everything_and_resumes_exactly(tmp_path, tiny_data, golden_run):
+    run = golden_run["run"]  # the golden run (tests/helpers/golden.py) plus evaluation: conftest.golden_run
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     losses = {r["step"]: r["loss"] for r in rows}
@@ -46,27 +42,27 @@ def test_two_rank_run_matches_golden_writes_everything_and_resumes_exactly(tmp_p
     check_tensorboard(run, rows)
     check_export_matches_trainer_eval(tmp_path, run, tiny_data)
 
-    # Resume from step 3 (as after a crash right after that save): steps 4..6 must repeat bitwise,
-    # since the sample order, the weights, the optimizer and the LR schedule all come back exactly.
-    shutil.rmtree(ckdir / "step_00000006")
-    (ckdir / "latest").write_text("step_00000003")
-    first = {r["step"]: r["loss"] for r in rows}
-    (run / "metrics.jsonl").unlink()
-    out = deepspeed_train(cfg, [])
+    # Resume from step 3 (as after a crash right after that save), in a copy of the run: steps 4..6 must
+    # repeat bitwise, since the sample order, the weights, the optimizer and the LR schedule all come back.
+    again_run = tmp_path / "again"
+    shutil.copytree(run, again_run)
+    shutil.rmtree(again_run / "checkpoints" / "step_00000006")
+    (again_run / "checkpoints" / "latest").write_text("step_00000003")
+    (again_run / "metrics.jsonl").unlink()
+    out = deepspeed_train(golden_run["cfg"], [f"run_dir={again_run}"])
     assert "resumed from" in out.stdout
-    again = {r["step"]: r["loss"] for r in read_metrics(run)}
+    again = {r["step"]: r["loss"] for r in read_metrics(again_run)}
     assert sorted(again) == [4, 5, 6]
     for s in (4, 5, 6):
-        assert again[s] == first[s], (s, again[s], first[s])
+        assert again[s] == losses[s], (s, again[s], losses[s])
 
 
-def test_refuses_resume_on_changed_data(tmp_path, tiny_data):
+def test_refuses_resume_on_changed_data(tmp_path, golden_run):
+    """The golden run's checkpoints, started again with another sequence length (another sample order)."""
     run = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, train={"max_steps": 2, "micro_batch_size": 2,
-                       "grad_accum": 1, "seed": 7, "precision": "fp32"})
-    deepspeed_train(cfg, [], nproc=1)
-    p = deepspeed_train(cfg, ["data.seq_len=32"], nproc=1, check=False)
-    assert p.returncode != 0
+    shutil.copytree(golden_run["run"], run)
+    p = deepspeed_train(golden_run["cfg"], [f"run_dir={run}", "data.seq_len=32"], check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert "refusing to resume" in p.stderr + p.stdout
 
 
