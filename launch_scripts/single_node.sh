@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One node: `deepspeed --num_gpus N` starts N ranks on this machine (one per GPU; on a CPU-only
-# machine N gloo ranks). Anything after the config is passed to trainer.train as section.key=value.
+# machine N gloo ranks). Anything after the config is passed to lmforge.trainer.train as section.key=value.
 set -euo pipefail
 
 usage() {

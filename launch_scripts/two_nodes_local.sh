@@ -45,14 +45,14 @@ printf 'fake-node-0 slots=%s\nfake-node-1 slots=%s\n' "$GPUS" "$GPUS" > "$HOSTFI
 PYTHON=${PYTHON:-python}
 pids=()
 cleanup() {
-  # Each node's trainer.launch runs in its own session (setsid): kill the whole group of any node still
+  # Each node's lmforge.trainer.launch runs in its own session (setsid): kill the whole group of any node still
   # running (after a failure), so no rank is left behind.
   for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   rm -f "$HOSTFILE"
 }
 trap cleanup EXIT
-# A stop (SIGTERM from a scheduler, Ctrl-C, SIGUSR1): hand it to each node's trainer.launch, which passes
-# it to its ranks and waits while they save; keep waiting here. A second signal kills (trainer.launch).
+# A stop (SIGTERM from a scheduler, Ctrl-C, SIGUSR1): hand it to each node's lmforge.trainer.launch, which passes
+# it to its ranks and waits while they save; keep waiting here. A second signal kills (lmforge.trainer.launch).
 stop() {
   echo "two_nodes_local: SIG$1: asking both nodes to stop (send it again to kill at once)" >&2
   for pid in "${pids[@]}"; do kill -s "$1" "$pid" 2>/dev/null || true; done

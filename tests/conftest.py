@@ -18,14 +18,14 @@ def tiny_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def golden_run(tmp_path_factory, tiny_data) -> dict:
     """The golden run (tests/helpers/golden.py: debug preset, 2 ranks by ``deepspeed --num_gpus 2``, ZeRO-2,
-    fp32, 6 steps, checkpoints at steps 3 and 6) plus evaluation at steps 3 and 6, which does not change the
-    training losses. Trained once: tests/test_train.py checks it against the golden file and everything it
-    wrote; tests/test_launch.py runs its config through the other launchers and compares bitwise. Tests
-    that continue or damage it work on a copy (``copy_run``)."""
+    fp32, 12 steps, a checkpoint every 2, evaluation every 3). Trained once: tests/test_train.py checks it
+    against the golden file and everything it wrote; tests/test_launch.py runs its config through the
+    other launchers and compares bitwise; tests/test_resume.py resumes, kills and damages copies of its
+    checkpoints against its rows. Tests never write into it (they copy what they continue)."""
     from tests.helpers import golden
 
     root = tmp_path_factory.mktemp("golden")
-    cfg = golden.golden_config(root / "cfg.yaml", tiny_data, root / "run", eval={"interval": 3, "steps": 2})
+    cfg = golden.golden_config(root / "cfg.yaml", tiny_data, root / "run")
     out = deepspeed_train(cfg, [])
     assert "world 2 = dp 2" in out.stdout
     return {"cfg": cfg, "run": root / "run", "rows": last_rows(root / "run"), "stdout": out.stdout}

@@ -18,7 +18,7 @@ from lmforge.common.errors import InputError
 from lmforge.trainer.checkpoint import CheckpointError
 from lmforge.trainer.hf.export import export
 from lmforge.trainer.hf.importer import load_hf_weights
-from tests.helpers.checkpoints import held_out_texts, make_checkpoint, train_test_tokenizer
+from tests.helpers.checkpoints import held_out_texts, make_checkpoints, train_test_tokenizer
 from tests.helpers.paths import ROOT
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -39,13 +39,26 @@ def eval_ids(tokenizer):
     return [sp.encode(t["english"])[:48], sp.encode(t["chinese"])[:48]]
 
 
-def _ckpt(tmp_path_factory, tokenizer, eval_ids, **kw):
-    return make_checkpoint(tmp_path_factory.mktemp("run"), tokenizer, eval_ids, **kw)
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tokenizer, eval_ids) -> dict:
+    """Every checkpoint the tests below export (2 ranks each), made by one launch of the ranks per layout:
+    data-parallel 2 at ZeRO-1 and ZeRO-3; tensor-parallel 2 at ZeRO-1 and ZeRO-3, fp32 and bf16."""
+    root = tmp_path_factory.mktemp("runs")
+    layouts = {1: {"zero1": dict(zero_stage=1), "zero3": dict(zero_stage=3)},
+               2: {"tp2_zero1": dict(zero_stage=1), "tp2_zero3": dict(zero_stage=3),
+                   "tp2_bf16_zero1": dict(zero_stage=1, precision="bf16"),
+                   "tp2_bf16_zero3": dict(zero_stage=3, precision="bf16")}}
+    out = {}
+    for tp, group in layouts.items():
+        dirs = make_checkpoints([dict(run_dir=root / name, **spec) for name, spec in group.items()], tokenizer,
+                                eval_ids, world_size=2, tp=tp)
+        out.update(zip(group, dirs))
+    return out
 
 
 @pytest.fixture(scope="module")
-def zero1(tmp_path_factory, tokenizer, eval_ids):
-    return _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=1, world_size=2)
+def zero1(ckpts):
+    return ckpts["zero1"]
 
 
 def _hf_eval_loss(out_dir, run_dir) -> tuple[float, float]:
@@ -83,10 +96,10 @@ def test_zero1_export_matches_engine_and_round_trips(zero1, tmp_path):
     _check_export(zero1, out, ref)
 
 
-def test_zero3_export_fp32_and_bf16(tmp_path_factory, tokenizer, eval_ids, tmp_path):
+def test_zero3_export_fp32_and_bf16(ckpts, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=3, world_size=2)
+    ckpt = ckpts["zero3"]
     out = export(ckpt, tmp_path / "hf")
     full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), TAG)
     _check_export(ckpt, out, {k: v for k, v in full.items() if k != "lm_head.weight"})
@@ -99,8 +112,8 @@ def test_zero3_export_fp32_and_bf16(tmp_path_factory, tokenizer, eval_ids, tmp_p
     assert torch.equal(state["model.norm.weight"], full["model.norm.weight"].to(torch.bfloat16))
 
 
-def test_tensor_parallel_2_export_matches_engine(tmp_path_factory, tokenizer, eval_ids, tmp_path):
-    ckpt = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=1, world_size=2, tp=2)
+def test_tensor_parallel_2_export_matches_engine(ckpts, tmp_path):
+    ckpt = ckpts["tp2_zero1"]
     out = export(ckpt, tmp_path / "hf")
     loss, engine_loss = _hf_eval_loss(out, ckpt.parent)
     assert abs(loss - engine_loss) <= 1e-5, (loss, engine_loss)
@@ -111,10 +124,10 @@ def test_tensor_parallel_2_export_matches_engine(tmp_path_factory, tokenizer, ev
     assert torch.equal(q[: q.shape[0] // 2], shard0["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_tensor_parallel_2_zero3_export_matches_engine(tmp_path_factory, tokenizer, eval_ids, tmp_path):
+def test_tensor_parallel_2_zero3_export_matches_engine(ckpts, tmp_path):
     """AutoTP-2 with ZeRO-3: the masters are partitioned inside each TP rank; DeepSpeed's universal
     conversion merges them in a scratch directory beside the output, never inside the checkpoint."""
-    ckpt = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=3, world_size=2, tp=2)
+    ckpt = ckpts["tp2_zero3"]
     out = export(ckpt, tmp_path / "hf")
     loss, engine_loss = _hf_eval_loss(out, ckpt.parent)
     assert abs(loss - engine_loss) <= 1e-5, (loss, engine_loss)  # fp32: as in _check_export
@@ -123,15 +136,13 @@ def test_tensor_parallel_2_zero3_export_matches_engine(tmp_path_factory, tokeniz
     assert not [p.name for p in ckpt.iterdir() if "universal" in p.name]  # nothing written to the checkpoint
 
 
-def test_tensor_parallel_2_bf16_exports_fp32_masters_for_zero1_and_zero3(tmp_path_factory, tokenizer, eval_ids,
-                                                                         tmp_path):
+def test_tensor_parallel_2_bf16_exports_fp32_masters_for_zero1_and_zero3(ckpts, tmp_path):
     """bf16 AutoTP-2 runs export their fp32 masters, not the bf16 weights: ZeRO-1's are checked by the
     exporter to round to the saved bf16 shards; ZeRO-3 (same seed and data) gives the same masters; an
     existing complete <tag>_universal (made by a resume) is reused."""
     from lmforge.trainer import checkpoint
 
-    z1 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=1, world_size=2, tp=2, precision="bf16")
-    z3 = _ckpt(tmp_path_factory, tokenizer, eval_ids, zero_stage=3, world_size=2, tp=2, precision="bf16")
+    z1, z3 = ckpts["tp2_bf16_zero1"], ckpts["tp2_bf16_zero3"]
     a = export(z1, tmp_path / "a")
     checkpoint.convert_to_universal(z3, TAG)
     b = export(z3, tmp_path / "b")

@@ -19,7 +19,7 @@ from tests.helpers.process import child_env, free_port, run_cmd
 from tests.helpers.runs import read_metrics, write_config
 
 SCRIPTS = ROOT / "launch_scripts"
-STEPS = 6  # the golden run's (conftest.golden_run)
+STEPS = 12  # the golden run's (conftest.golden_run)
 
 
 def _final_weights(run_dir) -> dict[str, torch.Tensor]:

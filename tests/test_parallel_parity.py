@@ -13,6 +13,10 @@ hidden size instead (10·d = 640 here: ``trainer.parallel.ds_config.communicatio
 so ZeRO-3 partitions and gathers every matrix as in a real model (the test asserts that the ranks hold
 partitions of all 15 matrices, the 5 norm weights persisting).
 
+Steps: 4 per case (earlier versions ran 6 and measured the bounds below over them; rounding differences
+only grow with steps, so the 6-step measurements bound these). The loss falls by more than 0.05 within
+them (asserted), so every comparison sees the updates.
+
 Tolerances. Measured on this machine (debug preset, 6 steps, AdamW lr 1e-2, fp32): against ZeRO-0 with
 TP=1, every other case (ZeRO-1/2/3, TP=2 with ZeRO-0..3, grad accumulation 1×4, CPU offload with
 DeepSpeedCPUAdam) differs by at most 1.0e-7 relative in the loss (~1 fp32 epsilon) and 3.8e-6 relative
@@ -46,7 +50,7 @@ from tests.helpers.runs import deepspeed_train, read_metrics, write_config
 
 LOSS_RTOL = 2e-6
 GNORM_RTOL = 3e-5
-BASE = dict(steps=6, seed=11, data_seed=3, vocab=1000, seq_len=64)
+BASE = dict(steps=4, seed=11, data_seed=3, vocab=1000, seq_len=64)
 
 
 def learnable_batch(n: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -480,8 +484,10 @@ def test_tp2_zero3_exports_like_tp1_and_resumes_on_one_rank(tmp_path, tiny_data,
     assert abs(la["loss"] - lb["loss"]) <= (1e-5 if precision == "fp32" else 2e-2) * abs(lb["loss"]), (la, lb)
 
     a = _export_weights(tp2, tmp_path / "hf_tp2", step=3)  # through the conversion the resume made
-    b = _export_weights(tp1, tmp_path / "hf_tp1", step=3)
-    assert set(a) == set(b)
+    tag = tp1 / "checkpoints" / "step_00000003"  # the 1-rank run's fp32 masters, read as the export reads them
+    getters, _ = ckpt.weight_source(tag, ckpt.read_state(tag), scratch=tmp_path / "scratch")
+    b = {k: get().float() for k, get in getters.items()}
+    assert set(a) == set(b) | {"lm_head.weight"}  # the tied head appears once in a checkpoint
     bound = 1e-4 if precision == "fp32" else 5e-2
     rel = {k: ((a[k] - b[k]).norm() / b[k].norm()).item() for k in b}
     assert max(rel.values()) <= bound, sorted(rel.items(), key=lambda kv: -kv[1])[:3]

@@ -108,23 +108,12 @@ def test_qwen3_imported_trains_with_tp2_zero3_exports_and_resumes_elsewhere(tmp_
     assert docs >= 4 and abs(rows[0]["loss"] - want) < LOSS_ATOL, (rows[0]["loss"], want)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05  # it trained (the later comparisons see updates)
 
-    ckdir = run / "checkpoints"
-    tag = find_checkpoint(ckdir)
-    st = read_state(tag)
+    st = read_state(find_checkpoint(run / "checkpoints"))
     assert (st.model.family, st.tensor_parallel, st.zero_stage, st.step) == ("qwen3", 2, 3, 3)
-    run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", export])  # verified
-    assert json.loads((export / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
-    reloaded = _load_hf(export)
-    assert type(reloaded).__name__ == "Qwen3ForCausalLM"
-    getters, _ = weight_source(tag, st, scratch=tmp_path / "scratch")  # TP × ZeRO-3: universal conversion
-    ours = build_model(st.model).eval()
-    ours.load_state_dict({k: get().float() for k, get in getters.items()})
-    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        diff = (ours(ids) - reloaded(input_ids=ids).logits).abs().max().item()
-    assert diff <= 1e-5, diff  # the same fp32 weights through the same ops (tests/test_model.py's bound)
 
-    # Elastic: the TP-2 × ZeRO-3 checkpoint on 1 rank without TP (universal conversion), one more step.
+    # Elastic: the TP-2 × ZeRO-3 checkpoint, copied, on 1 rank without TP (universal conversion), one more
+    # step. The conversion stays in the copy's checkpoints (step_00000003_universal): the export and the
+    # weight reading below reuse it, as they would a resumed run's.
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     cfg2 = write_config(tmp_path / "cfg2.yaml", tiny_data, resumed, model={"init_from_hf": str(init)},
@@ -133,6 +122,22 @@ def test_qwen3_imported_trains_with_tp2_zero3_exports_and_resumes_elsewhere(tmp_
                         parallel={"zero_stage": 3, "tensor_parallel": 1})
     out = deepspeed_train(cfg2, ["model.preset=null"], nproc=1)
     assert "resumed from" in out.stdout and "tensor-parallel 2" in out.stdout, out.stdout[-3000:]
+
+    ckdir = resumed / "checkpoints"
+    tag = ckdir / "step_00000003"
+    run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", export, "--step", "3"])
+    assert json.loads((export / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    assert "existing universal checkpoint" in (export / "README.md").read_text()
+    reloaded = _load_hf(export)
+    assert type(reloaded).__name__ == "Qwen3ForCausalLM"
+    getters, _ = weight_source(tag, read_state(tag))  # TP × ZeRO-3: through that universal conversion
+    ours = build_model(st.model).eval()
+    ours.load_state_dict({k: get().float() for k, get in getters.items()})
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (ours(ids) - reloaded(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5, diff  # the same fp32 weights through the same ops (tests/test_model.py's bound)
+    # The resumed run's first loss: the step-3 weights on the order's next samples.
     step4 = [r for r in read_metrics(resumed) if r["step"] == 4]
     want4, _ = hf_loss_on_packed_samples(reloaded, [train[i] for i in range(12, 16)], eod_id=2)
     assert len(step4) == 1 and abs(step4[0]["loss"] - want4) < LOSS_ATOL, (step4, want4)

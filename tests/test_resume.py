@@ -23,14 +23,16 @@ from lmforge.trainer import checkpoint as ckpt
 from lmforge.trainer.checkpoint import resume
 from lmforge.trainer.checkpoint.state import write_state
 from lmforge.trainer.config import ConfigError, RunConfig, load_config
+from tests.helpers import golden
 from tests.helpers.paths import ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, deepspeed_train, last_rows, write_config
 
-MAX_STEPS = 12
-SECTIONS = dict(train={"micro_batch_size": 2, "grad_accum": 1, "max_steps": MAX_STEPS, "seed": 7,
-                       "precision": "fp32"},
-                checkpoint={"interval": 2, "keep_last": 20})
+MAX_STEPS = golden.STEPS
+# The golden run's config (write_config's defaults plus these: tests/helpers/golden.py), whose rows the
+# resumed runs here must reproduce.
+SECTIONS = dict(train=dict(golden.SECTIONS["train"], micro_batch_size=2, grad_accum=1, seed=7, precision="fp32"),
+                checkpoint=dict(golden.SECTIONS["checkpoint"]), eval=dict(golden.SECTIONS["eval"]))
 
 
 def copy_checkpoint(src_run: Path, tag: str, run: Path) -> Path:
@@ -45,14 +47,11 @@ def copy_checkpoint(src_run: Path, tag: str, run: Path) -> Path:
     return ckdir
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_data):
-    root = tmp_path_factory.mktemp("reference")
-    cfg = write_config(root / "cfg.yaml", tiny_data, root / "run", **SECTIONS)
-    deepspeed_train(cfg, [])
-    rows = last_rows(root / "run")
-    assert sorted(rows) == list(range(1, MAX_STEPS + 1))
-    return {"run": root / "run", "rows": rows}
+@pytest.fixture()
+def reference(golden_run):
+    """The uninterrupted run: the suite's golden run (conftest.golden_run; never written to here)."""
+    assert sorted(golden_run["rows"]) == list(range(1, MAX_STEPS + 1))
+    return golden_run
 
 
 @pytest.mark.slow

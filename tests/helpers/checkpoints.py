@@ -26,17 +26,46 @@ def make_checkpoint(run_dir: Path, tokenizer_model: Path, eval_ids: list[list[in
                     world_size: int = 2, tp: int = 1, precision: str = "fp32", preset: str = "debug",
                     steps: int = 2, overrides: dict | None = None, timeout: float = 240) -> Path:
     """Create RUN_DIR/checkpoints with one complete tag (step ``steps``); returns the checkpoints dir."""
+    (out,) = make_checkpoints([dict(run_dir=run_dir, zero_stage=zero_stage, precision=precision, preset=preset,
+                                    steps=steps, overrides=overrides)], tokenizer_model, eval_ids,
+                              world_size=world_size, tp=tp, timeout=timeout)
+    return out
+
+
+def make_checkpoints(specs: list[dict], tokenizer_model: Path, eval_ids: list[list[int]], *, world_size: int = 2,
+                     tp: int = 1, timeout: float = 240) -> list[Path]:
+    """Several checkpoints of one layout (``world_size`` ranks, tensor-parallel ``tp``) made by the same ranks,
+    one engine after another (each start of the ranks costs seconds): ``specs`` are dicts of ``run_dir``,
+    ``zero_stage`` and optionally ``precision``, ``preset``, ``steps``, ``overrides``. Returns each run's
+    checkpoints dir."""
     import torch
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"input_ids": torch.tensor(eval_ids, dtype=torch.int64)}, run_dir / "eval_batch.pt")
-    spec = dict(run_dir=str(run_dir), tokenizer=str(tokenizer_model), zero_stage=zero_stage, tp=tp,
-                precision=precision, preset=preset, steps=steps, overrides=overrides or {})
-    run_distributed(_train_and_save, world_size, (spec,), timeout=timeout, DS_ACCELERATOR="cpu")
-    return run_dir / "checkpoints"
+    full = []
+    for spec in specs:
+        run_dir = Path(spec["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"input_ids": torch.tensor(eval_ids, dtype=torch.int64)}, run_dir / "eval_batch.pt")
+        full.append(dict(run_dir=str(run_dir), tokenizer=str(tokenizer_model), zero_stage=spec["zero_stage"], tp=tp,
+                         precision=spec.get("precision", "fp32"), preset=spec.get("preset", "debug"),
+                         steps=spec.get("steps", 2), overrides=spec.get("overrides") or {}))
+    run_distributed(_train_and_save_all, world_size, (full,), timeout=timeout * len(full), DS_ACCELERATOR="cpu")
+    return [Path(s["run_dir"]) / "checkpoints" for s in full]
 
 
-def _train_and_save(spec: dict) -> None:
+def _train_and_save_all(specs: list[dict]) -> None:
+    import gc
+
+    layout = None
+    if specs[0]["tp"] > 1:  # the trainer's (data, tensor) groups, made once for every engine of this layout
+        from lmforge.trainer.parallel.layout import init_layout
+
+        layout = init_layout(specs[0]["tp"])
+    for spec in specs:
+        _train_and_save(spec, layout)
+        gc.collect()
+
+
+def _train_and_save(spec: dict, layout=None) -> None:
     import shutil
 
     import deepspeed
@@ -64,15 +93,20 @@ def _train_and_save(spec: dict) -> None:
         "fp16": {"enabled": spec["precision"] == "fp16"},
         "steps_per_print": 10**9,
     }
-    if spec["tp"] > 1:
-        ds_config["tensor_parallel"] = {"autotp_size": spec["tp"]}
+    if spec["tp"] > 1:  # AutoTP following the family's plan, as the trainer configures it
+        from lmforge.model import family_of
+        from lmforge.trainer.parallel.ds_config import autotp_partition_config
+
+        ds_config["tensor_parallel"] = {"autotp_size": spec["tp"],
+                                        "partition_config": autotp_partition_config(family_of(cfg).tp_plan)}
     # The trainer's communication settings: under ZeRO-3 every matrix is partitioned (persistence 10·d),
     # the path real models take. DeepSpeed's default threshold (1e5 elements) would keep every parameter
     # of this small model whole, and the partitioned save/convert/export path would never run.
     top, zero = communication_defaults(spec["zero_stage"], cfg.hidden_size, spec["precision"], cuda=False)
     ds_config.update(top)
     ds_config["zero_optimization"].update(zero)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config,
+                                      mpu=None if layout is None else layout.mpu)
     gen = torch.Generator().manual_seed(1 + rank // spec["tp"])  # same data within a TP group
     loss = None
     for _ in range(spec["steps"]):
@@ -105,6 +139,7 @@ def _train_and_save(spec: dict) -> None:
         zero_stage=spec["zero_stage"], tensor_parallel=spec["tp"], data_parallel=dp, world_size=world,
         global_batch_size=2 * dp, train_loss=None if loss is None else float(loss), eval_loss=eval_loss)
     checkpoint.save(engine, ckpt_dir, state)
+    engine.destroy()
 
 
 def train_test_tokenizer(out_prefix: Path, lossless: bool = True) -> Path:

@@ -3,8 +3,11 @@ sample corpus, to catch silent numeric changes (torchtitan keeps one for its deb
 
 The run: ``build_tiny_data`` (tokenizer and shards of ``data_pipeline/sample_corpus``), ``write_config``
 defaults (debug preset, seq 64, micro batch 2, 2 ranks = global batch 4, fp32, ZeRO-2, lr 1e-3 with 2
-warmup steps, intra-document attention on), 6 steps, launched with ``deepspeed --num_gpus 2``.
-tests/test_train.py runs exactly this and compares its losses with the file.
+warmup steps, intra-document attention on), 12 steps with a checkpoint every 2, launched with
+``deepspeed --num_gpus 2``. The suite trains it once (``tests/conftest.py`` ``golden_run``, with evaluation
+every 3 steps, which does not change the training losses): tests/test_train.py compares its losses with the
+file, tests/test_launch.py runs the same config through the other launchers, and tests/test_resume.py
+resumes, kills and damages copies of it against its rows.
 
 Regenerate only on purpose (a change that is meant to change the numbers), and say why in the commit:
 
@@ -24,16 +27,23 @@ from tests.helpers.runs import build_tiny_data, deepspeed_train, read_metrics, w
 GOLDEN = TEST_DATA / "golden" / "debug_sample_corpus_losses.json"
 # Relative bound per step. Reruns on one machine are bitwise equal. Another CPU (other SIMD widths,
 # another BLAS blocking) reorders fp32 sums: ~1e-7 relative per op, which the parity tests measured to
-# stay below 1e-6 relative in the loss over 6 Adam steps; 2e-5 leaves 20x margin. Measured effects of
-# real changes on these 6 steps (max relative over the steps): train.seed 7 -> 8 (init and data order)
-# 6.1e-3; optim.warmup_steps 2 -> 3 9.1e-4; optim.lr 1e-3 -> 1.001e-3 (0.1%) 1.1e-5, just below the
-# bound. tests/test_train.py asserts that the bound can fail.
+# stay below 1e-6 relative in the loss over 6 Adam steps; 2e-5 leaves 20x margin at 6 steps and ~10x at
+# 12. Measured effects of real changes on the first 6 steps (max relative over the steps): train.seed
+# 7 -> 8 (init and data order) 6.1e-3; optim.warmup_steps 2 -> 3 9.1e-4; optim.lr 1e-3 -> 1.001e-3
+# (0.1%) 1.1e-5. tests/test_train.py asserts that the bound can fail.
 RTOL = 2e-5
+STEPS = 12
+# What the golden run is (write_config's defaults plus these); the resume tests write the same.
+SECTIONS = {"train": {"max_steps": STEPS}, "checkpoint": {"interval": 2, "keep_last": 20},
+            "eval": {"interval": 3, "steps": 2}}
 
 
 def golden_config(path: Path, tiny_data: dict, run_dir: Path, **sections) -> Path:
     """The golden run's config (``sections`` may only add what does not change the losses)."""
-    return write_config(path, tiny_data, run_dir, **sections)
+    merged = {k: dict(v) for k, v in SECTIONS.items()}
+    for k, v in sections.items():
+        merged[k] = {**merged.get(k, {}), **v} if isinstance(v, dict) else v
+    return write_config(path, tiny_data, run_dir, **merged)
 
 
 def compare(losses: dict[int, float]) -> list[str]:

@@ -106,11 +106,13 @@ def apply_activation_checkpointing(model: CausalLM, every: int) -> int:
     return len(layers)
 
 
-def compile_layers(model: CausalLM) -> int:
+def compile_layers(model: CausalLM, backend: str = "inductor") -> int:
     """Compile each decoder layer in place (step 3); returns how many. Fixed shapes (``dynamic=False``):
-    every step has the same (B, T), and the document structure arrives as tensors (mask or BlockMask)."""
+    every step has the same (B, T), and the document structure arrives as tensors (mask or BlockMask).
+    ``backend``: torch.compile's (the trainer uses inductor; Dynamo's guards, and so when a layer recompiles,
+    do not depend on it)."""
     for layer in model.model.layers:
-        layer.compile(dynamic=False)
+        layer.compile(dynamic=False, backend=backend)
     return len(model.model.layers)
 
 
