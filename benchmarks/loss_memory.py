@@ -32,7 +32,7 @@ def child(preset: str, seq_len: int, batch: int, dtype: str, chunk: int) -> dict
     import torch.nn.functional as F
 
     from lmforge.model import IGNORE_INDEX, get_preset
-    from lmforge.model.llama import LMHead
+    from lmforge.model.common import LMHead
 
     torch.manual_seed(0)
     cfg = get_preset(preset, vocab_size=32000)

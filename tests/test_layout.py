@@ -166,6 +166,33 @@ def test_nothing_imports_the_folders_by_their_bare_names():
     assert bare == []
 
 
+def test_every_lmforge_import_resolves():
+    """Every ``from lmforge... import name`` in the repository (code, tests, benchmarks; inside functions
+    too) names a module or an attribute that exists: a moved or renamed name fails here, not in a script
+    nobody ran."""
+    import importlib
+
+    missing = []
+    for p in sorted(ROOT.rglob("*.py")):
+        if any(part in (".venv", "runs", ".git") or part.startswith(".") for part in p.relative_to(ROOT).parts):
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("lmforge")):
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ImportError as e:
+                missing.append(f"{p.relative_to(ROOT)}: {node.module} ({e})")
+                continue
+            for a in node.names:
+                if not hasattr(module, a.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{a.name}")
+                    except ImportError:
+                        missing.append(f"{p.relative_to(ROOT)}: {node.module}.{a.name}")
+    assert missing == []
+
+
 def test_pyproject_lists_every_package():
     """A wheel holds exactly the packages pyproject.toml lists (the editable install finds the others, so
     only a built wheel would miss one)."""

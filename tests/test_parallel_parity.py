@@ -23,8 +23,9 @@ DeepSpeedCPUAdam) differs by at most 1.0e-7 relative in the loss (~1 fp32 epsilo
 in the grad norm: the same sums are reduced in another order (flat vs per-parameter norms, partitioned
 reduce-scatter, row-parallel all-reduce, micro-batch accumulation) and Adam carries the rounding into
 later steps. The bounds LOSS_RTOL = 2e-6 (~17 eps, ~20× measured) and GNORM_RTOL = 3e-5 (~8× measured)
-are still ~6000× below what a real difference produces: the same run with another init seed differs by
-1.2e-2 (loss) and 0.18 (grad norm), which the tests assert too, so that they can fail. Activation
+are still ~6000× below what a real difference produces: the same run with another init seed differed by
+1.2e-2 (loss) and 0.18 (grad norm); the tests assert that another model's run (the Qwen3 cases) is far
+outside them, so that they can fail. Activation
 checkpointing recomputes the same ops on the same inputs, so it must be bitwise identical.
 """
 
@@ -144,7 +145,6 @@ def dp_runs() -> dict:
         dict(name="zero2_ac1", zero_stage=2, micro=4, grad_accum=1, ac=1),
         dict(name="zero3_ac2", zero_stage=3, micro=4, grad_accum=1, ac=2),
         dict(name="zero3_chunked_loss", zero_stage=3, micro=4, grad_accum=1, loss_chunk=100),
-        dict(name="zero2_other_seed", zero_stage=2, micro=4, grad_accum=1, seed=BASE["seed"] + 1),
         dict(name="zero2_offload", zero_stage=2, micro=4, grad_accum=1, offload="optimizer"),
         dict(name="zero3_offload", zero_stage=3, micro=4, grad_accum=1, offload="optimizer+params"),
     ] + [dict(name=f"zero{z}_compiled", zero_stage=z, micro=4, grad_accum=1, compile=True) for z in (0, 1, 2, 3)] + [
@@ -183,9 +183,9 @@ def test_zero_stages_give_the_same_losses(dp_runs):
     # ZeRO-3 really partitions: every rank holds only partitions of the 15 matrices (and ZeRO 0-2 none).
     assert [r["partitioned"] for r in dp_runs["zero3"]["ranks"]] == [15, 15]
     assert [r["partitioned"] for r in dp_runs["zero2"]["ranks"]] == [0, 0]
-    # The bounds can fail: another init seed is far outside them.
-    assert max_rel(dp_runs["zero2_other_seed"]["losses"], ref) > 100 * LOSS_RTOL
-    assert max_rel(dp_runs["zero2_other_seed"]["grad_norms"], gref) > 100 * GNORM_RTOL
+    # The bounds can fail: another model (the Qwen3 cases: other weights, other shapes) is far outside them.
+    assert max_rel(dp_runs["qwen3_zero0"]["losses"], ref) > 100 * LOSS_RTOL
+    assert max_rel(dp_runs["qwen3_zero0"]["grad_norms"], gref) > 100 * GNORM_RTOL
 
 
 @pytest.mark.slow
@@ -273,7 +273,8 @@ def test_autotp_did_what_each_familys_plan_says(tp_runs):
         styles = tp_runs[case]["styles"]  # rank 0's; rank 1's passed the same check at start-up
         # (norms are not named in the plans: "replicated" unless a plan says otherwise)
         assert styles and {n: planned(plan, n) or "replicated" for n in styles} == styles, (family, styles)
-        assert sorted(set(styles.values())) == ["column", "replicated", "row"]
+        assert {"column", "replicated", "row"} <= set(styles.values())
+        assert ("replicated_with_grad_allreduce" in styles.values()) == (family == "qwen3")  # q/k norms
 
 
 class _OddNames(torch.nn.Module):

@@ -6,9 +6,12 @@ Data: the sample corpus's Wikipedia cut into 25-word documents (~65 tokens at vo
 into 256-token samples, so every row holds several documents and boundaries fall on both sides of the
 S = 2 cut: document masking across the all-to-all is exercised, not just causal attention.
 
-Sizes: the debug preset (4 query heads, 2 kv heads; the ZeRO-3 case uses 1 kv head, so k/v take the
-expansion path: S does not divide them). ZeRO-3 partitions every matrix (the trainer sets the
-persistence threshold from the hidden size, 10·d = 640 elements, below the 64×64 matrices).
+Sizes: the debug preset (4 query heads, 2 kv heads: S = 2 divides both). The expansion path (k/v heads S
+does not divide, expanded to the query heads before the exchange) is tests/test_deepspeed_compat.py's
+Ulysses case, with 1 kv head, against the unsplit model's gradient. ZeRO-3 partitions every matrix (the
+trainer sets the persistence threshold from the hidden size, 10·d = 640 elements, below the 64×64
+matrices). Runs are 4 steps with a checkpoint every 2: the exchange and the resume show in the first steps
+as in later ones.
 
 Tolerances: measured S = 2 against S = 1 at fp32 over 6 steps (ZeRO-1 and ZeRO-3, and the S = 1 resume
 against S = 2), losses differ by at most 1.0e-7 relative (~1 ulp: a step's loss is two partial sums
@@ -28,6 +31,7 @@ import pytest
 import torch
 
 from lmforge.trainer.batching import sequence_slice
+from lmforge.trainer.checkpoint import tag_for as ckpt_tag
 from lmforge.trainer.config import ConfigError, DataSource, RunConfig, validate
 from tests.helpers.paths import SAMPLE
 from tests.helpers.process import run_cmd
@@ -59,11 +63,13 @@ def short_docs(tiny_data, tmp_path_factory) -> dict:
     return {"tokenizer": tiny_data["tokenizer"], "data": root / "data"}
 
 
-def _config(tmp, data, name: str, sp: int, zero: int, kv_heads: int, compile: bool = False):
-    return write_config(tmp / f"{name}.yaml", data, tmp / name,
-                        model={"preset": "debug", "num_key_value_heads": kv_heads},
+STEPS = 4
+
+
+def _config(tmp, data, name: str, sp: int, zero: int, compile: bool = False):
+    return write_config(tmp / f"{name}.yaml", data, tmp / name, model={"preset": "debug"},
                         data={"intra_doc_attention": True, "seq_len": SEQ},
-                        train={"compile": compile},
+                        train={"compile": compile, "max_steps": STEPS}, checkpoint={"interval": 2, "keep_last": 5},
                         parallel={"zero_stage": zero, "sequence_parallel": sp})
 
 
@@ -73,36 +79,43 @@ def _compare(ref: dict[int, dict], got: dict[int, dict], steps) -> None:
         assert got[s]["grad_norm"] == pytest.approx(ref[s]["grad_norm"], rel=GNORM_RTOL), s
 
 
+@pytest.fixture(scope="module")
+def s1(short_docs, tmp_path_factory) -> dict[int, dict]:
+    """S = 1 on 1 rank, ZeRO-1, eager: the reference of both S = 2 cases (the ZeRO stage changes the
+    losses by ~1e-7 relative at most, tests/test_parallel_parity.py, far inside LOSS_RTOL)."""
+    tmp = tmp_path_factory.mktemp("s1")
+    deepspeed_train(_config(tmp, short_docs, "s1", 1, 1), [], nproc=1)
+    return last_rows(tmp / "s1")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("zero,kv_heads,compile", [(1, 2, True), (3, 1, False)])
-def test_s2_matches_s1_and_resumes_at_s1(short_docs, tmp_path, zero, kv_heads, compile):
+@pytest.mark.parametrize("zero,compile", [(1, True), (3, False)])
+def test_s2_matches_s1_and_resumes_at_s1(short_docs, s1, tmp_path, zero, compile):
     """The ZeRO-1 case also compiles the S = 2 layers (train.compile; the dense-mask kernel on CPU):
     the exchange inside a compiled layer, against eager S = 1."""
-    deepspeed_train(_config(tmp_path, short_docs, "s1", 1, zero, kv_heads), [], nproc=1)
-    p = deepspeed_train(_config(tmp_path, short_docs, "s2", 2, zero, kv_heads, compile), [], nproc=2)
+    p = deepspeed_train(_config(tmp_path, short_docs, "s2", 2, zero, compile), [], nproc=2)
     assert "× sp 2" in p.stdout
     assert ("decoder layers compiled" in p.stdout) == compile
-    s1, s2 = last_rows(tmp_path / "s1"), last_rows(tmp_path / "s2")
-    assert sorted(s2) == [1, 2, 3, 4, 5, 6]
-    _compare(s1, s2, range(1, 7))
-    assert s2[6]["consumed_samples"] == s1[6]["consumed_samples"] == 12  # the same samples, dp 1
+    s2 = last_rows(tmp_path / "s2")
+    assert sorted(s2) == list(range(1, STEPS + 1))
+    _compare(s1, s2, range(1, STEPS + 1))
+    assert s2[STEPS]["consumed_samples"] == s1[STEPS]["consumed_samples"] == 2 * STEPS  # the same samples, dp 1
     if zero == 3:  # export is unaffected: the S = 2 ZeRO-3 checkpoint exports (bf16 weights) and verifies
         out = run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint",
                        tmp_path / "s2" / "checkpoints", "--output", tmp_path / "hf", "--dtype", "bf16"])
         assert "exported and verified" in out.stdout + out.stderr
 
-    # The S = 2 checkpoint of step 3 (as after a crash right after it) resumed at S = 1 on one rank:
-    # DeepSpeed's universal conversion re-partitions ZeRO from 2 ranks to 1; steps 4-6 repeat S = 2's.
+    # The S = 2 checkpoint of step 2 (as after a crash right after it) resumed at S = 1 on one rank:
+    # DeepSpeed's universal conversion re-partitions ZeRO from 2 ranks to 1; steps 3-4 repeat S = 2's.
     run = tmp_path / "resumed"
     shutil.copytree(tmp_path / "s2", run)
-    shutil.rmtree(run / "checkpoints" / "step_00000006")
-    (run / "checkpoints" / "latest").write_text("step_00000003")
-    cfg = _config(tmp_path, short_docs, "resumed", 1, zero, kv_heads)
-    p = deepspeed_train(cfg, [], nproc=1)
+    shutil.rmtree(run / "checkpoints" / ckpt_tag(STEPS))
+    (run / "checkpoints" / "latest").write_text(ckpt_tag(2))
+    p = deepspeed_train(_config(tmp_path, short_docs, "resumed", 1, zero), [], nproc=1)
     assert "universal" in p.stdout and "resumed from" in p.stdout
-    again = {r["step"]: r for r in read_metrics(run)[-3:]}
-    assert sorted(again) == [4, 5, 6]
-    _compare(s2, again, (4, 5, 6))
+    again = {r["step"]: r for r in read_metrics(run)[-(STEPS - 2):]}
+    assert sorted(again) == list(range(3, STEPS + 1))
+    _compare(s2, again, range(3, STEPS + 1))
 
 
 def test_sequence_slice():
@@ -142,7 +155,7 @@ def test_config_errors(tmp_path):
 
 @pytest.mark.slow
 def test_world_not_divisible_by_s_is_a_config_error(short_docs, tmp_path):
-    p = deepspeed_train(_config(tmp_path, short_docs, "bad", 4, 1, 2), [], nproc=2, check=False)
+    p = deepspeed_train(_config(tmp_path, short_docs, "bad", 4, 1), [], nproc=2, check=False)
     assert p.returncode != 0
     assert "world size 2 is not divisible by parallel.sequence_parallel=4" in p.stdout + p.stderr
 
