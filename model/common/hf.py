@@ -82,3 +82,33 @@ def require(d: dict, key: str, where: str):
     if key not in d:
         raise ValueError(f"{where}: missing required key {key!r}")
     return d[key]
+
+
+def decoder_hf_config(cfg: ModelConfig) -> dict:
+    """The ``config.json`` fields of ``ModelConfig``'s shared fields, as Llama-style architectures name them
+    (SwiGLU: ``hidden_act`` "silu"); a family adds its own."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.initializer_range,
+    )
+
+
+def decoder_fields_from_hf(d: dict, where: str, max_position_embeddings: int = 2048) -> dict:
+    """``ModelConfig``'s shared fields read from a ``config.json`` dict (the architecture's defaults where a
+    key is absent); ValueError naming a missing required key, a scaled rotary or another activation."""
+    refuse(d, where)
+    heads = require(d, "num_attention_heads", where)
+    return dict(
+        vocab_size=require(d, "vocab_size", where), hidden_size=require(d, "hidden_size", where),
+        intermediate_size=require(d, "intermediate_size", where),
+        num_hidden_layers=require(d, "num_hidden_layers", where), num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        max_position_embeddings=d.get("max_position_embeddings", max_position_embeddings),
+        rope_theta=rope_theta(d, where), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+    )

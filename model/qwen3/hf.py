@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-from ..common.hf import HFAdapter, refuse, require, rope_theta, skip_rotary_buffers
+from ..common.hf import HFAdapter, decoder_fields_from_hf, decoder_hf_config, refuse, skip_rotary_buffers
 from .config import Qwen3Config
 
 
 def to_hf_config(cfg: Qwen3Config) -> dict:
-    return dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.initializer_range, attention_bias=False, use_sliding_window=False,
-    )
+    return {**decoder_hf_config(cfg), "head_dim": cfg.head_dim, "attention_bias": False, "use_sliding_window": False}
 
 
 def from_hf_config(d: dict, where: str) -> Qwen3Config:
     refuse(d, where, true_keys=("attention_bias", "use_sliding_window"))
-    heads = require(d, "num_attention_heads", where)
-    hidden = require(d, "hidden_size", where)
-    return Qwen3Config(
-        vocab_size=require(d, "vocab_size", where), hidden_size=hidden,
-        intermediate_size=require(d, "intermediate_size", where),
-        num_hidden_layers=require(d, "num_hidden_layers", where), num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or hidden // heads,
-        max_position_embeddings=d.get("max_position_embeddings", 32768), rope_theta=rope_theta(d, where),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        initializer_range=float(d.get("initializer_range", 0.02)),
-    )
+    fields = decoder_fields_from_hf(d, where, max_position_embeddings=32768)
+    head_dim = d.get("head_dim") or fields["hidden_size"] // fields["num_attention_heads"]
+    return Qwen3Config(**fields, head_dim=head_dim)
 
 
 ADAPTER = HFAdapter(architectures=("Qwen3ForCausalLM",), model_types=("qwen3",), config_class="Qwen3Config",
