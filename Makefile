@@ -14,6 +14,10 @@ TORCH_VERSION ?= 2.13.0
 HAS_CUDA      := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
+# Test files run on this many pytest-xdist workers, a whole file per worker (its module fixtures built once).
+# Most of a test's time is process start-up and the launchers' polling, so 2 workers finish a 2-core run in
+# about two thirds of the serial time; TEST_WORKERS=0 runs serially.
+TEST_WORKERS  ?= 2
 # The build tools are pinned too, and lmforge is installed without build isolation so that pip does not
 # fetch whatever setuptools is newest at the time: a new release cannot break a fresh set-up.
 BUILD_TOOLS   := pip==26.3 setuptools==84.2.1 wheel==0.48.0
@@ -46,10 +50,10 @@ demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch_scripts/demo.sh
 
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-quick: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 # Regenerate tests/data/golden/ after a change that is meant to change the training numbers (say why in
 # the commit); tests/test_train.py compares against it.
