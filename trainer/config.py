@@ -164,7 +164,7 @@ class ParallelSection:
         torch non-reentrant checkpointing, bitwise-identical gradients.
     offload: none | optimizer | optimizer+params (ZeRO CPU offload; params needs stage 3).
     loss_chunk_tokens: N (default 2048) = the loss computed N tokens at a time, its gradients in the
-        same pass (``model.llama.LMHead``); 0 = from the whole (B, T, V) logits. The same loss within
+        same pass (``model/common/loss.py`` ``LMHead``); 0 = from the whole (B, T, V) logits. The same loss within
         fp32 rounding; peak memory holds one (N, V) block of logits instead of all B·T rows, their fp32
         copy and the log-softmax: 125m, micro batch 4 × seq 4096, vocab 32k on CPU: 8.0 -> 0.9 GiB (fp32)
         and 7.0 -> 1.0 GiB (bf16), and faster (benchmarks/loss_memory.py).

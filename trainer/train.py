@@ -36,7 +36,7 @@ from .signals import StopFlag
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="lmforge.trainer.train",
-        description="Train a Llama-family model with DeepSpeed. Launch with "
+        description="Train a model of any lmforge family (Llama, Qwen3) with DeepSpeed. Launch with "
         "`deepspeed --num_gpus N --module lmforge.trainer.train --config CFG [section.key=value ...]`. "
         "Exit status: 0 finished or stopped cleanly (checkpoint saved), 2 bad config or data, "
         "3 aborted after train.max_nonfinite_steps non-finite steps.",

@@ -1,5 +1,5 @@
 """Hugging Face formats: export of checkpoints (verified: weights, logits, tokenizer, generate), import
-of Hugging Face Llama models for continued pretraining, tokenizer conversion and generation.
+of Hugging Face models of a supported architecture for continued pretraining, tokenizer conversion and generation.
 
 =================  ==============================================================================
 module             owns

@@ -99,7 +99,7 @@ def _read_state(files: list[Path], cfg: ModelConfig, where: Path) -> dict[str, t
 
 
 def load_hf_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """An HF Llama directory or an import_hf output directory -> (ModelConfig, state_dict)."""
+    """A Hugging Face model directory or an import_hf output directory -> (its family's config, state_dict)."""
     d = Path(path)
     if not d.is_dir():
         raise HFImportError(f"{d}: not a directory")
