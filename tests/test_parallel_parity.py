@@ -293,14 +293,18 @@ class _OddNames(torch.nn.Module):
         self.input_layernorm = RMSNorm(d, 1e-5)
 
 
-def autotp_plan_mismatch() -> str:
-    """AutoTP on a model whose MLP is named otherwise than Hugging Face's, against the plan it should have."""
+def autotp_plan_mismatch() -> tuple[str, str]:
+    """AutoTP on a model whose MLP is named otherwise than Hugging Face's: (1) DeepSpeed's heuristic AutoTP
+    (no plan given) against the plan the layers should follow: the check names the layer split the wrong
+    way; (2) the trainer's way, the plan handed to DeepSpeed, but a plan that leaves a linear layer out:
+    DeepSpeed refuses it and the trainer says which plan to complete."""
     import deepspeed
 
     from lmforge.model import Family
     from lmforge.model.llama import LlamaConfig
     from lmforge.trainer.config import ConfigError
     from lmforge.trainer.parallel import tp_plan
+    from lmforge.trainer.parallel.ds_config import autotp_partition_config
     from lmforge.trainer.parallel.layout import init_layout
 
     layout = init_layout(2)
@@ -319,28 +323,44 @@ def autotp_plan_mismatch() -> str:
         def forward(self, x):
             return x
 
-    model = OddForCausalLM()
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), mpu=layout.mpu, config={
-        "train_micro_batch_size_per_gpu": 1, "tensor_parallel": {"autotp_size": 2},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
     plan = {"model.embed_tokens": "replicated", "model.layers.*.self_attn.q_proj": "column",
             "model.layers.*.self_attn.k_proj": "column", "model.layers.*.self_attn.v_proj": "column",
             "model.layers.*.self_attn.o_proj": "row", "model.layers.*.mlp.fc_in": "column",
             "model.layers.*.mlp.fc_out": "row"}
     fam = Family(name="llama", config_class=LlamaConfig, model_class=OddForCausalLM, presets={}, tp_plan=plan)
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+
+    model = OddForCausalLM()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), mpu=layout.mpu,
+                                   config={**config, "tensor_parallel": {"autotp_size": 2}})
     try:
         tp_plan.check(eng.module, fam, 2, shapes)
+        mismatch = ""
     except ConfigError as e:
-        return str(e)
-    return ""
+        mismatch = str(e)
+    eng.destroy()
+
+    incomplete = {k: v for k, v in plan.items() if not k.endswith("fc_out")}
+    model = OddForCausalLM()
+    try:
+        deepspeed.initialize(model=model, model_parameters=model.parameters(), mpu=layout.mpu, config={
+            **config, "tensor_parallel": {"autotp_size": 2, "partition_config": autotp_partition_config(incomplete)}})
+        refused = ""
+    except ValueError as e:
+        error = tp_plan.start_up_error(e, fam, 2)
+        refused = "" if error is None else str(error)
+    return mismatch, refused
 
 
 @pytest.mark.slow
 def test_a_plan_autotp_does_not_follow_fails_at_start_up():
-    msg, _ = run_distributed(autotp_plan_mismatch, 2, timeout=300)
-    assert "model.layers.0.mlp.fc_out: the llama plan says row, AutoTP made it column" in msg, msg
-    assert "fc_in" not in msg and "o_proj" not in msg  # what AutoTP did as planned is not reported
+    (mismatch, refused), _ = run_distributed(autotp_plan_mismatch, 2, timeout=300)
+    assert "model.layers.0.mlp.fc_out: the llama plan says row, AutoTP made it column" in mismatch, mismatch
+    assert "fc_in" not in mismatch and "o_proj" not in mismatch  # what AutoTP did as planned is not reported
+    assert "No matching spec for model.layers.0.mlp.fc_out.weight" in refused, refused
+    assert "tensor-parallel plan (model/llama/, Family.tp_plan" in refused
 
 
 def test_family_plans_agree_with_transformers_own():

@@ -10,11 +10,11 @@ What this module decides, and why:
   ``model.init_from_hf`` weights are copied in the same gathered pass.
 * **Param groups from logical shapes.** Under zero.Init a parameter's ``.data`` is an empty 1-D shard; the
   decay / no-decay split must use ``ds_shape`` or every matrix would silently lose weight decay.
-* **AutoTP.** DeepSpeed's heuristic AutoTP (our module names are Hugging Face's) shards what the family's
-  ``tp_plan`` says (Llama, Qwen3: q/k/v/gate/up by columns, o/down by rows with an all-reduce of the
-  partial outputs; embeddings, the head and the norms replicated, their gradients averaged over the TP
-  group by DeepSpeed's replicated-grad hooks). ``initialize`` checks that it did exactly that
-  (``tp_plan.py``): a family AutoTP does not recognise fails at start-up instead of training unsharded.
+* **AutoTP.** DeepSpeed's configurable AutoTP shards what the family's ``tp_plan`` says, handed to it as a
+  ``partition_config`` (``ds_config.py``; Llama, Qwen3: q/k/v/gate/up by columns, o/down by rows with an
+  all-reduce of the partial outputs; embeddings, the head and the norms replicated, Qwen3's q/k norms with
+  their gradient summed over the TP ranks). ``initialize`` checks that it did exactly that (``tp_plan.py``),
+  and turns DeepSpeed's refusal of a linear layer the plan does not name into a start-up error that says so.
 """
 
 from __future__ import annotations
@@ -39,10 +39,6 @@ def hpz_group_size(model: torch.nn.Module) -> int:
     return 1
 
 
-def _shape(p: torch.Tensor) -> torch.Size:
-    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned params keep the logical shape here
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices (incl. embeddings); no decay on norms and biases (1-D tensors)."""
     decay, no_decay, seen = [], [], set()
@@ -50,7 +46,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if len(_shape(p)) >= 2 else no_decay).append(p)
+        (decay if len(tp_plan.logical_shape(p)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -119,11 +115,11 @@ def initialize(model: CausalLM, cfg: RunConfig, ds_config: dict, layout: Layout)
             mpu=layout.mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
         )
-    except AssertionError as e:  # AutoTP's "Not able to determine model policy automatically" and the like
-        if layout.tp > 1 and ("AutoTP" in str(e) or "policy" in str(e)):
-            raise ConfigError(f"parallel.tensor_parallel={layout.tp}: DeepSpeed AutoTP cannot shard the "
-                              f"{family.name} model ({e}); see docs/adding-a-model-family.md") from None
-        raise
+    except ValueError as e:
+        error = tp_plan.start_up_error(e, family, layout.tp) if layout.tp > 1 else None
+        if error is None:
+            raise
+        raise error from None
     if layout.tp > 1:
         tp_plan.check(engine.module, family, layout.tp, parameter_shapes(model.config))
     deepspeed_compat.install_nonfinite_guard(engine, collective_device())

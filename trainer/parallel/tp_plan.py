@@ -28,7 +28,7 @@ from lmforge.model.registry import plan_regex
 from ..config import ConfigError
 
 
-def _shape(p: torch.Tensor) -> torch.Size:
+def logical_shape(p: torch.Tensor) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned parameters keep their logical shape here
 
 
@@ -42,15 +42,15 @@ def applied(module: nn.Module) -> dict[str, tuple[str, torch.Size]]:
         if not isinstance(weight, torch.Tensor):
             continue
         if isinstance(m, LinearAllreduce):
-            out[name] = ("row", _shape(weight))
+            out[name] = ("row", logical_shape(weight))
         elif isinstance(m, LinearLayer):
-            out[name] = ("column", _shape(weight))
+            out[name] = ("column", logical_shape(weight))
         elif isinstance(m, TensorParallel_Layer):
-            out[name] = (type(m).__name__, _shape(weight))  # a kind no plan names: reported as is
+            out[name] = (type(m).__name__, logical_shape(weight))  # a kind no plan names: reported as is
         elif getattr(weight, "_ds_grad_allreduce_registered", False):
-            out[name] = ("replicated_with_grad_allreduce", _shape(weight))
+            out[name] = ("replicated_with_grad_allreduce", logical_shape(weight))
         else:
-            out[name] = ("replicated", _shape(weight))
+            out[name] = ("replicated", logical_shape(weight))
     return out
 
 
@@ -105,3 +105,13 @@ def check(module: CausalLM, family: Family, tp: int, full_shapes: dict[str, torc
             f"tensor-parallel plan says (model/{family.name}/, Family.tp_plan), so it would not train as "
             "planned:\n  " + "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
             + "\n(AutoTP recognises Hugging Face module names; see docs/adding-a-model-family.md)")
+
+
+def start_up_error(e: Exception, family: Family, tp: int) -> ConfigError | None:
+    """DeepSpeed's refusal (``strict_mode``) of a linear layer the family's plan does not name, as a start-up
+    error naming the layer and where the plan lives; None for any other error."""
+    if "No matching spec" not in str(e):
+        return None
+    return ConfigError(f"parallel.tensor_parallel={tp}: DeepSpeed AutoTP refused the {family.name} model: {e}. "
+                       f"Every linear layer and embedding needs a style in its tensor-parallel plan "
+                       f"(model/{family.name}/, Family.tp_plan; docs/adding-a-model-family.md)")
