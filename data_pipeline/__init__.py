@@ -19,3 +19,5 @@ is) is in ``lmforge.common`` (common/).
 Run ``python -m lmforge.data_pipeline --help``. Light imports only here: the trainer imports
 ``data_pipeline.manifest`` and ``data_pipeline.indexed_dataset`` without pulling in the readers.
 """
+
+import lmforge.common  # noqa: F401  (first: a missing dependency below is reported in one line)

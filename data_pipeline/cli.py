@@ -98,10 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_args(p)
     p.add_argument("--tokenizer", required=True, metavar="TOK",
                    help="a SentencePiece .model, a Hugging Face tokenizer.json, or a directory holding one (its "
-                        "tokenizer.json if Hugging Face's, else its tokenizer.model). For a tokenizer.json the end "
-                        "of document is the eos_token of the tokenizer_config.json beside it, else "
-                        "<|endoftext|>/<|end_of_text|>/</s>/<eos> if in its vocabulary; documents are encoded "
-                        "without the tokenizer's own special tokens, as with SentencePiece")
+                        "tokenizer.json if Hugging Face's, else its tokenizer.model). Documents are encoded "
+                        "without the tokenizer's own special tokens; the end of document is appended (--eod-token)")
     p.add_argument("--output", required=True, metavar="OUT")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="tokenizer workers per rank (default: all cores)")
@@ -122,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "one unit each. Output shards are per unit: the same --unit-bytes gives the same "
                         "bytes for any --workers/ranks; another --unit-bytes gives the same documents in "
                         "the same order in differently cut shards")
+    p.add_argument("--eod-token", default=None, metavar="TOKEN",
+                   help="the token appended after every document. Default: a SentencePiece model's eos piece; for "
+                        "a tokenizer.json the eos_token of the tokenizer_config.json (or special_tokens_map.json) "
+                        "beside it, else <|endoftext|>/<|end_of_text|>/</s>/<eos> from its vocabulary; a chat-turn "
+                        "eos (<|im_end|>, <|eot_id|>, ...) gives way to such a document token, and is refused if "
+                        "there is none. The choice and its source are printed and recorded in the manifest; the "
+                        "trainer and export use the data's choice")
     p.add_argument("--no-eod", dest="append_eod", action="store_false",
                    help="do not append the EOD (eos) id to each document")
     p.add_argument("--keep-empty", action="store_true",
@@ -257,6 +262,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     settings = Settings(
         text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
         keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
+        eod_token=args.eod_token,
         valid_fraction=args.valid_fraction, max_shard_bytes=args.max_shard_bytes,
         unit_bytes=args.unit_bytes, filters=_filters(args.filters), min_tokens=args.min_tokens,
         **_dedup_settings(args),

@@ -8,12 +8,15 @@ earlier SentencePiece runs keep meaning what they meant.
 
 - Size: the largest id + 1 over the model's vocabulary and the added tokens (``<|endoftext|>`` and the
   like often sit above the model's vocabulary): what the shard dtype and the model's embedding must hold.
-- End of document: the ``eos_token`` of ``tokenizer_config.json`` beside the file (what ``transformers``
-  reads), else of ``special_tokens_map.json``, else the first of ``KNOWN_EOS`` in the vocabulary, else an
-  error naming the file. There is deliberately no command-line override: preprocess, the trainer and
-  export each read the eos from the tokenizer's own files, so they cannot disagree (for a tokenizer
-  without one, write a ``tokenizer_config.json`` with ``"eos_token"`` beside it). bos, unk and pad come
-  from the same two files only (unk also from the model's ``unk_token``); absent means none (-1).
+- End of document (``eod``): the ``eos_token`` of ``tokenizer_config.json`` beside the file (what
+  ``transformers`` reads), else of ``special_tokens_map.json``, else the first of ``DOCUMENT_TOKENS`` in the
+  vocabulary, else an error naming the file. A chat-tuned tokenizer names its turn end as eos
+  (``<|im_end|>``, ``<|eot_id|>``, ...: ``is_chat_turn``); that is not a document separator, so when the
+  vocabulary also holds a document token (``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>``) that
+  one is used, and with none the choice is refused, naming both. ``preprocess --eod-token`` overrides
+  all of this; the choice and where it came from (file and key) are printed and recorded in the manifest,
+  and the trainer takes the data's recorded choice, so preprocess, training and export agree. bos, unk and
+  pad come from the same two files only (unk also from the model's ``unk_token``); absent means none (-1).
 - Encoding: ``add_special_tokens=False`` (the post-processor's BOS/EOS are not added: the pipeline appends
   the end-of-document id itself, exactly as for SentencePiece), and any truncation or padding recorded in
   the tokenizer.json is switched off, so a document is never cut to some model's context length.
@@ -36,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from lmforge.common.files import atomic_write_bytes, atomic_write_json, sha256_file
@@ -49,7 +53,13 @@ from lmforge.common.tokenizer_files import (
 
 from .sampling import sample_sentences
 
-KNOWN_EOS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+DOCUMENT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")  # end of a document, most common first
+# Chat-turn ends (and starts) that chat-tuned tokenizer configs name as eos: Qwen/Yi/ChatML, Llama 3, Phi-3,
+# Gemma, Command-R, Llama 3.1's tool turn. Matched by name, and by these fragments for variants.
+CHAT_TURN_TOKENS = ("<|im_end|>", "<|im_start|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+                    "<start_of_turn>", "<|END_OF_TURN_TOKEN|>", "<|eot|>", "<|end_of_turn|>", "[/INST]")
+_CHAT_TURN_RE = re.compile(
+    r"im_end|im_start|eot|eom|end_of_turn|start_of_turn|\[/?inst\]|<\|(user|assistant|system)\|>", re.IGNORECASE)
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 TRAINING_RECORD = "tokenizer_training.json"  # hf-bpe's record of its training run (SentencePiece's: tokenizer.json)
@@ -145,26 +155,60 @@ def _named_specials(path: Path) -> tuple[dict[str, str], dict[str, Path]]:
     return names, where
 
 
-def special_ids(path: str | os.PathLike, tok=None) -> dict[str, int]:
-    """bos/eos/unk/pad ids (-1 = none) of the tokenizer.json at ``path`` (module docstring: where from)."""
+def is_chat_turn(token: str) -> bool:
+    """Whether ``token`` marks a chat turn (module docstring) rather than the end of a document."""
+    return token in CHAT_TURN_TOKENS or bool(_CHAT_TURN_RE.search(token))
+
+
+def choose_eod(path: str | os.PathLike, tok=None, eod_token: str | None = None) -> tuple[int, str, str]:
+    """(id, token, where from) of the end-of-document token of the tokenizer.json at ``path``: ``eod_token``
+    when given (``--eod-token``), else as the module docstring says. TokenizerError names the files."""
+    path = Path(path)
+    tok = tok or load(path)
+    if eod_token is not None:
+        i = tok.token_to_id(eod_token)
+        if i is None:
+            raise TokenizerError(f"--eod-token {eod_token!r} is not a token of {path}")
+        return i, eod_token, "--eod-token"
+    names, where = _named_specials(path)
+    named = names.get("eos_token")
+    docs = [t for t in DOCUMENT_TOKENS if tok.token_to_id(t) is not None]
+    if named is not None:
+        i = tok.token_to_id(named)
+        if i is None:
+            raise TokenizerError(f"{where['eos_token']}: eos_token {named!r} is not a token of {path}")
+        said = f"{where['eos_token'].name} eos_token"
+        if not is_chat_turn(named):
+            return i, named, said
+        if docs:
+            return (tok.token_to_id(docs[0]), docs[0],
+                    f"the vocabulary: {said} is {named!r}, a chat-turn token, not a document separator")
+        raise TokenizerError(
+            f"{where['eos_token']}: eos_token {named!r} is a chat-turn token, not an end of document, and "
+            f"{path} has none of {', '.join(DOCUMENT_TOKENS)}; choose the separator with --eod-token TOKEN "
+            f"(--eod-token {named!r} to use the chat token anyway)")
+    if not docs:
+        raise TokenizerError(
+            f"{path}: cannot tell its end-of-document token: no eos_token in a tokenizer_config.json or "
+            f"special_tokens_map.json beside it, and none of {', '.join(DOCUMENT_TOKENS)} in its vocabulary. "
+            "Pass --eod-token TOKEN, or write a tokenizer_config.json beside it with \"eos_token\": \"<the token>\"")
+    return tok.token_to_id(docs[0]), docs[0], "the vocabulary (no eos_token named beside it)"
+
+
+def special_ids(path: str | os.PathLike, tok=None, eod_token: str | None = None) -> dict[str, int]:
+    """bos/eos/unk/pad ids (-1 = none) of the tokenizer.json at ``path`` (module docstring: where from);
+    ``eos_id`` is the end of document (``choose_eod``)."""
     path = Path(path)
     tok = tok or load(path)
     names, where = _named_specials(path)
     ids = {}
-    for key in SPECIAL_KEYS:
+    for key in ("bos_token", "unk_token", "pad_token"):
         name = names.get(key)
         i = tok.token_to_id(name) if name is not None else None
         if name is not None and i is None:
             raise TokenizerError(f"{where[key]}: {key} {name!r} is not a token of {path}")
         ids[key.replace("_token", "_id")] = -1 if i is None else i
-    if ids["eos_id"] < 0:
-        found = [t for t in KNOWN_EOS if tok.token_to_id(t) is not None]
-        if not found:
-            raise TokenizerError(
-                f"{path}: cannot tell its end-of-document token: no eos_token in a tokenizer_config.json or "
-                f"special_tokens_map.json beside it, and none of {', '.join(KNOWN_EOS)} in its vocabulary. "
-                "Write a tokenizer_config.json beside it with \"eos_token\": \"<the token>\"")
-        ids["eos_id"] = tok.token_to_id(found[0])
+    ids["eos_id"] = choose_eod(path, tok, eod_token)[0]
     if ids["unk_id"] < 0:
         unk = read_json_cached(path)["model"].get("unk_token")
         if isinstance(unk, str) and tok.token_to_id(unk) is not None:
@@ -172,18 +216,22 @@ def special_ids(path: str | os.PathLike, tok=None) -> dict[str, int]:
     return ids
 
 
-def info(path: str | os.PathLike) -> dict:
-    """sha256, vocab size and special ids (what the manifest records), as ``tokenizer.tokenizer_info``."""
+def info(path: str | os.PathLike, eod_token: str | None = None) -> dict:
+    """sha256, vocab size, special ids and the end of document's token and source (what the manifest
+    records), as ``tokenizer.tokenizer_info``."""
     tok = load(path)
-    ids = special_ids(path, tok)
+    ids = special_ids(path, tok, eod_token)
+    _, token, source = choose_eod(path, tok, eod_token)
     return {"sha256": sha256_file(path), "vocab_size": vocab_size(tok), "eos_id": ids["eos_id"],
-            "bos_id": ids["bos_id"], "unk_id": ids["unk_id"], "pad_id": ids["pad_id"], "path": str(path)}
+            "bos_id": ids["bos_id"], "unk_id": ids["unk_id"], "pad_id": ids["pad_id"], "path": str(path),
+            "eod_token": token, "eod_source": source}
 
 
-def special_tokens(path: str | os.PathLike) -> dict[str, str]:
-    """{"bos_token": ..., "eos_token": ...} as text, for a tokenizer_config.json (only those it has)."""
+def special_tokens(path: str | os.PathLike, eod_token: str | None = None) -> dict[str, str]:
+    """{"bos_token": ..., "eos_token": ...} as text, for a tokenizer_config.json (only those it has); eos is
+    the end of document (``choose_eod``)."""
     tok = load(path)
-    ids = special_ids(path, tok)
+    ids = special_ids(path, tok, eod_token)
     return {f"{k}_token": tok.id_to_token(ids[f"{k}_id"]) for k in ("bos", "eos", "unk", "pad")
             if ids[f"{k}_id"] >= 0}
 

@@ -5,7 +5,9 @@ datasets and its summaries read it).
 ``manifest["splits"][split]`` is a list of shards in order; each has ``prefix`` (relative to the
 manifest's directory, Megatron-style: ``prefix + ".bin"``/``".idx"``), ``documents``, ``sequences``,
 ``tokens``, ``sha256_bin`` and ``sha256_idx``. ``manifest["tokenizer"]`` has ``sha256``, ``vocab_size``,
-``eos_id`` (the EOD appended to every document), ``bos_id`` and ``file``, the tokenizer's copy beside the
+``eos_id`` (the EOD appended to every document; ``eod_token`` and ``eod_source`` say which token and where
+the choice came from: a file and key, the vocabulary, or ``--eod-token``), ``bos_id`` and ``file``, the
+tokenizer's copy beside the
 manifest: ``tokenizer.model`` (SentencePiece) or ``tokenizer.json`` (Hugging Face, with its
 ``tokenizer_config.json``/``special_tokens_map.json`` when it had them); ``manifest["dtype"]`` is the
 token dtype.
@@ -147,7 +149,7 @@ def _absolute_examples(unit_records: list[dict]) -> None:
 
 
 def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
-             tokenizer_file: str = "tokenizer.model") -> dict:
+             tokenizer_file: str = "tokenizer.model", eod: dict | None = None) -> dict:
     """The manifest of a preprocess run from its configuration and the records of all its units (any
     order: listed by unit, which is what makes the output independent of ranks and workers)."""
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -172,7 +174,8 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
             ex.extend(taken)
     return {
         "format": FORMAT,
-        "tokenizer": {**config["tokenizer"], "file": tokenizer_file, "source_path": str(tokenizer_path)},
+        "tokenizer": {**config["tokenizer"], "file": tokenizer_file, "source_path": str(tokenizer_path),
+                      **(eod or {})},
         "dtype": config["dtype"],
         "fingerprint_method": config["fingerprint_method"],
         "splits": splits,

@@ -129,16 +129,23 @@ def load_processor(model_path: str):
     return _LOADED[key]
 
 
-def _sp_info(model_path: str | os.PathLike) -> dict:
+def _sp_info(model_path: str | os.PathLike, eod_token: str | None = None) -> dict:
     sp = load_processor(model_path)
+    eos, source = sp.eos_id(), "tokenizer.model eos_id"
+    if eod_token is not None:
+        eos, source = sp.piece_to_id(eod_token), "--eod-token"
+        if eos == sp.unk_id() and eod_token != sp.id_to_piece(sp.unk_id()):
+            raise TokenizerError(f"--eod-token {eod_token!r} is not a piece of {model_path}")
     return {
         "sha256": sha256_file(model_path),
         "vocab_size": sp.vocab_size(),
-        "eos_id": sp.eos_id(),
+        "eos_id": eos,
         "bos_id": sp.bos_id(),
         "unk_id": sp.unk_id(),
         "pad_id": sp.pad_id(),
         "path": str(model_path),
+        "eod_token": sp.id_to_piece(eos) if eos >= 0 else None,
+        "eod_source": source if eos >= 0 else "none: the model has no eos piece",
     }
 
 
@@ -146,14 +153,16 @@ def _sp_info(model_path: str | os.PathLike) -> dict:
 # Either kind: SentencePiece or Hugging Face
 
 
-def tokenizer_info(model_path: str | os.PathLike | TokenizerFiles) -> dict:
+def tokenizer_info(model_path: str | os.PathLike | TokenizerFiles, eod_token: str | None = None) -> dict:
     """sha256, vocab size (largest id + 1) and special ids (-1 = none) of either kind of tokenizer: what
-    the manifest records. ``eos_id`` is the end-of-document id appended to every document."""
+    the manifest records. ``eos_id`` is the end-of-document id appended to every document: ``eod_token``
+    when given, else the tokenizer's own choice (``hf_tokenizer.choose_eod``; a SentencePiece model's eos
+    piece); ``eod_token``/``eod_source`` say which token that is and where the choice came from."""
     files = resolve_tokenizer(model_path)
     if files.kind == HF:
-        return hf_tokenizer.info(files.path)
+        return hf_tokenizer.info(files.path, eod_token)
     try:
-        return _sp_info(files.path)
+        return _sp_info(files.path, eod_token)
     except TokenizerError as e:  # say that the other kind was considered too
         raise TokenizerError(f"{e}; nor is it a Hugging Face tokenizer.json (not JSON)") from None
 

@@ -66,6 +66,8 @@ def inspect(out: str | os.PathLike, samples: int = 3, chars: int = 300) -> str:
     tk = m["tokenizer"]
     lines = [f"{root}: {m['format']}, tokenizer sha256 {tk['sha256'][:16]}..., vocab {tk['vocab_size']}, "
              f"eod {tk['eos_id']}, dtype {m.get('dtype')}"]
+    if tk.get("eod_token") is not None:
+        lines.append(f"end of document: {tk['eod_token']!r} (id {tk['eos_id']}), from {tk.get('eod_source', '?')}")
     r = m.get("records", {})
     if r:
         lines.append(f"records read {r['read']:,} = written {r['written']:,} + skipped {r['skipped']:,}")

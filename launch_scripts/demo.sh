@@ -5,6 +5,9 @@
 # Re-running resumes training from the latest checkpoint (and finishes at once if it is done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=launch_scripts/common.sh
+source launch_scripts/common.sh   # the clone's .venv when none is active
+need_env
 RUN=runs/demo
 CORPUS=data_pipeline/sample_corpus
 NPROC=${NPROC:-2}
@@ -21,7 +24,7 @@ python -m lmforge.data_pipeline preprocess --input "$CORPUS/wikipedia" "$CORPUS/
   --output "$RUN/data" --valid-fraction 0.05 --strip-gutenberg
 
 stage "3/5 train the tiny preset on $NPROC CPU ranks, ZeRO-2 (TensorBoard: tensorboard --logdir $RUN/tensorboard)"
-deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
+python -m lmforge.trainer.launch -- deepspeed --num_gpus "$NPROC" --master_addr 127.0.0.1 --master_port "$PORT" \
   --module lmforge.trainer.train --config configs/demo.yaml "$@"
 
 stage "4/5 export to Hugging Face format (verifies logits and tokenizer parity)"

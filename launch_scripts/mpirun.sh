@@ -42,6 +42,7 @@ while getopts ":hn:f:m:p:" opt; do
 done
 shift $((OPTIND - 1))
 need_config "$@"; shift
+need_env
 check_posint -n "$NPROC"
 check_port "$PORT"
 [[ -z $HOSTFILE || -f $HOSTFILE ]] || { echo "error: hostfile $HOSTFILE not found" >&2; exit 2; }

@@ -62,6 +62,7 @@ while getopts ":hH:N:n:m:p:" opt; do
 done
 shift $((OPTIND - 1))
 need_config "$@"; shift
+need_env
 [[ -f $HOSTFILE ]] || { echo "error: hostfile $HOSTFILE not found" >&2; exit 2; }
 command -v pdsh >/dev/null || { echo "error: pdsh not found (apt-get install pdsh)" >&2; exit 2; }
 check_posint -N "$NODES" allow-empty

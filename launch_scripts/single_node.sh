@@ -34,9 +34,10 @@ while getopts ":hn:p:" opt; do
 done
 shift $((OPTIND - 1))
 need_config "$@"; shift
+need_env
 
 if [[ -z $NPROC ]]; then
-  NPROC=$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+  NPROC=$("${PYTHON:-python}" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
 fi
 check_posint -n "$NPROC"
 check_port "$PORT"

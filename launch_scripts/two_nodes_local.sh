@@ -36,6 +36,7 @@ while getopts ":hg:p:" opt; do
 done
 shift $((OPTIND - 1))
 need_config "$@"; shift
+need_env
 check_posint -g "$GPUS"
 check_port "$PORT"
 

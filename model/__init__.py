@@ -15,6 +15,8 @@ names and its tensor-parallel plan (``model.py``) and its Hugging Face adapter (
 new folder (docs/adding-a-model-family.md).
 """
 
+import lmforge.common  # noqa: F401  (first: a missing dependency below is reported in one line)
+
 from .common import IGNORE_INDEX, CausalLM, Docs, DocSpans, ModelConfig
 from .registry import (
     DEFAULT_FAMILY,

@@ -43,8 +43,10 @@ def test_tokenizer_and_shards_are_read_and_rewritten_byte_for_byte(tmp_path):
         new = (tmp_path / "data" / "train" / f"shard_00000_000{ext}").read_bytes()
         assert new == (LEGACY / "data" / "train" / f"shard_00000_000{ext}").read_bytes(), ext
     old, new = (json.loads((d / "manifest.json").read_text()) for d in (LEGACY / "data", tmp_path / "data"))
-    # Only where the tokenizer was read from differs (the old run read it from /tmp/legacy).
+    # Only where the tokenizer was read from differs (the old run read it from /tmp/legacy), and the
+    # manifest now also says which end-of-document token that id is and where the choice came from.
     assert old["tokenizer"].pop("source_path") != new["tokenizer"].pop("source_path")
+    assert (new["tokenizer"].pop("eod_token"), new["tokenizer"].pop("eod_source")) == ("</s>", "tokenizer.model eos_id")
     assert new == old
 
 

@@ -22,3 +22,5 @@ model inputs, the attention structure of packed documents) -> the DeepSpeed engi
 ``cli.py``             the ``lmforge`` console command
 =====================  =====================================================================================
 """
+
+import lmforge.common  # noqa: F401  (first: a missing dependency below is reported in one line)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from lmforge.common.files import atomic_write_text
 from lmforge.common.tokenizer_files import TokenizerError, TokenizerFiles, resolve_tokenizer
 from lmforge.data_pipeline.gpt_dataset import BlendedDataset, PackedDataset, build_dataset
-from lmforge.data_pipeline.manifest import MANIFEST_NAME
+from lmforge.data_pipeline.manifest import MANIFEST_NAME, ManifestError, load_manifest
 from lmforge.data_pipeline.tokenizer import copy_tokenizer, tokenizer_info
 from lmforge.model import ModelConfig, build_config
 
@@ -93,15 +93,48 @@ class Run:
     resumed_from: resume.ResumePlan | None = None
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str, eod_token: str | None = None) -> Tokenizer:
     if not Path(path).exists():
         raise ConfigError(f"tokenizer: {path} not found")
     try:
         files = resolve_tokenizer(path)
-        info = tokenizer_info(files)
+        info = tokenizer_info(files, eod_token)
     except TokenizerError as e:
         raise ConfigError(f"tokenizer: {e}") from None
     return Tokenizer(files, info["sha256"], info)
+
+
+def data_end_of_document(cfg: RunConfig) -> tuple[str | None, list[tuple[str, dict]]]:
+    """The end-of-document token the data was written with (``preprocess`` records it in each output's
+    manifest: its ``--eod-token`` or the tokenizer's choice) and the (path, manifest tokenizer record) of
+    every preprocess output among the sources; (None, ...) when none records a token. Data written with
+    two different tokens is a ConfigError naming both."""
+    paths = [s.path for s in cfg.data.train] + ([cfg.data.valid] if cfg.data.valid else [])
+    records = []
+    for p in paths:
+        mp = Path(p) / MANIFEST_NAME
+        if mp.is_file():
+            try:
+                records.append((p, load_manifest(mp)["tokenizer"]))
+            except (ManifestError, KeyError) as e:
+                raise ConfigError(f"data: {mp}: {e}") from None
+    tokens = {(r["eod_token"], r["eos_id"]): p for p, r in records if r.get("eod_token") is not None}
+    if len(tokens) > 1:
+        (a, pa), (b, pb) = list(tokens.items())[:2]
+        raise ConfigError(f"data: {pa} ends documents with {a[0]!r} (id {a[1]}) but {pb} with {b[0]!r} (id {b[1]}); "
+                          "preprocess them with the same --eod-token")
+    return (next(iter(tokens))[0] if tokens else None), records
+
+
+def check_data_tokenizer(tok: Tokenizer, records: list[tuple[str, dict]]) -> None:
+    """Each preprocess output among the sources was written with the run's tokenizer and end of document."""
+    for p, r in records:
+        if r.get("sha256") != tok.sha256:
+            raise ConfigError(f"data: {p} was tokenized with another tokenizer (sha256 {str(r.get('sha256'))[:12]}...) "
+                              f"than tokenizer: {tok.path} (sha256 {tok.sha256[:12]}...)")
+        if r.get("eos_id") != tok.eod_id:
+            raise ConfigError(f"data: {p} ends documents with id {r.get('eos_id')} but the tokenizer's end of "
+                              f"document is {tok.info['eod_token']!r} (id {tok.eod_id}, from {tok.info['eod_source']})")
 
 
 def build_data(cfg: RunConfig, layout: layouts.Layout, global_batch: int,
@@ -166,7 +199,12 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     precision = resolve_precision(cfg.train.precision)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    tok = load_tokenizer(cfg.tokenizer)
+    eod_token, data_records = data_end_of_document(cfg)
+    tok = load_tokenizer(cfg.tokenizer, eod_token)
+    check_data_tokenizer(tok, data_records)
+    if layout.rank == 0:
+        source = "the data's manifest" if eod_token is not None else tok.info["eod_source"]
+        log(f"end of document: {tok.info['eod_token']!r} (id {tok.eod_id}), from {source}")
     init_from = None
     if cfg.model.init_from_hf:
         from .hf.importer import load_hf_weights

@@ -12,7 +12,10 @@ session of its own, so a signal to this command's process group reaches this pro
   while every rank stops after the same step, saves and exits;
 * on a second signal, or after ``--grace SECONDS`` if given, kills the launcher and everything under it;
 * exits with the launcher's status (0 after a clean stop; a rank's failure is non-zero), then kills
-  whatever the launcher left behind in its session: no process outlives the command.
+  whatever the launcher left behind in its session: no process outlives the command;
+* prints a failed run's error once, as its last line: the ranks on this machine append their error lines
+  to a file named by ``LMFORGE_ERROR_FILE`` instead of each printing the same line
+  (``lmforge.common.errors``), and each distinct line is printed after the launcher's own output.
 
 ``python -m lmforge.trainer.launch --stop RUN_DIR`` writes the stop file: every rank on every node saves and
 exits 0 at its next step boundary (the file is renamed ``STOP.consumed`` afterwards).
@@ -23,10 +26,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from lmforge.common.errors import ERROR_FILE_ENV
 
 from .signals import is_rank
 
@@ -124,10 +131,22 @@ class Launch:
             self.deadline = time.monotonic() + self.grace
 
     def run(self) -> int:
+        fd, errors = tempfile.mkstemp(prefix="lmforge-errors-", suffix=".txt")
+        os.close(fd)
+        env = {**os.environ, ERROR_FILE_ENV: f"{socket.gethostname()}:{errors}"}
+        try:
+            rc = self._run(env)
+        finally:
+            lines = Path(errors).read_text(errors="replace").splitlines() if os.path.exists(errors) else []
+            os.unlink(errors)
+        print_rank_errors(lines)
+        return rc
+
+    def _run(self, env: dict) -> int:
         # A session of its own: the launcher and its ranks get no signal sent to this command's group.
         # (A signal before the handlers below are in place ends this process; the ranks then see their
         # launcher ancestor gone and stop with a checkpoint.)
-        self.proc = subprocess.Popen(self.command, start_new_session=True)
+        self.proc = subprocess.Popen(self.command, start_new_session=True, env=env)
         for sig in FORWARDED:
             signal.signal(sig, self._on_signal)
         while True:
@@ -145,6 +164,18 @@ class Launch:
         if self.signals:
             _say(f"launcher exited with status {rc}" + (" (clean stop)" if rc == 0 else ""))
         return rc
+
+
+def print_rank_errors(lines: list[str]) -> None:
+    """The ranks' error lines ("RANK<tab>error: ...") once each, in the order first reported; the ranks are
+    named when they did not all say the same."""
+    by_message: dict[str, list[str]] = {}
+    for line in lines:
+        rank, _, message = line.partition("\t")
+        by_message.setdefault(message or rank, []).append(rank)
+    for message, ranks in by_message.items():
+        where = f" (rank {', '.join(sorted(set(ranks), key=lambda r: int(r) if r.isdigit() else 0))})"
+        print(message + (where if len(by_message) > 1 else ""), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,7 +105,7 @@ def _settings_record(settings: Settings) -> dict:
     """The settings as recorded (JSON types). The quality filters appear only when used, so outputs made
     before they existed (and every run without them) keep the same record and stay resumable."""
     d = asdict(settings)
-    for key, off in (("filters", ()), ("min_tokens", 0), ("dedup", ())):
+    for key, off in (("filters", ()), ("min_tokens", 0), ("dedup", ()), ("eod_token", None)):
         if d[key] == off:
             del d[key]
     for key in ("filters", "dedup"):
@@ -430,7 +430,13 @@ def preprocess(
     out = Path(output)
     sources = expand_inputs(inputs, settings.format)
     tokenizer = resolve_tokenizer(model_path)
-    tok = tokenizer_info(tokenizer)
+    tok = tokenizer_info(tokenizer, settings.eod_token)
+    if settings.append_eod and tok["eos_id"] < 0:
+        raise PipelineError(f"{tokenizer.path}: no end-of-document token (the tokenizer has no eos); pass "
+                            "--eod-token TOKEN, or --no-eod to write documents without one")
+    if comm.rank == 0 and settings.append_eod:
+        print(f"end of document: {tok['eod_token']!r} (id {tok['eos_id']}), from {tok['eod_source']}",
+              file=sys.stderr)
     prints = _fingerprints(sources, run.fingerprint, comm, run.workers)
     config = _config(sources, tok, settings, prints, run.fingerprint)
     _claim_output(out, config, run.overwrite, comm, tokenizer)
@@ -459,7 +465,10 @@ def preprocess(
         unit_records = [r for rs in gathered for r in rs]
         if len(unit_records) != len(units):
             raise RuntimeError(f"{len(unit_records)} unit records for {len(units)} units (a bug)")
-        manifest = assemble(config, unit_records, model_path, tokenizer.name)
+        manifest = assemble(config, unit_records, model_path, tokenizer.name,
+                            eod={"eod_token": tok["eod_token"], "eod_source": tok["eod_source"]})
+        if manifest["records"]["written"] == 0:
+            raise PipelineError(nothing_written(manifest, settings))
         _copy_tokenizer(tokenizer, out, tok["sha256"])
         write_manifest(out, manifest)
     finally:
@@ -472,6 +481,30 @@ def preprocess(
         "workers_per_rank": run.workers,
     }
     return {**manifest, "_run": run_stats}
+
+
+# What to check when every record of a kind was skipped (a record skipped for ``key`` names its hint).
+_SKIP_HINTS = {
+    "missing_text": "--text-key names the JSON field that holds the text",
+    "non_string_text": "--text-key names the JSON field that holds the text",
+    "empty": "empty files or records",
+    "truncated_compressed": "a damaged or incomplete compressed file",
+    "invalid_json": "--format (is it JSON lines?)",
+}
+
+
+def nothing_written(manifest: dict, settings: Settings) -> str:
+    """The error of a run that wrote no document: the records read and why each was skipped."""
+    r = manifest["records"]
+    reasons = []
+    for why, n in manifest.get("skipped", {}).items():
+        eg = manifest.get("skip_examples", {}).get(why, [])[:2]
+        hint = next((h for k, h in _SKIP_HINTS.items() if why.startswith(k)), None)
+        reasons.append(f"{why} {n:,}" + (f" (e.g. {', '.join(eg)})" if eg else "") + (f": {hint}" if hint else ""))
+    files = len(manifest["sources"])
+    return (f"no document written from {files} input file(s): {r['read']:,} record(s) read, all skipped"
+            + (f" - {'; '.join(reasons)}" if reasons else " (the inputs hold no records)")
+            + "; nothing to train on (no manifest written)")
 
 
 def _find_duplicates(out: Path, sources: list[Source], units: list[list[Segment]], assignment: list[list[int]],

@@ -29,6 +29,7 @@ class Settings:
     max_doc_bytes: int = 8 << 20
     max_line_bytes: int = 64 << 20
     append_eod: bool = True
+    eod_token: str | None = None  # --eod-token: the end-of-document token, instead of the tokenizer's choice
     valid_fraction: float = 0.01
     max_shard_bytes: int = 1 << 30
     unit_bytes: int = 64 << 20

@@ -224,8 +224,8 @@ def _wordlevel(path: Path, model_vocab: int, added: list[str], config: dict | No
 
 def test_eos_and_vocab_size_come_from_the_tokenizers_files(tmp_path):
     # eos as transformers writes it (an AddedToken dict) in tokenizer_config.json; unk from the model.
-    f = _wordlevel(tmp_path / "a", 100, ["<s>", "</s>", "<|eot|>"],
-                   {"eos_token": {"content": "<|eot|>", "__type": "AddedToken"}, "bos_token": "<s>"})
+    f = _wordlevel(tmp_path / "a", 100, ["<s>", "</s>", "<|doc|>"],
+                   {"eos_token": {"content": "<|doc|>", "__type": "AddedToken"}, "bos_token": "<s>"})
     assert {k: tokenizer_info(f)[k] for k in ("vocab_size", "eos_id", "bos_id", "unk_id", "pad_id")} == {
         "vocab_size": 103, "eos_id": 102, "bos_id": 100, "unk_id": 0, "pad_id": -1}
     # special_tokens_map.json alone; then no file at all: a known end-of-text token.
@@ -252,6 +252,40 @@ def test_eos_and_vocab_size_come_from_the_tokenizers_files(tmp_path):
     assert (m["tokenizer"]["vocab_size"], m["tokenizer"]["eos_id"], m["dtype"]) == (65_510, 65_509, "int32")
     ds = IndexedDataset(shard_prefixes(tmp_path / "out")[0])
     assert ds.tokens.tolist() == [2, 3, 65_493, 65_489, 0, 65_509, 6, 65_509]
+
+
+def test_a_chat_turn_eos_is_not_the_document_separator(tmp_path):
+    """A chat-tuned tokenizer_config.json names its turn end as eos (Yi/Qwen chat: <|im_end|>; Llama 3
+    Instruct: <|eot_id|>): the vocabulary's document token is used instead, and preprocess says so on
+    stderr and in the manifest; with no document token the choice is refused naming both; --eod-token
+    overrides, and a token that is not in the vocabulary is an input error (exit 2)."""
+    f = _wordlevel(tmp_path / "yi", 100, ["<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                   {"eos_token": "<|im_end|>", "bos_token": "<|startoftext|>"})
+    info = tokenizer_info(f)
+    assert (info["eos_id"], info["eod_token"]) == (101, "<|endoftext|>")
+    assert "tokenizer_config.json eos_token is '<|im_end|>', a chat-turn token" in info["eod_source"]
+    assert tokenizer_info(f, "<|im_end|>")["eos_id"] == 103
+    for chat in ("<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        g = _wordlevel(tmp_path / chat.strip("<|>"), 100, ["<|end_of_text|>", chat], {"eos_token": chat})
+        assert tokenizer_info(g)["eod_token"] == "<|end_of_text|>", chat
+    g = _wordlevel(tmp_path / "chat_only", 100, ["<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>"})
+    with pytest.raises(TokenizerError, match=r"eos_token '<\|im_end\|>' is a chat-turn token.*none of <\|endoftext\|>"
+                                             r".*--eod-token"):
+        tokenizer_info(g)
+
+    data = _jsonl(tmp_path / "d.jsonl", ["w1 w2", "w3"])
+    p = _preprocess(f, tmp_path / "out", [data], "--valid-fraction", "0")
+    assert ("end of document: '<|endoftext|>' (id 101), from the vocabulary: tokenizer_config.json eos_token is "
+            "'<|im_end|>', a chat-turn token" in p.stderr), p.stderr
+    m = load_manifest(tmp_path / "out")
+    assert (m["tokenizer"]["eos_id"], m["tokenizer"]["eod_token"]) == (101, "<|endoftext|>")
+    assert IndexedDataset(shard_prefixes(tmp_path / "out")[0]).tokens.tolist() == [2, 3, 101, 4, 101]
+    p = _preprocess(f, tmp_path / "out2", [data], "--valid-fraction", "0", "--eod-token", "<|im_end|>")
+    assert "end of document: '<|im_end|>' (id 103), from --eod-token" in p.stderr
+    assert load_manifest(tmp_path / "out2")["tokenizer"]["eod_source"] == "--eod-token"
+    p = run_cmd([PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", data, "--tokenizer", f,
+                 "--output", tmp_path / "out3", "--eod-token", "<|nope|>"], check=False)
+    assert p.returncode == 2 and "--eod-token '<|nope|>' is not a token of" in p.stderr, p.stderr
 
 
 def test_tokenizer_paths_are_recognised_by_content(hf_tok, tmp_path):
@@ -283,3 +317,35 @@ def test_tokenizer_paths_are_recognised_by_content(hf_tok, tmp_path):
         p = _preprocess(path, tmp_path / "o", [SAMPLE / "books" / "pg1952.txt"], check=False)
         assert (p.returncode, p.stderr.count("error: "), "Traceback" in p.stderr) == (2, 1, False), p.stderr
         assert message in p.stderr, p.stderr
+
+
+def test_the_trainer_ends_documents_as_the_data_was_written(tmp_path):
+    """The trainer's end of document is the data's recorded one (preprocess --eod-token included), so the
+    batches' document boundaries are the shards'; data of another tokenizer or end of document, or two
+    sources that disagree, are config errors naming the paths."""
+    from lmforge.trainer.build import check_data_tokenizer, data_end_of_document, load_tokenizer
+    from lmforge.trainer.config import ConfigError, load_config
+
+    f = _wordlevel(tmp_path / "yi", 100, ["<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                   {"eos_token": "<|im_end|>"})
+    data = _jsonl(tmp_path / "d.jsonl", ["w1 w2", "w3"])
+    _preprocess(f, tmp_path / "auto", [data], "--valid-fraction", "0")
+    _preprocess(f, tmp_path / "chat", [data], "--valid-fraction", "0", "--eod-token", "<|im_end|>")
+
+    def resolve(*sources):
+        train = ", ".join(f"{{path: {s}}}" for s in sources)
+        cfg = load_config(None, ["model.preset=debug", f"tokenizer={f}", f"data.train=[{train}]"])
+        token, records = data_end_of_document(cfg)
+        tok = load_tokenizer(cfg.tokenizer, token)
+        check_data_tokenizer(tok, records)
+        return tok.eod_id
+
+    assert resolve(tmp_path / "auto") == 101
+    assert resolve(tmp_path / "chat") == 103
+    with pytest.raises(ConfigError, match=r"auto ends documents with '<\|endoftext\|>' \(id 101\) but .*chat with "
+                                          r"'<\|im_end\|>' \(id 103\)"):
+        resolve(tmp_path / "auto", tmp_path / "chat")
+    other = _wordlevel(tmp_path / "other", 100, ["<|endoftext|>"], None)
+    _preprocess(other, tmp_path / "other_data", [data], "--valid-fraction", "0")
+    with pytest.raises(ConfigError, match=r"other_data was tokenized with another tokenizer"):
+        resolve(tmp_path / "other_data")

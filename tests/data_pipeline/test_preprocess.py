@@ -383,3 +383,26 @@ def _kill_9_and_resume(inputs: list, tok: Path, tmp_path: Path) -> None:
         assert not [f for f in leftovers if f.exists()]  # temporary files of the killed run cleaned up
     assert kills >= 2, "runs finished before the kill"
     assert mid_way >= 2, f"fewer than 2 kills landed between the first and the last of {units} units"
+
+
+def test_unusable_inputs_are_an_error_not_an_empty_dataset(tok, tmp_path):
+    """A zero-byte file, a damaged .jsonl.gz and JSON lines without the text field each write nothing: exit 2
+    with the reason, examples and what to check, and no manifest (a trainer would find no shards)."""
+    import gzip
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(gzip.compress(b'{"text": "a real line of text"}\n' * 50)[:30])
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"body": "x"}\n{"body": "y"}\n')
+    for path, reason, hint in ((empty, "empty 1", "empty files"),
+                               (damaged, "truncated_compressed", "a damaged or incomplete compressed file"),
+                               (no_text, "missing_text 2", "--text-key")):
+        out = tmp_path / f"out_{path.name}"
+        p = preprocess(tok, out, inputs=[path], check=False)
+        assert p.returncode == 2, p.stderr
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: no document written from 1 input file(s)"), p.stderr
+        assert reason in last and hint in last and str(path) in last, last
+        assert not (out / "manifest.json").exists()
