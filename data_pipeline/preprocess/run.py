@@ -191,13 +191,13 @@ def _absolute_loc(src: Source, rng: ReadRange | None, loc: str) -> str:
 def _batches(
     sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress: _Progress,
     ranges: list[ReadRange], drops: dict[int, tuple[str, str]] | None = None,
-    split: Callable[[str], list[str]] | None = split_exact,
+    split: Callable[[str], list[str]] | None = split_exact, found: dict[str, int] | None = None,
 ) -> Iterator[tuple[list[Meta], list[str]]]:
     """Yield (metas, texts): one meta per item in input order, with one text per non-SKIP meta. Hashing
     happens here, on the whole document, before any cutting (by ``split``: ``_exact_split``). The
     ``ReadRange`` of each byte-range segment is appended to ``ranges`` (its line count is final once the
     generator is exhausted). ``drops`` maps the unit's duplicate candidates (``dedup``) to (reason, kept
-    document's location)."""
+    document's location). ``found`` counts the documents read per source (index as a string)."""
     opts = settings.read_options()
     candidate = 0
     limit = run.batch_chars
@@ -210,6 +210,8 @@ def _batches(
         if rng is not None:
             ranges.append(rng)
         counted = 0
+        if found is not None:
+            found.setdefault(str(si), 0)
         for kind, text, loc in iter_documents(src, opts, rng):
             kind, text, h = screen(kind, text, loc, settings.filters)
             if kind == DOC and drops is not None:  # a deduplication candidate (numbered as in the scan)
@@ -235,6 +237,8 @@ def _batches(
                     yield metas, texts
                     metas, texts, chars = [], [], 0
             metas.append((kind, "", loc, h))
+            if found is not None and kind != PART:  # a document, or the last piece of a streamed one
+                found[str(si)] += 1
             texts.append(pieces[-1])
             chars += len(pieces[-1])
             text = pieces = None  # not held while the reader assembles the next document
@@ -389,7 +393,8 @@ def _process_units(
             writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
             ranges: list[ReadRange] = []
             unit_drops = None if drops is None else drops.by_unit.get(u, {})
-            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, unit_drops, split):
+            for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, unit_drops, split,
+                                         writer.rec.documents_by_source):
                 inflight.append((writer, metas, pool.submit(texts)))
                 while len(inflight) > max_inflight:
                     drain_one()
@@ -469,6 +474,9 @@ def preprocess(
                             eod={"eod_token": tok["eod_token"], "eod_source": tok["eod_source"]})
         if manifest["records"]["written"] == 0:
             raise PipelineError(nothing_written(manifest, settings))
+        for path in files_without_documents(sources, unit_records):
+            print(f"warning: {path}: no document read from it (its records were skipped; the manifest's skip "
+                  "reasons and examples say why)", file=sys.stderr)
         _copy_tokenizer(tokenizer, out, tok["sha256"])
         write_manifest(out, manifest)
     finally:
@@ -491,6 +499,15 @@ _SKIP_HINTS = {
     "truncated_compressed": "a damaged or incomplete compressed file",
     "invalid_json": "--format (is it JSON lines?)",
 }
+
+
+def files_without_documents(sources: list[Source], unit_records: list[dict]) -> list[str]:
+    """The input files no document was read from (units recorded before this count existed are left out)."""
+    found: dict[int, int] = {}
+    for rec in unit_records:
+        for si, n in rec.get("documents_by_source", {}).items():
+            found[int(si)] = found.get(int(si), 0) + n
+    return [sources[si].path for si, n in sorted(found.items()) if n == 0]
 
 
 def nothing_written(manifest: dict, settings: Settings) -> str:

@@ -51,6 +51,9 @@ class UnitRecord:
     # range start (made absolute in the manifest).
     range_lines: int = 0
     relative_lines: bool = False
+    # Documents read from each input file of the unit (source index as a string -> count), before the
+    # token-count filter: a file that yields none is named in a warning.
+    documents_by_source: dict[str, int] = field(default_factory=dict)
 
 
 class UnitWriter:

@@ -406,3 +406,8 @@ def test_unusable_inputs_are_an_error_not_an_empty_dataset(tok, tmp_path):
         assert last.startswith("error: no document written from 1 input file(s)"), p.stderr
         assert reason in last and hint in last and str(path) in last, last
         assert not (out / "manifest.json").exists()
+    # Beside files that have documents, each file that yields none is named in a warning, once: the two
+    # above and the corpus's book whose bytes are not UTF-8 (tests/data/corpus/README.md: a trap file).
+    p = preprocess(tok, tmp_path / "mixed", inputs=[empty, no_text, *INPUTS])
+    warned = [x for x in p.stderr.splitlines() if x.startswith("warning: ")]
+    assert [w.split(":")[1].strip() for w in warned] == [str(empty), str(no_text), str(CORPUS / "books/74-0.txt")]
