@@ -13,7 +13,8 @@ from tests.helpers.runs import build_tiny_data, deepspeed_train, last_rows
 # to the end instead of leaving one to finish a long file alone. Serially the order changes nothing.
 LONGEST_FIRST = ("test_parallel_parity.py", "test_resume.py", "test_sequence_parallel.py", "test_stops.py",
                  "test_qwen3.py", "test_export_hf_bf16.py", "test_faults.py", "test_launch.py", "test_docs.py",
-                 "test_train.py", "test_hf_tokenizer_e2e.py", "test_deepspeed_compat.py", "test_export_hf.py")
+                 "test_train.py", "test_hf_tokenizer_e2e.py", "test_deepspeed_compat.py", "test_export_hf.py",
+                 "test_tokenizer_kinds.py")
 
 
 def pytest_collection_modifyitems(items):

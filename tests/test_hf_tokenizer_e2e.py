@@ -125,11 +125,17 @@ def test_hf_model_with_byte_level_bpe_imports_trains_and_exports(tmp_path, hf_to
     texts = _texts()
     verify_file = tmp_path / "held_out.txt"
     verify_file.write_text("\n".join(texts), encoding="utf-8")
-    run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", export,
-             "--verify-text-file", verify_file])  # verified: weights, logits, HF tokenizer parity, generate
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (export / name).read_bytes() == (hf_dir / name).read_bytes(), name
+    p = run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", export,
+                 "--verify-text-file", verify_file])  # verified: weights, logits, HF tokenizer parity, generate
+    assert (export / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     assert not (export / "tokenizer.model").exists()
+    # transformers saved the tokenizer_config.json with its own class name and an unbounded length: the
+    # export names the class every transformers version loads tokenizer.json with, and says so.
+    config = json.loads((export / "tokenizer_config.json").read_text())
+    assert (config["tokenizer_class"], config["eos_token"], config["model_max_length"]) == (
+        "PreTrainedTokenizerFast", "<|end_of_text|>", 128)
+    assert "tokenizer: tokenizer_config.json: tokenizer_class TokenizersBackend -> PreTrainedTokenizerFast" in p.stderr
+    assert "tokenizer_class TokenizersBackend -> PreTrainedTokenizerFast" in (export / "README.md").read_text()
 
     reloaded_tok = AutoTokenizer.from_pretrained(str(export), local_files_only=True)
     for text in texts:
@@ -151,14 +157,14 @@ def test_hf_model_with_byte_level_bpe_imports_trains_and_exports(tmp_path, hf_to
     assert diff <= LOGIT_ATOL, diff  # fp32 on both sides: summation order only (see LOGIT_ATOL)
     assert moved > 1e-3, moved  # and it is the trained model, not the imported one
 
-    # The export is checked against the run's tokenizer: a tokenizer_config.json naming another eos than
-    # the one the data was cut with fails verification (exit 1), and nothing is written.
+    # The export keeps the end of document the run trained with (the checkpoint's record), whatever the
+    # tokenizer_config.json beside the checkpoint came to name, and says what it changed.
     config = json.loads((ckdir / "tokenizer_config.json").read_text())
     (ckdir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|begin_of_text|>"}))
-    p = run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", tmp_path / "bad"],
-                check=False)
-    assert p.returncode == 1 and "eos_token_id is 1, tokenizer.json says 0" in p.stderr, p.stderr[-2000:]
-    assert not (tmp_path / "bad").exists()
+    p = run_cmd([PY, "-m", "lmforge.trainer.export_hf", "--checkpoint", ckdir, "--output", tmp_path / "eos"])
+    assert "eos_token '<|begin_of_text|>' -> '<|end_of_text|>' (the end of document the run trained with, id 1" \
+        in p.stderr, p.stderr[-2000:]
+    assert json.loads((tmp_path / "eos" / "tokenizer_config.json").read_text())["eos_token"] == "<|end_of_text|>"
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tmp_path, hf_tokenizer_dir):

@@ -19,9 +19,13 @@ every weight bit-exact against the checkpoint's source weights (after the cast t
 batches equal to lmforge's own model run on the same (cast) weights within 1e-4; SentencePiece id
 parity and decode round trip for the fast and slow HF tokenizers; and that ``generate`` runs.
 
-A run trained with a Hugging Face tokenizer.json exports that file and the ones beside it unchanged
-(``tokenizer.write_hf_tokenizer_files``); the parity check then compares ``transformers`` on the export
-with the ``tokenizers`` library on the run's own tokenizer.json.
+A run trained with a Hugging Face tokenizer.json exports that file byte for byte, with a tokenizer_config.json
+derived from the one beside it so that ``transformers`` loads tokenizer.json as is (``tokenizer_class:
+PreTrainedTokenizerFast``, the run's eos, keys that make transformers rebuild the pipeline dropped:
+``tokenizer.write_hf_tokenizer_files``); each change is printed and listed in the model card. The parity check
+then compares ``transformers``' AutoTokenizer on the export with the ``tokenizers`` library on the run's own
+tokenizer.json (what encoded the training data), and a failure names the text, the position, both sides'
+tokens and, where the loaded class or its pipeline shows it, why.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ def _manifest_summary(data: dict) -> list[str]:
     return lines or ["- (no training sources recorded in the checkpoint)"]
 
 
-def write_readme(out: Path, state: CheckpointState, cfg: ModelConfig, source: str, dtype_name: str) -> None:
+def write_readme(out: Path, state: CheckpointState, cfg: ModelConfig, source: str, dtype_name: str,
+                 tokenizer_changes: list[str] = ()) -> None:
     conf = state.config
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "---", "",
@@ -136,6 +141,10 @@ def write_readme(out: Path, state: CheckpointState, cfg: ModelConfig, source: st
         *_manifest_summary(conf.get("data") or {}), "",
         "## Training config", "", "```json", json.dumps(conf, indent=2, default=str)[:20000], "```", "",
     ]
+    if tokenizer_changes:
+        lines += ["## Tokenizer", "", "tokenizer.json is the run's, byte for byte. Changed against the files beside "
+                  "it, so that `transformers` gives the ids the model was trained on:", "",
+                  *(f"- {c}" for c in tokenizer_changes), ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -198,11 +207,17 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
             write_weights(tmp, {adapter.to_hf_name(k): g for k, g in getters.items()}, torch_dtype, max_bytes,
                           {adapter.to_hf_name(k): v for k, v in shapes.items()})
             write_config(tmp, cfg, state, dtype)
+            changes: list[str] = []
             if resolve_tokenizer(tok_file).kind == HF:
-                write_hf_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
+                t = state.tokenizer
+                changes = write_hf_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings,
+                                                   special_ids={"bos_id": t.bos_id, "eos_id": t.eos_id,
+                                                                "pad_id": t.pad_id})
+                for line in changes:
+                    print(f"tokenizer: {line}", file=sys.stderr)
             else:
                 write_tokenizer_files(tok_file, tmp, model_max_length=cfg.max_position_embeddings)
-            write_readme(tmp, state, cfg, source, dtype)
+            write_readme(tmp, state, cfg, source, dtype, changes)
             print(f"wrote {tmp.name} in {time.time() - t0:.1f}s from {source}", file=sys.stderr)
             if verify:
                 from .verify import verify_export
@@ -210,10 +225,23 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
                 problems = verify_export(tmp, cfg, getters, torch_dtype, extra_texts=verify_texts or [],
                                          tokenizer_file=tok_file)
                 if problems:
-                    raise ExportError("verification failed:\n  " + "\n  ".join(problems))
+                    raise ExportError("verification failed:\n  " + "\n  ".join(problems)
+                                      + _tokenizer_advice(problems))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def _tokenizer_advice(problems: list[str]) -> str:
+    """What a tokenizer mismatch means and how to export anyway, when one of ``problems`` is one."""
+    if not any(p.startswith("tokenizer ") for p in problems):
+        return ""
+    return ("\nThe tokenizer lines compare transformers' AutoTokenizer on the export with the tokenizer the "
+            "training data was encoded with (the tokenizers library on the run's tokenizer.json, or "
+            "SentencePiece): where they differ, a transformers user would give the model other ids than it "
+            "was trained on. To export anyway, --no-verify writes the same files without any check (weights, "
+            "logits and generate are then unchecked too), and the differences above stay in the export; see "
+            "docs/huggingface.md (Export).")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,13 +48,27 @@ def _check_config(hf_cfg, cfg: ModelConfig) -> list[str]:
 
 def _check_special_ids(model_dir: Path, hf, hf_tokenizer_json: bool = False) -> list[str]:
     """config.json / generation_config.json special ids must be the tokenizer's, or generation never
-    stops (eos) or starts from the wrong token (bos). The tokenizer: the export's tokenizer.model, or its
-    Hugging Face tokenizer.json read with the tokenizer_config.json beside it (``hf_tokenizer_json``)."""
+    stops (eos) or starts from the wrong token (bos). The tokenizer: the export's tokenizer.model, or for a
+    Hugging Face tokenizer.json the special ids ``transformers``' AutoTokenizer reads from the export's
+    tokenizer_config.json (what its users get; the export wrote the run's end of document there, which
+    need not be the one ``choose_eod`` would pick, e.g. after ``preprocess --eod-token``)."""
     from lmforge.common.tokenizer_files import resolve_tokenizer
     from lmforge.data_pipeline.tokenizer import tokenizer_info
 
     name = "tokenizer.json" if hf_tokenizer_json else "tokenizer.model"
-    info = tokenizer_info(resolve_tokenizer(model_dir / name))
+    if hf_tokenizer_json:
+        from transformers import AutoTokenizer
+
+        from lmforge.data_pipeline import hf_tokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        info = {"vocab_size": hf_tokenizer.vocab_size(hf_tokenizer.load(model_dir / name))}
+        for k in ("bos", "eos", "pad"):
+            i = getattr(tok, f"{k}_token_id", None)
+            info[f"{k}_id"] = -1 if i is None else i
+        name = "tokenizer_config.json (read by AutoTokenizer)"
+    else:
+        info = tokenizer_info(resolve_tokenizer(model_dir / name))
     problems = []
     if info["vocab_size"] > hf.config.vocab_size:
         problems.append(f"{name} has {info['vocab_size']} ids but vocab_size is {hf.config.vocab_size}")
