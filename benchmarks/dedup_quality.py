@@ -14,15 +14,26 @@ for it, by the true 5-gram Jaccard similarity that MinHash estimates:
   detection probability 1 - (1 - s^rows)^bands the LSH settings give at that similarity);
 - removed documents of the corpus itself (real duplicates: the dumps overlap) by similarity band;
 - false positives: removed documents whose true Jaccard with the kept one is below 0.5, or whose
-  kept document is not an earlier document.
+  kept document is not an earlier document; removals below the LSH threshold (every near duplicate is
+  checked against the kept document before it is removed, ISSUE18) and the most removals made for one
+  kept document (transitive clusters made dozens of template stubs duplicates of one).
+
+With ``--cost`` it instead measures what the near-duplicate check costs against the signature scan:
+
+    python -m lmforge.data_pipeline preprocess --input CORPORA/wikipedia --dedup minhash ...
+
+``--repeat`` times (best of), reading the scan's and the check's seconds from the run's ``dedup:`` line.
 
     python benchmarks/dedup_quality.py [--corpora ../shared/corpora] [--per-kind 40] [--threshold 0.72]
+    python benchmarks/dedup_quality.py --cost [--repeat 3] [--workers 2] [--extra "--unit-bytes 1M"]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -41,6 +52,9 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, help="--minhash-threshold (default: the default)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "lmforge_bench"))
+    ap.add_argument("--cost", action="store_true", help="time the near-duplicate check against the scan")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--extra", default="", help="more preprocess arguments for --cost, e.g. '--unit-bytes 1M'")
     args = ap.parse_args()
 
     from lmforge.data_pipeline.preprocess.dedup import detection_probability, normalize_exact
@@ -55,6 +69,9 @@ def main() -> None:
     if not model.exists():
         subprocess.run([sys.executable, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", *inputs,
                         "--vocab-size", "8000", "--output", str(model.parent)], cwd=ROOT, check=True)
+    if args.cost:
+        cost(corpora / "wikipedia", model, cache, args)
+        return
     text_at: dict[str, str] = {}
     docs: list[str] = []
     for s in expand_inputs(inputs):
@@ -82,7 +99,7 @@ def main() -> None:
     removed = {}
     for f in sorted((out / "duplicates").glob("*.tsv")):
         for line in f.read_text().splitlines():
-            why, loc, kept = line.split("\t")
+            why, loc, kept = line.split("\t")[:3]  # (and the Jaccard measured, since ISSUE18)
             removed[loc] = (why, kept)
 
     print(f"corpus: {len(docs):,} documents + {len(copies)} planted copies; --dedup exact,minhash with "
@@ -132,6 +149,38 @@ def main() -> None:
           f"{len(removed):,} removed = {len(false_pos) / max(len(removed), 1) * 100:.2f}%")
     for fp in false_pos[:5]:
         print("   ", *fp)
+    near = [(loc, kept) for loc, (why, kept) in removed.items() if why == "duplicate-near"]
+    point = (1 / bands) ** (1 / rows)
+    below = [jaccard(text_at[a], text_at[b]) for a, b in near if a in text_at and b in text_at]
+    per_kept = Counter(b for _, b in near).most_common(1)
+    print(f"near-duplicate removals below the threshold {point:.3f}: {sum(j < point for j in below)} of "
+          f"{len(near)} (lowest Jaccard {min(below, default=1.0):.3f}); most removed for one kept document: "
+          f"{per_kept[0][1] if per_kept else 0}")
+
+
+def cost(wikipedia: Path, model: Path, cache: Path, args) -> None:
+    """Best of ``--repeat`` runs of preprocess --dedup minhash on Wikipedia: the scan's and the near-duplicate
+    check's seconds (from the run's ``dedup:`` line on stderr)."""
+    out = cache / "dedup_cost"
+    best: dict[str, float] = {}
+    line = ""
+    for _ in range(args.repeat):
+        p = subprocess.run([sys.executable, "-m", "lmforge.data_pipeline", "preprocess", "--input", str(wikipedia),
+                            "--tokenizer", str(model), "--output", str(out), "--overwrite", "--no-progress",
+                            "--workers", str(args.workers), "--dedup", "minhash", *shlex.split(args.extra)],
+                           cwd=ROOT, check=True, capture_output=True, text=True)
+        line = next((x for x in p.stderr.splitlines() if x.startswith("dedup:")), "")
+        for key, pattern in (("scan", r"scan ([\d.]+)s"), ("total", r"total ([\d.]+)s"),
+                             ("check", r"near-duplicate check: .*?, ([\d.]+)s \(re-read"),
+                             ("re-read", r"re-read ([\d.]+)s")):
+            m = re.search(pattern, line)
+            if m:
+                best[key] = min(best.get(key, float("inf")), float(m.group(1)))
+    print(f"last run: {line}")
+    scan, check = best.get("scan"), best.get("check")
+    print(f"best of {args.repeat} ({args.workers} workers{', ' + args.extra if args.extra else ''}): "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in best.items())
+          + (f"; the check costs {check / scan:.0%} of the scan" if scan and check is not None else ""))
 
 
 if __name__ == "__main__":

@@ -135,19 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove low-quality documents, counted as skipped by rule: gopher (words, mean_word_length, "
                         "symbol_ratio, bullet_lines, ellipsis_lines, alpha_words), repetition (dup_lines, "
                         "dup_paragraphs, top_ngram) or single rules; thresholds in data_pipeline/preprocess/"
-                        "quality.py (Gopher's). Off by default")
+                        "quality.py (Gopher's), with no upper length bound: documents of 20,000+ words (books) are "
+                        "judged by pieces of about 10,000 words; Han and kana count 1.5 characters per word. Every "
+                        "removal is listed with what was measured in OUT/filtered/. Off by default")
     p.add_argument("--min-tokens", type=int, default=0,
                    help="skip documents of fewer tokens than this (reason filter-min_tokens; default 0: off)")
     p.add_argument("--dedup", default="", metavar="exact|minhash|exact,minhash",
                    help="remove duplicate documents, keeping the first in input order across all inputs, workers "
                         "and ranks (counted as skipped: duplicate-exact, duplicate-near). exact: equal after NFC "
                         "and whitespace collapsing; minhash: near duplicates by MinHash LSH over word n-grams "
-                        "(data_pipeline/preprocess/dedup.py: detection rates, memory). Adds a scan pass "
+                        "(data_pipeline/preprocess/dedup.py: detection rates, memory); each near-duplicate removal "
+                        "is checked against the document kept for it (true Jaccard of the shingles >= "
+                        "--minhash-threshold). Every removal is listed in OUT/duplicates/. Adds a scan pass "
                         "before tokenizing. Off by default")
     p.add_argument("--minhash-threshold", type=float, default=None,
                    help="Jaccard similarity at which a pair is found with probability 1/2; picks LSH bands x "
                         "rows within --minhash-perm (default 0.72: 14 bands x 8 rows, FineWeb's; pairs at 0.8 "
-                        "are found 92%% of the time, at 0.5 5%%)")
+                        "are found 92%% of the time, at 0.5 5%%), and is the true Jaccard a found near "
+                        "duplicate must reach against the kept document to be removed")
     p.add_argument("--minhash-perm", type=int, default=112,
                    help="MinHash values per document available to --minhash-threshold (default 112)")
     p.add_argument("--minhash-ngram", type=int, default=5, help="words per shingle for --dedup minhash (default 5)")

@@ -13,7 +13,11 @@ manifest: ``tokenizer.model`` (SentencePiece) or ``tokenizer.json`` (Hugging Fac
 token dtype.
 ``totals`` sums each split (``split_totals``); ``records``/``skipped``/``skip_examples`` account for
 every input record (read = written + skipped); ``duplicate_examples`` (only with ``--dedup``) pairs
-example duplicates with the documents they duplicate (``{"loc": ..., "kept": ...}``).
+example duplicates with the documents they duplicate (``{"loc": ..., "kept": ...}``); ``removed_lists``
+(when a filter or ``--dedup`` removed any) names the files that list every removed document
+(``{"filtered": [{"file": "filtered/unit_00003.tsv", "documents": 12}, ...], "duplicates": [...]}``,
+paths relative to the manifest; each unit's rows are its documents skipped for ``filter-*`` or
+``duplicate-*`` reasons).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "lmforge-shards-v1"
 SPLITS = ("train", "valid")  # what preprocess writes (a merge keeps the splits of its inputs)
 MAX_EXAMPLES = 5  # example locations kept per skip reason
+# The lists of removed documents a preprocess output holds: directory -> the skip reasons it lists.
+LISTS = {"filtered": "filter-", "duplicates": "duplicate-"}
 
 
 class ManifestError(InputError):
@@ -132,20 +138,46 @@ def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
         total[key] = total.get(key, 0) + n
 
 
-def _absolute_examples(unit_records: list[dict]) -> None:
-    """Rewrite the range-relative ``file:line`` examples of byte-range units to file lines, adding the
-    line counts of the same file's earlier ranges (``unit_records`` sorted by unit)."""
+def line_bases(unit_records: list[dict]) -> dict[int, int]:
+    """Unit -> the lines to add to its range-relative line numbers (a byte-range unit that counts from its
+    range start: the line counts of the same file's earlier ranges); units counting file lines are absent.
+    ``unit_records``: records (or ``writer.line_info``) of all units, in any order."""
     base: dict[int, int] = {}
-    for rec in unit_records:
+    run: dict[int, int] = {}
+    for rec in sorted(unit_records, key=lambda r: r["unit"]):
         segs = rec["segments"]
         if len(segs) != 1 or segs[0][2] < 0:
             continue
         src = segs[0][0]
-        b = base.get(src, 0) if rec["relative_lines"] else 0
+        b = run.get(src, 0) if rec["relative_lines"] else 0
+        if b:
+            base[rec["unit"]] = b
+        run[src] = b + rec["range_lines"]
+    return base
+
+
+def _absolute_examples(unit_records: list[dict]) -> None:
+    """Rewrite the range-relative ``file:line`` examples of byte-range units to file lines, adding the
+    line counts of the same file's earlier ranges."""
+    base = line_bases(unit_records)
+    for rec in unit_records:
+        b = base.get(rec["unit"], 0)
         if b:
             for why, locs in rec["skip_examples"].items():
                 rec["skip_examples"][why] = [f"{p}:{b + int(n)}" for p, _, n in (loc.rpartition(":") for loc in locs)]
-        base[src] = b + rec["range_lines"]
+
+
+def _removed_lists(unit_records: list[dict]) -> dict[str, list[dict]]:
+    """The files that list every removed document, with how many each lists: ``filtered/unit_NNNNN.tsv``
+    (quality rules, ``--min-tokens``) and ``duplicates/unit_NNNNN.tsv`` (``--dedup``), per unit that
+    removed any."""
+    lists: dict[str, list[dict]] = {}
+    for rec in unit_records:
+        for name, prefix in LISTS.items():
+            n = sum(v for why, v in rec["skipped"].items() if why.startswith(prefix))
+            if n:
+                lists.setdefault(name, []).append({"file": f"{name}/unit_{rec['unit']:05d}.tsv", "documents": n})
+    return lists
 
 
 def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
@@ -172,6 +204,7 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
             if kept:
                 dups.setdefault(why, []).extend({"loc": loc, "kept": k} for loc, k in zip(taken, kept))
             ex.extend(taken)
+    lists = _removed_lists(unit_records)
     return {
         "format": FORMAT,
         "tokenizer": {**config["tokenizer"], "file": tokenizer_file, "source_path": str(tokenizer_path),
@@ -184,6 +217,7 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
         "skipped": dict(sorted(skipped.items())),
         "skip_examples": dict(sorted(examples.items())),
         **({"duplicate_examples": dict(sorted(dups.items()))} if dups else {}),
+        **({"removed_lists": lists} if lists else {}),
         "sources": config["sources"],
         "settings": config["settings"],
         "config_sha256": sha256_json(config),

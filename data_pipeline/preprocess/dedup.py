@@ -15,11 +15,12 @@ Two passes. The tokenizing pass must know, when it reaches a document, whether a
    over the ranks (``alltoall``); each rank groups equal keys and emits an edge from every member of a
    group to its smallest id; rank 0 joins the edges into clusters (union-find, memory bounded by the
    number of documents in a cluster) and every non-smallest member of a cluster is a duplicate of the
-   smallest, which is kept. Each rank receives its units' duplicates (``scatter``).
+   smallest, which is kept. Each rank receives its units' duplicates (``scatter``). Near duplicates are
+   first checked by their true Jaccard similarity with the kept document (below).
 3. The tokenizing pass skips them with the reason ``duplicate-exact`` or ``duplicate-near``; the
    manifest's ``duplicate_examples`` give a few duplicates' ``file:line`` with the kept document's, and
-   ``OUT/duplicates/unit_NNNNN.tsv`` lists every one (``reason<TAB>file:line<TAB>kept file:line``),
-   written by the rank that holds the unit.
+   ``OUT/duplicates/unit_NNNNN.tsv`` lists every one (``reason<TAB>file:line<TAB>kept file:line<TAB>
+   Jaccard``, the true Jaccard measured, 1.0000 for exact ones), written by the rank that holds the unit.
 
 **exact**: documents are equal after Unicode NFC normalisation, with whitespace runs collapsed to one
 space and leading/trailing whitespace removed (case and punctuation count); the key is a 128-bit BLAKE2b
@@ -30,8 +31,9 @@ MinHash (``rensa``'s ``RMinHash``, a maintained Rust implementation; ``ALGORITHM
 are recorded in the settings) and candidates are found by locality-sensitive hashing: the ``perm =
 bands x rows`` MinHash values are cut into ``bands`` bands of ``rows`` values; two documents sharing
 all values of any band are duplicates. Words are taken after NFC normalisation and lower-casing, as in
-the quality rules: whitespace-separated runs, except that each CJK character is a word (so Chinese is
-shingled by characters, not as one "word"). A document of fewer than n words is one shingle.
+the quality rules (``quality.words``): whitespace-separated runs, except that each Han or kana character
+is a word with the punctuation around it (so Chinese is shingled by characters, not as one "word"). A
+document of fewer than n words is one shingle.
 The probability that two documents of Jaccard similarity s are found is 1 - (1 - s^rows)^bands; the
 default 14 bands x 8 rows over 5-grams (FineWeb's) has its 50% point at s = (1/14)^(1/8) = 0.72:
 
@@ -39,8 +41,36 @@ default 14 bands x 8 rows over 5-grams (FineWeb's) has its 50% point at s = (1/1
     P   0.0009   0.053   0.21   0.56   0.75   0.92   0.99   0.9996  1.0
 
 ``--minhash-threshold T`` picks the bands x rows (within ``--minhash-perm``, default 112) whose 50%
-point is closest to T. Clusters are transitive (A~B and B~C remove B and C, keeping A, even if A and C
-differ more), as in datatrove and NeMo Curator.
+point is closest to T.
+
+**The Jaccard check** (``_verified_near``). LSH only proposes: template stubs share most 5-grams ("X
+is a railway station of Hainan western ring railway located in Hainan, China.": Jaccard 0.58) and
+collide in some band with probability 0.2-0.5 per pair, and LSH groups are transitive (A~B and B~C put
+C with A however far apart they are), so without a check dozens of different articles became
+"duplicates" of one. So every proposed removal is checked against the document kept for it, by the true
+Jaccard similarity of the same shingle sets (``shingle_hashes``: 64-bit hashes, exact up to hash
+collisions), and made only at ``jaccard_bound`` or more: the 50% point of the bands x rows, i.e. the
+threshold they were chosen for (0.719 by default; the list records the value measured). Rank 0 forms the
+groups from the LSH edges (documents that share a band with the same smallest document are in its
+*star*; stars sharing a document are one group); the first document of a group is kept and each other
+member is removed if near it. The members left (not near it, however near some other member) are
+grouped again among themselves, with their own first document kept, for up to ``MAX_ROUNDS`` rounds;
+whatever is left then is kept. So a document is removed only if it is near the document named as kept
+for it, and A~B~C never removes C for A unless C is near A. On the shared Wikipedia (13 MB) LSH proposed
+98 removals, 60 of them below 0.719 (down to 0.45; 18 one-line surname stubs were "duplicates" of one);
+38 are removed, all at >= 0.724.
+
+The texts are *re-read* for the check, not stored: each rank re-reads, from its own units, just the
+clustered candidates it holds, found by the location the scan recorded (the segments holding one are
+read up to the last one wanted, without the quality rules, a unit per worker process), and keeps their
+shingle sets in memory (8 bytes per shingle of the clustered documents only); a rank that needs a kept
+document's set for its members gets it from the rank holding it (``alltoall``, arrays only), measures
+the similarities and sends them to rank 0, which decides. Storing every candidate's shingle hashes in
+the scan instead would cost ~1.3x the corpus in ``.state`` for the few documents that cluster; re-reading
+costs a second read of the units holding them: on the shared Wikipedia (2 workers) 0.13-0.18 s against
+the scan's 0.50-0.56 s (``benchmarks/dedup_quality.py --cost``). Everything is decided from the edges
+(the same for any number of ranks) and the measured similarities, so the result stays independent of
+workers and ranks.
 
 ``exact,minhash`` removes exact duplicates first (reason ``duplicate-exact``), then near duplicates
 among the rest. Documents streamed in pieces (longer than ``--max-doc-bytes``) are never candidates,
@@ -54,6 +84,7 @@ import io
 import json
 import multiprocessing as mp
 import sys
+import time
 import unicodedata
 import zipfile
 from collections import deque
@@ -77,6 +108,7 @@ MINHASH_SEED = 1
 DEFAULT_PERM = 112
 DEFAULT_THRESHOLD = 0.72
 LIST_DIR = "duplicates"  # OUT/duplicates/unit_NNNNN.tsv: every removed duplicate and what it duplicates
+MAX_ROUNDS = 4  # near-duplicate verification rounds (the members left after them are kept)
 _SIG_BATCH = 512  # documents per signature batch, at most
 _SIG_BATCH_CHARS = 1 << 20  # characters per signature batch, at most (bounds the memory of a batch of books)
 
@@ -85,11 +117,13 @@ _SIG_BATCH_CHARS = 1 << 20  # characters per signature batch, at most (bounds th
 # What a document is (shared with the tokenizing pass, which must count candidates identically)
 
 
-def screen(kind: int, text: str, loc: str, filters: tuple[str, ...], hashed: bool = True) -> tuple[int, str, int]:
+def screen(kind: int, text: str, loc: str, filters: tuple[str, ...], hashed: bool = True
+           ) -> tuple[int, str, int | str]:
     """An item as the pipeline treats it: ``(kind, text or skip reason, hash of the whole document)``.
     A document with unencodable text (lone surrogates from a JSON escape) or removed by a quality rule
-    becomes a ``SKIP``. Every ``DOC`` that comes out is a deduplication candidate. ``hashed=False``: the
-    same verdicts without the hash (0), for the scan."""
+    becomes a ``SKIP``; for a quality rule's, the last field is what the rule measured (``quality.judge``),
+    else 0. Every ``DOC`` that comes out is a deduplication candidate. ``hashed=False``: the same verdicts
+    without the hash (0), for the scan."""
     if kind == SKIP:
         return kind, text, 0
     try:
@@ -100,9 +134,9 @@ def screen(kind: int, text: str, loc: str, filters: tuple[str, ...], hashed: boo
             raise PipelineError(f"{loc}: unencodable text inside a streamed document") from None
         return SKIP, "unencodable_text", 0
     if kind == DOC and filters:
-        why = quality.check(text, filters)
-        if why is not None:
-            return SKIP, why, 0
+        verdict = quality.judge(text, filters)
+        if verdict is not None:
+            return SKIP, verdict.reason, verdict.detail
     return kind, text, h
 
 
@@ -132,6 +166,51 @@ def shingles(text: str, n: int) -> list[str]:
     if len(w) <= n:
         return [" ".join(w)]
     return [" ".join(w[i : i + n]) for i in range(len(w) - n + 1)]
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it is a bijection of the 64-bit integers
+
+
+def _h64(s: str) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """The set of ``shingles(text, n)`` as sorted unique 64-bit hashes (uint64), the exact set up to hash
+    collisions (for two documents of 10^6 shingles each, a spurious match has probability ~10^-7): each
+    distinct word is hashed once (BLAKE2b), an n-gram is the polynomial of its words' hashes."""
+    w = quality.words(unicodedata.normalize("NFC", text).lower())
+    if len(w) <= n:
+        return np.array([_h64(" ".join(w))], np.uint64)
+    index: dict[str, int] = {}
+    ids = np.fromiter((index.setdefault(x, len(index)) for x in w), np.int64, len(w))
+    wh = np.fromiter(map(_h64, index), np.uint64, len(index))[ids]
+    m = len(w) - n + 1
+    acc = wh[:m].copy()
+    for j in range(1, n):  # wraps modulo 2^64 (numpy integer arrays do not raise on overflow)
+        acc *= _MIX
+        acc += wh[j : j + m]
+    return np.unique(acc)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|A & B| / |A | B| of two ``shingle_hashes`` sets."""
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / max(len(a) + len(b) - inter, 1)
+
+
+def jaccard_bound(settings: Settings) -> float:
+    """The true Jaccard similarity a near duplicate must have with the document kept for it: the 50%
+    point (1/bands)^(1/rows) of the LSH settings, i.e. the ``--minhash-threshold`` they were chosen for
+    (0.719 for the default 14 x 8)."""
+    return (1.0 / settings.minhash_bands) ** (1.0 / settings.minhash_rows)
+
+
+def algorithm_record(settings: Settings) -> str:
+    """What the near-duplicate decisions depend on beyond the settings, as recorded with them."""
+    return (f"rensa.RMinHash v{minhash_version()} seed {MINHASH_SEED}; shingle words v{quality.VERSION}; "
+            f"removed at true Jaccard >= {jaccard_bound(settings):.4f} with the kept document, "
+            f"{MAX_ROUNDS} rounds")
 
 
 def lsh_params(threshold: float, perm: int = DEFAULT_PERM) -> tuple[int, int]:
@@ -164,7 +243,8 @@ def sig_path(out: Path, unit: int) -> Path:
 
 
 def removed_list_path(out: Path, unit: int) -> Path:
-    """Every duplicate a unit's documents lost, one ``reason<TAB>file:line<TAB>kept file:line`` line each."""
+    """Every duplicate a unit's documents lost, one ``reason<TAB>file:line<TAB>kept file:line<TAB>Jaccard``
+    line each (the true Jaccard similarity with the kept document, 4 decimals; 1.0000 for exact ones)."""
     return out / LIST_DIR / f"unit_{unit:05d}.tsv"
 
 
@@ -418,12 +498,182 @@ def _resolve(comm, edges: np.ndarray, owner_of_unit: dict[int, int]) -> dict[int
     return comm.scatter(parts, root=0)
 
 
+# --------------------------------------------------------------------------------------------------
+# Near duplicates: every removal checked by its true Jaccard similarity with the document kept for it
+
+
+def _stars(edges: np.ndarray) -> dict[int, list[int]]:
+    """LSH buckets as rank 0 sees them: an edge (member, smallest id of a bucket) puts the member in the
+    *star* of that smallest id (the centre is in its own star): documents of one star share a band with
+    its centre, so each pair of them is a candidate pair."""
+    stars: dict[int, set[int]] = {}
+    for m, c in edges.tolist():
+        stars.setdefault(c, {c}).add(m)
+    return {c: sorted(ms) for c, ms in sorted(stars.items())}
+
+
+def _components(stars: dict[int, list[int]], alive: set[int]) -> list[list[int]]:
+    """The groups (sorted, of two or more) of ``alive`` documents connected through shared stars."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while root in parent:
+            root = parent[root]
+        while x != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for ms in stars.values():
+        live = [x for x in ms if x in alive]
+        for x in live[1:]:
+            ra, rb = find(live[0]), find(x)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for x in alive:
+        groups.setdefault(find(x), []).append(x)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
+def _reread(args: tuple) -> dict[int, np.ndarray]:
+    """The shingle sets of the wanted candidates of one unit, found by location ({(path, line): id}),
+    reading its segments in order up to the last one wanted. No quality rules: a location names one
+    record, and the scan found a candidate there."""
+    sources, segments, settings, wanted = args
+    opts = settings.read_options()
+    paths = {p for p, _ in wanted}
+    found: dict[int, np.ndarray] = {}
+    for si, lo, hi in segments:
+        src = sources[si]
+        if not src.is_hf and src.path not in paths:  # (a file's locations are its path)
+            continue
+        rng = ReadRange(lo, hi) if hi >= 0 else None
+        for kind, text, loc in iter_documents(src, opts, rng):
+            if kind != DOC:
+                continue
+            path, _, line = loc.rpartition(":")
+            x = wanted.get((path, int(line)))
+            if x is not None:
+                found[x] = shingle_hashes(text, settings.minhash_ngram)
+                if len(found) == len(wanted):
+                    return found
+    return found
+
+
+def _shingle_sets(ids: list[int], units: list[list[Segment]], sources: list[Source],
+                  sigs: dict[int, UnitSignatures], settings: Settings, workers: int) -> dict[int, np.ndarray]:
+    """The shingle sets of this rank's candidates ``ids``, re-read from their units (``workers``
+    processes, a unit each)."""
+    wanted: dict[int, dict[tuple[str, int], int]] = {}
+    for x in ids:
+        u, i = x >> 32, x & 0xFFFFFFFF
+        s = sigs[u]
+        wanted.setdefault(u, {})[(s.paths[s.path_index[i]], int(s.line[i]))] = x
+    jobs = [(sources, units[u], settings, wanted[u]) for u in sorted(wanted)]
+    sets: dict[int, np.ndarray] = {}
+    if workers > 1 and len(jobs) > 1:
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(min(workers, len(jobs))) as pool:
+            for got in pool.imap(_reread, jobs):
+                sets.update(got)
+    else:
+        for job in jobs:
+            sets.update(_reread(job))
+    for want in wanted.values():
+        for (path, line), x in want.items():
+            if x not in sets:
+                raise PipelineError(f"{path}:{line}: the near-duplicate candidate scanned there is gone "
+                                    "(did the input change during the run?)")
+    return sets
+
+
+def _verified_near(comm, edges: np.ndarray, owner: dict[int, int], units: list[list[Segment]],
+                   sources: list[Source], sigs: dict[int, UnitSignatures], settings: Settings,
+                   workers: int) -> tuple[dict[int, tuple[int, float]], dict]:
+    """The near duplicates of this rank's units, each with the document kept for it and their true
+    Jaccard similarity (duplicate id -> (kept id, Jaccard)), and (on rank 0) what the check did.
+
+    Rounds, decided on rank 0 from the LSH edges and the similarities the ranks measure: the documents
+    connected through LSH stars form groups; the first of each group is kept (its representative) and
+    every other member whose true Jaccard with it is at least ``jaccard_bound`` is removed as its
+    duplicate. The members left (below the bound: not near the representative, however near some other
+    member) form new groups among themselves, with new representatives, for up to ``MAX_ROUNDS``
+    rounds; then the rest are kept. So A~B~C never removes C for A unless C itself is near A."""
+    bound = jaccard_bound(settings)
+    everything = comm.gather(edges, root=0)
+    stars: dict[int, list[int]] = {}
+    alive: set[int] = set()
+    asks = None
+    if comm.rank == 0:
+        stars = _stars(np.concatenate(everything) if everything else np.zeros((0, 2), np.int64))
+        alive = {x for ms in stars.values() for x in ms}
+        asks = [[] for _ in range(comm.size)]
+        for x in sorted(alive):
+            asks[owner[x >> 32]].append(x)
+    t0 = time.perf_counter()
+    err: BaseException | None = None
+    try:
+        sets = _shingle_sets(comm.scatter(asks, root=0), units, sources, sigs, settings, workers)
+    except BaseException as e:  # every rank stops, none waits in a collective
+        err, sets = e, {}
+    failures = [f for f in comm.allgather(None if err is None else f"rank {comm.rank}: {err}") if f]
+    if err is not None:
+        raise err
+    if failures:
+        raise PipelineError("; ".join(failures))
+    stats = {"clustered": len(alive), "candidates": 0, "rounds": 0, "reread_s": time.perf_counter() - t0}
+    found: dict[int, tuple[int, float]] = {}
+    for rnd in range(MAX_ROUNDS + 1):
+        parts = None
+        if comm.rank == 0:
+            pairs: list[tuple[int, int]] = []
+            if rnd < MAX_ROUNDS:
+                groups = _components(stars, alive)
+                alive = {x for g in groups for x in g[1:]}  # representatives are kept, lone members too
+                for g in groups:
+                    pairs.extend((m, g[0]) for m in g[1:])
+            if rnd == 0:
+                stats["candidates"] = len(pairs)  # what transitive clusters would have removed
+            parts = [[] for _ in range(comm.size)] if pairs else [None] * comm.size
+            for m, rep in pairs:
+                parts[owner[m >> 32]].append((m, rep))
+        mine = comm.scatter(parts, root=0)
+        if mine is None:
+            break
+        ask: list[list[int]] = [[] for _ in range(comm.size)]
+        for rep in sorted({rep for _, rep in mine}):
+            ask[owner[rep >> 32]].append(rep)
+        asked = comm.alltoall(ask)
+        answers = comm.alltoall([[sets[k] for k in ks] for ks in asked])
+        theirs = {k: a for ks, ans in zip(ask, answers) for k, a in zip(ks, ans)}
+        measured = comm.gather([(m, rep, jaccard(sets[m], theirs[rep])) for m, rep in mine], root=0)
+        if comm.rank == 0:
+            stats["rounds"] += 1
+            for part in measured:
+                for m, rep, j in part:
+                    if j >= bound:
+                        found[m] = (rep, j)
+                        alive.discard(m)
+    del sets
+    parts = None
+    if comm.rank == 0:
+        parts = [{} for _ in range(comm.size)]
+        for d, kj in found.items():
+            parts[owner[d >> 32]][d] = kj
+        stats["removed"] = len(found)
+    stats["check_s"] = time.perf_counter() - t0
+    return comm.scatter(parts, root=0), stats
+
+
 @dataclass
 class Drops:
-    """This rank's duplicates: per unit, candidate index -> (reason, kept document's location or "")."""
+    """This rank's duplicates: per unit, candidate index -> (reason, kept document's location or "");
+    ``near`` (rank 0, with ``minhash``): what the Jaccard check did and its seconds (``_verified_near``)."""
 
     by_unit: dict[int, dict[int, tuple[str, str]]]
     counts: dict[str, int]
+    near: dict | None = None
 
 
 def _line_bases(units: list[list[Segment]], meta: dict[int, tuple[int, bool]]) -> dict[int, int]:
@@ -441,8 +691,10 @@ def _line_bases(units: list[list[Segment]], meta: dict[int, tuple[int, bool]]) -
 
 
 def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list[int]], settings: Settings,
-                    comm) -> Drops:
-    """The exchange: every rank calls it after scanning its units; returns this rank's duplicates."""
+                    comm, sources: list[Source], workers: int = 1) -> Drops:
+    """The exchange: every rank calls it after scanning its units; returns this rank's duplicates. The
+    near-duplicate check re-reads this rank's clustered candidates from ``sources`` on ``workers``
+    processes."""
     mine = assignment[comm.rank]
     owner = {u: r for r, us in enumerate(assignment) for u in us}
     sigs = {}
@@ -456,11 +708,12 @@ def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list
         return (np.int64(u) << np.int64(32)) + np.arange(len(sigs[u]), dtype=np.int64)
 
     gids = np.concatenate([ids(u) for u in mine]) if mine else np.zeros(0, np.int64)
-    removed: dict[int, tuple[str, int]] = {}  # duplicate id -> (reason, kept id)
+    removed: dict[int, tuple[str, int, float]] = {}  # duplicate id -> (reason, kept id, Jaccard)
+    near_stats = None
     if "exact" in settings.dedup:
         ex = np.concatenate([sigs[u].exact for u in mine]) if mine else np.zeros((0, 2), np.uint64)
         edges = _partitioned_edges(comm, [ex[:, 0], ex[:, 1]], gids)
-        removed.update((d, (REASONS["exact"], k)) for d, k in _resolve(comm, edges, owner).items())
+        removed.update((d, (REASONS["exact"], k, 1.0)) for d, k in _resolve(comm, edges, owner).items())
     if "minhash" in settings.dedup:
         r = settings.minhash_rows
         perm = settings.minhash_bands * r
@@ -471,8 +724,9 @@ def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list
         for b in range(settings.minhash_bands):  # one band at a time: bounded memory per exchange
             band = cand[:, b * r : (b + 1) * r].astype(np.uint64)
             edges.append(_partitioned_edges(comm, [band[:, c] for c in range(r)], cand_ids))
-        near = _resolve(comm, np.concatenate(edges), owner)
-        removed.update((d, (REASONS["minhash"], k)) for d, k in near.items())
+        near, near_stats = _verified_near(comm, np.concatenate(edges), owner, units, sources, sigs, settings,
+                                          workers)
+        removed.update((d, (REASONS["minhash"], k, j)) for d, (k, j) in near.items())
 
     # Where each kept document is: asked of the rank that scanned its unit (alltoall both ways).
     meta = {u: (s.range_lines, s.relative) for u, s in sigs.items()}
@@ -487,7 +741,7 @@ def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list
         return f"{s.paths[s.path_index[i]]}:{base.get(u, 0) + int(s.line[i])}"
 
     asks: list[list[int]] = [[] for _ in range(comm.size)]
-    for k in sorted({k for _, k in removed.values()}):
+    for k in sorted({k for _, k, _ in removed.values()}):
         asks[owner[k >> 32]].append(k)
     asked = comm.alltoall(asks)
     answers = comm.alltoall([[loc(k) for k in ks] for ks in asked])
@@ -496,15 +750,15 @@ def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list
     counts: dict[str, int] = {}
     result: dict[int, dict[int, tuple[str, str]]] = {u: {} for u in mine}
     listing: dict[int, list[str]] = {}
-    for d, (why, k) in sorted(removed.items()):
+    for d, (why, k, j) in sorted(removed.items()):
         u, i = d >> 32, d & 0xFFFFFFFF
         result[u][i] = (why, kept_loc[k])
         counts[why] = counts.get(why, 0) + 1
-        listing.setdefault(u, []).append(f"{why}\t{loc(d)}\t{kept_loc[k]}\n")
+        listing.setdefault(u, []).append(f"{why}\t{loc(d)}\t{kept_loc[k]}\t{j:.4f}\n")
     for u in mine:  # the full list, per unit (written on the node that holds the unit's shards)
         path = removed_list_path(out, u)
         if u in listing:
             atomic_write_bytes(path, "".join(listing[u]).encode("utf-8"))
         else:
             path.unlink(missing_ok=True)
-    return Drops(result, counts)
+    return Drops(result, counts, near_stats if comm.rank == 0 else None)

@@ -50,15 +50,24 @@ from ..readers import (
     iter_documents,
 )
 from ..tokenizer import copy_tokenizer, tokenizer_info
-from . import dedup
+from . import dedup, quality
 from .dedup import screen
 from .encode import CHUNK_CHARS, CONT, Encoded, EncodePool, resolve_backend, split_exact
 from .plan import Segment, assign_units, plan_units, segment_bytes, unit_bytes_of
 from .settings import PipelineError, RunOptions, Settings
-from .writer import UnitWriter, clean_unit, load_done_unit, save_done_unit
+from .writer import (
+    FILTERED_DIR,
+    UnitWriter,
+    clean_unit,
+    line_info,
+    load_done_unit,
+    save_done_unit,
+    write_filtered_lists,
+)
 
 # (kind, skip reason or "", loc, hash of the whole document's text); kinds are the readers' plus CONT.
-# A SKIP's last field is instead the location of the document it duplicates ("" if none or not known).
+# A SKIP's last field is instead the location of the document it duplicates ("" if none or not known), or for
+# a quality rule's removal what the rule measured (listed in OUT/filtered/, ``writer``).
 Meta = tuple[int, str, str, int | str]
 _MAX_BATCH_TEXTS = 8192
 
@@ -111,8 +120,10 @@ def _settings_record(settings: Settings) -> dict:
     for key in ("filters", "dedup"):
         if key in d:
             d[key] = list(d[key])
+    if "filters" in d:  # what the rules measure changed with their version (quality.py)
+        d["filters_version"] = quality.VERSION
     if "minhash" in settings.dedup:  # signatures depend on the library's algorithm version
-        d["minhash_algorithm"] = f"rensa.RMinHash v{dedup.minhash_version()} seed {dedup.MINHASH_SEED}"
+        d["minhash_algorithm"] = dedup.algorithm_record(settings)
     else:
         for key in ("minhash_ngram", "minhash_bands", "minhash_rows"):
             del d[key]
@@ -148,7 +159,7 @@ def _claim_output(out: Path, config: dict, overwrite: bool, comm, tokenizer: Tok
     state = out / ".state" / "config.json"
     own = {p.resolve() for p, _ in tokenizer.all_files()}
     if overwrite:  # every rank: nodes without a shared filesystem have their own copies
-        for name in (*SPLITS, ".state", dedup.LIST_DIR):
+        for name in (*SPLITS, ".state", dedup.LIST_DIR, FILTERED_DIR):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (MANIFEST_NAME, *_TOKENIZER_NAMES):
             if (out / name).resolve() not in own:
@@ -223,7 +234,7 @@ def _batches(
             if kind == SKIP:
                 if run.on_error == "fail" and text in ERROR_REASONS:
                     raise PipelineError(f"{_absolute_loc(src, rng, loc)}: {text} (--on-error fail)")
-                metas.append((SKIP, text, loc, ""))
+                metas.append((SKIP, text, loc, h or ""))
                 continue
             n = len(text)
             pieces = split(text) if split is not None and n > CHUNK_CHARS else [text]
@@ -326,7 +337,7 @@ def _write_batch(writer: UnitWriter, metas: list[Meta], encoded: Encoded, pendin
             toks = np.concatenate((*pending, toks))
             pending.clear()
         if kind == DOC and len(toks) < min_tokens:
-            writer.skip("filter-min_tokens", loc)
+            writer.skip("filter-min_tokens", loc, f"tokens={len(toks)}")
             continue
         writer.add(kind, toks, h)
         docs += kind != PART
@@ -456,6 +467,13 @@ def preprocess(
                                         drops)
     except BaseException as e:  # report on every rank instead of hanging the others in gather
         err, records, stats = e, [], {}
+    # The lists of filtered documents need every unit's line counts (byte ranges): shared by all ranks.
+    every_unit = [u for us in comm.allgather([line_info(r) for r in records]) for u in us]
+    if err is None:
+        try:
+            write_filtered_lists(out, records, every_unit)
+        except BaseException as e:
+            err = e
     failures = comm.gather(None if err is None else f"rank {comm.rank}: {err}", root=0)
     gathered = comm.gather(records, root=0)
     all_stats = comm.gather(stats, root=0)
@@ -539,10 +557,17 @@ def _find_duplicates(out: Path, sources: list[Source], units: list[list[Segment]
         raise err
     if failures:
         raise PipelineError("; ".join(failures))
-    drops = dedup.find_duplicates(out, units, assignment, settings, comm)
-    if comm.rank == 0 and run.progress:
+    scanned = time.perf_counter() - t0
+    drops = dedup.find_duplicates(out, units, assignment, settings, comm, sources, run.workers)
+    if comm.rank == 0:  # one line, with or without --progress: what the scan and the Jaccard check cost
         found = ", ".join(f"{n:,} {why}" for why, n in sorted(drops.counts.items())) or "none"
-        print(f"dedup: {found} in this rank's units ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
+        near = drops.near
+        check = "" if near is None else (
+            f"; near-duplicate check: {near['candidates']:,} LSH candidate(s), {near['removed']:,} removed at "
+            f"Jaccard >= {dedup.jaccard_bound(settings):.3f}, {near['rounds']} round(s), "
+            f"{near['check_s']:.2f}s (re-read {near['reread_s']:.2f}s)")
+        print(f"dedup: {found} in this rank's units (scan {scanned:.2f}s, total {time.perf_counter() - t0:.2f}s"
+              f"{check})", file=sys.stderr)
     return drops
 
 

@@ -9,6 +9,14 @@ pieces were written is rolled back from its shard: a document is written whole o
 Resume: a finished unit writes ``.state/unit_NNNNN.json`` (its record) atomically after its shards are
 renamed into place. A rerun keeps a recorded unit whose shards all still match their checksums and
 redoes any other unit from scratch, so kill -9 at any moment loses at most the units in flight.
+
+Every document a quality rule (or ``--min-tokens``) removed is listed in ``OUT/filtered/unit_NNNNN.tsv``,
+one ``reason<TAB>file:line<TAB>detail`` line each in input order (the detail: what the rule measured,
+``quality.judge``), as ``OUT/duplicates/`` lists the duplicates. A finished unit first writes its list to
+``.state/filtered/`` (atomically, its sha256 in the unit's record, so a resumed run trusts it only
+intact); at the end of the run every rank writes the final lists of its units (``write_filtered_lists``):
+a byte-range unit counts lines from its range start, and only then are the earlier ranges' line counts
+known to make them file lines. The lists are the same bytes for any number of workers and ranks.
 """
 
 from __future__ import annotations
@@ -20,13 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.common.files import atomic_write_json, remove_temp_files, sha256_file
+from lmforge.common.files import atomic_write_bytes, atomic_write_json, remove_temp_files, sha256_file
 
 from ..indexed_dataset import IndexedDatasetWriter
-from ..manifest import MAX_EXAMPLES, SPLITS, shard_entry, shard_files
+from ..manifest import MAX_EXAMPLES, SPLITS, line_bases, shard_entry, shard_files
 from ..readers import DOC, LAST
 from .plan import Segment, shard_prefix, unit_shard_glob
 from .settings import Settings
+
+FILTERED_DIR = "filtered"  # OUT/filtered/unit_NNNNN.tsv: every document a filter removed, and why
+FILTER_PREFIX = "filter-"  # the skip reasons of filters (quality rules, --min-tokens)
 
 
 def doc_hash(text: bytes) -> int:
@@ -51,6 +62,8 @@ class UnitRecord:
     # range start (made absolute in the manifest).
     range_lines: int = 0
     relative_lines: bool = False
+    # sha256 of the unit's list of filtered documents in .state/filtered/ ("" when it removed none).
+    filtered_sha256: str = ""
     # Documents read from each input file of the unit (source index as a string -> count), before the
     # token-count filter: a file that yields none is named in a warning.
     documents_by_source: dict[str, int] = field(default_factory=dict)
@@ -69,19 +82,24 @@ class UnitWriter:
         self.valid_threshold = int(settings.valid_fraction * (1 << 64))
         self.doc_writer: IndexedDatasetWriter | None = None  # holds the streamed document in progress
         self.tokens = 0
+        self.filtered: list[str] = []  # the lines of the unit's list of filtered documents
 
     def skip(self, reason: str, loc: str, kept: str = "") -> None:
-        """A record not written, counted by ``reason``; ``kept`` is the document it duplicates, if any."""
+        """A record not written, counted by ``reason``; ``kept`` is the document it duplicates, if any, or
+        for a filter's removal (``filter-...``) what the filter measured."""
         if self.doc_writer is not None:
             # A SKIP instead of the LAST piece: the streamed document is abandoned; drop its pieces.
             self.tokens -= self.doc_writer.drop_open_document()
             self.doc_writer = None
         self.rec.records_read += 1
         self.rec.skipped[reason] = self.rec.skipped.get(reason, 0) + 1
+        filtered = reason.startswith(FILTER_PREFIX)
+        if filtered:
+            self.filtered.append(f"{reason}\t{loc}\t{kept}\n")
         ex = self.rec.skip_examples.setdefault(reason, [])
         if len(ex) < MAX_EXAMPLES:
             ex.append(loc)
-            if kept:
+            if kept and not filtered:
                 self.rec.duplicate_of.setdefault(reason, []).append(kept)
 
     def _split(self, text_hash: int) -> str:
@@ -144,6 +162,13 @@ class UnitWriter:
             raise RuntimeError(f"unit {self.rec.unit} ended inside a streamed document (a reader bug)")
         for split in SPLITS:
             self._close(split)
+        state = filtered_state_path(self.out, self.rec.unit)
+        if self.filtered:
+            data = "".join(self.filtered).encode("utf-8")
+            atomic_write_bytes(state, data)
+            self.rec.filtered_sha256 = hashlib.sha256(data).hexdigest()
+        else:
+            state.unlink(missing_ok=True)
         return self.rec
 
     def abort(self) -> None:
@@ -158,6 +183,16 @@ class UnitWriter:
 
 def state_path(out: Path, unit: int) -> Path:
     return out / ".state" / f"unit_{unit:05d}.json"
+
+
+def filtered_state_path(out: Path, unit: int) -> Path:
+    """A finished unit's list of filtered documents, its byte-range locations not yet made file lines."""
+    return out / ".state" / FILTERED_DIR / f"unit_{unit:05d}.tsv"
+
+
+def filtered_list_path(out: Path, unit: int) -> Path:
+    """Every document of a unit a filter removed: ``reason<TAB>file:line<TAB>detail`` lines."""
+    return out / FILTERED_DIR / f"unit_{unit:05d}.tsv"
 
 
 def save_done_unit(out: Path, rec: UnitRecord) -> dict:
@@ -181,6 +216,11 @@ def load_done_unit(out: Path, unit: int) -> dict | None:
             for f, sha in shard_files(out, sh):
                 if not f.exists() or sha256_file(f) != sha:
                     return None
+    listed = rec.get("filtered_sha256", "")
+    if listed:
+        f = filtered_state_path(out, unit)
+        if not f.exists() or sha256_file(f) != listed:
+            return None
     return rec
 
 
@@ -190,3 +230,36 @@ def clean_unit(out: Path, unit: int) -> None:
         for f in (out / split).glob(unit_shard_glob(unit)):
             f.unlink()
     remove_temp_files(out / ".state", state_path(out, unit).name)
+    remove_temp_files(filtered_state_path(out, unit).parent, filtered_state_path(out, unit).name)
+
+
+def line_info(rec: dict) -> dict:
+    """What ``manifest.line_bases`` needs of a unit record (every rank shares it with every other)."""
+    return {k: rec[k] for k in ("unit", "segments", "range_lines", "relative_lines")}
+
+
+def write_filtered_lists(out: Path, records: list[dict], every_unit: list[dict]) -> None:
+    """``OUT/filtered/unit_NNNNN.tsv`` of this rank's finished units (``records``) from their lists in
+    ``.state/filtered/``, with file lines (``every_unit``: ``line_info`` of all units of the run); a unit
+    that removed nothing has none. Rewritten on every run: the same bytes each time."""
+    base = line_bases(every_unit)
+    mine = {rec["unit"] for rec in records}
+    for f in (out / FILTERED_DIR).glob(".unit_*.tsv.tmp.*"):  # a killed run's, of this rank's units only
+        if int(f.name.split(".")[1][5:]) in mine:
+            f.unlink(missing_ok=True)
+    for rec in records:
+        u = rec["unit"]
+        final = filtered_list_path(out, u)
+        if not rec.get("filtered_sha256"):
+            final.unlink(missing_ok=True)
+            continue
+        data = filtered_state_path(out, u).read_bytes()
+        b = base.get(u, 0)
+        if b:
+            rows = []
+            for row in data.decode("utf-8").splitlines(keepends=True):
+                why, loc, rest = row.split("\t", 2)
+                path, _, line = loc.rpartition(":")
+                rows.append(f"{why}\t{path}:{b + int(line)}\t{rest}")
+            data = "".join(rows).encode("utf-8")
+        atomic_write_bytes(final, data)

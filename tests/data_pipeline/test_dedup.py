@@ -1,7 +1,9 @@
 """Deduplication (data_pipeline/preprocess/dedup.py): the normalisation, shingles and LSH parameters; the
-clustering; and inside preprocess on the test corpora (1.6 MB, six sources, plus a file of planted
-copies): every planted duplicate found and counted by reason with the kept original named, read =
-written + skipped, the same bytes for 1 and 2 workers and 2 MPI ranks, kill -9 and resume.
+clustering; the check of every near duplicate against the document kept for it (true Jaccard: template
+stubs kept, chains broken, near copies removed); and inside preprocess on the test corpora (1.6 MB, six
+sources, plus a file of planted copies, and real Wikipedia template stubs): every planted duplicate found
+and counted by reason with the kept original named and the Jaccard measured, read = written + skipped,
+the same bytes for 1 and 2 workers and 2 MPI ranks, kill -9 and resume.
 
 Sizes: the test runs use 100-400 KB units, so the corpus is many units (byte ranges of the same file
 among them) spread over workers and ranks, and duplicates are found across units, files and ranks -
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -21,22 +24,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmforge.common.launch_env import SingleProcess
 from lmforge.data_pipeline.manifest import load_manifest
+from lmforge.data_pipeline.preprocess import dedup
 from lmforge.data_pipeline.preprocess.dedup import (
     _clusters,
     _group_edges,
     detection_probability,
     exact_key,
+    jaccard_bound,
     lsh_params,
     normalize_exact,
     parse_modes,
+    shingle_hashes,
     shingles,
 )
+from lmforge.data_pipeline.preprocess.plan import plan_units
+from lmforge.data_pipeline.preprocess.settings import Settings
 from lmforge.data_pipeline.readers import DOC, ReadOptions, expand_inputs, iter_documents
 from tests.data_pipeline.test_preprocess import INPUTS, PY, _finished_units, preprocess, same_tree, tok  # noqa: F401
-from tests.helpers.paths import BIN, ROOT
+from tests.helpers.paths import BIN, CORPUS, ROOT, SAMPLE
 from tests.helpers.planted import jaccard, plant
 from tests.helpers.process import child_env, run_cmd
+
+# Real Wikipedia template stubs (tests/data/corpus/README.md): 84 articles of WikiTasks in two runs, among
+# them Hainan railway stations, Japanese snowboarders and Mitromorpha sea snails, each group sharing a
+# template; LSH clusters 11 of them with another of their group at true Jaccard 0.51-0.64.
+STUBS = CORPUS / "wiki_stubs" / "wiki_00"
 
 
 def test_exact_normalisation():
@@ -79,6 +93,56 @@ def test_clusters_keep_the_smallest_id_and_are_transitive():
     assert dup == {2: 1, 3: 1, 9: 5}
 
 
+def test_shingle_hashes_are_the_shingle_sets():
+    """The check's Jaccard (64-bit hashes of the shingles) is the Jaccard of the shingle strings."""
+    docs = [t for s in expand_inputs([str(p) for p in INPUTS]) for k, t, _ in iter_documents(s, ReadOptions())
+            if k == DOC][:60]
+    for t in docs + ["", "two words", "北京是中华人民共和国的首都"]:
+        assert len(shingle_hashes(t, 5)) == len(set(shingles(t, 5)))
+    for a, b in zip(docs, docs[1:]):
+        assert abs(dedup.jaccard(shingle_hashes(a, 5), shingle_hashes(b, 5)) - jaccard(a, b)) < 1e-12
+    assert jaccard_bound(Settings(dedup=("minhash",))) == pytest.approx(0.719, abs=5e-4)
+
+
+def _edit(words: list[str], lo: int, hi: int) -> list[str]:
+    return [f"{w}x" if lo <= i < hi and i % 2 == 0 else w for i, w in enumerate(words)]
+
+
+def test_near_duplicates_are_checked_against_the_kept_document(tmp_path):
+    """Given LSH edges (here chosen), a member is removed only at true Jaccard >= the bound with its
+    group's first document, found by re-reading both: template stubs that share much but differ are
+    kept, a real near copy is removed, and a chain A~B~C keeps C when C is not near A; the members left
+    over are grouped again among themselves (D2 is a near copy of the kept C)."""
+    stubs = [t for k, t, _ in iter_documents(expand_inputs([str(STUBS)])[0], ReadOptions())
+             if k == DOC and "railway station of Hainan western ring" in t]
+    long_ = [t for s in expand_inputs([str(SAMPLE / "wikipedia")]) for k, t, _ in iter_documents(s, ReadOptions())
+             if k == DOC and len(t.split()) > 600][:2]
+    w = long_[0].split(" ")
+    n = len(w)
+    a, b, c = long_[0], " ".join(_edit(w, 0, n // 10)), " ".join(_edit(_edit(w, 0, n // 10), n // 2, n // 2 + n // 10))
+    d, d2 = long_[1], " ".join(_edit(long_[1].split(" "), 0, 30))
+    docs = [a, b, c, *stubs, d, c + " the end", d2]  # ids 0..; c + " the end": a near copy of C
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    settings = Settings(dedup=("minhash",))
+    sources = expand_inputs([str(f)])
+    units = plan_units(sources, settings.unit_bytes)
+    dedup.scan_unit(tmp_path, sources, 0, units[0], settings)
+    sigs = {0: dedup.load_signatures(tmp_path, 0)}
+    A, B, C, S0, D = 0, 1, 2, 3, 3 + len(stubs)
+    C2, D2 = D + 1, D + 2
+    edges = np.array([[B, A], [C, B], *[[S0 + i, S0] for i in range(1, len(stubs))], [C2, B], [D2, D]], np.int64)
+    found, stats = dedup._verified_near(SingleProcess(), edges, {0: 0}, units, sources, sigs, settings, 2)
+    bound = jaccard_bound(settings)
+    assert jaccard(a, b) >= bound > jaccard(a, c) and jaccard(b, c) >= bound  # the chain
+    assert all(jaccard(stubs[0], x) < bound for x in stubs[1:]) and len(stubs) >= 8
+    assert sorted(found) == [B, C2, D2], found
+    assert found[B][0] == A and found[D2][0] == D and found[C2][0] == C  # C2: second round, rep C
+    for x, (k, j) in found.items():
+        assert j == pytest.approx(jaccard(docs[x], docs[k]), abs=1e-12) and j >= bound
+    assert stats["candidates"] == 3 + len(stubs) - 1 + 1 and stats["removed"] == 3 and stats["rounds"] == 4
+
+
 def planted_inputs(tmp: Path) -> tuple[list, list[tuple[str, int, str]], list[str]]:
     """The test inputs plus a later file of planted copies of their documents."""
     docs = [t for s in expand_inputs([str(p) for p in INPUTS]) for k, t, _ in iter_documents(s, ReadOptions())
@@ -111,7 +175,9 @@ def test_planted_duplicates_found_deterministically(tok, tmp_path):  # noqa: F81
     for why in ("duplicate-exact", "duplicate-near"):
         ex = m["duplicate_examples"][why]
         assert ex and [d["loc"] for d in ex] == m["skip_examples"][why]
-    removed = {loc: (why, kept) for why, loc, kept in listed}
+    removed = {loc: (why, kept, float(j)) for why, loc, kept, j in listed}
+    assert [e["file"] for e in m["removed_lists"]["duplicates"]] == sorted(
+        str(f.relative_to(tmp_path / "w1")) for f in (tmp_path / "w1" / "duplicates").glob("*.tsv"))
     planted = str(tmp_path / "planted.jsonl")
     # Every exact copy is removed as duplicate-exact, its original (an earlier file) kept; every other
     # planted copy at a true 5-gram Jaccard >= 0.85 (found with probability >= 0.988 each by the default
@@ -128,15 +194,16 @@ def test_planted_duplicates_found_deterministically(tok, tmp_path):  # noqa: F81
             assert not got[1].startswith(planted), got  # the original is the one kept
     assert expect_near >= 14  # edit1, header and most reorder copies (edit3/edit5 are below 0.85)
     # Nothing is removed by mistake: every removed document truly resembles the one kept for it (equal
-    # after normalisation, or a 5-gram Jaccard of at least 0.5, which the default bands find with
-    # probability <= 0.053), wherever it is - real near-duplicates in the corpus included.
+    # after normalisation, or a true 5-gram Jaccard of at least the bound, 0.719: each removal is checked
+    # before it is made, and the list gives the Jaccard measured), wherever it is - real near-duplicates
+    # in the corpus included.
     text_at = {loc: t for s in expand_inputs([str(p) for p in inputs])
                for k, t, loc in iter_documents(s, ReadOptions()) if k == DOC}
-    for loc, (why, kept) in removed.items():
+    for loc, (why, kept, j) in removed.items():
         if why == "duplicate-exact":
-            assert normalize_exact(text_at[loc]) == normalize_exact(text_at[kept])
+            assert normalize_exact(text_at[loc]) == normalize_exact(text_at[kept]) and j == 1.0
         else:
-            assert jaccard(text_at[loc], text_at[kept]) >= 0.5, (loc, kept)
+            assert abs(jaccard(text_at[loc], text_at[kept]) - j) < 1e-4 and j >= 0.719, (loc, kept, j)
 
     plain = preprocess(tok, tmp_path / "plain", "--workers", "2", "--unit-bytes", "200k", "--filter", "gopher",
                        inputs=inputs)
@@ -147,13 +214,35 @@ def test_planted_duplicates_found_deterministically(tok, tmp_path):  # noqa: F81
 
 
 @pytest.mark.slow
+def test_template_stubs_kept_near_copies_removed(tok, tmp_path):  # noqa: F811
+    """Real Wikipedia template stubs that LSH clusters (transitive clusters removed 11 of them, at true
+    Jaccard 0.51-0.64 with the kept one) are all kept; the real near duplicates (two dumps' revisions of
+    the same articles, Jaccard >= 0.94) are removed, with the Jaccard measured in the list; the same bytes
+    with 2 workers and 2 MPI ranks."""
+    inputs = [STUBS, CORPUS / "wikipedia/Wikipedia_Json2conll", SAMPLE / "wikipedia"]
+    args = ("--dedup", "minhash", "--unit-bytes", "100k")
+    p = preprocess(tok, tmp_path / "w2", "--workers", "2", *args, inputs=inputs)
+    preprocess(tok, tmp_path / "mpi", "--workers", "1", *args, inputs=inputs, launcher=[BIN / "mpirun", "-n", "2"])
+    same_tree(tmp_path / "w2", tmp_path / "mpi")
+    line = next(x for x in p.stderr.splitlines() if x.startswith("dedup:"))
+    candidates, removed = map(int, re.search(r"([\d,]+) LSH candidate\(s\), ([\d,]+) removed", line).groups())
+    rows = [r.split("\t") for f in sorted((tmp_path / "w2" / "duplicates").glob("*.tsv"))
+            for r in f.read_text().splitlines()]
+    assert removed == len(rows) == 6 and candidates >= removed + 11, line
+    for why, loc, kept, j in rows:
+        assert why == "duplicate-near" and "sample_corpus" in loc and "Json2conll" in kept and float(j) > 0.94
+    assert load_manifest(tmp_path / "w2")["skipped"]["duplicate-near"] == 6
+
+
+@pytest.mark.slow
 def test_dedup_kill_9_and_resume_is_byte_identical(tok, tmp_path):  # noqa: F811
     """kill -9 of the process group during the scan or the tokenizing pass, then the same command: the
-    output is byte-identical to an uninterrupted run; a damaged signature file is scanned again."""
+    output is byte-identical to an uninterrupted run (the lists of duplicates and of filtered documents
+    included); a damaged signature file is scanned again."""
     inputs, _, _ = planted_inputs(tmp_path)
     cmd = [PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
            "--no-progress", "--unit-bytes", "100k", "--max-shard-bytes", "300k", "--valid-fraction", "0.05",
-           "--workers", "2", "--dedup", "exact,minhash"]
+           "--workers", "2", "--dedup", "exact,minhash", "--filter", "gopher"]
     run_cmd([*cmd, "--output", tmp_path / "clean"])
     units = _finished_units(tmp_path / "clean")
     rng = random.Random(1)
