@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after PYTHONPATH: an older source put there is measured (docstring)
 
 RULE_SETS = ("gopher", "repetition", "gopher,repetition")
 

@@ -3,8 +3,8 @@ do (never "a bug in lmforge", never a traceback); the launch scripts find the cl
 shell; and a run that fails on every rank says so once, as the last line of the launch script's output.
 
 The "other Python" is a real one: a virtual environment made with ``python -m venv --without-pip``, which
-has none of lmforge's dependencies, with lmforge's folders importable under their ``lmforge.*`` names (as
-an install of lmforge without its dependencies would be)."""
+has none of lmforge's dependencies, run in the clone's root as a user would (the clone's ``lmforge/``
+folder gives the ``lmforge.*`` names there without an install)."""
 
 from __future__ import annotations
 
@@ -23,16 +23,12 @@ SCRIPTS = ROOT / "launch_scripts"
 
 @pytest.fixture(scope="module")
 def bare_python(tmp_path_factory):
-    """(python, env): a Python without numpy, torch, sentencepiece, ... that can import lmforge."""
+    """(python, env): a Python without numpy, torch, sentencepiece, ..., and nothing on PYTHONPATH."""
     d = tmp_path_factory.mktemp("bare")
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--without-pip", d / "venv"], check=True)
-    src = d / "src" / "lmforge"
-    src.mkdir(parents=True)
-    for name in ("common", "data_pipeline", "model", "trainer"):
-        (src / name).symlink_to(ROOT / name)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-    env.update(PYTHONPATH=str(d / "src"), PATH="/usr/bin:/bin")
+    env.update(PATH="/usr/bin:/bin")
     py = d / "venv" / "bin" / "python"
     probe = subprocess.run([py, "-c", "import numpy"], env=env, capture_output=True)
     assert probe.returncode != 0, "the bare venv has numpy: not the Python this test needs"
