@@ -180,11 +180,20 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in _meta_model(cfg).state_dict().items()}
 
 
-def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
+def _active_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose weights a token multiplies by only in part, or that are not ``nn.Linear`` (a family's
+    experts and router): each says how many of its weights one token uses (``active_params_per_token``)."""
+    return [m for m in model.modules() if hasattr(m, "active_params_per_token")]
+
+
+def num_params(cfg: ModelConfig, non_embedding: bool = False, active: bool = False) -> int:
     """Parameters of the model (a tied head counted once); ``non_embedding``: without the input embedding
-    and an untied output head."""
+    and an untied output head; ``active``: those one token uses (a Mixture of Experts' k of E experts)."""
     model = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    if active:
+        for m in _active_modules(model):
+            total += m.active_params_per_token() - sum(p.numel() for p in m.parameters(recurse=False))
     if non_embedding:
         total -= model.model.embed_tokens.weight.numel()
         if not cfg.tie_word_embeddings:
@@ -193,16 +202,19 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False) -> float:
-    """Training FLOPs per token (forward + backward), counting matmuls only.
+    """Training FLOPs per token (forward + backward), counting matmuls only, of the weights a token uses
+    (a Mixture of Experts' router and its k experts: MFU counts active FLOPs).
 
-    Dense matmuls: 6 · (weights of every ``nn.Linear``, the output head included) per token: 2 for the
-    forward multiply-add, 4 for the two backward matmuls. Attention scores and values: 6 · 2 · L · T · H·D
-    per token (H query heads of width D), counted *without* the causal half (the PaLM/Megatron convention,
-    so MFU figures compare with theirs). Activation recomputation adds one more forward (8 instead of 6)
-    when ``recompute`` is set; MFU conventionally excludes it (that is "HFU"), and callers say which.
+    Dense matmuls: 6 · (weights of every ``nn.Linear``, the output head included, and the active weights
+    of a family's non-Linear matmul modules) per token: 2 for the forward multiply-add, 4 for the two
+    backward matmuls. Attention scores and values: 6 · 2 · L · T · H·D per token (H query heads of width D),
+    counted *without* the causal half (the PaLM/Megatron convention, so MFU figures compare with theirs).
+    Activation recomputation adds one more forward (8 instead of 6) when ``recompute`` is set; MFU
+    conventionally excludes it (that is "HFU"), and callers say which.
     """
     model = _meta_model(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    matmul += sum(m.active_params_per_token() for m in _active_modules(model))
     attn = 2 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim
     mult = 8 if recompute else 6
     return mult * matmul + mult * attn

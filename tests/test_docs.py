@@ -184,8 +184,9 @@ def test_a_family_added_by_following_the_docs(tmp_path, tiny_data):
         if argv[0].endswith("deepspeed"):
             argv[1:1] = ["--master_addr", "127.0.0.1"]
         outputs.append(run_cmd(argv, cwd=work, timeout=600, **env).stdout)
-    count = re.search(r"prints `\['llama', 'olmo', 'qwen3'\]` and `([\d.]+)`", FAMILY_PAGE.read_text())
-    assert count and outputs[0].split() == ["['llama',", "'olmo',", "'qwen3']", count.group(1)], outputs[0]
+    count = re.search(r"prints `\['llama', 'olmo', 'qwen3', 'qwen3_moe'\]` and `([\d.]+)`", FAMILY_PAGE.read_text())
+    assert count and outputs[0].split() == ["['llama',", "'olmo',", "'qwen3',", "'qwen3_moe']", count.group(1)], \
+        outputs[0]
     assert "max abs logit difference" in outputs[1]
     assert "world 2 = dp 1 × tp 2 | ZeRO-3" in outputs[2], outputs[2][-2000:]
     export = work / "runs" / "olmo" / "hf"

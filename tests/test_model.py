@@ -76,7 +76,24 @@ def test_presets_are_what_the_readme_says():
                      r"(\d+) \| (\d+) \| (yes|no) \|", line)
         if m:
             rows[m.group(1)] = m.groups()[1:]
-    assert set(rows) == set(all_presets())
+    moe = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        m = re.match(r"\| `([\w.-]+)` \| (qwen3_moe) \| ([\d.]+) ([MB]) \| ([\d.]+) ([MB]) \| (\d+) \| (\d+) \| "
+                     r"(\d+) / (\d+) \| (\d+) \| (\d+) × (\d+), (\d+) \| ([\w, ]+) \| (yes|no) \|", line)
+        if m:
+            moe[m.group(1)] = m.groups()[1:]
+    assert set(rows) | set(moe) == set(all_presets()) and not set(rows) & set(moe)
+    for name, (family, total, tu, active, au, layers, d, heads, kv, hd, experts, width, k, dense, tied) in moe.items():
+        cfg = get_preset(name)  # at the preset's own vocabulary
+        assert (cfg.family, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                cfg.head_dim, cfg.num_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok,
+                cfg.tie_word_embeddings) == (family, int(layers), int(d), int(heads), int(kv), int(hd), int(experts),
+                                             int(width), int(k), tied == "yes"), name
+        assert [str(i) for i in cfg.mlp_only_layers] == ([] if dense == "none" else dense.split(", ")), name
+        for count, unit, active_only in ((total, tu, False), (active, au, True)):
+            decimals = len(count.partition(".")[2])
+            shown = num_params(cfg, active=active_only) / (1e6 if unit == "M" else 1e9)
+            assert abs(shown - float(count)) <= 0.5 * 10**-decimals + 1e-9, (name, shown, count)
     vocab = {"llama": 32000, "qwen3": 151936}  # the README's columns
     for name, (family, count, unit, layers, d, heads, kv, hd, ff, tied) in rows.items():
         cfg = get_preset(name, vocab_size=vocab[family])

@@ -213,6 +213,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     mcfg, init_state = resolve_model(cfg, tok.vocab_size, init_from)
     layouts.check_tensor_parallel(mcfg, layout.tp)
     layouts.check_sequence_parallel(mcfg, layout.sp)
+    layouts.check_experts(mcfg, layout.tp, layout.sp)
     if layout.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))

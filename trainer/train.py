@@ -68,7 +68,10 @@ class Trainer:
             self.log.console(f"resumed from {r.ckpt_dir / p.tag}{how}: step {r.step}, "
                              f"{r.consumed_samples} samples consumed")
         self.log.console(
-            f"lmforge: {num_params(r.model_config) / 1e6:.1f}M params | world {r.layout.world} = dp {r.layout.dp}"
+            f"lmforge: {num_params(r.model_config) / 1e6:.1f}M params"
+            + (f" ({num_params(r.model_config, active=True) / 1e6:.1f}M active per token)"
+               if num_params(r.model_config, active=True) != num_params(r.model_config) else "")
+            + f" | world {r.layout.world} = dp {r.layout.dp}"
             f" × tp {r.layout.tp}{f' × sp {r.layout.sp}' if r.layout.sp > 1 else ''}"
             f" | ZeRO-{cfg.parallel.zero_stage} | {r.precision} | global batch "
             f"{r.global_batch} × {cfg.data.seq_len} = {r.global_batch * cfg.data.seq_len} tokens/step"
@@ -88,7 +91,13 @@ class Trainer:
             r.train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, r.layout.dp_rank, r.layout.dp,
             consumed_samples=r.consumed_samples, prefetch=cfg.data.prefetch, collate=self._collate)
         self.nonfinite = faults.NonFiniteTracker(cfg.train.max_nonfinite_steps, r.precision)
-        self.sums = StepSums(("loss", "stop", "timeout"))
+        # A Mixture of Experts also sums its loss's parts and each sparse layer's expert load (moe_metrics).
+        module = self.engine.module
+        self.moe = module.moe_blocks() if hasattr(module, "moe_blocks") else []
+        moe_names = ("lm_loss", "aux_loss", "z_loss", "expert_load") if self.moe else ()
+        self.sums = StepSums(("loss", "stop", "timeout", *moe_names),
+                             {"expert_load": len(self.moe) * r.model_config.num_experts} if self.moe else None)
+        self.last_moe: tuple[int, dict] | None = None  # (step, summed MoE values) of the newest record read
         self.skipped: dict[int, bool] = {}  # step -> DeepSpeed skipped its update, until observed
         self.last_loss: tuple[int, float] | None = None  # (step, mean loss across ranks) of the newest record read
         self.stop_at: int | None = None  # the step every rank stops after (a stop request or the timer)
@@ -123,9 +132,14 @@ class Trainer:
         batches = [self._to_device(mb) for mb in self.it.next_microbatches()]
         data_wait = time.time() - t0
         loss_sum = torch.zeros((), device=self.engine.device)
+        moe = [torch.zeros((), device=self.engine.device) for _ in range(3)] + [0] if self.moe else []
         skipped_before = self.engine.skipped_steps
         for b in batches:
             loss = self.engine(**b)
+            if self.moe:  # the parts of this micro-batch's loss and its expert load (the model's stats)
+                st = self.engine.module.stats
+                moe = [moe[0] + st["lm_loss"], moe[1] + st["aux_loss"], moe[2] + st["z_loss"],
+                       moe[3] + st["expert_load"].reshape(-1).double()]
             if self.rank == 0 and r.step + 1 in self.nan_steps:
                 loss = loss * float("nan")
             self.engine.backward(loss)
@@ -136,7 +150,8 @@ class Trainer:
         # DeepSpeed (or deepspeed_compat's ZeRO-0 guard) skipped the update if any gradient was non-finite;
         # skipped_steps is a host counter DeepSpeed keeps (its own overflow check read the device).
         self.skipped[r.step] = self.engine.skipped_steps > skipped_before
-        self.sums.push(r.step, [loss_sum / len(batches), self.stop.poll(), timed_out])
+        self.sums.push(r.step, [loss_sum / len(batches), self.stop.poll(), timed_out,
+                                *[v / len(batches) for v in moe[:3]], *moe[3:]])
         return data_wait
 
     def _read(self, wait_through: int) -> None:
@@ -149,6 +164,8 @@ class Trainer:
         # its loss: the sum over the world / (dp × tp) is the data-parallel mean.
         loss = sums["loss"] / (self.run.layout.world // self.run.layout.sp)
         self.last_loss = (step, loss)
+        if self.moe:
+            self.last_moe = (step, sums)
         if self.nonfinite.observe(step, loss, self.skipped.pop(step), self._last_good):
             self.log.console(f"step {step}: non-finite loss or gradient (loss {loss}), update skipped "
                              f"({self.nonfinite.streak} in a row, {self.nonfinite.total} in this run)")
@@ -250,6 +267,9 @@ class Trainer:
         if r.precision == "fp16":
             m["loss_scale"] = float(self.engine.optimizer.cur_scale)
         self.log.log(r.step, m)
+        if self.last_moe is not None and self.last_moe[0] == r.step:
+            self.log.log(r.step, moe_metrics(self.last_moe[1], len(self.moe), r.layout.world // r.layout.sp),
+                         prefix="moe")
         eta = (cfg.train.max_steps - r.step) * step_time
         self.log.console(
             f"step {r.step}/{cfg.train.max_steps} | loss {loss:.4f} | lr {m['lr']:.2e} | "
@@ -323,6 +343,22 @@ def _grad_norm(engine) -> float:
     if g is None:
         return float("nan")
     return float(g.item() if torch.is_tensor(g) else g)
+
+
+def moe_metrics(sums: dict, layers: int, ranks: int) -> dict[str, float]:
+    """A Mixture of Experts' step record (summed over ranks) -> metrics: the loss's parts (data-parallel
+    means: ``lm_loss``, the load-balancing ``aux_loss``, the router ``z_loss``, before their coefficients)
+    and, per sparse layer i and over all of them, the expert load of the step: ``layer{i}/max_over_mean``
+    (the busiest expert's assignments over the mean: 1 is perfect balance, E means one expert takes all)
+    and ``layer{i}/busiest_share`` (its share of the layer's assignments), from every rank's tokens."""
+    m = {k: sums[k] / ranks for k in ("lm_loss", "aux_loss", "z_loss")}
+    load = torch.tensor(sums["expert_load"]).reshape(layers, -1)
+    ratios = load.max(dim=1).values / load.mean(dim=1).clamp_min(1e-9)
+    shares = load.max(dim=1).values / load.sum(dim=1).clamp_min(1e-9)
+    for i, (ratio, share) in enumerate(zip(ratios.tolist(), shares.tolist())):
+        m[f"layer{i}/max_over_mean"], m[f"layer{i}/busiest_share"] = ratio, share
+    m["max_over_mean"] = float(ratios.max())
+    return m
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,11 @@ class HFAdapter:
         and why for anything this family's module cannot represent.
     to_hf_name / from_hf_name: parameter names both ways (identity where the module keeps HF's names;
         from_hf_name returns None for tensors to skip, such as old exports' rotary ``inv_freq``).
+    to_hf_tensors: (lmforge name, shape) -> [(HF name, HF shape, slice)] where one lmforge tensor is several
+        on disk (Qwen3-MoE's stacked experts: ``slice`` = (index, first row, end row) of the stacked tensor;
+        None = the whole tensor under ``to_hf_name``). None: one tensor each.
+    from_hf_stacked: an on-disk name that is a slice of a stacked lmforge tensor -> (lmforge name, index,
+        which part), else None (the inverse of ``to_hf_tensors``, for import). None: no stacked tensors.
     """
 
     architectures: tuple[str, ...]
@@ -37,6 +42,14 @@ class HFAdapter:
     from_hf_config: Callable[[dict, str], ModelConfig]
     to_hf_name: Callable[[str], str] = _same
     from_hf_name: Callable[[str], str | None] = _same
+    to_hf_tensors: Callable | None = None
+    from_hf_stacked: Callable | None = None
+
+    def hf_tensors(self, name: str, shape) -> list[tuple[str, tuple, object]]:
+        """[(HF name, HF shape, slice or None)] of one lmforge tensor (``to_hf_tensors``)."""
+        if self.to_hf_tensors is None:
+            return [(self.to_hf_name(name), tuple(shape), None)]
+        return self.to_hf_tensors(name, shape)
 
     @property
     def architecture(self) -> str:

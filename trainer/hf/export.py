@@ -31,6 +31,7 @@ tokens and, where the loaded class or its pipeline shows it, why.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -148,6 +149,39 @@ def write_readme(out: Path, state: CheckpointState, cfg: ModelConfig, source: st
     (out / "README.md").write_text("\n".join(lines))
 
 
+def hf_weights(adapter, getters: dict, shapes: dict) -> tuple[dict, dict]:
+    """The checkpoint's tensor getters and shapes under the Hugging Face names on disk: one tensor each, or
+    several slices of one (a family's stacked experts, ``HFAdapter.to_hf_tensors``), the stacked tensor read
+    once for all of its slices."""
+    hf_getters, hf_shapes = {}, {}
+    for k, get in getters.items():
+        pieces = adapter.hf_tensors(k, shapes[k])
+        if len(pieces) == 1 and pieces[0][2] is None:
+            hf_getters[pieces[0][0]], hf_shapes[pieces[0][0]] = get, shapes[k]
+            continue
+        source = _Slices(get, len(pieces))
+        for name, shape, (index, lo, hi) in pieces:
+            hf_getters[name] = functools.partial(source.take, index, lo, hi)
+            hf_shapes[name] = torch.Size(shape)
+    return hf_getters, hf_shapes
+
+
+class _Slices:
+    """One stacked tensor read once for its ``n`` slices, and let go after the last is taken."""
+
+    def __init__(self, get, n: int):
+        self.get, self.left, self.tensor = get, n, None
+
+    def take(self, index: int, lo: int, hi: int) -> torch.Tensor:
+        if self.tensor is None:
+            self.tensor = self.get()
+        out = self.tensor[index, lo:hi].clone()
+        self.left -= 1
+        if self.left == 0:
+            self.tensor = None
+        return out
+
+
 def write_weights(out: Path, getters: dict, dtype: torch.dtype, max_shard_bytes: int,
                   shapes: dict[str, torch.Size]) -> None:
     """model.safetensors, or shards plus model.safetensors.index.json above ``max_shard_bytes``."""
@@ -203,9 +237,8 @@ def export(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "fp3
         getters, source = weight_source(tag_dir, state, scratch=scratch)
         with atomic_dir(out) as tmp:
             t0 = time.time()
-            shapes = parameter_shapes(cfg)
-            write_weights(tmp, {adapter.to_hf_name(k): g for k, g in getters.items()}, torch_dtype, max_bytes,
-                          {adapter.to_hf_name(k): v for k, v in shapes.items()})
+            hf_getters, hf_shapes = hf_weights(adapter, getters, parameter_shapes(cfg))
+            write_weights(tmp, hf_getters, torch_dtype, max_bytes, hf_shapes)
             write_config(tmp, cfg, state, dtype)
             changes: list[str] = []
             if resolve_tokenizer(tok_file).kind == HF:

@@ -69,19 +69,42 @@ def _weight_files(d: Path) -> list[Path]:
 
 def _read_state(files: list[Path], cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
     shapes = parameter_shapes(cfg)
-    from_hf = family_of(cfg).hf.from_hf_name
+    adapter = family_of(cfg).hf
+    from_hf = adapter.from_hf_name
     state: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}  # stacked name -> (index, part) -> tensor
     for f in files:
         if not f.is_file():
             raise HFImportError(f"{f}: listed in the index but missing")
         with safe_open(str(f), framework="pt") as sf:
             for hf_name in sf.keys():
+                stacked = adapter.from_hf_stacked(hf_name) if adapter.from_hf_stacked else None
+                if stacked is not None:  # one expert's matrix of a stacked lmforge tensor
+                    k, index, part = stacked
+                    if k not in shapes:
+                        raise HFImportError(f"{f}: tensor {hf_name} has no counterpart in lmforge's {cfg.family} "
+                                            "model")
+                    parts.setdefault(k, {})[(index, part)] = sf.get_tensor(hf_name)
+                    continue
                 k = from_hf(hf_name)
                 if k is None:
                     continue  # derived from the config (rotary inv_freq in old exports)
                 if k not in shapes:
                     raise HFImportError(f"{f}: tensor {hf_name} has no counterpart in lmforge's {cfg.family} model")
                 state[k] = sf.get_tensor(hf_name)
+    for k, got in parts.items():
+        pieces = adapter.hf_tensors(k, shapes[k])  # the on-disk tensors this one is made of, in order
+        by_name = {adapter.from_hf_stacked(name)[1:]: (name, shape) for name, shape, _ in pieces}
+        lost = [name for key, (name, _) in by_name.items() if key not in got]
+        if lost:
+            raise HFImportError(f"{where}: missing weights {lost[:5]}{' ...' if len(lost) > 5 else ''}")
+        out = torch.empty(shapes[k], dtype=next(iter(got.values())).dtype)
+        for (name, shape, (index, lo, hi)) in pieces:
+            t = got[adapter.from_hf_stacked(name)[1:]]
+            if tuple(t.shape) != tuple(shape):
+                raise HFImportError(f"{where}: {name} has shape {tuple(t.shape)}, config implies {tuple(shape)}")
+            out[index, lo:hi] = t
+        state[k] = out
     if cfg.tie_word_embeddings:
         emb = state.get("model.embed_tokens.weight")
         head = state.pop("lm_head.weight", None)

@@ -60,8 +60,12 @@ class StepSums:
 
     LAG = 2
 
-    def __init__(self, names: tuple[str, ...]):
+    def __init__(self, names: tuple[str, ...], sizes: dict[str, int] | None = None):
+        """``sizes``: entries of ``names`` that are vectors of that many values (pushed as 1-D tensors and
+        read back as lists); every other entry is one number."""
         self.names = names
+        self.sizes = {n: (sizes or {}).get(n, 1) for n in names}
+        self.vectors = set(sizes or ())
         self.device = collective_device()
         # (step, all-reduce work, result, CUDA event, pinned input kept alive until the copy is done)
         self._pending: list[tuple[int, object, torch.Tensor, object, torch.Tensor]] = []
@@ -73,8 +77,8 @@ class StepSums:
         if cuda:  # a copy from pinned memory does not make the host wait for the device
             numbers = numbers.pin_memory()
         it = iter(numbers.to(self.device, non_blocking=True))
-        t = torch.stack([v.detach().reshape(()).to(torch.float64) if torch.is_tensor(v) else next(it)
-                         for v in values])
+        t = torch.cat([v.detach().reshape(-1).to(device=self.device, dtype=torch.float64) if torch.is_tensor(v)
+                       else next(it).reshape(1) for v in values])
         work = dist.all_reduce(t, async_op=True)
         event = None
         if cuda:
@@ -98,5 +102,10 @@ class StepSums:
             else:
                 work.wait()
             self._pending.pop(0)
-            out.append((step, dict(zip(self.names, t.tolist()))))
+            flat, record, at = t.tolist(), {}, 0
+            for name in self.names:
+                n = self.sizes[name]
+                record[name] = flat[at:at + n] if name in self.vectors else flat[at]
+                at += n
+            out.append((step, record))
         return out
