@@ -72,9 +72,9 @@ def test_qwen3_config_json_is_read_and_refused_where_it_must_be():
             model_config_from_hf({**base, **change})
     # Any other architecture: one line naming the entry found and what lmforge imports.
     with pytest.raises(HFImportError) as e:
-        model_config_from_hf({**base, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"})
+        model_config_from_hf({**base, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral"})
     msg = str(e.value)
-    assert "\n" not in msg and "['Qwen3MoeForCausalLM']" in msg
+    assert "\n" not in msg and "['MixtralForCausalLM']" in msg
     assert "LlamaForCausalLM" in msg and "Qwen3ForCausalLM (qwen3)" in msg and "(llama)" in msg
 
 
