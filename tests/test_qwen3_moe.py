@@ -226,3 +226,31 @@ def test_experts_with_tensor_or_sequence_parallelism_are_refused_at_start_up():
         with pytest.raises(ConfigError, match=f"parallel.{key}=2 with a qwen3_moe model \\(num_experts=8\\): not "
                                               f"supported.*set parallel.{key}=1"):
             check_experts(cfg, tp, sp)
+
+
+@pytest.mark.slow
+def test_a_stopped_qwen3_moe_run_resumes_bitwise(tmp_path, tiny_data):
+    """2 ranks, ZeRO-2, the debug MoE preset: a run stopped by the stop file after step 1 (checkpoint) and
+    started again gives the uninterrupted run's losses and expert metrics, bit for bit, at every step."""
+    from tests.helpers.runs import deepspeed_train, read_metrics, write_config
+
+    def config(run):
+        return write_config(tmp_path / f"{run.name}.yaml", tiny_data, run, model={"preset": "qwen3-moe-debug"},
+                            train={"max_steps": 5, "micro_batch_size": 2, "seed": 7, "precision": "fp32"},
+                            checkpoint={"interval": 0})
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    deepspeed_train(config(ref), [], nproc=2)
+    run.mkdir()
+    (run / "STOP").touch()
+    assert "stopping on the stop file" in deepspeed_train(config(run), [], nproc=2).stdout
+    assert "resumed from" in deepspeed_train(config(run), [], nproc=2).stdout
+
+    def rows(d, kind):
+        return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "tokens_per_s_per_device",
+                                                            "tflops_per_device", "step_time_s", "data_wait_frac",
+                                                            "mfu", "rss_peak_gb") and not k.startswith("mem")}
+                for r in read_metrics(d, kind)]
+    for kind in ("train", "moe"):
+        got = {r["step"]: r for r in rows(run, kind)}
+        assert [got[r["step"]] for r in rows(ref, kind)] == rows(ref, kind), kind
