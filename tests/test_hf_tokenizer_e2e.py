@@ -20,6 +20,7 @@ from lmforge.data_pipeline.indexed_dataset import IndexedDataset
 from lmforge.data_pipeline.manifest import load_manifest, shard_prefixes
 from lmforge.trainer.hf.tokenizer import PARITY_TEXTS
 from tests.helpers.checkpoints import held_out_texts
+from tests.helpers.models import perturb_norms
 from tests.helpers.paths import SAMPLE
 from tests.helpers.process import run_cmd
 from tests.helpers.runs import deepspeed_train, hf_loss_on_packed_samples, read_metrics, write_config
@@ -57,10 +58,7 @@ def _random_hf_model(tok_dir, out, vocab_size=MODEL_VOCAB):
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     hf = HFLlama(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(hf)  # norms at 1 would hide a misplaced norm
     hf.save_pretrained(out)
     tok.save_pretrained(out)
     return hf, tok

@@ -13,6 +13,7 @@ import torch
 
 from lmforge.model import build_model
 from lmforge.trainer.hf.importer import HFImportError, import_hf, load_hf_weights, model_config_from_hf
+from tests.helpers.models import perturb_norms
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -26,10 +27,7 @@ def _random_hf(tmp_path, tie: bool, vocab_size: int = 300):
                       rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=tie)
     torch.manual_seed(0)
     hf = HFLlama(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1: perturb them so a swapped norm would show
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(hf)  # norms at 1 would hide a misplaced norm
     hf.save_pretrained(tmp_path / "hf")
     return hf, tmp_path / "hf"
 

@@ -22,6 +22,7 @@ import torch
 
 from lmforge.data_pipeline.gpt_dataset import build_dataset
 from lmforge.trainer.hf.importer import HFImportError, load_hf_weights, model_config_from_hf
+from tests.helpers.models import perturb_norms
 from tests.helpers.process import run_cmd
 from tests.helpers.runs import deepspeed_train, hf_loss_on_packed_samples, read_metrics, write_config
 
@@ -45,10 +46,7 @@ def random_qwen3(out, vocab_size: int = VOCAB, tie: bool = False):
                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=tie)
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF inits norms to 1: perturb them so a swapped or misplaced norm would show
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(hf)  # norms at 1 would hide a misplaced norm
     hf.save_pretrained(out)
     return hf
 

@@ -20,6 +20,7 @@ from lmforge.model import IGNORE_INDEX, build_config, build_model, flops_per_tok
 from lmforge.model.qwen3_moe.hf import from_hf_config, to_hf_config
 from lmforge.trainer.hf.export import hf_weights
 from lmforge.trainer.hf.importer import HFImportError, load_hf_weights
+from tests.helpers.models import perturb_norms
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 VOCAB = 1024
@@ -45,10 +46,7 @@ def hf_twin(cfg, model):
 def perturbed(cfg):
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    with torch.no_grad():  # norms at 1 would hide a norm applied to the wrong tensor
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(model)  # norms at 1 would hide a misplaced norm
     return model
 
 
@@ -152,10 +150,7 @@ def random_qwen3_moe(out):
                          router_aux_loss_coef=0.01)
     torch.manual_seed(0)
     hf = Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(hf)  # norms at 1 would hide a misplaced norm
     hf.save_pretrained(out)
     return hf
 
