@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..qwen3.config import Qwen3Config
+from ..common.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class Qwen3MoeConfig(Qwen3Config):
-    """A Qwen3 decoder (qk-norm attention, explicit ``head_dim``, Qwen3's defaults) whose MLPs are sparse
-    Mixtures of Experts.
+class Qwen3MoeConfig(ModelConfig):
+    """A Qwen3 decoder (qk-norm attention, explicit ``head_dim``, Qwen3's defaults: families do not import
+    each other, tests/test_layout.py) whose MLPs are sparse Mixtures of Experts.
 
     num_experts: experts per sparse layer (E); each a SwiGLU of width ``moe_intermediate_size``.
     num_experts_per_tok: experts each token is routed to (top-k of a softmax router).
@@ -28,6 +28,11 @@ class Qwen3MoeConfig(Qwen3Config):
 
     family: ClassVar[str] = "qwen3_moe"
 
+    vocab_size: int = 151936
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    head_dim: int = 128
     num_experts: int = 128
     num_experts_per_tok: int = 8
     moe_intermediate_size: int = 768
