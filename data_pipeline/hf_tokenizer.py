@@ -195,11 +195,9 @@ def choose_eod(path: str | os.PathLike, tok=None, eod_token: str | None = None) 
     return tok.token_to_id(docs[0]), docs[0], "the vocabulary (no eos_token named beside it)"
 
 
-def special_ids(path: str | os.PathLike, tok=None, eod_token: str | None = None) -> dict[str, int]:
-    """bos/eos/unk/pad ids (-1 = none) of the tokenizer.json at ``path`` (module docstring: where from);
-    ``eos_id`` is the end of document (``choose_eod``)."""
+def _specials(path: str | os.PathLike, tok, eod_token: str | None) -> tuple[dict[str, int], str, str]:
+    """(bos/eos/unk/pad ids, the end-of-document token, where it came from) of the tokenizer.json at ``path``."""
     path = Path(path)
-    tok = tok or load(path)
     names, where = _named_specials(path)
     ids = {}
     for key in ("bos_token", "unk_token", "pad_token"):
@@ -208,20 +206,25 @@ def special_ids(path: str | os.PathLike, tok=None, eod_token: str | None = None)
         if name is not None and i is None:
             raise TokenizerError(f"{where[key]}: {key} {name!r} is not a token of {path}")
         ids[key.replace("_token", "_id")] = -1 if i is None else i
-    ids["eos_id"] = choose_eod(path, tok, eod_token)[0]
+    ids["eos_id"], token, source = choose_eod(path, tok, eod_token)
     if ids["unk_id"] < 0:
         unk = read_json_cached(path)["model"].get("unk_token")
         if isinstance(unk, str) and tok.token_to_id(unk) is not None:
             ids["unk_id"] = tok.token_to_id(unk)
-    return ids
+    return ids, token, source
+
+
+def special_ids(path: str | os.PathLike, tok=None, eod_token: str | None = None) -> dict[str, int]:
+    """bos/eos/unk/pad ids (-1 = none) of the tokenizer.json at ``path`` (module docstring: where from);
+    ``eos_id`` is the end of document (``choose_eod``)."""
+    return _specials(path, tok or load(path), eod_token)[0]
 
 
 def info(path: str | os.PathLike, eod_token: str | None = None) -> dict:
     """sha256, vocab size, special ids and the end of document's token and source (what the manifest
     records), as ``tokenizer.tokenizer_info``."""
     tok = load(path)
-    ids = special_ids(path, tok, eod_token)
-    _, token, source = choose_eod(path, tok, eod_token)
+    ids, token, source = _specials(path, tok, eod_token)
     return {"sha256": sha256_file(path), "vocab_size": vocab_size(tok), "eos_id": ids["eos_id"],
             "bos_id": ids["bos_id"], "unk_id": ids["unk_id"], "pad_id": ids["pad_id"], "path": str(path),
             "eod_token": token, "eod_source": source}

@@ -106,7 +106,7 @@ def test_per_expert_names_on_disk_both_ways(tmp_path):
     """The export's safetensors name every expert's matrices (what released checkpoints and transformers 4
     hold); transformers 5 loads them into its stacked experts with the same logits, and import stacks them
     back bit for bit. A missing expert is an import error naming it."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     cfg = small_cfg()
@@ -135,7 +135,6 @@ def test_per_expert_names_on_disk_both_ways(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(HFImportError, match=r"missing weights \['model.layers.2.mlp.experts.3.gate_proj.weight'\]"):
         load_hf_weights(tmp_path)
-    assert load_file(str(tmp_path / "model.safetensors"))  # (the file itself is fine)
 
 
 def random_qwen3_moe(out):

@@ -491,7 +491,7 @@ def preprocess(
         manifest = assemble(config, unit_records, model_path, tokenizer.name,
                             eod={"eod_token": tok["eod_token"], "eod_source": tok["eod_source"]})
         if manifest["records"]["written"] == 0:
-            raise PipelineError(nothing_written(manifest, settings))
+            raise PipelineError(nothing_written(manifest))
         for path in files_without_documents(sources, unit_records):
             print(f"warning: {path}: no document read from it (its records were skipped; the manifest's skip "
                   "reasons and examples say why)", file=sys.stderr)
@@ -528,7 +528,7 @@ def files_without_documents(sources: list[Source], unit_records: list[dict]) -> 
     return [sources[si].path for si, n in sorted(found.items()) if n == 0]
 
 
-def nothing_written(manifest: dict, settings: Settings) -> str:
+def nothing_written(manifest: dict) -> str:
     """The error of a run that wrote no document: the records read and why each was skipped."""
     r = manifest["records"]
     reasons = []
