@@ -156,11 +156,14 @@ def random_qwen3_moe(out):
 
 @pytest.mark.slow
 def test_imported_qwen3_moe_trains_logs_its_experts_exports_and_resumes_elsewhere(tmp_path, tiny_data):
-    """import_hf of a transformers Qwen3-MoE -> 3 steps on 2 ranks (data parallel, ZeRO-3: the stacked
-    expert tensors partitioned, fp32) -> the first step's language-model loss equals transformers' on the same
-    samples; metrics.jsonl has the auxiliary losses and every sparse layer's expert load -> export_hf
-    (verified: weights bit-exact, logits) reloads in transformers with our logits -> the step-3 checkpoint
-    resumes on 1 rank (universal conversion) and its first loss equals transformers' on the export."""
+    """import_hf of a transformers Qwen3-MoE -> 3 steps on 2 ranks at expert parallel 2 (DeepSpeed AutoEP: 4
+    experts per rank, tokens exchanged by all-to-all; ZeRO-3 partitions each rank's 4 × 64 × 32 expert
+    tensors, above its 640-value persistence threshold; fp32) -> the first step's language-model loss equals
+    transformers' on the same samples; metrics.jsonl and TensorBoard have the auxiliary losses and every
+    sparse layer's expert load -> the step-3 checkpoint resumes on 1 rank at expert parallel 1 (universal
+    conversion: AutoEP's expert shards joined) -> export_hf of that checkpoint (AutoEP's names mapped back;
+    verified: weights bit-exact, logits) reloads in transformers, whose loss on the step-4 samples equals the
+    resumed run's."""
     import shutil
     import sys
 
@@ -175,9 +178,10 @@ def test_imported_qwen3_moe_trains_logs_its_experts_exports_and_resumes_elsewher
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, model={"init_from_hf": str(init)},
                        train={"max_steps": 3, "micro_batch_size": 2, "seed": 7, "precision": "fp32"},
                        optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1}, checkpoint={"interval": 3},
-                       parallel={"zero_stage": 3})
+                       parallel={"zero_stage": 3, "expert_parallel": 2})
     out = deepspeed_train(cfg, ["model.preset=null"], nproc=2)
-    assert "world 2 = dp 2 × tp 1 | ZeRO-3" in out.stdout and "active per token" in out.stdout, out.stdout[-3000:]
+    assert "world 2 = dp 2 × tp 1 | experts over groups of 2 ranks (DeepSpeed AutoEP) | ZeRO-3" in out.stdout
+    assert "active per token" in out.stdout, out.stdout[-3000:]
     rows, moe = read_metrics(run), read_metrics(run, kind="moe")
     assert [r["step"] for r in rows] == [1, 2, 3] == [r["step"] for r in moe]
     train = build_dataset([(str(tiny_data["data"]), 1.0)], "train", 64, 16, 7, cache_dir=None)
@@ -189,15 +193,22 @@ def test_imported_qwen3_moe_trains_logs_its_experts_exports_and_resumes_elsewher
         assert r["max_over_mean"] == max(r["layer0/max_over_mean"], r["layer1/max_over_mean"])
         assert r["aux_loss"] >= 1.0  # E · Σ f·P >= 1, equality at perfect balance
     assert rows[-1]["loss"] < rows[0]["loss"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tensorboard"))
+    tb.Reload()
+    for key in ("lm_loss", "aux_loss", "z_loss", "max_over_mean", "layer0/max_over_mean", "layer1/busiest_share"):
+        events = {e.step: e.value for e in tb.Scalars(f"moe/{key}")}
+        assert [events[r["step"]] for r in moe] == pytest.approx([r[key] for r in moe], rel=1e-6), key
 
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed)
     cfg2 = write_config(tmp_path / "cfg2.yaml", tiny_data, resumed, model={"init_from_hf": str(init)},
                         train={"max_steps": 4, "micro_batch_size": 4, "seed": 7, "precision": "fp32"},
                         optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 1}, checkpoint={"interval": 3},
-                        parallel={"zero_stage": 3})
+                        parallel={"zero_stage": 3, "expert_parallel": 1})
     out = deepspeed_train(cfg2, ["model.preset=null"], nproc=1)
-    assert "resumed from" in out.stdout, out.stdout[-3000:]
+    assert "expert parallel 2 -> 1" in out.stdout and "resumed from" in out.stdout, out.stdout[-3000:]
     run_cmd([py, "-m", "lmforge.trainer.export_hf", "--checkpoint", resumed / "checkpoints", "--output", export,
              "--step", "3"])
     from transformers import AutoModelForCausalLM
@@ -223,21 +234,52 @@ def test_experts_with_tensor_or_sequence_parallelism_are_refused_at_start_up():
 
 
 @pytest.mark.slow
-def test_a_stopped_qwen3_moe_run_resumes_bitwise(tmp_path, tiny_data):
-    """2 ranks, ZeRO-2, the debug MoE preset: a run stopped by the stop file after step 1 (checkpoint) and
-    started again gives the uninterrupted run's losses and expert metrics, bit for bit, at every step."""
-    from tests.helpers.runs import deepspeed_train, read_metrics, write_config
+@pytest.mark.parametrize("expert_parallel,how", [(0, "stop file"), (2, "kill -9")])
+def test_a_stopped_qwen3_moe_run_resumes_bitwise(tmp_path, tiny_data, expert_parallel, how):
+    """2 ranks, ZeRO-2, the debug MoE preset: with the reference experts, a run stopped by the stop file after
+    step 1 (it saves); at expert parallel 2 (AutoEP: each rank saves its 4 experts in DeepSpeed's per-expert
+    files), the launcher's whole session SIGKILLed once the step-2 checkpoint is complete (a node failure; the
+    steps after it are lost). Started again, either gives the uninterrupted run's losses and expert metrics,
+    bit for bit, at every step."""
+    import os
+    import signal
+    import subprocess
+    import time
 
-    def config(run):
+    from lmforge.trainer import checkpoint
+    from tests.helpers.paths import ROOT
+    from tests.helpers.process import child_env, free_port
+    from tests.helpers.runs import deepspeed_args, deepspeed_train, read_metrics, write_config
+
+    def config(run, interval=0):
         return write_config(tmp_path / f"{run.name}.yaml", tiny_data, run, model={"preset": "qwen3-moe-debug"},
                             train={"max_steps": 5, "micro_batch_size": 2, "seed": 7, "precision": "fp32"},
-                            checkpoint={"interval": 0})
+                            checkpoint={"interval": interval}, parallel={"zero_stage": 2,
+                                                                         "expert_parallel": expert_parallel})
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     deepspeed_train(config(ref), [], nproc=2)
     run.mkdir()
-    (run / "STOP").touch()
-    assert "stopping on the stop file" in deepspeed_train(config(run), [], nproc=2).stdout
+    if how == "stop file":
+        (run / "STOP").touch()
+        assert "stopping on the stop file" in deepspeed_train(config(run), [], nproc=2).stdout
+    else:
+        cfg = config(run, interval=2)
+        with open(tmp_path / "killed.log", "w") as out:
+            proc = subprocess.Popen([str(a) for a in deepspeed_args(cfg, [], 2, free_port())], cwd=ROOT,
+                                    env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while checkpoint.latest_tag(run / "checkpoints") is None:
+                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
+                assert time.time() < deadline, "no checkpoint after 300 s"
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert max(r["step"] for r in read_metrics(run)) < 5, "the run finished before the kill"
     assert "resumed from" in deepspeed_train(config(run), [], nproc=2).stdout
 
     def rows(d, kind):

@@ -36,7 +36,7 @@ from . import checkpoint
 from .batching import BatchTransform, resolve_attention_kernel
 from .checkpoint import resume
 from .config import ConfigError, RunConfig, check_global_batch, dump_config
-from .parallel import distributed, engine, transforms
+from .parallel import distributed, engine, experts, transforms
 from .parallel import layout as layouts
 from .parallel.ds_config import build_ds_config, resolve_precision
 
@@ -214,6 +214,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     layouts.check_tensor_parallel(mcfg, layout.tp)
     layouts.check_sequence_parallel(mcfg, layout.sp)
     layouts.check_experts(mcfg, layout.tp, layout.sp)
+    experts.check(mcfg, cfg.parallel, layout.world, cfg.train.compile, precision)
     if layout.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))

@@ -160,6 +160,13 @@ class ParallelSection:
         Costs weights / ranks-per-node of memory per rank. Must divide the world size.
     zero_quantized_weights / zero_quantized_gradients: ZeRO++ qwZ (int8 weight all-gathers) and qgZ
         (int4 gradient reduce-scatter) for ZeRO-3; CUDA only (DeepSpeed's quantizer kernels).
+    expert_parallel: Mixture-of-Experts models only. 0 (default) = the model's own experts, the reference
+        implementation (a loop over experts; what runs on CPU and one device without DeepSpeed's kernels);
+        E >= 1 = DeepSpeed AutoEP replaces every sparse block with grouped-GEMM experts
+        (``torch._grouped_mm``) spread over groups of E ranks, tokens exchanged by all-to-all (E = 1: the
+        grouped GEMM without exchange, the fast path on one GPU). E must divide the world size and
+        num_experts; ZeRO 0-3; not with tensor or sequence parallelism, offload or train.compile
+        (docs/mixture-of-experts.md says why). Results match the reference (tests/test_expert_parallel.py).
     activation_checkpointing: 0 = off, N = recompute every N-th decoder layer (1 = every layer);
         torch non-reentrant checkpointing, bitwise-identical gradients.
     offload: none | optimizer | optimizer+params (ZeRO CPU offload; params needs stage 3).
@@ -186,6 +193,7 @@ class ParallelSection:
     zero_hpz_partition_size: int = 1
     zero_quantized_weights: bool = False
     zero_quantized_gradients: bool = False
+    expert_parallel: int = 0
     activation_checkpointing: int = 0
     offload: str = "none"
     loss_chunk_tokens: int = 2048
@@ -408,6 +416,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("parallel.sequence_parallel must be >= 1")
     if p.zero_hpz_partition_size < 1:
         raise ConfigError("parallel.zero_hpz_partition_size must be >= 1 (1 = off)")
+    if p.expert_parallel < 0:
+        raise ConfigError("parallel.expert_parallel must be >= 0 (0 = the reference experts, E >= 1 = DeepSpeed "
+                          "AutoEP over groups of E ranks)")
     if (p.zero_hpz_partition_size > 1 or p.zero_quantized_weights or p.zero_quantized_gradients) \
             and p.zero_stage != 3:
         raise ConfigError("parallel.zero_hpz_partition_size / zero_quantized_weights / zero_quantized_gradients "

@@ -73,7 +73,9 @@ class Trainer:
                if num_params(r.model_config, active=True) != num_params(r.model_config) else "")
             + f" | world {r.layout.world} = dp {r.layout.dp}"
             f" × tp {r.layout.tp}{f' × sp {r.layout.sp}' if r.layout.sp > 1 else ''}"
-            f" | ZeRO-{cfg.parallel.zero_stage} | {r.precision} | global batch "
+            + (f" | experts over groups of {cfg.parallel.expert_parallel} ranks (DeepSpeed AutoEP)"
+               if cfg.parallel.expert_parallel else "")
+            + f" | ZeRO-{cfg.parallel.zero_stage} | {r.precision} | global batch "
             f"{r.global_batch} × {cfg.data.seq_len} = {r.global_batch * cfg.data.seq_len} tokens/step"
             f" | steps {r.step}->{cfg.train.max_steps}"
         )
@@ -221,6 +223,7 @@ class Trainer:
             precision=r.precision, zero_stage=self.cfg.parallel.zero_stage, tensor_parallel=r.layout.tp,
             data_parallel=r.layout.dp, world_size=r.layout.world, global_batch_size=r.global_batch,
             sequence_parallel=r.layout.sp,
+            expert_parallel=r.cfg.parallel.expert_parallel,
             train_loss=last_loss, eval_loss=eval_loss)
         t0 = time.time()
         if self.cfg.checkpoint.async_save and not final:

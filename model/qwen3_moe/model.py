@@ -86,21 +86,21 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """``gate`` (the router) and ``experts``; keeps the last forward's router logits and top-k ids
-    (``router_logits``, ``top_i``) for the model's auxiliary losses and load statistics."""
+    """``gate`` (the router) and ``experts``; keeps the last forward's router logits (``router_logits``, (N, E))
+    for the model's auxiliary losses and load statistics. A block that replaces it from outside (DeepSpeed
+    AutoEP, ``trainer/parallel/experts.py``) provides the same attribute."""
 
     def __init__(self, cfg: Qwen3MoeConfig):
         super().__init__()
         self.gate = TopKRouter(cfg)
         self.experts = Experts(cfg)
         self.router_logits: torch.Tensor | None = None
-        self.top_i: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         flat = x.reshape(-1, d)
         logits, top_w, top_i = self.gate(flat)
-        self.router_logits, self.top_i = logits, top_i
+        self.router_logits = logits
         return self.experts(flat, top_i, top_w).reshape(B, T, d)
 
 
@@ -148,8 +148,9 @@ class Qwen3MoeForCausalLM(CausalLM):
             # down_proj adds to the residual stream: GPT-2's std / sqrt(2L), as for dense layers
             nn.init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
 
-    def moe_blocks(self) -> list[SparseMoeBlock]:
-        return [m.mlp for m in self.model.layers if isinstance(getattr(m, "mlp", None), SparseMoeBlock)]
+    def moe_blocks(self) -> list[nn.Module]:
+        """The sparse layers' MLPs: ``SparseMoeBlock``, or what replaced it (same ``router_logits``)."""
+        return [layer.mlp for i, layer in enumerate(self.model.layers) if self.config.is_sparse(i)]
 
     def forward(self, input_ids, labels=None, position_ids=None, doc_spans=None, attn_mask=None, loss_tokens=None):
         out = super().forward(input_ids, labels, position_ids, doc_spans, attn_mask, loss_tokens)
@@ -160,8 +161,10 @@ class Qwen3MoeForCausalLM(CausalLM):
         logits = [b.router_logits for b in blocks]
         aux = load_balancing_loss(logits, cfg.num_experts, cfg.num_experts_per_tok)
         z = router_z_loss(logits)
-        with torch.no_grad():
-            load = torch.stack([torch.bincount(b.top_i.reshape(-1), minlength=cfg.num_experts) for b in blocks])
+        with torch.no_grad():  # the router's own choice: top k of the same fp32 softmax
+            top = [torch.topk(torch.softmax(g, dim=-1, dtype=torch.float32), cfg.num_experts_per_tok).indices
+                   for g in logits]
+            load = torch.stack([torch.bincount(t.reshape(-1), minlength=cfg.num_experts) for t in top])
             self.stats = {"lm_loss": out.detach(), "aux_loss": aux.detach(), "z_loss": z.detach(),
                           "expert_load": load}  # (sparse layers, E) assignments this micro-batch
         if cfg.router_aux_loss_coef:

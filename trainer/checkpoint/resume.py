@@ -79,20 +79,32 @@ def plan(cfg: RunConfig, ckpt_dir: Path, *, dp: int, tp: int, tokenizer_sha: str
             f"{global_batch} (the LR schedule counts optimizer steps)"
         )
 
-    old = (state.data_parallel, state.tensor_parallel, state.zero_stage, state.sequence_parallel)
-    new = (dp, tp, cfg.parallel.zero_stage, sp)
+    old_ep, new_ep = state.expert_parallel, cfg.parallel.expert_parallel
+    if bool(old_ep) != bool(new_ep):
+        saved, now = (f"expert parallel {e} (DeepSpeed AutoEP)" if e else "the reference experts"
+                      for e in (old_ep, new_ep))
+        raise ConfigError(
+            f"{where}: saved with {saved}, this run uses {now}: their parameters are laid out differently "
+            f"(AutoEP's router.gate / experts.w1-w3 against gate / experts.gate_up_proj); resume with "
+            f"parallel.expert_parallel={old_ep}, or export this checkpoint (python -m lmforge.trainer.export_hf) "
+            "and start from it with model.init_from_hf"
+        )
+    old = (state.data_parallel, state.tensor_parallel, state.zero_stage, state.sequence_parallel, old_ep)
+    new = (dp, tp, cfg.parallel.zero_stage, sp, new_ep)
     if old == new:
         return ResumePlan(tag, state, universal=False, reason="")
     reason = (f"saved with data-parallel {old[0]} × tensor-parallel {old[1]} × sequence-parallel {old[3]}, "
               f"ZeRO-{old[2]}; now {new[0]} × {new[1]} × {new[3]}, ZeRO-{new[2]}")
-    if old[2] == 0 and new[2] == 0 and old[1] == new[1]:
+    if old_ep != new_ep:
+        reason += f"; expert parallel {old_ep} -> {new_ep}"
+    if old[2] == 0 and new[2] == 0 and old[1] == new[1] and old_ep == new_ep:
         # ZeRO-0: every rank holds the whole optimizer state in mp_rank_*_model_states.pt.
         return ResumePlan(tag, state, universal=False, reason=reason)
     if old[2] == 0 or new[2] == 0:
         raise ConfigError(
             f"{where}: {reason}. DeepSpeed's universal checkpoints (needed to change the layout) exist for "
-            "ZeRO stages 1-3 only; resume with parallel.zero_stage=0 and the saved tensor-parallel size, "
-            "or start the new layout from exported weights (model.init_from_hf)"
+            "ZeRO stages 1-3 only; resume with parallel.zero_stage=0 and the saved tensor-parallel and "
+            "expert-parallel sizes, or start the new layout from exported weights (model.init_from_hf)"
         )
     return ResumePlan(tag, state, universal=True, reason=reason)
 

@@ -56,6 +56,8 @@ class CheckpointState:
     world_size: int
     global_batch_size: int | None = None  # absent in checkpoints of the first versions
     sequence_parallel: int = 1  # Ulysses degree (absent, i.e. 1, in checkpoints before it existed)
+    # DeepSpeed AutoEP group size; 0 = the model's own experts or a dense model (absent before AutoEP)
+    expert_parallel: int = 0
     train_loss: float | None = None
     eval_loss: float | None = None
     # Every other file of the tag: relative path -> {"size", "crc32"} (integrity.py); None in

@@ -44,7 +44,7 @@ import torch
 
 from lmforge.model import ModelConfig, parameter_shapes
 
-from ..parallel import deepspeed_compat
+from ..parallel import deepspeed_compat, experts
 from . import masters as master_layouts
 from .state import CheckpointError, CheckpointState
 from .tags import universal_tag
@@ -90,15 +90,15 @@ class _MergedModule:
 
 
 def _universal_masters(tag_dir: Path, tp: int, stage: int, shapes: dict, wanted: list[str],
-                       scratch: Path | None) -> tuple[dict[str, Getter], list[str], str]:
+                       scratch: Path | None, check_module: bool = True) -> tuple[dict[str, Getter], list[str], str]:
     """fp32 masters of a tensor-parallel ZeRO checkpoint through DeepSpeed's universal conversion."""
     uni = tag_dir.parent / universal_tag(tag_dir.name)
     if universal_complete(uni, tag_dir.name):
         where = f"the existing universal checkpoint {uni.name}"
     else:
         if scratch is None:
-            raise CheckpointError(f"{tag_dir}: tensor-parallel ZeRO-{stage} masters need a universal conversion "
-                                  "and no scratch directory was given")
+            raise CheckpointError(f"{tag_dir}: tensor- or expert-parallel ZeRO-{stage} masters need a universal "
+                                  "conversion and no scratch directory was given")
         scratch.mkdir(parents=True, exist_ok=True)
         uni = ds_to_universal(tag_dir, scratch / universal_tag(tag_dir.name),
                               log=lambda m: print(m, file=sys.stderr))
@@ -112,13 +112,20 @@ def _universal_masters(tag_dir: Path, tp: int, stage: int, shapes: dict, wanted:
     def get(k: str) -> torch.Tensor:
         f = zero / k / "fp32.pt"
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)["param"]
+            t = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{f}: cannot be read as a universal-checkpoint fp32 tensor ({e})") from e
+        if isinstance(t, dict) and torch.is_tensor(t.get("param")):
+            return t["param"]
+        # DeepSpeed 0.19.8 writes a ZeRO-3 expert-parallel run's non-expert parameters as bare flat tensors
+        if torch.is_tensor(t) and t.dim() == 1 and t.numel() == shapes[k].numel():
+            return t.view(shapes[k])
+        raise CheckpointError(f"{f}: holds {type(t).__name__} {tuple(getattr(t, 'shape', ()))}, not the fp32 "
+                              f"tensor of {k} {tuple(shapes[k])}")
 
     getters = {k: (lambda k=k: get(k)) for k in wanted}
     source = f"fp32 master weights of {tp} tensor-parallel ZeRO-{stage} ranks merged by {where}"
-    if stage < 3:  # ZeRO-3 saves no module weights to compare with
+    if stage < 3 and check_module:  # ZeRO-3 saves no module weights to compare with
         files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
         merged = _MergedModule([_load_states(f)["module"] for f in files], shapes, files)
         getters = master_layouts.checked_against_module(getters, merged, tag_dir)
@@ -179,6 +186,49 @@ def _zero_optimizer(tag_dir: Path, stage: int, shapes: dict,
     return getters, extra, source
 
 
+def _expert_parallel(tag_dir: Path, state: CheckpointState, shapes: dict, wanted: list[str],
+                     scratch: Path | None) -> tuple[dict[str, Getter], list[str], str]:
+    """A checkpoint saved with DeepSpeed AutoEP (``parallel.expert_parallel``): its parameters carry AutoEP's
+    names and each rank saved only its experts. ZeRO 1-3: the fp32 masters through DeepSpeed's universal
+    conversion, which joins each expert tensor to its full (num_experts, ...) shape. ZeRO-0: the module
+    weights in ``mp_rank_00_model_states.pt`` and one ``layer_L_expert_E_mp_rank_00_model_states.pt`` per
+    expert (in a half-precision run these are the bf16/fp16 weights, not the fp32 masters). Either way the
+    names are mapped back to the model's (``parallel/experts.py`` ``to_reference``)."""
+    stage = state.zero_stage
+    autoep = experts.autoep_shapes(shapes)
+    if stage >= 1:
+        got, _, source = _universal_masters(tag_dir, 1, stage, autoep, list(autoep), scratch, check_module=False)
+        source = source.replace("1 tensor-parallel ZeRO", "expert-parallel ZeRO")
+    else:
+        path = tag_dir / "mp_rank_00_model_states.pt"
+        module = _load_states(path)["module"]
+        per_expert: dict[str, dict[int, Getter]] = {}
+        for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_*_model_states.pt")):
+            try:
+                sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot be read as a DeepSpeed expert state file ({e})") from e
+            for k, t in sd.items():
+                name, _, e = k.rpartition(".")
+                per_expert.setdefault(name, {})[int(e)] = (lambda t=t: t)
+        got = {k: (lambda k=k: module[k]) for k in module}
+        for name, by_expert in per_expert.items():
+            n = autoep.get(name, (0,))[0]
+            if sorted(by_expert) != list(range(n)):
+                raise CheckpointError(f"{tag_dir}: expert files hold experts {sorted(by_expert)} of {name}, "
+                                      f"expected 0..{n - 1} (checkpoint incomplete?)")
+            got[name] = (lambda b=by_expert: torch.stack([b[e]() for e in sorted(b)]))
+        source = (f"module weights in mp_rank_00_model_states.pt and {sum(map(len, per_expert.values()))} "
+                  f"per-expert files (ZeRO-0, {state.precision})")
+    missing = [k for k in autoep if k not in got]
+    if missing:
+        raise CheckpointError(f"{tag_dir}: parameter {missing[0]} missing ({len(missing)} in all; checkpoint "
+                              "incomplete?)")
+    getters = experts.to_reference(got)
+    extra = sorted(set(getters) - set(shapes))
+    return {k: getters[k] for k in wanted}, extra, source + "; AutoEP's names mapped to the model's"
+
+
 def weight_source(tag_dir: Path, state: CheckpointState,
                   scratch: Path | None = None) -> tuple[dict[str, Callable[[], torch.Tensor]], str]:
     """Map every parameter name to a function returning its full tensor; also says which source it used.
@@ -191,7 +241,9 @@ def weight_source(tag_dir: Path, state: CheckpointState,
     shapes = parameter_shapes(cfg)
     wanted = [k for k in shapes if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     half = precision != "fp32"
-    if tp > 1:
+    if state.expert_parallel or next(tag_dir.glob("layer_*_expert_*_model_states.pt"), None) is not None:
+        getters, extra, source = _expert_parallel(tag_dir, state, shapes, wanted, scratch)
+    elif tp > 1:
         getters, extra, source = _tensor_parallel(tag_dir, cfg, tp, stage, half, shapes, wanted, scratch)
     elif stage == 3 or (stage in (1, 2) and half):
         getters, extra, source = _zero_optimizer(tag_dir, stage, shapes, wanted)

@@ -17,6 +17,7 @@ from lmforge.model import ModelConfig, family_of
 from lmforge.model.registry import plan_regex
 
 from ..config import ConfigError, RunConfig
+from . import experts
 
 # (dotted key in the DeepSpeed JSON) -> (run-config key that owns it)
 OWNED = {
@@ -35,6 +36,7 @@ OWNED = {
     "zero_optimization.zero_quantized_weights": "parallel.zero_quantized_weights",
     "zero_optimization.zero_quantized_gradients": "parallel.zero_quantized_gradients",
     "tensor_parallel": "parallel.tensor_parallel",
+    "expert_parallel": "parallel.expert_parallel",
     "activation_checkpointing": "parallel.activation_checkpointing",
 }
 
@@ -174,6 +176,10 @@ def build_ds_config(cfg: RunConfig, dp_size: int, precision: str, model: ModelCo
         if torch.cuda.is_available():
             ds["optimizer"]["params"]["fused"] = True
 
+    if p.expert_parallel:
+        if model is None:
+            raise ValueError("build_ds_config: expert parallelism needs the model config")
+        ds["expert_parallel"] = experts.ds_section(model, p.expert_parallel)
     if p.tensor_parallel > 1:
         if model is None:
             raise ValueError("build_ds_config: tensor parallelism needs the model config (its family's plan)")

@@ -26,7 +26,7 @@ from lmforge.model import build_model as build_module
 
 from ..config import ConfigError, RunConfig
 from ..schedule import lr_lambda
-from . import deepspeed_compat, tp_plan
+from . import deepspeed_compat, experts, tp_plan
 from .layout import Layout
 
 
@@ -39,15 +39,20 @@ def hpz_group_size(model: torch.nn.Module) -> int:
     return 1
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices (incl. embeddings); no decay on norms and biases (1-D tensors)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, named: bool = False) -> list[dict]:
+    """AdamW groups: decay matrices (incl. embeddings); no decay on norms and biases (1-D tensors).
+    ``named``: each group carries a ``name``, which DeepSpeed's MoE path needs to split off the expert
+    parameters into groups of their own (expert parallelism)."""
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         (decay if len(tp_plan.logical_shape(p)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if named:
+        groups[0]["name"], groups[1]["name"] = "decay", "no_decay"
+    return groups
 
 
 def build_model(mcfg: ModelConfig, ds_config: dict, zero_stage: int, seed: int, layout: Layout,
@@ -110,7 +115,7 @@ def initialize(model: CausalLM, cfg: RunConfig, ds_config: dict, layout: Layout)
     try:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            model_parameters=param_groups(model, cfg.optim.weight_decay, named=cfg.parallel.expert_parallel > 0),
             config=ds_config,
             mpu=layout.mpu,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
@@ -122,6 +127,8 @@ def initialize(model: CausalLM, cfg: RunConfig, ds_config: dict, layout: Layout)
         raise error from None
     if layout.tp > 1:
         tp_plan.check(engine.module, family, layout.tp, parameter_shapes(model.config))
+    if cfg.parallel.expert_parallel:  # AutoEP replaced the sparse blocks: their router logits for the losses
+        experts.capture_router_logits(engine.module, len(engine.module.moe_blocks()))
     deepspeed_compat.install_nonfinite_guard(engine, collective_device())
     deepspeed_compat.keep_zero0_grad_norm(engine)  # grad_norm in the metrics at ZeRO-0 too
     deepspeed_compat.fix_autotp_replicated_shapes(engine)  # TP × ZeRO-3 checkpoints convert and export

@@ -100,14 +100,15 @@ def check_sequence_parallel(mcfg: ModelConfig, sp: int) -> None:
 
 
 def check_experts(mcfg: ModelConfig, tp: int, sp: int) -> None:
-    """A Mixture of Experts (a config with ``num_experts``) trains data-parallel, at any ZeRO stage; tensor
-    parallelism does not split its experts, and under sequence parallelism each rank's auxiliary loss would
-    be of its slice of the sequence and be counted S times: both are refused until expert parallelism
-    (DeepSpeed AutoEP) distributes the experts."""
+    """A Mixture of Experts (a config with ``num_experts``) trains data-parallel, with its experts spread over
+    groups of ranks by ``parallel.expert_parallel`` (``experts.py``), at any ZeRO stage; tensor parallelism
+    does not split its experts, and under sequence parallelism each rank's auxiliary loss would be of its
+    slice of the sequence and be counted S times: both are refused."""
     if not getattr(mcfg, "num_experts", 0):
         return
     for key, size in (("tensor_parallel", tp), ("sequence_parallel", sp)):
         if size > 1:
             raise ConfigError(f"parallel.{key}={size} with a {mcfg.family} model (num_experts="
                               f"{mcfg.num_experts}): not supported; a Mixture of Experts trains data-parallel at any "
-                              "ZeRO stage here (set parallel.{key}=1)".replace("{key}", key))
+                              "ZeRO stage, its experts spread by parallel.expert_parallel (set parallel.{key}=1)"
+                              .replace("{key}", key))
