@@ -16,6 +16,12 @@
 #   4. attention   benchmarks/intra_doc_attention.py on the GPU: 125m, seq 4096/8192, flex and spans vs causal
 #   5. qwen3       benchmarks/train_throughput.py, qwen3-1.7b preset (vocab 151,936), bf16, seq 4096, micro batch 2,
 #                  ZeRO-1, ~500-token documents, compiled layers with flex document masking -> tokens/s, MFU
+#   6. moe         benchmarks/train_throughput.py, qwen3-moe-olmoe-1b-7b preset (OLMoE-1B-7B's shape: 64 experts of
+#                  width 1024, top 8; vocab 50,304) cut to 8 of its 16 layers (3.56B total / 0.74B active params),
+#                  bf16, seq 4096, micro batch 2, ZeRO-1, every layer recomputed, ~500-token documents, eager, one
+#                  process: DeepSpeed AutoEP grouped-GEMM experts (--expert-parallel 1) vs the model's per-expert
+#                  loop (--expert-parallel 0) -> tokens/s, active-parameter MFU, peak memory, step-time ratio;
+#                  section 2's dense 1b eager:causal row printed beside
 #
 # Machines without DeepSpeed and the pipeline's extras (the H200 image has torch, transformers,
 # sentencepiece, tensorboard, mpi4py, but no deepspeed, zstandard or pydantic): put their wheels in .whl/
@@ -76,6 +82,19 @@ timeout 120 "$PY" benchmarks/train_throughput.py --preset qwen3-1.7b --vocab-siz
   --json "$OUT/throughput_qwen3.json" > "$OUT/throughput_qwen3.log" 2>&1 && status qwen3 ok || status qwen3 "FAILED($?)"
 grep -v -i "warn" "$OUT/throughput_qwen3.log" | tail -4
 
+# 6. moe: OLMoE-1B-7B's shape in 8 of its 16 layers (3.56B total, 0.74B active params). All 16 layers do not fit
+# one H200 at seq 4096: 6.9B params x 16 bytes (bf16 weights and gradients, fp32 masters, Adam's two moments)
+# ~ 110 GB before activations. Every layer recomputed (MFU does not count the recomputation), so the dense row
+# beside (section 2, no recomputation, micro batch 4) is a reference, not a like-for-like comparison; the two
+# MoE rows differ only in the experts' implementation. AutoEP (grouped GEMM) first: it is the one that matters.
+for ep in 1 0; do
+  timeout 90 "$PY" benchmarks/train_throughput.py --preset qwen3-moe-olmoe-1b-7b --num-layers 8 --vocab-size 50304 \
+    --precision bf16 --seq-len 4096 --micro-batch 2 --zero-stage 1 --activation-checkpointing 1 --warmup 2 --steps 5 \
+    --mean-doc-len 500 --expert-parallel $ep --json "$OUT/throughput_moe_ep$ep.json" > "$OUT/throughput_moe_ep$ep.log" 2>&1 \
+    && status "moe_ep$ep" ok || status "moe_ep$ep" "FAILED($?)"
+  grep -v -i "warn" "$OUT/throughput_moe_ep$ep.log" | tail -3
+done
+
 "$PY" - "$OUT" <<'EOF'
 import json, re, sys
 from pathlib import Path
@@ -102,6 +121,32 @@ if (out / "throughput_qwen3.json").exists():
         rows.append((f"qwen3-1.7b bf16 seq4096 mb2 {v}", f"{r['tokens_per_s']:,.0f} tok/s",
                      f"{r['tflops_per_device']:.0f} TFLOP/s", f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "MFU n/a",
                      f"peak {t['peak_memory_gb']:.1f} GiB"))
+moe = {ep: json.loads((out / f"throughput_moe_ep{ep}.json").read_text())
+       for ep in (1, 0) if (out / f"throughput_moe_ep{ep}.json").exists()}
+for ep, t in moe.items():
+    summary[f"throughput_moe_ep{ep}"] = t
+    r = t["ours"]
+    reserved = t.get("peak_memory_reserved_gb")
+    rows.append((f"moe olmoe-1b-7b {t['num_layers']}/16 layers ({t['params_total'] / 1e9:.2f}B total, "
+                 f"{t['params_active'] / 1e9:.2f}B active) bf16 seq{t['seq_len']} mb{t['micro_batch']} "
+                 f"ckpt{t['activation_checkpointing']} EP{ep} " + ("AutoEP grouped GEMM" if ep else "reference loop"),
+                 f"{r['tokens_per_s']:,.0f} tok/s", f"{r['tflops_per_device']:.0f} TFLOP/s",
+                 f"MFU (active params) {100 * r['mfu']:.1f}%" if r.get("mfu") else "MFU n/a",
+                 f"peak {t['peak_memory_gb']:.1f} GiB allocated"
+                 + (f" / {reserved:.1f} GiB reserved" if reserved is not None else "")))
+if len(moe) == 2:
+    g, l = moe[1]["ours"]["step_time_median_s"], moe[0]["ours"]["step_time_median_s"]
+    summary["moe_grouped_over_loop"] = g / l
+    rows.append(("moe step time grouped GEMM / loop", f"x{g / l:.3f}", f"{1e3 * g:.0f} ms vs {1e3 * l:.0f} ms", "", ""))
+if moe and "throughput" in summary and "eager:causal" in summary["throughput"]:
+    t = summary["throughput"]
+    r = t["eager:causal"]
+    size = f" ({t['params_total'] / 1e9:.2f}B)" if t.get("params_total") else ""
+    rows.append((f"beside moe: dense {t['preset']}{size} eager:causal seq{t['seq_len']} mb{t['micro_batch']} "
+                 f"ckpt{t.get('activation_checkpointing', 0)} (section 2)",
+                 f"{r['tokens_per_s']:,.0f} tok/s", f"{r['tflops_per_device']:.0f} TFLOP/s",
+                 f"MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "MFU n/a",
+                 f"peak {t['peak_memory_gb']:.1f} GiB allocated (all section-2 variants)"))
 for mode in ("flex", "spans"):
     f = out / f"attention_{mode}.log"
     if f.exists():

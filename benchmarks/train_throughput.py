@@ -23,6 +23,14 @@ attention (flex block mask, or per-span SDPA) on packed documents of ~500 tokens
     python benchmarks/train_throughput.py --preset 1b --precision bf16 --seq-len 4096 --micro-batch 4 \\
         --zero-stage 1 --steps 10 --mean-doc-len 500 \\
         --variants eager:causal,eager:flex,eager:spans,compiled:causal,compiled:flex
+Mixture-of-Experts presets (qwen3_moe): ``--expert-parallel 0`` times the model's reference experts (a loop over
+the experts), ``--expert-parallel E`` >= 1 DeepSpeed AutoEP's grouped-GEMM experts over groups of E ranks
+(parallel.expert_parallel: the ``expert_parallel`` DeepSpeed section, named param groups, router logits
+captured as the trainer does). The loss is the model's own (LM loss + the router's auxiliary losses); FLOPs,
+TFLOP/s and MFU count the active parameters (a token's k experts and the router). ``--num-layers N`` shrinks
+a preset to fit one device, e.g. OLMoE-1B-7B's shape in 8 of its 16 layers on one H200:
+    python benchmarks/train_throughput.py --preset qwen3-moe-olmoe-1b-7b --num-layers 8 --vocab-size 50304 \\
+        --precision bf16 --seq-len 4096 --micro-batch 2 --zero-stage 1 --mean-doc-len 500 --expert-parallel 1
 Model FLOPs exclude activation recomputation (MFU, not HFU): see trainer/metrics.py.
 """
 
@@ -56,9 +64,9 @@ from lmforge.model import (  # noqa: E402
     num_params,
 )
 from lmforge.trainer.batching import BatchTransform, DistributedSampleIterator, make_batch  # noqa: E402
-from lmforge.trainer.config import RunConfig  # noqa: E402
+from lmforge.trainer.config import ConfigError, RunConfig  # noqa: E402
 from lmforge.trainer.metrics import detect_peak_tflops  # noqa: E402
-from lmforge.trainer.parallel import distributed  # noqa: E402
+from lmforge.trainer.parallel import distributed, experts  # noqa: E402
 from lmforge.trainer.parallel.ds_config import build_ds_config, resolve_precision  # noqa: E402
 from lmforge.trainer.parallel.engine import param_groups  # noqa: E402
 from lmforge.trainer.parallel.transforms import apply_activation_checkpointing, compile_layers  # noqa: E402
@@ -117,6 +125,7 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     cfg.train.precision = a.precision
     cfg.parallel.zero_stage, cfg.parallel.offload = a.zero_stage, a.offload
     cfg.parallel.activation_checkpointing = a.activation_checkpointing
+    cfg.parallel.expert_parallel = a.expert_parallel
     return cfg
 
 
@@ -162,6 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=list(all_presets()), help="model size preset (any family)")
     ap.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="override the preset's num_hidden_layers (shrink a large preset to fit one device)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=4, help="samples per rank per forward")
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -179,6 +190,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="timed rounds (default 1, or 4 with --compare-hf: ours/HF alternate)")
     ap.add_argument("--compare-hf", action="store_true",
                     help="also time transformers' model of the family (LlamaForCausalLM, Qwen3ForCausalLM)")
+    ap.add_argument("--expert-parallel", type=int, default=0,
+                    help="parallel.expert_parallel for Mixture-of-Experts presets: 0 = the model's reference experts "
+                         "(a loop over experts), E >= 1 = DeepSpeed AutoEP grouped-GEMM experts over groups of E ranks")
     ap.add_argument("--compile", action="store_true",
                     help="compile our model's decoder layers (train.compile); the HF twin stays eager")
     ap.add_argument("--mean-doc-len", type=int, default=0,
@@ -210,6 +224,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("seq_len", "micro_batch", "grad_accum", "steps", "rounds"):
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.num_layers is not None and a.num_layers < 1:
+        ap.error("--num-layers must be >= 1")
+    if a.expert_parallel < 0:
+        ap.error("--expert-parallel must be >= 0 (0 = the reference experts, E >= 1 = DeepSpeed AutoEP)")
+    overrides = {"vocab_size": a.vocab_size}
+    if a.num_layers is not None:
+        overrides["num_hidden_layers"] = a.num_layers
+    try:
+        a.model_config = get_preset(a.preset, **overrides)
+    except ValueError as e:  # e.g. --num-layers below a preset's mlp_only_layers
+        ap.error(f"--preset {a.preset} with {overrides}: {e}")
+    if a.compare_hf and experts.is_moe(a.model_config):
+        ap.error(f"--compare-hf: not supported for the Mixture-of-Experts preset {a.preset} (the HF twin would "
+                 "train without the router's auxiliary losses, and AutoEP would replace its blocks too); "
+                 "compare --expert-parallel 0 with --expert-parallel 1 instead")
     return a
 
 
@@ -232,8 +261,16 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *x, **k: None)
     precision = resolve_precision(a.precision)
     cfg = run_config(a)
-    ds_config = build_ds_config(cfg, world, precision)
-    mcfg = get_preset(a.preset, vocab_size=a.vocab_size)
+    mcfg = a.model_config
+    moe = experts.is_moe(mcfg)
+    try:  # the trainer's start-up refusals (a dense model, E not dividing the world or the experts, ...)
+        experts.check(mcfg, cfg.parallel, world, any(v.startswith("compiled") for v in a.variants), precision)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"train_throughput: {e}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
+    ds_config = build_ds_config(cfg, world, precision, mcfg)
     tokens_per_step = a.micro_batch * a.grad_accum * world * a.seq_len
     fpt = flops_per_token(mcfg, a.seq_len)
     peak = a.peak_tflops or detect_peak_tflops(precision)
@@ -258,7 +295,11 @@ def main(argv=None) -> int:
             collate=lambda samples: transform(collate(samples)))
 
     for name, m in models.items():
-        engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=param_groups(m, 0.1), config=ds_config)
+        # Named groups under expert parallelism: DeepSpeed's MoE path splits the expert parameters off by name.
+        groups = param_groups(m, 0.1, named=a.expert_parallel > 0)
+        engine, _, _, _ = deepspeed.initialize(model=m, model_parameters=groups, config=ds_config)
+        if name == "ours" and a.expert_parallel:  # AutoEP replaced the sparse blocks: the losses read their logits
+            experts.capture_router_logits(engine.module, len(engine.module.moe_blocks()))
         if name == "hf":
             runners[name] = Runner(name, engine, iterator(False, BatchTransform(False)))
             continue
@@ -269,13 +310,26 @@ def main(argv=None) -> int:
                 v, engine, iterator(attn != "causal", transform), transform)
 
     dev = next(iter(runners.values())).device
-    say(f"train_throughput: preset {a.preset} ({num_params(mcfg) / 1e6:.1f}M params, vocab {mcfg.vocab_size}) | "
-        f"world {world} on {dev.type}"
+    total, active = num_params(mcfg), num_params(mcfg, active=True)
+    if moe:
+        params = (f"{total / 1e6:.1f}M params total, {active / 1e6:.1f}M active: {mcfg.num_experts_per_tok} of "
+                  f"{mcfg.num_experts} experts")
+        ep = (f"expert parallel {a.expert_parallel} (DeepSpeed AutoEP, grouped GEMM)" if a.expert_parallel
+              else "expert parallel 0 (reference experts, loop)")
+        loss = "model's own (LM + router aux losses)"
+    else:
+        params, ep, loss = f"{total / 1e6:.1f}M params", "", "model's own (LM)"
+    if a.compare_hf:
+        loss = f"ours: {loss}; HF twin: fp32 LM cross-entropy over the full logits"
+    say(f"train_throughput: preset {a.preset} ({params}, {mcfg.num_hidden_layers} layers"
+        f"{' (--num-layers)' if a.num_layers is not None else ''}, vocab {mcfg.vocab_size}) | "
+        f"{ep + ' | ' if ep else ''}world {world} on {dev.type}"
         f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''} | {precision} | "
         f"ZeRO-{a.zero_stage} | micro batch {a.micro_batch} × accum {a.grad_accum} × seq {a.seq_len} = "
         f"{tokens_per_step} tokens/step | act. ckpt {a.activation_checkpointing} | loss chunk {a.loss_chunk_tokens} | "
         f"prefetch {'on' if a.prefetch else 'off'} | torch threads {torch.get_num_threads()}"
-        f"{' | ours compiled' if a.compile else ''}")
+        f"{' | ours compiled' if a.compile else ''} | loss: {loss} | FLOPs/token {fpt / 1e9:.3f} G"
+        f"{' (active parameters)' if moe else ''}")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     per_round: dict[str, list[float]] = {k: [] for k in runners}
     compile_s = None
@@ -312,11 +366,17 @@ def main(argv=None) -> int:
                 times[name] += t
                 per_round[name].append(statistics.median(x[0] for x in t))
     mem, mem_kind = peak_memory_gb()
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
 
-    results: dict = {"preset": a.preset, "precision": precision, "zero_stage": a.zero_stage, "world": world,
+    results: dict = {"preset": a.preset, "num_layers": mcfg.num_hidden_layers, "vocab_size": mcfg.vocab_size,
+                     "params_total": total, "params_active": active, "moe": moe,
+                     "expert_parallel": a.expert_parallel, "loss": loss, "flops_per_token": fpt,
+                     "activation_checkpointing": a.activation_checkpointing,
+                     "precision": precision, "zero_stage": a.zero_stage, "world": world,
                      "device": dev.type, "tokens_per_step": tokens_per_step, "seq_len": a.seq_len,
                      "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "peak_tflops": peak,
-                     "peak_memory_gb": mem, "peak_memory_kind": mem_kind, "mean_doc_len": a.mean_doc_len,
+                     "peak_memory_gb": mem, "peak_memory_kind": mem_kind,
+                     "peak_memory_reserved_gb": reserved, "mean_doc_len": a.mean_doc_len,
                      "compile_s": compile_s, "variants": list(runners)}
     for name, t in times.items():
         step = statistics.median(x[0] for x in t)
@@ -332,7 +392,7 @@ def main(argv=None) -> int:
         say(f"[{name:>4}] step {1e3 * step:.1f} ms (median of {len(t)}; mean {1e3 * mean:.1f}) | "
             f"{tok_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device | MFU {mfu} | data wait {100 * wait:.2f}%")
     say(f"peak memory ({mem_kind}, rank 0{', both models' if a.compare_hf and dev.type == 'cpu' else ''}): "
-        f"{mem:.2f} GiB")
+        f"{mem:.2f} GiB{f' (CUDA max reserved {reserved:.2f} GiB)' if reserved is not None else ''}")
     if a.compare_hf:
         ratios = [o / h for o, h in zip(per_round["ours"], per_round["hf"])]
         results["ratio_ours_over_hf"] = statistics.median(ratios)
