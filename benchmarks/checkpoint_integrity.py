@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge.model import all_presets, build_model, get_preset, num_params  # noqa: E402
-from lmforge.trainer.checkpoint.background import BackgroundWriter  # noqa: E402
+from lmforge.trainer.checkpoint.background import CheckpointWriter  # noqa: E402
 from lmforge.trainer.checkpoint.integrity import check_files, record_files  # noqa: E402
 from lmforge.trainer.config import RunConfig  # noqa: E402
 from lmforge.trainer.parallel import deepspeed_compat, distributed  # noqa: E402
@@ -78,12 +78,14 @@ def main() -> int:
               f"x{t_record / t_save:.2f} of the save)")
         print(f"  check sizes only            {t_sizes:7.3f} s")
         print(f"  check sizes + CRC-32        {t_sums:7.2f} s  ({gb / t_sums:.2f} GiB/s)")
-        writer = deepspeed_compat.install_checkpoint_writer(engine, BackgroundWriter)
+        writer = deepspeed_compat.install_checkpoint_writer(engine, CheckpointWriter)
+        writer.background = True
         t0 = time.perf_counter()
         engine.save_checkpoint(str(root), tag="a", save_latest=False)
         writer.start()
         t_stall = time.perf_counter() - t0
-        known = writer.wait()
+        known, errors = writer.wait()
+        assert not errors, errors
         t_total = time.perf_counter() - t0
         files_a = record_files(root / "a", known)
         assert sum(f["size"] for f in files_a.values()) > 0

@@ -9,6 +9,7 @@ delete what a killed one left (``glob(".NAME.tmp.*")``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -51,9 +52,23 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{os.getpid()}.{os.urandom(4).hex()}")
 
 
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a directory's entries (files created or renamed in it) durable: after a power loss a file
+    whose own data was fsynced can still be missing, or have its old name, until its directory is."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (and platforms) refuse fsync on a directory: nothing to do there
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kw):
-    """``open(path, mode)`` on a temporary sibling that replaces ``path`` only if the block succeeds."""
+    """``open(path, mode)`` on a temporary sibling that replaces ``path`` only if the block succeeds;
+    durable once it returns (the file fsynced before the rename, its directory after)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
@@ -63,6 +78,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **open_kw):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -8,7 +8,7 @@ set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: launch_scripts/two_nodes_local.sh [-g GPUS] [-p PORT] CONFIG [section.key=value ...]
+Usage: launch_scripts/two_nodes_local.sh [-g GPUS] [-p PORT] [-r DIR] CONFIG [section.key=value ...]
 
 Start "node 0" and "node 1" on this machine (deepspeed --no_ssh --node_rank 0|1 --num_nodes 2), each
 with GPUS ranks (default 1: world size 2). Output lines are prefixed with [node0] / [node1]; the
@@ -16,6 +16,8 @@ script exits non-zero if either node fails (and then stops the other).
 
   -g GPUS   ranks per node (default 1)
   -p PORT   rendezvous port on 127.0.0.1 (default: $MASTER_PORT or 29500)
+  -r DIR    give each node its own run_dir, DIR/node0 and DIR/node1, as node-local disks would: the
+            trainer refuses to start (a run_dir must be one filesystem shared by all nodes)
   -h        this help
 
 Example: launch_scripts/two_nodes_local.sh -p 29533 configs/demo.yaml train.max_steps=20
@@ -26,11 +28,13 @@ source "$(dirname "$0")/common.sh"
 
 GPUS=1
 PORT=${MASTER_PORT:-29500}
-while getopts ":hg:p:" opt; do
+NODE_DIRS=""
+while getopts ":hg:p:r:" opt; do
   case $opt in
     h) usage; exit 0 ;;
     g) GPUS=$OPTARG ;;
     p) PORT=$OPTARG ;;
+    r) NODE_DIRS=$OPTARG ;;
     :|\?) opt_error "$opt" "$OPTARG" ;;
   esac
 done
@@ -65,9 +69,11 @@ trap 'stop USR1' USR1
 # Each node's output goes through a line prefixer that ignores stop signals (a group SIGTERM must not
 # close the pipe under the node while it saves).
 for node in 0 1; do
+  node_args=()
+  if [[ -n $NODE_DIRS ]]; then node_args=("run_dir=$NODE_DIRS/node$node"); fi
   setsid "$PYTHON" -m lmforge.trainer.launch -- deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$node" \
     --num_nodes 2 --num_gpus "$GPUS" --master_addr 127.0.0.1 --master_port "$PORT" \
-    --module lmforge.trainer.train --config "$CONFIG" "$@" \
+    --module lmforge.trainer.train --config "$CONFIG" "$@" ${node_args[@]+"${node_args[@]}"} \
     > >(trap "" TERM INT USR1; exec sed -u "s/^/[node$node] /") 2>&1 &
   pids+=("$!")
 done

@@ -215,6 +215,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     layouts.check_sequence_parallel(mcfg, layout.sp)
     layouts.check_experts(mcfg, layout.tp, layout.sp)
     experts.check(mcfg, cfg.parallel, layout.world, cfg.train.compile, precision)
+    checkpoint.check_shared_run_dir(run_dir)  # collective: one filesystem for every rank, or a clear refusal
     if layout.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -227,10 +228,12 @@ def build_run(cfg: RunConfig, log=print) -> Run:
 
     train_ds, valid_ds = build_data(cfg, layout, global_batch, run_dir)
     data_fp = train_ds.order_fingerprint
-    if cfg.checkpoint.resume:  # collective: a damaged latest tag is set aside, the previous one used
-        checkpoint.newest_intact(ckpt_dir, checksums=cfg.checkpoint.verify == "checksums", log=log)
+    # Collective, one decision: rank 0 picks the tag (a damaged one set aside, the previous one tried), every
+    # rank confirms it sees that tag's step and files.
+    tag = checkpoint.newest_intact(ckpt_dir, checksums=cfg.checkpoint.verify == "checksums", log=log) \
+        if cfg.checkpoint.resume else None
     plan = resume.plan(cfg, ckpt_dir, dp=layout.dp, tp=layout.tp, tokenizer_sha=tok.sha256,
-                       data_fingerprint=data_fp, global_batch=global_batch, sp=layout.sp)
+                       data_fingerprint=data_fp, global_batch=global_batch, sp=layout.sp, tag=tag)
     resume.prepare(plan, ckpt_dir, log=log)
 
     # Identical initial weights on every rank and at every ZeRO stage for a seed (ZeRO-3 builds under

@@ -21,7 +21,7 @@ module             owns
 =================  ==============================================================================
 """
 
-from .integrity import check_tag, newest_intact
+from .integrity import InconsistentViewError, check_shared_run_dir, check_tag, newest_intact
 from .resume import ResumePlan
 from .save import PendingSave, finish, load_rng, save
 from .state import STATE_FILE, CheckpointError, CheckpointState, TokenizerRecord, read_state, tokenizer_path
@@ -42,6 +42,7 @@ from .weights import weight_source
 __all__ = [
     "CheckpointError", "CheckpointState", "LATEST", "PendingSave", "ResumePlan", "STATE_FILE", "TokenizerRecord",
     "UNIVERSAL_MARKER", "check_tag", "clear_tag", "complete_tags", "convert_to_universal", "ds_to_universal",
-    "find_checkpoint", "finish", "latest_tag", "load_rng", "newest_intact", "prune", "read_state", "save", "step_of",
+    "InconsistentViewError", "check_shared_run_dir", "find_checkpoint", "finish", "latest_tag", "load_rng",
+    "newest_intact", "prune", "read_state", "save", "step_of",
     "tag_for", "tokenizer_path", "universal_complete", "universal_tag", "weight_source",
 ]

@@ -17,6 +17,8 @@ import time
 import zlib
 from pathlib import Path
 
+from lmforge.common.files import atomic_write_text
+
 from .state import STATE_FILE, CheckpointError, read_state
 from .tags import LATEST, complete_tags, latest_tag, universal_tag
 
@@ -51,7 +53,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _gather(obj):
+def gather_objects(obj) -> list:
+    """Collective (or single-process): every rank's ``obj``, in rank order."""
     import torch.distributed as dist
 
     rank, world = _world()
@@ -62,19 +65,37 @@ def _gather(obj):
     return out
 
 
+def _broadcast(obj):
+    """Collective (or single-process): rank 0's ``obj`` on every rank."""
+    import torch.distributed as dist
+
+    if _world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def record_files(tag_dir: Path, known: dict[str, tuple[int, str]] | None = None) -> dict[str, dict]:
-    """Collective (or single-process): size and CRC-32 of every file of the tag. ``known``: this rank's
-    files whose CRC-32 its writer computed while writing (absolute path -> (size, crc32)); every other
-    file is read, every rank taking every world-th one, so the reading is spread over the ranks."""
+    """Collective (or single-process): size and CRC-32 of every file of the tag — the union of the files
+    every rank sees, so a file only its writer's node sees yet is recorded (and then missed by resume
+    elsewhere, not silently left out). ``known``: this rank's files whose CRC-32 its writer computed while
+    writing (absolute path -> (size, crc32)); every other file is read by one of the ranks that see it,
+    spread over them."""
     rank, world = _world()
-    files = tag_files(tag_dir)
+    recorded = {os.path.relpath(p, tag_dir): {"size": s, "crc32": c} for p, (s, c) in (known or {}).items()}
+    views = gather_objects((tag_files(tag_dir), recorded))
     merged: dict[str, dict] = {}
-    for part in _gather({os.path.relpath(p, tag_dir): {"size": s, "crc32": c} for p, (s, c) in (known or {}).items()}):
-        merged.update(part)
+    seen_by: dict[str, list[int]] = {}
+    for r, (files, rec) in enumerate(views):
+        merged.update(rec)
+        for f in files:
+            seen_by.setdefault(f, []).append(r)
+    files = sorted(set(seen_by) | set(merged))
     todo = [f for f in files if f not in merged]
     mine = {f: {"size": (tag_dir / f).stat().st_size, "crc32": crc32_file(tag_dir / f)}
-            for i, f in enumerate(todo) if i % world == rank}
-    for part in _gather(mine):
+            for i, f in enumerate(todo) if seen_by[f][i % len(seen_by[f])] == rank}
+    for part in gather_objects(mine):
         merged.update(part)
     return {f: merged[f] for f in files}
 
@@ -82,21 +103,29 @@ def record_files(tag_dir: Path, known: dict[str, tuple[int, str]] | None = None)
 def check_files(tag_dir: Path, files: dict[str, dict], checksums: bool = True) -> list[str]:
     """Collective (or single-process): what is wrong with the tag's files, one line per damaged file
     (empty: intact). Sizes of every file on every rank (cheap); checksums spread over the ranks."""
+    return sorted({p for part in gather_objects(_my_problems(tag_dir, files, checksums)) for p in part[1]})
+
+
+def _my_problems(tag_dir: Path, files: dict[str, dict], checksums: bool) -> tuple[list[str], list[str]]:
+    """(names, lines): what this rank finds wrong with the tag's files (sizes of all, its share of CRCs)."""
     rank, world = _world()
-    problems = []
+    names, problems = [], []
     for i, (name, want) in enumerate(sorted(files.items())):
         path = tag_dir / name
         try:
             size = path.stat().st_size
         except FileNotFoundError:
+            names.append(name)
             problems.append(f"{path}: missing")
             continue
         if size != want["size"]:
+            names.append(name)
             problems.append(f"{path}: {size} bytes, {want['size']} recorded at save (truncated or overwritten)")
         elif checksums and i % world == rank and (crc := crc32_file(path)) != want["crc32"]:
+            names.append(name)
             problems.append(f"{path}: CRC-32 {crc} differs from {want['crc32']} recorded at save "
                             "(the file's contents changed)")
-    return sorted({p for part in _gather(problems) for p in part})
+    return names, problems
 
 
 def check_tag(tag_dir: Path, checksums: bool = True) -> list[str]:
@@ -127,25 +156,105 @@ def set_aside(ckpt_dir: Path, tag: str) -> Path:
     return dst
 
 
+def _view(tag_dir: Path) -> str:
+    """What this rank sees of a tag, for comparing with rank 0's: its step, or why it cannot read it."""
+    try:
+        return f"step {read_state(tag_dir).step}"
+    except CheckpointError as e:
+        return f"no readable {STATE_FILE} ({e}); its own newest complete checkpoint: {latest_tag(tag_dir.parent)}"
+
+
+class InconsistentViewError(CheckpointError):
+    """The ranks see different checkpoint files (stale network-filesystem caches, or a run_dir that is not
+    one shared filesystem)."""
+
+
+def _inconsistent(what: str, views: list[str]) -> InconsistentViewError:
+    import socket
+
+    host = socket.gethostname()
+    hosts = gather_objects(host)
+    lines = [f"rank {r} ({hosts[r]}): {v}" for r, v in enumerate(views) if v != views[0]]
+    return InconsistentViewError(f"{what}; rank 0 ({hosts[0]}) sees {views[0]}, but\n  " + "\n  ".join(lines[:8])
+                                 + ("\n  ..." if len(lines) > 8 else "") + "\nEvery rank must see the same "
+                                 "checkpoint directory: a stale network-filesystem cache (wait and restart), or a "
+                                 "run_dir that is not shared by all nodes")
+
+
 def newest_intact(ckpt_dir: Path, checksums: bool, log=print) -> str | None:
-    """Collective: the newest complete tag whose files are intact (None: none). Damaged ones on the way
-    are set aside by rank 0, with a message naming each damaged file."""
+    """Collective: the tag every rank resumes from (None: none), decided once. Rank 0 chooses the newest
+    complete tag and broadcasts it; every rank reads its ``lmforge.json`` and checks its files' sizes (and a
+    share of the checksums). A tag damaged as rank 0 sees it (rank 0 re-checks what any rank found) is set
+    aside by rank 0 and the previous one is tried; ranks that see another step or other files than rank 0
+    stop every rank with one error naming them and what each saw (``InconsistentViewError``), rather than
+    load different steps or set aside a good tag. Every rank enters every collective on every path."""
     import torch.distributed as dist
 
     rank, world = _world()
     while True:
-        tag = latest_tag(ckpt_dir)
+        tag = _broadcast(latest_tag(ckpt_dir) if rank == 0 else None)
         if tag is None:
             return None
-        problems = check_tag(ckpt_dir / tag, checksums)
-        if not problems:
-            return tag
+        tag_dir = ckpt_dir / tag
+        views = gather_objects(_view(tag_dir))
+        if views[0].startswith("step "):
+            if any(v != views[0] for v in views):
+                raise _inconsistent(f"resume: the ranks disagree about checkpoint {tag_dir}", views)
+            files = _broadcast(read_state(tag_dir).files if rank == 0 else None)
+            found = gather_objects(_my_problems(tag_dir, files, checksums) if files else ([], []))
+            flagged = sorted({n for names, _ in found for n in names})
+            # Rank 0 re-checks what any rank flagged: damage is what rank 0 sees too.
+            damaged = _broadcast(_my_problems(tag_dir, {n: files[n] for n in flagged}, checksums)[1]
+                                 if rank == 0 and flagged else [])
+            if flagged and not damaged:
+                seen = [("files as recorded" if not lines else "; ".join(lines[:3])) for _, lines in found]
+                raise _inconsistent(f"resume: the ranks see different files of checkpoint {tag_dir}",
+                                    ["files as recorded"] + seen[1:])
+            if not damaged:
+                return tag
+        else:
+            damaged = [views[0]]
         if rank == 0:
             dst = set_aside(ckpt_dir, tag)
             older = [t for t in complete_tags(ckpt_dir) if t < tag]
-            log(f"checkpoint {ckpt_dir / tag} is damaged:\n  " + "\n  ".join(problems)
+            log(f"checkpoint {tag_dir} is damaged:\n  " + "\n  ".join(damaged)
                 + f"\nset aside as {dst.name}; "
                 + (f"resuming from the previous complete checkpoint {older[-1]}" if older else
                    "no earlier complete checkpoint: starting from scratch"))
         if world > 1:
             dist.barrier()
+
+
+SHARED_TOKEN = ".lmforge-shared-check"
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Collective: refuse a ``run_dir`` that is not one filesystem shared by every rank (checkpoints are
+    written by every rank and read back by every rank on resume). Rank 0 writes a random token into it;
+    every rank reads it back under its own configured path; a rank that cannot is named with its host."""
+    import secrets
+
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return
+    token = secrets.token_hex(16) if rank == 0 else None
+    path = Path(run_dir) / SHARED_TOKEN
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, token)
+    token = _broadcast(token)
+    dist.barrier()
+    try:
+        seen = "the token" if path.read_text() == token else "another run's token"
+    except OSError as e:
+        seen = f"nothing ({e.strerror or e})"
+    views = gather_objects(f"{path}: {seen}")
+    dist.barrier()
+    if rank == 0:
+        path.unlink(missing_ok=True)
+    if any(not v.endswith(": the token") for v in views):
+        raise _inconsistent(f"run_dir {run_dir} is not one filesystem shared by all ranks (rank 0 wrote a token "
+                            "that some ranks cannot read back); put run_dir on a filesystem every node mounts at the "
+                            "same path", views)

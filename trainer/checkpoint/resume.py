@@ -43,13 +43,18 @@ class ResumePlan:
         return universal_tag(self.tag) if self.universal else self.tag
 
 
+_LATEST = object()
+
+
 def plan(cfg: RunConfig, ckpt_dir: Path, *, dp: int, tp: int, tokenizer_sha: str, data_fingerprint: str,
-         global_batch: int, sp: int = 1) -> ResumePlan | None:
+         global_batch: int, sp: int = 1, tag: str | None | object = _LATEST) -> ResumePlan | None:
     """The checkpoint to resume from (None: start fresh), or a ConfigError saying why it cannot be used.
-    Pure (no collective calls, no writes): every rank computes the same plan."""
+    ``tag``: the one every rank agreed on (``integrity.newest_intact``, rank 0's choice; default: the
+    latest complete tag as this process sees it). Pure (no collective calls, no writes)."""
     if not cfg.checkpoint.resume:
         return None
-    tag = latest_tag(ckpt_dir)
+    if tag is _LATEST:
+        tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
     where = ckpt_dir / tag

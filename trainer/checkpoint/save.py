@@ -1,9 +1,13 @@
 """Writing a checkpoint (collective) and the per-rank RNG states it carries.
 
-Every rank writes its DeepSpeed files and its RNG states; after a barrier (every rank's files are on
-disk) the ranks record every file's size and CRC-32 (``integrity.py``), and global rank 0 writes them
-with ``lmforge.json`` and then moves ``latest``. The checkpoint directory must be
-visible to every rank under the same path (a shared filesystem), as DeepSpeed requires for resume.
+Every rank writes its DeepSpeed files and its RNG states durably (``background.py``: temporary file,
+fsync, rename; then the tag directory fsynced), so a tag is on stable storage on every rank before
+anything says it is complete. Then, collectively: every rank's write errors are gathered (one failed
+write fails the save on every rank at once, naming the rank and file, and the tag stays incomplete); the
+ranks record every file's size and CRC-32 (``integrity.py``: the union of every rank's files); global rank
+0 writes them into ``lmforge.json``, then ``latest`` (each atomic and fsynced with its directory). Pruning
+older tags happens only after that (``train.py``). The checkpoint directory must be one filesystem
+visible to every rank under the same path (checked at start-up: ``integrity.check_shared_run_dir``).
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lmforge.common.files import atomic_write_text
+from lmforge.common.files import atomic_write_text, fsync_dir
 
 from ..parallel import deepspeed_compat
-from .background import BackgroundWriter
-from .integrity import record_files
-from .state import CheckpointState, write_state
+from .background import CheckpointWriter
+from .integrity import gather_objects, record_files
+from .state import CheckpointError, CheckpointState, write_state
 from .tags import LATEST, clear_tag, tag_for
 
 
@@ -60,46 +64,51 @@ class PendingSave:
     ckpt_dir: Path
     tag: str
     state: CheckpointState
-    writer: BackgroundWriter
+    writer: CheckpointWriter
     started: float
 
 
 def save(engine, ckpt_dir: Path, state: CheckpointState, background: bool = False) -> str | PendingSave:
     """Collective: every rank must call it (with the same ``state.step``). Returns the tag; with
     ``background``, a ``PendingSave`` as soon as the state is copied to host memory, which ``finish``
-    completes (collective) once written."""
+    completes (collective) once written. Raises ``CheckpointError`` on every rank if any rank's write failed."""
     tag = tag_for(state.step)
     rank = dist.get_rank()
     if rank == 0:
         clear_tag(ckpt_dir, tag)
     dist.barrier()
-    writer = deepspeed_compat.install_checkpoint_writer(engine, BackgroundWriter) if background else None
-    if isinstance(engine.checkpoint_engine, BackgroundWriter):  # installed by an earlier background save
-        engine.checkpoint_engine.background = background
+    writer = deepspeed_compat.install_checkpoint_writer(engine, CheckpointWriter, rank=rank)
+    writer.background = background
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    rng_path = ckpt_dir / tag / f"rng_state_rank{rank}.pt"
-    if writer is not None:
-        writer.submit(rng_state(), rng_path)
+    writer.submit(rng_state(), ckpt_dir / tag / f"rng_state_rank{rank}.pt")
+    if background:
         writer.start()
         return PendingSave(ckpt_dir, tag, state, writer, time.time())
-    torch.save(rng_state(), rng_path)
-    _complete(ckpt_dir, tag, state, known=None)
+    _complete(ckpt_dir, tag, state, *writer.wait())
     return tag
 
 
 def finish(pending: PendingSave) -> str:
     """Collective: wait for this rank's writer, then record every file and mark the tag complete."""
-    known = pending.writer.wait()
-    _complete(pending.ckpt_dir, pending.tag, pending.state, known)
+    _complete(pending.ckpt_dir, pending.tag, pending.state, *pending.writer.wait())
     return pending.tag
 
 
-def _complete(ckpt_dir: Path, tag: str, state: CheckpointState, known) -> None:
-    # Every rank's files are on disk before they are recorded and the state file marks the tag complete.
-    dist.barrier()
-    state.files = record_files(ckpt_dir / tag, known)
+def _complete(ckpt_dir: Path, tag: str, state: CheckpointState, written: dict, errors: list[str]) -> None:
+    tag_dir = ckpt_dir / tag
+    if not errors:
+        try:
+            fsync_dir(tag_dir)  # this rank's files' names are durable too
+        except OSError as e:
+            errors = [f"fsync of {tag_dir}: {e}"]
+    failed = [(r, e) for r, errs in enumerate(gather_objects(errors)) for e in errs]
+    if failed:  # every rank raises the same error: the tag stays incomplete, `latest` names the previous one
+        raise CheckpointError(f"checkpoint {tag_dir} was not saved (the previous complete checkpoint stays the "
+                              "one to resume from): " + "; ".join(f"rank {r}: {e}" for r, e in failed[:4])
+                              + (f"; and {len(failed) - 4} more" if len(failed) > 4 else ""))
+    state.files = record_files(tag_dir, written)
     if dist.get_rank() == 0:
-        write_state(ckpt_dir / tag, state)
+        write_state(tag_dir, state)  # atomic, fsynced with its directory: the tag is complete
         atomic_write_text(ckpt_dir / LATEST, tag)
     dist.barrier()
 

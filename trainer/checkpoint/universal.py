@@ -78,27 +78,79 @@ def convert_to_universal(ckpt_dir: Path, tag: str, log=print, workers: int | Non
     return ds_to_universal(ckpt_dir / tag, ckpt_dir / universal_tag(tag), log=log, workers=workers)
 
 
-def ensure_universal(ckpt_dir: Path, tag: str, log=print, poll_s: float = 2.0) -> Path:
+HEARTBEAT_S = 5.0  # how often rank 0 shows it is still converting
+STALE_S = 120.0  # a heartbeat unchanged this long (waiter's own clock): rank 0 died or hangs
+
+
+class _Heartbeat:
+    """Rank 0, while it converts: rewrites ``path`` with a counter every HEARTBEAT_S (a thread)."""
+
+    def __init__(self, path: Path):
+        import threading
+
+        self.path, self.stop = path, threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lmforge-universal-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while True:
+            n += 1
+            try:
+                atomic_write_text(self.path, f"{n} {os.getpid()}")
+            except OSError:
+                pass
+            if self.stop.wait(HEARTBEAT_S):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.path.unlink(missing_ok=True)
+
+
+def ensure_universal(ckpt_dir: Path, tag: str, log=print, poll_s: float = 2.0, stale_s: float = STALE_S) -> Path:
     """Collective: make ``<tag>_universal`` exist; global rank 0 converts (or reuses a complete one), the
     others wait for it. The wait polls the filesystem rather than sitting in a barrier: a large model's
-    conversion can take longer than the process group's collective timeout."""
+    conversion can take longer than the process group's collective timeout. It has a deadline all the same:
+    rank 0 rewrites a heartbeat file every HEARTBEAT_S while it converts, and a waiter that sees neither the
+    result nor a new heartbeat for ``stale_s`` seconds (its own monotonic clock: node clocks may differ)
+    stops with an error saying rank 0 died or hangs, instead of waiting forever."""
     out = ckpt_dir / universal_tag(tag)
     failed = ckpt_dir / f".{out.name}{_FAILED_SUFFIX}"
+    beat = ckpt_dir / f".{out.name}.heartbeat"
     if dist.get_rank() == 0:
         if universal_complete(out, tag):
             log(f"reusing universal checkpoint {out}")
         else:
             failed.unlink(missing_ok=True)
             try:
-                convert_to_universal(ckpt_dir, tag, log=log)
+                with _Heartbeat(beat):
+                    convert_to_universal(ckpt_dir, tag, log=log)
             except Exception as e:
                 atomic_write_text(failed, str(e))
                 raise
     else:
+        last, since = None, time.monotonic()
         while not universal_complete(out, tag):
             if failed.is_file():
                 raise CheckpointError(f"universal conversion of {ckpt_dir / tag} failed on rank 0: "
                                       f"{failed.read_text()}")
+            try:
+                now_beat = beat.read_text()
+            except OSError:
+                now_beat = None
+            if now_beat != last:
+                last, since = now_beat, time.monotonic()
+            elif time.monotonic() - since > stale_s:
+                raise CheckpointError(
+                    f"waited {stale_s:.0f}s for rank 0's universal conversion of {ckpt_dir / tag} without a sign of "
+                    f"progress (its heartbeat {beat.name} {'stopped' if last else 'never appeared'}): rank 0 died or "
+                    "hangs; this rank stops. Start the run again (the conversion is redone), or convert by hand "
+                    "with python -m deepspeed.checkpoint.ds_to_universal")
             time.sleep(poll_s)
     dist.barrier()
     return out

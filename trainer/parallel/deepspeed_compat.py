@@ -226,12 +226,12 @@ def fix_autotp_replicated_shapes(engine) -> list[str]:
 # Background checkpoint writes
 
 
-def install_checkpoint_writer(engine, writer_cls):
-    """The engine's checkpoint engine replaced by ``writer_cls(original)`` (once; returns the writer).
+def install_checkpoint_writer(engine, writer_cls, **kw):
+    """The engine's checkpoint engine replaced by ``writer_cls(original, **kw)`` (once; returns the writer).
     DeepSpeed calls ``engine.checkpoint_engine.save(state_dict, path)`` for every file it writes."""
     current = engine.checkpoint_engine
     if not isinstance(current, writer_cls):
-        engine.checkpoint_engine = writer_cls(current)
+        engine.checkpoint_engine = writer_cls(current, **kw)
     return engine.checkpoint_engine
 
 
