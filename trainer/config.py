@@ -100,6 +100,12 @@ class TrainSection:
     seed: seeds the model init, data order and dropout-free RNG streams.
     precision: auto (bf16 where the accelerator has native bf16, i.e. CUDA; fp32 on CPU) | bf16 | fp16 | fp32.
     exit_after_minutes: save and exit cleanly after this long (0 = never).
+    stopped_exit_status: the exit status (0-255) of a run that stopped before max_steps — a signal, the
+        stop file, its launcher gone, exit_after_minutes — once its checkpoint is saved. 0 (default): the
+        status of a finished run, what the launch scripts and Slurm's requeue in slurm.sbatch expect;
+        75 (EX_TEMPFAIL, "try again") for a retry loop or a Kubernetes Job that must start the run again
+        (docs/configuration.md, "Exit status"). A run that reached max_steps exits 0 and writes
+        RUN_DIR/DONE.
     max_nonfinite_steps: abort after this many consecutive optimizer steps with a non-finite loss or
     gradient (each one is skipped: no weight or optimizer-state change); 0 = never abort.
     compile: compile each decoder layer with torch.compile (per-block, after activation checkpointing;
@@ -114,6 +120,7 @@ class TrainSection:
     seed: int = 1234
     precision: str = "auto"
     exit_after_minutes: float = 0.0
+    stopped_exit_status: int = 0
     max_nonfinite_steps: int = 5
     compile: bool = False
 
@@ -408,6 +415,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("train.micro_batch_size and train.grad_accum must be >= 1")
     if t.max_nonfinite_steps < 0:
         raise ConfigError("train.max_nonfinite_steps must be >= 0 (0 = never abort)")
+    if not 0 <= t.stopped_exit_status <= 255:
+        raise ConfigError(f"train.stopped_exit_status: {t.stopped_exit_status} is not an exit status 0-255 "
+                          "(0 = like a finished run, 75 = EX_TEMPFAIL for retry loops)")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage: {p.zero_stage} is not 0, 1, 2 or 3")
     if p.tensor_parallel < 1:

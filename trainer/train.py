@@ -4,14 +4,19 @@
 
 One DeepSpeed engine per rank (gloo on CPU, NCCL on GPU), built by ``trainer/build.py``. Writes
 RUN_DIR/metrics.jsonl, RUN_DIR/tensorboard/, RUN_DIR/checkpoints/ and resumes from the latest complete
-checkpoint when started again. SIGTERM/SIGINT/SIGUSR1 finish the current step, save, and exit 0.
-Exit status: 0 done or stopped cleanly, 2 bad config or data, 3 aborted on non-finite steps.
+checkpoint when started again. SIGTERM/SIGINT/SIGUSR1 (and RUN_DIR/STOP, a launcher gone,
+train.exit_after_minutes) finish the current step, save, and exit with train.stopped_exit_status (0 by
+default). A run that reaches train.max_steps writes RUN_DIR/DONE and exits 0.
+Exit status: 0 finished (or stopped cleanly, by default), train.stopped_exit_status stopped before
+max_steps with its checkpoint saved (e.g. 75 for a retry loop), 2 bad config or data, 3 aborted on
+non-finite steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -21,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.common.errors import run_cli
+from lmforge.common.files import atomic_write_text
 from lmforge.model import flops_per_token, num_params
 
 from . import checkpoint, faults
@@ -38,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="lmforge.trainer.train",
         description="Train a model of any lmforge family (Llama, Qwen3) with DeepSpeed. Launch with "
         "`deepspeed --num_gpus N --module lmforge.trainer.train --config CFG [section.key=value ...]`. "
-        "Exit status: 0 finished or stopped cleanly (checkpoint saved), 2 bad config or data, "
+        "Exit status: 0 finished (train.max_steps reached, RUN_DIR/DONE written); a run stopped before it "
+        "(signal, RUN_DIR/STOP, train.exit_after_minutes) saves and exits with train.stopped_exit_status "
+        "(default 0; 75 for a retry loop); 2 bad config or data, "
         "3 aborted after train.max_nonfinite_steps non-finite steps.",
         epilog="Example: deepspeed --num_gpus 2 --module lmforge.trainer.train --config configs/demo.yaml "
         "train.max_steps=50 parallel.zero_stage=3",
@@ -282,6 +290,8 @@ class Trainer:
 
     def run_loop(self) -> int:
         r, cfg = self.run, self.cfg
+        if self.rank == 0 and r.step < cfg.train.max_steps:
+            remove_done(r.run_dir)  # a DONE of a lower max_steps, or a stale one: this start trains on
         eval_loss = None
         window = {"t0": time.time(), "data": 0.0, "steps": 0}
         while r.step < cfg.train.max_steps and r.step != self.stop_at:
@@ -321,14 +331,23 @@ class Trainer:
         self._finish_save(wait=True)
         if checkpoint.latest_tag(r.ckpt_dir) != checkpoint.tag_for(r.step):
             self.save(self._loss_of(r.step), eval_loss)
+        # Only a stop ends the loop before max_steps; its status is the config's (0 = like a finished run).
+        finished = r.step >= cfg.train.max_steps
+        status = 0 if finished else cfg.train.stopped_exit_status
+        if finished and self.rank == 0:  # the final checkpoint is complete (saved above or resumed from)
+            write_done(r.run_dir, r.step, cfg.train.max_steps, checkpoint.latest_tag(r.ckpt_dir))
         if self.exit_reason and r.step == self.stop_at:
-            self.log.console(f"stopping on {self.exit_reason} at step {r.step}: checkpoint saved, exiting cleanly")
+            self.log.console(f"stopping on {self.exit_reason} at step {r.step}: checkpoint saved, " + (
+                f"exiting with status {status} (train.stopped_exit_status: stopped before train.max_steps="
+                f"{cfg.train.max_steps})" if status else "exiting cleanly"))
         self.stop.consume_stop_file()
         self.it.close()
         self.log.close()
-        dist.barrier()
-        dist.destroy_process_group()
-        return 0
+        dist.barrier()  # every rank's checkpoint files are written before any rank exits (a non-zero
+        dist.destroy_process_group()  # status makes DeepSpeed's launcher terminate the others)
+        global clean_exit_status
+        clean_exit_status = status
+        return status
 
 
 def train(cfg: RunConfig) -> int:
@@ -364,9 +383,43 @@ def moe_metrics(sums: dict, layers: int, ranks: int) -> dict[str, float]:
     return m
 
 
+DONE_FILE = "DONE"
+
+
+def write_done(run_dir, step: int, max_steps: int, tag: str | None) -> None:
+    """RUN_DIR/DONE: the run reached train.max_steps and ``tag`` is its final complete checkpoint (one JSON
+    line: step, max_steps, checkpoint, time), written atomically. A DONE that already says this step and
+    checkpoint (a start at max_steps) is kept as it is, with the time the run finished."""
+    path = os.path.join(run_dir, DONE_FILE)
+    try:
+        with open(path) as f:
+            old = json.loads(f.read())
+        if old.get("step") == step and old.get("checkpoint") == tag:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    record = {"step": step, "max_steps": max_steps, "checkpoint": tag,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write_text(path, json.dumps(record) + "\n")
+
+
+def remove_done(run_dir) -> None:
+    """Remove RUN_DIR/DONE before a start that trains: DONE means the max_steps of the start that wrote it
+    was reached, and a run stopped before its own never leaves one behind."""
+    try:
+        os.remove(os.path.join(run_dir, DONE_FILE))
+    except FileNotFoundError:
+        pass
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     return run_cli(lambda: train(load_config(args.config, args.overrides)), prog="lmforge.trainer.train")
+
+
+# The status run_loop returned after ending cleanly (0, or train.stopped_exit_status after a stop); None
+# until then: a run that ended cleanly leaves through exit_skipping_teardown, whatever its status.
+clean_exit_status: int | None = None
 
 
 def exit_skipping_teardown(rc: int) -> None:
@@ -389,6 +442,6 @@ def exit_skipping_teardown(rc: int) -> None:
 
 if __name__ == "__main__":
     code = main()
-    if code == 0:
-        exit_skipping_teardown(0)
+    if code == clean_exit_status:  # finished, or stopped with its checkpoint saved (any status)
+        exit_skipping_teardown(code)
     sys.exit(code)
