@@ -5,6 +5,9 @@
 # (otherwise rank 0's first `hostname -I` address and port 29500).
 # Works with MPICH / Intel MPI (hydra: -genv, -f) and Open MPI (-x, --hostfile); the flavour is read
 # from `mpirun --version`. Hostfile formats differ: MPICH "host:slots", Open MPI "host slots=N".
+# Stops: the script becomes `python -m lmforge.trainer.launch -- mpirun ...` (exec: a signal to the script's
+# pid reaches it), which runs mpirun in a session of its own, forwards the first SIGTERM / SIGINT / SIGUSR1
+# to the ranks on this machine, waits while they save, and exits 0 after a clean stop (docs/launching.md).
 set -euo pipefail
 
 usage() {
@@ -58,7 +61,10 @@ export MASTER_PORT=$PORT
 vars=(PYTHONPATH MASTER_PORT OMP_NUM_THREADS)
 [[ -n $MASTER ]] && vars+=(MASTER_ADDR)
 args=(-n "$NPROC")
-if "$MPIRUN" --version 2>&1 | grep -qi "open mpi\|open-mpi\|openmpi"; then
+# Read the version first: `mpirun --version | grep -q` can fail under pipefail (grep exits at its first
+# match, mpirun then dies of SIGPIPE), which would take Open MPI for hydra.
+flavour=$("$MPIRUN" --version 2>&1 || true)
+if grep -qi "open mpi\|open-mpi\|openmpi" <<<"$flavour"; then
   [[ -n $HOSTFILE ]] && args+=(--hostfile "$HOSTFILE")
   for v in "${vars[@]}"; do
     if [[ -n ${!v:-} ]]; then args+=(-x "$v"); fi

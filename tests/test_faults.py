@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -20,7 +21,7 @@ import torch
 
 from lmforge.trainer import checkpoint as ckpt
 from lmforge.trainer import faults
-from lmforge.trainer.signals import StopFlag, is_rank
+from lmforge.trainer.signals import Launcher, StopFlag, is_rank
 from tests.helpers.paths import ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, deepspeed_train, read_metrics, write_config
@@ -50,6 +51,123 @@ def test_second_ctrl_c_interrupts_immediately(restore_signals):
     assert flag.signal == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_different_signal_after_the_first_does_not_interrupt(restore_signals):
+    """Slurm's SIGUSR1 warning, then its SIGTERM at the time limit; a SIGTERM from the scheduler and the
+    same one forwarded by a launcher: the first signal stays the reason and the save goes on. Only Ctrl-C
+    again interrupts."""
+    flag = StopFlag()
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        os.kill(os.getpid(), sig)
+    assert flag.signal == "SIGUSR1"
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+# A launcher as DeepSpeed's console scripts run: ``python .../torchrun ARGS`` (a launcher by the script's
+# name). It starts the "rank" (RANK_SCRIPT), waits until the rank watches it, then waits for the rank
+# ("alive") or exits at once ("zombie": its parent, the test, reaps it only at the end; "gone": reaped).
+LAUNCHER_SCRIPT = """
+import subprocess, sys, time
+from pathlib import Path
+mode, d = sys.argv[1], Path(sys.argv[2])
+rank = subprocess.Popen([sys.executable, str(d / "rank.py"), str(d)])
+while not (d / "ready").exists():
+    time.sleep(0.01)
+if mode == "alive":
+    sys.exit(rank.wait())
+"""
+# The rank: watches its launcher (StopFlag), then -- on "go" -- steps the wall clock psutil sees by +37 s
+# (the boot time it reads anew from /proc/stat, as after an NTP/PTP step) and polls once.
+RANK_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+import psutil, psutil._pslinux as pslinux
+from lmforge.trainer.signals import StopFlag
+d = Path(sys.argv[1])
+flag = StopFlag()
+own = psutil.Process().create_time()
+(d / "ready").touch()
+while not (d / "go").exists():
+    time.sleep(0.01)
+real_boot_time = pslinux.boot_time
+pslinux.boot_time = lambda: real_boot_time() + 37.0
+result = {"watched": len(flag.launchers), "shift": psutil.Process().create_time() - own,
+          "stopped": flag.poll(), "reason": flag.signal}
+(d / "result.tmp").write_text(json.dumps(result))
+(d / "result.tmp").rename(d / "result.json")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="steps the boot time psutil reads on Linux")
+@pytest.mark.parametrize("mode", ["alive", "zombie", "gone"])
+def test_launcher_watch_ignores_a_step_of_the_wall_clock(tmp_path, mode):
+    """NTP/PTP steps the wall clock: psutil's create_time() of every process moves with it (psutil #1724,
+    #2526). A live launcher must still be seen alive (no stop: the whole job would save and exit 0
+    unasked), and one that really exited (a zombie not yet reaped, or reaped and gone) still seen gone."""
+    (tmp_path / "torchrun").write_text(LAUNCHER_SCRIPT)
+    (tmp_path / "rank.py").write_text(RANK_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, str(tmp_path / "torchrun"), mode, str(tmp_path)], cwd=ROOT,
+                                env=child_env())
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists():
+            assert time.time() < deadline and (launcher.poll() is None or mode != "alive")
+            time.sleep(0.01)
+        if mode == "zombie":
+            deadline = time.time() + 60
+            while psutil.Process(launcher.pid).status() != psutil.STATUS_ZOMBIE:
+                assert time.time() < deadline
+                time.sleep(0.01)
+        elif mode == "gone":
+            launcher.wait(timeout=60)
+        (tmp_path / "go").touch()
+        deadline = time.time() + 60
+        while not (tmp_path / "result.json").exists():
+            assert time.time() < deadline, "the rank wrote no result"
+            time.sleep(0.01)
+        result = json.loads((tmp_path / "result.json").read_text())
+    finally:
+        (tmp_path / "go").touch()  # an orphaned rank waits for nothing
+        try:
+            launcher.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            raise
+    assert result["watched"] == 1, result
+    assert abs(result["shift"] - 37.0) < 1, result  # the clock step really moved create_time()
+    if mode == "alive":
+        assert not result["stopped"], result
+    else:
+        assert result["stopped"] and result["reason"] == f"the launcher (pid {launcher.pid}) exiting", result
+
+
+@pytest.mark.skipif(tuple(map(int, psutil.__version__.split(".")[:2])) < (7, 1) or not psutil.LINUX,
+                    reason="psutil's identity ignores the wall clock on Linux from 7.1")
+def test_launcher_watch_without_procfs_uses_psutils_identity(monkeypatch):
+    """Where there is no /proc (start ticks unknown), psutil's is_running() decides; it too must hold
+    across a clock step, and see a zombie and a reaped process as gone."""
+    import psutil._pslinux as pslinux
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        watched = Launcher(psutil.Process(child.pid))
+        watched.start_ticks = None
+        real = pslinux.boot_time
+        monkeypatch.setattr(pslinux, "boot_time", lambda: real() + 37.0)
+        assert watched.alive()
+        child.kill()
+        deadline = time.time() + 30
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert not watched.alive()
+        child.wait()
+        assert not watched.alive()
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_injected_nan_steps_parsing(monkeypatch):

@@ -9,7 +9,10 @@ shell job or a scheduler's step is, waits for training to be under way, then sto
 * under plain ``deepspeed``, SIGTERM to its process alone: it dies at once, its per-node launcher and the
   ranks live on, and the ranks must notice that their launcher is gone, save and exit;
 * the stop file (``python -m lmforge.trainer.launch --stop RUN_DIR``), no signal at all;
-* Ctrl-C twice: everything ends at once, without a checkpoint.
+* Ctrl-C twice: everything ends at once, without a checkpoint;
+* a scheduler's warning and then its SIGTERM (Slurm: SIGUSR1 ahead of the time limit, SIGTERM at it):
+  only a repeat of the same signal kills, so the stop's save goes on;
+* ``launch_scripts/mpirun.sh``: SIGTERM to its group, to the script alone, and Ctrl-C.
 
 Each ends with the expected exit status, a complete checkpoint at the step the ranks stopped after (except
 Ctrl-C twice), and no process of the run left behind.
@@ -28,7 +31,7 @@ import pytest
 
 from lmforge.trainer import checkpoint as ckpt
 from lmforge.trainer.signals import _is_launcher, is_rank
-from tests.helpers.paths import ROOT
+from tests.helpers.paths import BIN, ROOT
 from tests.helpers.process import child_env, free_port
 from tests.helpers.runs import deepspeed_args, read_metrics, write_config
 
@@ -214,3 +217,174 @@ def test_a_killed_rank_ends_the_job_and_the_next_start_resumes(tmp_path, tiny_da
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"resumed from {run / 'checkpoints' / tag}" in out.stdout
     assert read_metrics(run)[-1]["step"] == step + 1
+
+
+# A stand-in launcher for trainer.launch: no rank below it and no --config, so trainer.launch forwards the
+# first signal to it; it then "saves" for SAVE_SECONDS and exits 0, as ranks under a real launcher do.
+FAKE_LAUNCHER = """
+import signal, sys, time
+SAVE_SECONDS = 1.0
+got = []
+def on(signum, frame):
+    got.append(signum)
+    print("fake launcher got", signal.Signals(signum).name, flush=True)
+for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(s, on)
+print("fake launcher ready", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not got:
+    time.sleep(0.01)
+time.sleep(SAVE_SECONDS)
+sys.exit(0 if got else 3)
+"""
+
+
+@pytest.mark.parametrize("sent,rc", [("SIGUSR1-SIGTERM", 0), ("SIGTERM-SIGINT", 0), ("SIGUSR1-SIGTERM-SIGTERM", 137),
+                                     ("SIGTERM-SIGHUP", 137), ("SIGINT-SIGINT", 137)])
+def test_launch_kills_only_on_a_repeat_of_the_same_signal(tmp_path, sent, rc):
+    """trainer.launch's escalation, without a training run: a different stop signal after the first is
+    reported and ignored (the launcher's stop goes on and it exits 0); the same one again (SIGHUP being
+    SIGTERM) kills everything at once (status 128 + SIGKILL)."""
+    sent = sent.split("-")
+    log = tmp_path / "log"
+    proc = _start([sys.executable, "-m", "lmforge.trainer.launch", "--", sys.executable, "-c", FAKE_LAUNCHER], log)
+    try:
+        deadline = time.time() + 60
+        while "fake launcher ready" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.01)
+        os.killpg(proc.pid, getattr(signal, sent[0]))
+        while "fake launcher got" not in log.read_text():  # the first signal handled and forwarded
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.01)
+        for name in sent[1:]:
+            os.killpg(proc.pid, getattr(signal, name))
+            time.sleep(0.2)
+        assert proc.wait(timeout=60) == rc, log.read_text()
+    finally:
+        _cleanup(proc)
+    text = log.read_text()
+    assert text.count("fake launcher got") == 1, text  # only the first signal is forwarded
+    if rc == 0:
+        assert f"already stopping after {sent[0]}; {sent[1]} ignored (send {sent[1]} again to kill at once)" in text
+    else:
+        assert "killing the launcher and every rank now" in text, text
+
+
+# A launcher that, like MPICH's hydra, starts its child in a session of its own, and ignores stop signals.
+SETSID_LAUNCHER = """
+import signal, subprocess, sys, time
+for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(s, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+print("child", child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_launch_kill_reaches_processes_in_sessions_of_their_own(tmp_path):
+    """The kill on a repeated signal: the launcher's process group, and every process below the launcher
+    even in a session of its own (hydra's proxy and ranks each call setsid)."""
+    log = tmp_path / "log"
+    proc = _start([sys.executable, "-m", "lmforge.trainer.launch", "--", sys.executable, "-c", SETSID_LAUNCHER], log)
+    try:
+        deadline = time.time() + 60
+        while "child" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.01)
+        child = psutil.Process(int(log.read_text().split("child", 1)[1].split()[0]))
+        assert os.getsid(child.pid) == child.pid  # a session of its own: the group kill misses it
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 137, log.read_text()
+        _assert_gone([child], within=10)
+    finally:
+        _cleanup(proc)
+
+
+@pytest.mark.slow
+def test_scheduler_warning_then_sigterm_saves_once_and_exits_0(tmp_path, tiny_data):
+    """Slurm's order: SIGUSR1 ahead of the time limit, SIGTERM at it, both to the launch command's process
+    group, the second while the ranks are stopping. The real `python -m lmforge.trainer.launch -- deepspeed
+    ...`: the SIGTERM is reported and ignored, the ranks save the stopped step once and the command exits 0,
+    with no process left."""
+    cfg, run = _config(tmp_path, tiny_data)
+    log = tmp_path / "log"
+    proc = _start([sys.executable, "-m", "lmforge.trainer.launch", "--", *deepspeed_args(cfg, [], 2, free_port())],
+                  log)
+    try:
+        procs = _wait_training(proc, run, log)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the stop was over before the SIGTERM: nothing tested"
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+        text = log.read_text()
+        assert rc == 0, text[-4000:]
+        assert "already stopping after SIGUSR1; SIGTERM ignored" in text, text[-4000:]
+        assert text.count("stopping on SIGUSR1 at step") == 1, text[-4000:]
+        assert "Traceback" not in text, text[-4000:]
+        _assert_gone(procs)
+    finally:
+        _cleanup(proc)
+    last = _assert_saved_at_last_step(run)
+    assert ckpt.complete_tags(run / "checkpoints") == [ckpt.tag_for(last)]  # saved once: checkpoint.interval 0
+    assert (run / "checkpoints" / ckpt.tag_for(last) / "lmforge.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["group-SIGTERM", "script-SIGTERM", "group-SIGINT"])
+def test_mpirun_script_stops_cleanly(tmp_path, tiny_data, how):
+    """`launch_scripts/mpirun.sh` (MPICH's hydra from the `mpich` wheel): SIGTERM to its process group
+    (scancel, a batch system), to the script alone (`kill PID`), Ctrl-C (SIGINT to the group): the ranks
+    save the stopped step, the script exits 0 after them, and no rank or hydra proxy is left."""
+    cfg, run = _config(tmp_path, tiny_data)
+    log = tmp_path / "log"
+    proc = _start(["bash", SCRIPTS / "mpirun.sh", "-n", 2, "-m", "127.0.0.1", "-p", free_port(), cfg], log,
+                  MPIRUN=BIN / "mpirun", PYTHON=sys.executable)
+    try:
+        procs = _wait_training(proc, run, log)
+        assert any("hydra_pmi_proxy" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
+        sig = getattr(signal, how.split("-")[1])
+        if how.startswith("group"):
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        rc = proc.wait(timeout=300)
+        text = log.read_text()
+        assert rc == 0, text[-4000:]
+        assert f"stopping on {sig.name} at step" in text, text[-4000:]
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-4000:]
+        _assert_gone(procs)
+    finally:
+        _cleanup(proc)
+    last = _assert_saved_at_last_step(run)
+    assert (run / "checkpoints" / ckpt.tag_for(last) / "lmforge.json").is_file()
+
+
+FAKE_OPEN_MPI = """#!/usr/bin/env bash
+# Open MPI's mpirun as mpirun.sh sees it: --version prints its name, then more lines; a launch records
+# its arguments.
+if [[ $1 == --version ]]; then
+  echo "mpirun (Open MPI) 4.1.5"; sleep 0.2; echo; echo "Report bugs to https://www.open-mpi.org/community/help/"
+  exit 0
+fi
+printf '%s\\n' "$@" > "$ARGS_FILE"
+"""
+
+
+def test_mpirun_script_tells_open_mpi_by_its_version(tmp_path):
+    """Open MPI is told from `mpirun --version` (its -x, not hydra's -genv), even when it writes more after
+    the line that names it (a `--version | grep -q` pipeline then fails under pipefail: SIGPIPE)."""
+    fake = tmp_path / "mpirun"
+    fake.write_text(FAKE_OPEN_MPI)
+    fake.chmod(0o755)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("{}\n")
+    out = subprocess.run(["bash", str(SCRIPTS / "mpirun.sh"), "-n", "2", "-m", "127.0.0.1", str(cfg)], cwd=ROOT,
+                         env=child_env(MPIRUN=fake, PYTHON=sys.executable, ARGS_FILE=tmp_path / "args"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert "-x" in args and "MASTER_ADDR" in args and "-genv" not in args, args

@@ -10,7 +10,10 @@ session of its own, so a signal to this command's process group reaches this pro
   machine (``trainer.train`` below the launcher) — or, with none here (ranks started over ssh/pdsh on
   other nodes), writes the run's stop file ``RUN_DIR/STOP`` — and waits, without a deadline of its own,
   while every rank stops after the same step, saves and exits;
-* on a second signal, or after ``--grace SECONDS`` if given, kills the launcher and everything under it;
+* when the same signal comes again (SIGHUP counting as SIGTERM), or after ``--grace SECONDS`` if given,
+  kills the launcher and everything under it; a different stop signal after the first is reported in one
+  line and otherwise ignored: a scheduler's warning (Slurm's SIGUSR1 ahead of the time limit) followed by
+  its SIGTERM must not kill the ranks in the middle of the stop's save;
 * exits with the launcher's status (0 after a clean stop; a rank's failure is non-zero), then kills
   whatever the launcher left behind in its session: no process outlives the command;
 * prints a failed run's error once, as its last line: the ranks on this machine append their error lines
@@ -66,10 +69,10 @@ def rank_processes(root_pid: int) -> list:
 
 def run_dir_of(command: list[str]) -> Path | None:
     """The run directory of the trainer command inside ``command`` (its --config and overrides)."""
-    from .config import load_config
-
     if "--config" not in command:
         return None
+    from .config import load_config
+
     i = command.index("--config")
     overrides = [a for a in command[i + 2:] if "=" in a and not a.startswith("-")]
     try:
@@ -93,24 +96,50 @@ class Launch:
     def __init__(self, command: list[str], grace: float | None):
         self.command, self.grace = command, grace
         self.proc: subprocess.Popen | None = None
-        self.signals = 0
+        self.received: list[signal.Signals] = []  # the stop signals seen, as forwarded (SIGHUP as SIGTERM)
+        self.first_name = ""  # the first one's own name
         self.deadline: float | None = None
 
     def _kill_all(self) -> None:
+        """SIGKILL the launcher's process group and, while the launcher has not been reaped (its pid is
+        still its own), every process below it: MPICH's hydra starts its proxy and each rank in a session
+        of their own, out of reach of the group."""
+        import psutil
+
+        below = []
+        if self.proc.returncode is None:
+            try:
+                below = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for p in below:
+            try:
+                p.kill()  # psutil checks that the pid is still that process's
+            except psutil.Error:
+                pass
 
     def _on_signal(self, signum, frame) -> None:
-        self.signals += 1
         name = signal.Signals(signum).name
-        if self.signals > 1:
-            _say(f"{name} again: killing the launcher and every rank now (no checkpoint)")
-            self._kill_all()
-            return
-        ranks = rank_processes(self.proc.pid)
         fwd = FORWARDED[signum]
+        if self.received:
+            if fwd in self.received:
+                again = f"{name} again" if name == fwd.name else f"{name} (as {fwd.name}) again"
+                _say(f"{again}: killing the launcher and every rank now (no checkpoint)")
+                self._kill_all()
+            else:
+                # A scheduler's warning (Slurm's SIGUSR1 before the time limit) and then its SIGTERM, or
+                # SIGTERM and then Ctrl-C: the save under way goes on.
+                _say(f"already stopping after {self.first_name}; {name} ignored (send {name} again to kill "
+                     "at once)")
+                self.received.append(fwd)
+            return
+        self.received.append(fwd)
+        self.first_name = name
+        ranks = rank_processes(self.proc.pid)
         for p in ranks:
             try:
                 p.send_signal(fwd)
@@ -161,7 +190,7 @@ class Launch:
         self._kill_all()  # whatever the launcher left behind in its session
         if rc < 0:
             rc = 128 - rc
-        if self.signals:
+        if self.received:
             _say(f"launcher exited with status {rc}" + (" (clean stop)" if rc == 0 else ""))
         return rc
 
