@@ -105,7 +105,8 @@ def test_one_resume_decision_for_all_ranks(tmp_path):
         for case in ("stale", "partial"):  # one error on every rank, naming rank 1 and what it saw
             assert r[case][0] == "inconsistent", (case, r[case])
         assert "rank 0 (" in r["stale"][1] and "sees step 4" in r["stale"][1] and "rank 1 (" in r["stale"][1]
-        assert "no readable lmforge.json" in r["stale"][1] and "newest complete checkpoint: step_00000002" in r["stale"][1]
+        assert "no readable lmforge.json" in r["stale"][1]
+        assert "newest complete checkpoint: step_00000002" in r["stale"][1]
         assert "3 bytes" in r["partial"][1]
         assert r["damaged"] == ("ok", "step_00000002")
         assert r["recorded"] == ["file_of_rank0.pt", "file_of_rank1.pt"]
