@@ -88,6 +88,20 @@ while ((${#remaining[@]})); do
   wait -n -p done_pid "${remaining[@]}" || status=$?
   if [[ -z ${done_pid:-} ]]; then continue; fi
   if ((status != 0)); then
+    # A stopped run exits with train.stopped_exit_status on every node: give the other node a moment to
+    # end with the same status (then it is the run's), else this is a failure and the other node is stopped.
+    other=""
+    for pid in "${remaining[@]}"; do [[ $pid != "$done_pid" ]] && other=$pid; done
+    other_status=-1
+    if [[ -n $other ]]; then
+      for _ in $(seq 1 100); do kill -0 "$other" 2>/dev/null || break; sleep 0.2; done
+      if ! kill -0 "$other" 2>/dev/null; then other_status=0; wait "$other" || other_status=$?; fi
+    fi
+    if ((other_status == status)); then
+      pids=()
+      echo "both nodes exited with status $status" >&2
+      exit "$status"
+    fi
     echo "error: node process $done_pid exited with status $status; stopping the other node" >&2
     exit 1
   fi
