@@ -14,14 +14,15 @@ session of its own, so a signal to this command's process group reaches this pro
   kills the launcher and everything under it; a different stop signal after the first is reported in one
   line and otherwise ignored: a scheduler's warning (Slurm's SIGUSR1 ahead of the time limit) followed by
   its SIGTERM must not kill the ranks in the middle of the stop's save;
-* exits with the launcher's status (0 after a clean stop; a rank's failure is non-zero), then kills
-  whatever the launcher left behind in its session: no process outlives the command;
+* exits with the launcher's status (after a clean stop, train.stopped_exit_status: 0 by default; a rank's
+  failure is non-zero), then kills whatever the launcher left behind in its session: no process outlives
+  the command;
 * prints a failed run's error once, as its last line: the ranks on this machine append their error lines
   to a file named by ``LMFORGE_ERROR_FILE`` instead of each printing the same line
   (``lmforge.common.errors``), and each distinct line is printed after the launcher's own output.
 
 ``python -m lmforge.trainer.launch --stop RUN_DIR`` writes the stop file: every rank on every node saves and
-exits 0 at its next step boundary (the file is renamed ``STOP.consumed`` afterwards).
+exits (train.stopped_exit_status) at its next step boundary (the file is renamed ``STOP.consumed`` afterwards).
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="after a stop signal, kill everything if the ranks have not exited within this many "
                          "seconds (default: wait as long as the save takes)")
     ap.add_argument("--stop", metavar="RUN_DIR", default=None,
-                    help="write RUN_DIR/STOP (every rank saves and exits 0 at its next step) and exit")
+                    help="write RUN_DIR/STOP (every rank saves and exits at its next step) and exit")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- LAUNCHER ARGS... (deepspeed, mpirun, ...)")
     a = ap.parse_args(argv)
     if a.stop is not None:

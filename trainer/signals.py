@@ -1,7 +1,8 @@
 """Stop requests. Each sets a reason that the step loop sends to every rank with the step's other values
 (``distributed.StepSums``); all ranks then stop after the same step — at most two steps after the one
-the request was seen in, at once on log, eval and save steps — save and exit 0. One rank seeing a
-request is enough: the flag is summed over all ranks. The requests:
+the request was seen in, at once on log, eval and save steps — save and exit with
+train.stopped_exit_status (0 by default). One rank seeing a request is enough: the flag
+is summed over all ranks. The requests:
 
 * **signals**: SIGTERM (schedulers, ``scancel``), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's advance warning
   before the time limit). The first one is the reason; Ctrl-C again (a second SIGINT) stops at once,
