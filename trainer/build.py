@@ -36,7 +36,7 @@ from . import checkpoint
 from .batching import BatchTransform, resolve_attention_kernel
 from .checkpoint import resume
 from .config import ConfigError, RunConfig, check_global_batch, dump_config
-from .parallel import distributed, engine, experts, transforms
+from .parallel import distributed, engine, experts, fp8, transforms
 from .parallel import layout as layouts
 from .parallel.ds_config import build_ds_config, resolve_precision
 
@@ -215,6 +215,7 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     layouts.check_sequence_parallel(mcfg, layout.sp)
     layouts.check_experts(mcfg, layout.tp, layout.sp)
     experts.check(mcfg, cfg.parallel, layout.world, cfg.train.compile, precision)
+    fp8.check(precision, cfg.parallel.fp8_recipe, cfg.parallel.fp8_layers, layout.tp)
     checkpoint.check_shared_run_dir(run_dir)  # collective: one filesystem for every rank, or a clear refusal
     if layout.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -241,6 +242,10 @@ def build_run(cfg: RunConfig, log=print) -> Run:
     np.random.seed(cfg.train.seed)
     ds_config = resume.ds_config_for(plan, build_ds_config(cfg, layout.dp, precision, mcfg))
     model = engine.build_model(mcfg, ds_config, cfg.parallel.zero_stage, cfg.train.seed, layout, init_state)
+    if precision == "fp8":  # before checkpointing and compile wrap the layers (transforms.py's order)
+        converted, kept = fp8.convert(model, cfg.parallel.fp8_recipe, cfg.parallel.fp8_layers)
+        if layout.rank == 0:
+            log(fp8.describe(converted, kept, cfg.parallel.fp8_recipe))
     transforms.parallelize(model, activation_checkpointing=cfg.parallel.activation_checkpointing,
                            loss_chunk_tokens=cfg.parallel.loss_chunk_tokens, compile=cfg.train.compile,
                            sequence_parallel=layout.sp, sp_group=layout.sp_group)

@@ -96,7 +96,7 @@ def communication_defaults(zero_stage: int, hidden_size: int, precision: str, cu
     * ``overlap_comm`` on CUDA: the reduce-scatter (ZeRO-1/2) or prefetch (ZeRO-3) overlaps backward /
       forward compute, for ~4.5 reduce buckets of extra memory; off on CPU, where gloo's collectives
       take the same cores as the compute."""
-    top = {"communication_data_type": "fp32"} if precision in ("bf16", "fp16") else {}
+    top = {"communication_data_type": "fp32"} if precision in ("bf16", "fp16", "fp8") else {}
     zero: dict = {}
     if zero_stage >= 1:
         zero = {"overlap_comm": cuda, "contiguous_gradients": True, "reduce_bucket_size": hidden_size**2}
@@ -158,7 +158,7 @@ def build_ds_config(cfg: RunConfig, dp_size: int, precision: str, model: ModelCo
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     ds["zero_optimization"] = zero
 
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8: a bf16 engine whose linear layers compute in float8 (fp8.py)
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,

@@ -62,7 +62,7 @@ def check(mcfg: ModelConfig, p: ParallelSection, world: int, compile: bool, prec
         raise ConfigError(f"parallel.expert_parallel={ep} with parallel.offload={p.offload}: not supported (AutoEP's "
                           "expert parameters are not validated with ZeRO offload in DeepSpeed 0.19.8); set "
                           "parallel.offload=none or parallel.expert_parallel=0")
-    if compile and precision != "bf16":
+    if compile and precision not in ("bf16", "fp8"):
         raise ConfigError(f"parallel.expert_parallel={ep} with train.compile=true needs train.precision=bf16: "
                           f"torch.compile fails on AutoEP's grouped-GEMM experts in {precision} (torch's "
                           "_grouped_mm takes only bf16 when traced; tests/test_expert_parallel.py keeps the "
