@@ -5,7 +5,11 @@ with the DeepSpeed JSON the trainer derives (``trainer.parallel.ds_config.build_
 precision, micro batch, accumulation, clipping, AdamW), feeds it random token samples through the trainer's data path
 (``DistributedSampleIterator`` -> ``make_batch`` collate, optionally on the prefetch thread -> device copy)
 and times warmup + N optimizer steps. Prints tokens/s, model TFLOP/s per device, MFU (when a peak is
-known), peak memory and the data-wait fraction of the step.
+known), peak memory and the data-wait fraction of the step. TFLOP/s and MFU come in two conventions
+(trainer/metrics.py): ``tflops_per_device``/``mfu``, PaLM's (attention over whole rows, no causal half: the
+figure published MFU compares with), and ``..._causal_doc``, attention as computed (each attention span's
+causal triangle: the packed documents of the timed samples for a document-masked variant, whole rows
+otherwise). MFU divides by the bf16 dense peak for fp8 (``mfu_peak``).
 
 ``--compare-hf`` also builds the family's ``transformers`` class (``LlamaForCausalLM``, ``Qwen3ForCausalLM``)
 of the same shape with the same weights
@@ -58,6 +62,7 @@ from lmforge.model import (  # noqa: E402
     CausalLM,
     all_presets,
     build_model,
+    causal_doc_flops,
     family_of,
     flops_per_token,
     get_preset,
@@ -65,7 +70,7 @@ from lmforge.model import (  # noqa: E402
 )
 from lmforge.trainer.batching import BatchTransform, DistributedSampleIterator, make_batch  # noqa: E402
 from lmforge.trainer.config import ConfigError, RunConfig  # noqa: E402
-from lmforge.trainer.metrics import detect_peak_tflops  # noqa: E402
+from lmforge.trainer.metrics import attention_span_sq_sum, detect_peak_tflops, peak_precision  # noqa: E402
 from lmforge.trainer.parallel import distributed, experts  # noqa: E402
 from lmforge.trainer.parallel.ds_config import build_ds_config, resolve_precision  # noqa: E402
 from lmforge.trainer.parallel.engine import param_groups  # noqa: E402
@@ -130,7 +135,8 @@ def run_config(a: argparse.Namespace) -> RunConfig:
 
 
 class Runner:
-    """One engine with its own sample iterator; ``steps(n)`` returns per-step (total, data-wait) seconds."""
+    """One engine with its own sample iterator; ``steps(n)`` returns per-step (total, data-wait) seconds and
+    the step's first global sample index."""
 
     def __init__(self, name: str, engine, it: DistributedSampleIterator, transform: BatchTransform | None = None):
         self.name, self.engine, self.it = name, engine, it
@@ -144,6 +150,7 @@ class Runner:
             if self.cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
+            start = self.it.consumed_samples
             micro = self.it.next_microbatches()  # collated on the prefetch thread when prefetching
             batches = [self.transform.on_device({k: v.to(self.device, non_blocking=True)
                                                  if isinstance(v, torch.Tensor) else v for k, v in b.items()})
@@ -157,8 +164,16 @@ class Runner:
             loss.item()  # waits for the step (the trainer reads the loss every step too)
             if self.cuda:
                 torch.cuda.synchronize()
-            out.append((time.perf_counter() - t0, t_data))
+            out.append((time.perf_counter() - t0, t_data, start))
         return out
+
+    def span_sq_sum(self, start: int) -> int:
+        """Σ length² of the attention spans of the global batch starting at sample ``start`` (every rank's
+        samples, read again: the dataset is deterministic): its documents under document masking, else rows."""
+        n = self.it.global_batch_size
+        samples = np.stack([self.it.dataset[i] for i in range(start, start + n)])
+        intra_doc = self.transform.intra_doc_attention
+        return attention_span_sq_sum(make_batch(samples, eod_id=EOD, intra_doc_attention=intra_doc))
 
 
 def peak_memory_gb() -> tuple[float, str]:
@@ -273,7 +288,7 @@ def main(argv=None) -> int:
     ds_config = build_ds_config(cfg, world, precision, mcfg)
     tokens_per_step = a.micro_batch * a.grad_accum * world * a.seq_len
     fpt = flops_per_token(mcfg, a.seq_len)
-    peak = a.peak_tflops or detect_peak_tflops(precision)
+    peak = a.peak_tflops or detect_peak_tflops(precision)  # fp8: the bf16 dense peak
 
     torch.manual_seed(a.seed)
     ours = build_model(mcfg)
@@ -377,20 +392,36 @@ def main(argv=None) -> int:
                      "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "peak_tflops": peak,
                      "peak_memory_gb": mem, "peak_memory_kind": mem_kind,
                      "peak_memory_reserved_gb": reserved, "mean_doc_len": a.mean_doc_len,
-                     "compile_s": compile_s, "variants": list(runners)}
+                     "compile_s": compile_s, "variants": list(runners),
+                     "mfu_peak": ("--peak-tflops" if a.peak_tflops else peak_precision(precision)) if peak else None,
+                     "conventions": {
+                         "tflops_per_device, mfu": "PaLM: 6N + 12·L·T·H·D per token (attention over whole rows, "
+                                                   "no causal half)",
+                         "tflops_per_device_causal_doc, mfu_causal_doc": "attention as computed: the causal "
+                         "triangle (diagonal included) of each attention span (packed document when masked, else row)"}}
     for name, t in times.items():
         step = statistics.median(x[0] for x in t)
         mean = statistics.fmean(x[0] for x in t)
         wait = sum(x[1] for x in t) / sum(x[0] for x in t)
         tok_s = tokens_per_step / step
         tflops = fpt * tok_s / world / 1e12
+        # Attention as computed: the timed steps' own samples (mean FLOPs per step) over the same median time.
+        span_sq = statistics.fmean(runners[name].span_sq_sum(x[2]) for x in t)
+        tflops_cd = causal_doc_flops(mcfg, span_sq, tokens_per_step) / step / world / 1e12
         r = {"step_time_median_s": step, "step_time_mean_s": mean, "tokens_per_s": tok_s,
-             "tflops_per_device": tflops, "data_wait_frac": wait, "mfu": tflops / peak if peak else None,
+             "tflops_per_device": tflops, "tflops_per_device_causal_doc": tflops_cd, "data_wait_frac": wait,
+             "mfu": tflops / peak if peak else None, "mfu_causal_doc": tflops_cd / peak if peak else None,
              "round_medians_s": per_round[name]}
         results[name] = r
-        mfu = f"{100 * r['mfu']:.1f}%" if peak else "n/a (no known peak; pass --peak-tflops)"
+        mfu = (f"{100 * r['mfu']:.1f}% (causal_doc {100 * r['mfu_causal_doc']:.1f}%)" if peak
+               else "n/a (no known peak; pass --peak-tflops)")
         say(f"[{name:>4}] step {1e3 * step:.1f} ms (median of {len(t)}; mean {1e3 * mean:.1f}) | "
-            f"{tok_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device | MFU {mfu} | data wait {100 * wait:.2f}%")
+            f"{tok_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s/device (causal_doc {tflops_cd:.3f}) | MFU {mfu} | "
+            f"data wait {100 * wait:.2f}%")
+    against = ("" if not peak else "; MFU against --peak-tflops" if a.peak_tflops
+               else f"; MFU against the {results['mfu_peak']} dense peak")
+    say(f"TFLOP/s and MFU: PaLM convention (attention over whole rows, no causal half); causal_doc: attention as "
+        f"computed (each document's or row's causal triangle){against}")
     say(f"peak memory ({mem_kind}, rank 0{', both models' if a.compare_hf and dev.type == 'cpu' else ''}): "
         f"{mem:.2f} GiB{f' (CUDA max reserved {reserved:.2f} GiB)' if reserved is not None else ''}")
     if a.compare_hf:

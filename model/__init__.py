@@ -22,9 +22,12 @@ from .registry import (
     DEFAULT_FAMILY,
     Family,
     all_presets,
+    attention_flops,
     build_config,
     build_model,
+    causal_doc_flops,
     config_from_dict,
+    dense_flops_per_token,
     families,
     family_of,
     flops_per_token,
@@ -38,6 +41,7 @@ from .registry import (
 
 __all__ = [
     "DEFAULT_FAMILY", "IGNORE_INDEX", "CausalLM", "DocSpans", "Docs", "Family", "ModelConfig", "all_presets",
-    "build_config", "build_model", "config_from_dict", "families", "family_of", "flops_per_token", "get_family",
+    "attention_flops", "build_config", "build_model", "causal_doc_flops", "config_from_dict",
+    "dense_flops_per_token", "families", "family_of", "flops_per_token", "get_family",
     "get_preset", "hf_family", "num_params", "parameter_shapes", "resolve_family",
 ]

@@ -201,23 +201,63 @@ def num_params(cfg: ModelConfig, non_embedding: bool = False, active: bool = Fal
     return total
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False) -> float:
-    """Training FLOPs per token (forward + backward), counting matmuls only, of the weights a token uses
-    (a Mixture of Experts' router and its k experts: MFU counts active FLOPs).
-
-    Dense matmuls: 6 · (weights of every ``nn.Linear``, the output head included, and the active weights
-    of a family's non-Linear matmul modules) per token: 2 for the forward multiply-add, 4 for the two
-    backward matmuls. Attention scores and values: 6 · 2 · L · T · H·D per token (H query heads of width D),
-    counted *without* the causal half (the PaLM/Megatron convention, so MFU figures compare with theirs).
-    Activation recomputation adds one more forward (8 instead of 6) when ``recompute`` is set; MFU
-    conventionally excludes it (that is "HFU"), and callers say which.
-    """
+def dense_flops_per_token(cfg: ModelConfig, recompute: bool = False) -> float:
+    """Training FLOPs per token of the weight matmuls alone: 6 · (weights of every ``nn.Linear``, the output
+    head included, and the active weights of a family's non-Linear matmul modules: a Mixture of Experts'
+    router and its k experts); 8 instead of 6 with ``recompute``. ``flops_per_token`` without attention."""
     model = _meta_model(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     matmul += sum(m.active_params_per_token() for m in _active_modules(model))
+    return (8 if recompute else 6) * matmul
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, recompute: bool = False) -> float:
+    """Training FLOPs per token (forward + backward), counting matmuls only, of the weights a token uses
+    (a Mixture of Experts' router and its k experts: MFU counts active FLOPs): the **PaLM convention**, the
+    figure that compares with published MFU.
+
+    Dense matmuls: 6 · (weights of every ``nn.Linear``, the output head included, and the active weights
+    of a family's non-Linear matmul modules) per token: 2 for the forward multiply-add, 4 for the two
+    backward matmuls (``dense_flops_per_token``). Attention scores and values: 6 · 2 · L · T · H·D per token
+    (H query heads of width D), counted *without* the causal half and over the whole row whatever the
+    document masking (the PaLM/Megatron convention, so MFU figures compare with theirs; ``attention_flops``
+    counts what causal, per-document attention computes).
+    Activation recomputation adds one more forward (8 instead of 6) when ``recompute`` is set; MFU
+    conventionally excludes it (that is "HFU"), and callers say which.
+    """
     attn = 2 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim
     mult = 8 if recompute else 6
-    return mult * matmul + mult * attn
+    return dense_flops_per_token(cfg, recompute) + mult * attn
+
+
+def attention_flops(cfg: ModelConfig, span_sq_sum: float, tokens: float, causal: bool = True,
+                    recompute: bool = False) -> float:
+    """Training FLOPs of attention scores and values over ``tokens`` tokens whose attention spans (the
+    documents of each packed row under document masking, else each whole row) have lengths l_i with
+    ``span_sq_sum`` = Σ l_i² (and Σ l_i = ``tokens``).
+
+    Each (query, key) pair a head attends costs 2·D FLOPs for the score q·k and 2·D for its share of the
+    weighted sum of values, forward; the backward costs twice the forward (×3 in all, ×4 with
+    ``recompute``): 12 · L · H · D per pair (16 with recomputation). ``causal``: the pairs of the lower
+    triangle, diagonal included, l_i(l_i + 1)/2 per span per head: the **causal_doc** convention, the work
+    a kernel that skips masked pairs does (flash attention and per-span SDPA; flex block masks to block
+    granularity; a dense mask computes every pair of the row and discards the masked ones).
+    ``causal=False``: l_i² pairs per span, which for one span of T per row is ``flops_per_token``'s
+    attention term · T.
+
+    ``dense_flops_per_token(cfg) · tokens + attention_flops(cfg, Σl², tokens)`` is the model's training
+    FLOPs as causal, per-document attention computes them (``causal_doc_flops``).
+    """
+    pairs = (span_sq_sum + tokens) / 2 if causal else span_sq_sum
+    per_pair = (8 if recompute else 6) * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+    return per_pair * pairs
+
+
+def causal_doc_flops(cfg: ModelConfig, span_sq_sum: float, tokens: float, recompute: bool = False) -> float:
+    """Training FLOPs of ``tokens`` tokens in the causal_doc convention: the weight matmuls plus attention
+    counted as causal, per-document attention computes it (``attention_flops``); ``flops_per_token`` ·
+    ``tokens`` is the same work in the PaLM convention, never less."""
+    return dense_flops_per_token(cfg, recompute) * tokens + attention_flops(cfg, span_sq_sum, tokens, True, recompute)
 
 
 def hf_family(config_json: dict, where: str) -> Family:

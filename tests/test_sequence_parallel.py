@@ -35,7 +35,7 @@ from lmforge.trainer.checkpoint import tag_for as ckpt_tag
 from lmforge.trainer.config import ConfigError, DataSource, RunConfig, validate
 from tests.helpers.paths import SAMPLE
 from tests.helpers.process import run_cmd
-from tests.helpers.runs import deepspeed_train, last_rows, read_metrics, write_config
+from tests.helpers.runs import check_flops_conventions, deepspeed_train, last_rows, read_metrics, write_config
 
 LOSS_RTOL = 2e-6
 GNORM_RTOL = 3e-5
@@ -70,7 +70,7 @@ def _config(tmp, data, name: str, sp: int, zero: int, compile: bool = False):
     return write_config(tmp / f"{name}.yaml", data, tmp / name, model={"preset": "debug"},
                         data={"intra_doc_attention": True, "seq_len": SEQ},
                         train={"compile": compile, "max_steps": STEPS}, checkpoint={"interval": 2, "keep_last": 5},
-                        parallel={"zero_stage": zero, "sequence_parallel": sp})
+                        parallel={"zero_stage": zero, "sequence_parallel": sp}, log={"peak_tflops": 1.0})
 
 
 def _compare(ref: dict[int, dict], got: dict[int, dict], steps) -> None:
@@ -100,6 +100,9 @@ def test_s2_matches_s1_and_resumes_at_s1(short_docs, s1, tmp_path, zero, compile
     assert sorted(s2) == list(range(1, STEPS + 1))
     _compare(s1, s2, range(1, STEPS + 1))
     assert s2[STEPS]["consumed_samples"] == s1[STEPS]["consumed_samples"] == 2 * STEPS  # the same samples, dp 1
+    # The causal_doc FLOPs count each packed document's triangle, from the whole rows both S ranks read
+    # (summed over the world, divided by tp × sp).
+    assert check_flops_conventions(tmp_path / "s2", short_docs["data"], SEQ, 2, seed=7, peak=1.0) == STEPS
     if zero == 3:  # export is unaffected: the S = 2 ZeRO-3 checkpoint exports (bf16 weights) and verifies
         out = run_cmd([sys.executable, "-m", "lmforge.trainer.export_hf", "--checkpoint",
                        tmp_path / "s2" / "checkpoints", "--output", tmp_path / "hf", "--dtype", "bf16"])

@@ -13,7 +13,7 @@ from lmforge.data_pipeline.gpt_dataset import build_dataset
 from lmforge.trainer import checkpoint as ckpt
 from tests.helpers import golden
 from tests.helpers.process import run_cmd
-from tests.helpers.runs import deepspeed_train, hf_loss_on_packed_samples, read_metrics
+from tests.helpers.runs import check_flops_conventions, deepspeed_train, hf_loss_on_packed_samples, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +44,9 @@ def test_two_rank_run_matches_golden_and_writes_everything(tmp_path, tiny_data, 
     assert state.consumed_samples == golden.STEPS * 4 and state.data_parallel == 2
     assert state.model.family == "llama" and state.model_config["family"] == "llama"
     check_tensorboard(run, rows)
+    # Every row of the golden run's batches is one document (seq 64 inside long articles): the causal half
+    # is checked here, documents cut short by the mask in tests/test_sequence_parallel.py.
+    check_flops_conventions(run, tiny_data["data"], seq_len=64, global_batch=4, seed=7, peak=1.0)
     check_export_matches_trainer_eval(tmp_path, run, tiny_data)
 
 
@@ -64,6 +67,7 @@ def check_tensorboard(run, rows):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device",
+                "tflops_per_device_causal_doc", "mfu", "mfu_causal_doc", "peak_tflops",
                 "step_time_s", "data_wait_frac", "skipped_steps", "rss_peak_gb"):
         assert f"train/{key}" in tags, key
         events = {e.step: e.value for e in acc.Scalars(f"train/{key}")}

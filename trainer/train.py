@@ -27,13 +27,20 @@ import torch.distributed as dist
 
 from lmforge.common.errors import run_cli
 from lmforge.common.files import atomic_write_text
-from lmforge.model import flops_per_token, num_params
+from lmforge.model import causal_doc_flops, flops_per_token, num_params
 
 from . import checkpoint, faults
 from .batching import DistributedSampleIterator, make_batch
 from .build import Run, build_run
 from .config import RunConfig, load_config
-from .metrics import MetricsLogger, detect_peak_tflops, format_eta, memory_stats
+from .metrics import (
+    MetricsLogger,
+    attention_span_sq_sum,
+    detect_peak_tflops,
+    format_eta,
+    memory_stats,
+    peak_precision,
+)
 from .parallel.distributed import StepSums, mean_across_ranks
 from .parallel.engine import hpz_group_size
 from .signals import StopFlag
@@ -99,17 +106,19 @@ class Trainer:
         self._pin = self.engine.device.type == "cuda"  # pinned: the copy to the GPU need not wait for it
         self.it = DistributedSampleIterator(
             r.train_ds, cfg.train.micro_batch_size, cfg.train.grad_accum, r.layout.dp_rank, r.layout.dp,
-            consumed_samples=r.consumed_samples, prefetch=cfg.data.prefetch, collate=self._collate)
+            consumed_samples=r.consumed_samples, prefetch=cfg.data.prefetch, collate=self._collate_counted)
         self.nonfinite = faults.NonFiniteTracker(cfg.train.max_nonfinite_steps, r.precision)
         # A Mixture of Experts also sums its loss's parts and each sparse layer's expert load (moe_metrics).
         module = self.engine.module
         self.moe = module.moe_blocks() if hasattr(module, "moe_blocks") else []
         moe_names = ("lm_loss", "aux_loss", "z_loss", "expert_load") if self.moe else ()
-        self.sums = StepSums(("loss", "stop", "timeout", *moe_names),
+        # attn_span_sq: Σ length² of the attention spans of the step's samples (the causal_doc MFU, _log).
+        self.sums = StepSums(("loss", "stop", "timeout", "attn_span_sq", *moe_names),
                              {"expert_load": len(self.moe) * r.model_config.num_experts} if self.moe else None)
         self.last_moe: tuple[int, dict] | None = None  # (step, summed MoE values) of the newest record read
         self.skipped: dict[int, bool] = {}  # step -> DeepSpeed skipped its update, until observed
         self.last_loss: tuple[int, float] | None = None  # (step, mean loss across ranks) of the newest record read
+        self.window_span_sq = 0.0  # Σ attn_span_sq over the global batches of the steps read since the last log
         self.stop_at: int | None = None  # the step every rank stops after (a stop request or the timer)
         self.exit_reason: str | None = None
         self._compiled = False  # train.compile: the first (compiling) step has run
@@ -121,7 +130,16 @@ class Trainer:
 
     def _collate(self, samples) -> dict:
         """Samples (B, T+1) -> the model's inputs, with the attention policy applied (prefetch thread)."""
-        batch = self.run.batch_transform(self._batch(samples))
+        return self._prepare(self._batch(samples))
+
+    def _collate_counted(self, samples) -> tuple[dict, int]:
+        """A training micro-batch (``_collate``) with the Σ length² of its attention spans: each packed
+        document with ``data.intra_doc_attention``, else each row (``attention_span_sq_sum``)."""
+        raw = self._batch(samples)
+        return self._prepare(raw), attention_span_sq_sum(raw)
+
+    def _prepare(self, batch: dict) -> dict:
+        batch = self.run.batch_transform(batch)
         return {k: v.pin_memory() if self._pin and isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def _to_device(self, batch: dict) -> dict:
@@ -139,7 +157,8 @@ class Trainer:
         ``self.sums`` (one asynchronous all-reduce), which ``run_loop`` reads with a lag (StepSums)."""
         r = self.run
         t0 = time.time()
-        batches = [self._to_device(mb) for mb in self.it.next_microbatches()]
+        micro = self.it.next_microbatches()
+        batches = [self._to_device(mb) for mb, _ in micro]
         data_wait = time.time() - t0
         loss_sum = torch.zeros((), device=self.engine.device)
         moe = [torch.zeros((), device=self.engine.device) for _ in range(3)] + [0] if self.moe else []
@@ -160,7 +179,7 @@ class Trainer:
         # DeepSpeed (or deepspeed_compat's ZeRO-0 guard) skipped the update if any gradient was non-finite;
         # skipped_steps is a host counter DeepSpeed keeps (its own overflow check read the device).
         self.skipped[r.step] = self.engine.skipped_steps > skipped_before
-        self.sums.push(r.step, [loss_sum / len(batches), self.stop.poll(), timed_out,
+        self.sums.push(r.step, [loss_sum / len(batches), self.stop.poll(), timed_out, sum(sq for _, sq in micro),
                                 *[v / len(batches) for v in moe[:3]], *moe[3:]])
         return data_wait
 
@@ -174,6 +193,8 @@ class Trainer:
         # its loss: the sum over the world / (dp × tp) is the data-parallel mean.
         loss = sums["loss"] / (self.run.layout.world // self.run.layout.sp)
         self.last_loss = (step, loss)
+        # The tp × sp ranks of a data-parallel group read the same samples (and see whole rows).
+        self.window_span_sq += sums["attn_span_sq"] / (self.run.layout.world // self.run.layout.dp)
         if self.moe:
             self.last_moe = (step, sums)
         if self.nonfinite.observe(step, loss, self.skipped.pop(step), self._last_good):
@@ -259,22 +280,32 @@ class Trainer:
                              f"{time.time() - t0:.1f}s to complete it here)")
 
     def _log(self, loss: float, window: dict) -> None:
+        """Rank 0 logs the window's metrics (trainer/metrics.py: FLOPs, MFU and their two conventions)."""
         r, cfg = self.run, self.cfg
         dt = time.time() - window["t0"]
         step_time = dt / window["steps"]
-        tok_s = r.global_batch * cfg.data.seq_len * window["steps"] / dt
-        tflops = flops_per_token(r.model_config, cfg.data.seq_len) * tok_s / r.layout.world / 1e12
+        T = cfg.data.seq_len
+        tokens = r.global_batch * T * window["steps"]
+        tok_s = tokens / dt
+        # PaLM convention: attention over whole rows, no causal half (the published-comparison figure).
+        tflops = flops_per_token(r.model_config, T) * tok_s / r.layout.world / 1e12
+        # causal_doc convention: attention as computed, each attention span's causal triangle.
+        tflops_cd = causal_doc_flops(r.model_config, self.window_span_sq, tokens) / dt / r.layout.world / 1e12
+        self.window_span_sq = 0.0
         m = {
             "loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _grad_norm(self.engine),
             "tokens_per_s": tok_s, "tokens_per_s_per_device": tok_s / r.layout.world,
-            "tflops_per_device": tflops, "step_time_s": step_time,
+            "tflops_per_device": tflops, "tflops_per_device_causal_doc": tflops_cd, "step_time_s": step_time,
             "data_wait_frac": window["data"] / dt, "consumed_samples": r.consumed_samples,
             "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
             "nonfinite_steps": self.nonfinite.total, **memory_stats(),
         }
-        peak = cfg.log.peak_tflops or detect_peak_tflops(r.precision)
+        peak = cfg.log.peak_tflops or detect_peak_tflops(r.precision)  # fp8: the bf16 dense peak
         if peak:
             m["mfu"] = tflops / peak
+            m["mfu_causal_doc"] = tflops_cd / peak
+            m["peak_tflops"] = peak
+            m["mfu_peak"] = "log.peak_tflops" if cfg.log.peak_tflops else peak_precision(r.precision)
         if r.precision == "fp16":
             m["loss_scale"] = float(self.engine.optimizer.cur_scale)
         self.log.log(r.step, m)
@@ -284,7 +315,8 @@ class Trainer:
         eta = (cfg.train.max_steps - r.step) * step_time
         self.log.console(
             f"step {r.step}/{cfg.train.max_steps} | loss {loss:.4f} | lr {m['lr']:.2e} | "
-            f"{tok_s / 1e3:.1f}k tok/s | {tflops:.2f} TFLOP/s/dev | {step_time * 1e3:.0f} ms/step | "
+            f"{tok_s / 1e3:.1f}k tok/s | {tflops:.2f} TFLOP/s/dev ({tflops_cd:.2f} causal_doc) | "
+            f"{step_time * 1e3:.0f} ms/step | "
             f"data {100 * m['data_wait_frac']:.1f}% | eta {format_eta(eta)}"
         )
 

@@ -3,11 +3,11 @@ sample corpus, to catch silent numeric changes (torchtitan keeps one for its deb
 
 The run: ``build_tiny_data`` (tokenizer and shards of ``data_pipeline/sample_corpus``), ``write_config``
 defaults (debug preset, seq 64, micro batch 2, 2 ranks = global batch 4, fp32, ZeRO-2, lr 1e-3 with 2
-warmup steps, intra-document attention on), 12 steps with a checkpoint every 2, launched with
-``deepspeed --num_gpus 2``. The suite trains it once (``tests/conftest.py`` ``golden_run``, with evaluation
-every 3 steps, which does not change the training losses): tests/test_train.py compares its losses with the
-file, tests/test_launch.py runs the same config through the other launchers, and tests/test_resume.py
-resumes, kills and damages copies of it against its rows.
+warmup steps, intra-document attention on), 12 steps with a checkpoint every 2, ``log.peak_tflops`` 1.0
+(it logs MFU), launched with ``deepspeed --num_gpus 2``. The suite trains it once (``tests/conftest.py``
+``golden_run``, with evaluation every 3 steps, which does not change the training losses):
+tests/test_train.py compares its losses with the file, tests/test_launch.py runs the same config through
+the other launchers, and tests/test_resume.py resumes, kills and damages copies of it against its rows.
 
 Regenerate only on purpose (a change that is meant to change the numbers), and say why in the commit:
 
@@ -33,9 +33,10 @@ GOLDEN = TEST_DATA / "golden" / "debug_sample_corpus_losses.json"
 # (0.1%) 1.1e-5. tests/test_train.py asserts that the bound can fail.
 RTOL = 2e-5
 STEPS = 12
-# What the golden run is (write_config's defaults plus these); the resume tests write the same.
+# What the golden run is (write_config's defaults plus these); the resume tests write the same. A peak of
+# 1 TFLOP/s (metrics only; CPU has none) makes it log MFU: tests/test_train.py checks both conventions.
 SECTIONS = {"train": {"max_steps": STEPS}, "checkpoint": {"interval": 2, "keep_last": 20},
-            "eval": {"interval": 3, "steps": 2}}
+            "eval": {"interval": 3, "steps": 2}, "log": {"peak_tflops": 1.0}}
 
 
 def golden_config(path: Path, tiny_data: dict, run_dir: Path, **sections) -> Path:

@@ -84,6 +84,43 @@ def last_rows(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir)}
 
 
+def check_flops_conventions(run_dir: Path, data: Path, seq_len: int, global_batch: int, seed: int,
+                            peak: float) -> int:
+    """Both FLOP conventions of every logged step of a run with ``log.interval`` 1, ``log.peak_tflops``
+    ``peak`` and intra-document attention: the PaLM figure (``tflops_per_device``, ``mfu``: attention over
+    whole rows, no causal half) and the causal_doc one (attention as computed: each packed document's causal
+    triangle), whose ratio to it is recomputed from the documents of the step's global batch (the train
+    order rebuilt from ``data``), and MFU = TFLOP/s ÷ the peak. Returns the number of steps whose batch holds
+    a document boundary (where causal_doc differs from a causal whole row)."""
+    import pytest
+    import torch
+
+    from lmforge.data_pipeline.gpt_dataset import build_dataset
+    from lmforge.model import causal_doc_flops, config_from_dict, flops_per_token
+    from lmforge.trainer import checkpoint as ckpt
+    from lmforge.trainer.batching import make_batch
+
+    ckdir = Path(run_dir) / "checkpoints"
+    mcfg = config_from_dict(ckpt.read_state(ckdir / ckpt.latest_tag(ckdir)).model_config)
+    rows = last_rows(run_dir)
+    T, G = seq_len, global_batch
+    train = build_dataset([(str(data), 1.0)], "train", T, max(rows) * G, seed, cache_dir=None)
+    split = 0
+    for step, r in sorted(rows.items()):
+        seg = make_batch([train[i] for i in range((step - 1) * G, step * G)], eod_id=2,
+                         intra_doc_attention=True)["segment_ids"]
+        docs = [int(n) for row in seg for n in torch.unique_consecutive(row, return_counts=True)[1]]
+        palm = flops_per_token(mcfg, T) * G * T
+        want = causal_doc_flops(mcfg, sum(n * n for n in docs), G * T) / palm
+        split += want < causal_doc_flops(mcfg, G * T * T, G * T) / palm * (1 - 1e-9)
+        assert r["tflops_per_device_causal_doc"] / r["tflops_per_device"] == pytest.approx(want, rel=1e-9), step
+        assert r["mfu_causal_doc"] < r["mfu"]
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / peak, rel=1e-12)
+        assert r["mfu_causal_doc"] == pytest.approx(r["tflops_per_device_causal_doc"] / peak, rel=1e-12)
+        assert (r["peak_tflops"], r["mfu_peak"]) == (peak, "log.peak_tflops")
+    return split
+
+
 def hf_loss_on_packed_samples(hf_model, samples: list, eod_id: int) -> tuple[float, int]:
     """The mean token loss ``transformers`` gives on packed samples when each document is run on its own
     (what the trainer computes with intra-document attention: rotary attention depends only on relative
