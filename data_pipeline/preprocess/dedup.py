@@ -13,10 +13,11 @@ Two passes. The tokenizing pass must know, when it reaches a document, whether a
    unit's sources, or the batches of a one-source unit while this process reads it).
 2. **Exchange** (MPI collectives, only keys and ids, never texts): signatures are partitioned by key
    over the ranks (``alltoall``); each rank groups equal keys and emits an edge from every member of a
-   group to its smallest id; rank 0 joins the edges into clusters (union-find, memory bounded by the
-   number of documents in a cluster) and every non-smallest member of a cluster is a duplicate of the
-   smallest, which is kept. Each rank receives its units' duplicates (``scatter``). Near duplicates are
-   first checked by their true Jaccard similarity with the kept document (below).
+   group to its smallest id; the ranks join the edges into clusters together (``_connected_components``:
+   min-label hooking with pointer jumping over ``alltoall`` rounds, numpy throughout, each rank holding its
+   share of the documents and edges; no rank gathers the graph) and every non-smallest member of a cluster
+   is a duplicate of the smallest, which is kept. Each rank receives its units' duplicates (``alltoall``).
+   Near duplicates are first checked by their true Jaccard similarity with the kept document (below).
 3. The tokenizing pass skips them with the reason ``duplicate-exact`` or ``duplicate-near``; the
    manifest's ``duplicate_examples`` give a few duplicates' ``file:line`` with the kept document's, and
    ``OUT/duplicates/unit_NNNNN.tsv`` lists every one (``reason<TAB>file:line<TAB>kept file:line<TAB>
@@ -486,16 +487,96 @@ def _clusters(edges: np.ndarray) -> dict[int, int]:
     return {x: find(x) for x in parent}
 
 
+def _home(x: np.ndarray, size: int) -> np.ndarray:
+    """The rank that holds document ``x``'s label in the cluster resolution: a multiplicative hash of the
+    id, so consecutive ids (one unit's documents) spread over the ranks."""
+    h = (x.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+    return (h % np.uint64(size)).astype(np.int64)
+
+
+def _route(comm, dest: np.ndarray, *cols: np.ndarray) -> list[np.ndarray]:
+    """Send row i of ``cols`` to rank ``dest[i]`` (one ``alltoall``); returns the columns received."""
+    if comm.size == 1:
+        return list(cols)
+    order = np.argsort(dest, kind="stable")
+    bounds = np.searchsorted(dest[order], np.arange(comm.size + 1))
+    sends = [[c[order[bounds[r]:bounds[r + 1]]] for c in cols] for r in range(comm.size)]
+    got = comm.alltoall(sends)
+    return [np.concatenate([g[i] for g in got]) if got else cols[i][:0] for i in range(len(cols))]
+
+
+def _ask(comm, nodes: np.ndarray, labels: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The current label of every id in ``query`` (each held by its home rank: two ``alltoall``s)."""
+    if comm.size == 1:
+        return labels[np.searchsorted(nodes, query)]
+    dest = _home(query, comm.size)
+    order = np.argsort(dest, kind="stable")
+    bounds = np.searchsorted(dest[order], np.arange(comm.size + 1))
+    asked = comm.alltoall([query[order[bounds[r]:bounds[r + 1]]] for r in range(comm.size)])
+    answers = comm.alltoall([labels[np.searchsorted(nodes, q)] for q in asked])
+    out = np.empty(len(query), np.int64)
+    out[order] = np.concatenate(answers) if answers else np.zeros(0, np.int64)
+    return out
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique`` of int64 ids by sorting (numpy 2's hash-based unique is several times slower here)."""
+    x = np.sort(x)
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
+
+
+def _total(comm, n: int) -> int:
+    return n if comm.size == 1 else sum(comm.allgather(n))
+
+
+def _connected_components(comm, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distributed connected components of the graph whose edges the ranks hold between them (collective).
+    Returns this rank's share of the documents (ids in ``edges`` anywhere, each held by ``_home``) and the
+    smallest id of each one's component.
+
+    Min-label hooking with pointer jumping, in numpy over ``alltoall`` rounds: every document holds a label
+    (its own id at first); each round, every edge whose ends have different labels hooks the larger label
+    onto the smaller (``np.minimum.at`` at the larger label's home), then labels jump to their label's label
+    until none moves, and each edge is replaced by the pair of its ends' labels (so the edges contract to
+    edges between components, duplicates and self-loops dropped). Labels only decrease and stay ids of the
+    component, so at the end each is the component's smallest id: the document kept, as the first in
+    input order. Rounds: about log2 of the longest chain of hooks (a few for duplicate clusters, whose
+    exact-key groups are stars). Memory per rank: its share of the documents and of the edges."""
+    edges = edges.reshape(-1, 2).astype(np.int64)
+    ends = _sorted_unique(edges.reshape(-1))
+    (nodes,) = _route(comm, _home(ends, comm.size), ends)
+    nodes = _sorted_unique(nodes)
+    labels = nodes.copy()
+    while _total(comm, len(edges)):
+        lu, lv = _ask(comm, nodes, labels, edges[:, 0]), _ask(comm, nodes, labels, edges[:, 1])
+        live = lu != lv
+        hi, lo = np.maximum(lu, lv)[live], np.minimum(lu, lv)[live]
+        hi, lo = _route(comm, _home(hi, comm.size), hi, lo)
+        np.minimum.at(labels, np.searchsorted(nodes, hi), lo)
+        while True:  # pointer jumping: label <- label's label, until no label moves anywhere
+            jumped = _ask(comm, nodes, labels, labels)
+            moved = int(np.count_nonzero(jumped != labels))
+            labels = jumped
+            if not _total(comm, moved):
+                break
+        pairs = np.stack([_ask(comm, nodes, labels, lu[live]), _ask(comm, nodes, labels, lv[live])], axis=1)
+        pairs = np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1)
+        pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+        edges = pairs[np.concatenate([[True], (pairs[1:] != pairs[:-1]).any(axis=1)])] if len(pairs) else pairs
+    return nodes, labels
+
+
 def _resolve(comm, edges: np.ndarray, owner_of_unit: dict[int, int]) -> dict[int, int]:
-    """Gather edges at rank 0, cluster them, and give every rank the duplicates in its units."""
-    everything = comm.gather(edges, root=0)
-    parts = None
-    if comm.rank == 0:
-        dup = _clusters(np.concatenate(everything) if everything else np.zeros((0, 2), np.int64))
-        parts = [{} for _ in range(comm.size)]
-        for d, k in dup.items():
-            parts[owner_of_unit[d >> 32]][d] = k
-    return comm.scatter(parts, root=0)
+    """Cluster the edges the ranks hold (``_connected_components``) and give every rank the duplicates in its
+    units: duplicate id -> kept id (the smallest of its cluster). No rank gathers the whole graph."""
+    nodes, labels = _connected_components(comm, edges)
+    dup = nodes != labels
+    d, k = nodes[dup], labels[dup]
+    table = np.zeros(max(owner_of_unit, default=0) + 1, np.int64)
+    table[list(owner_of_unit)] = list(owner_of_unit.values())
+    owners = table[d >> np.int64(32)]
+    d, k = _route(comm, owners, d, k)
+    return dict(zip(d.tolist(), k.tolist(), strict=True))
 
 
 # --------------------------------------------------------------------------------------------------
