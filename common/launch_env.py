@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -100,6 +101,13 @@ class MpiWorld:
 
     def scatter(self, objs, root: int = 0):
         return self._comm.scatter(objs, root=root)
+
+    def abort(self, code: int) -> None:
+        """End every rank of the job now (MPI_Abort): for an error on one rank while the others may be
+        waiting in a collective that would never complete."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._comm.Abort(code)
 
 
 _WORLD: SingleProcess | MpiWorld | None = None

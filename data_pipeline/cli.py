@@ -323,4 +323,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: COMMANDS[args.command](args), prog="python -m lmforge.data_pipeline")
+    code = run_cli(lambda: COMMANDS[args.command](args), prog="python -m lmforge.data_pipeline")
+    if code:
+        from lmforge.common.launch_env import mpi_launched, mpi_world
+
+        if mpi_launched() and mpi_world().size > 1:
+            # This rank failed and has said why; the others may be waiting in a collective it will never
+            # enter (the dedup exchange, a gather): end the whole job now rather than leave them hanging.
+            mpi_world().abort(code)
+    return code

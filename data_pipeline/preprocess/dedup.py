@@ -84,6 +84,7 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 import unicodedata
@@ -364,7 +365,7 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
         "path_index": np.asarray(r["pidx"], dtype=np.int32),
         "line": np.asarray(r["lines"], dtype=np.int64),
         "meta": np.asarray(json.dumps({"paths": r["paths"], "range_lines": r["range_lines"],
-                                       "relative": r["relative"], "candidates": n})),
+                                       "relative": r["relative"], "candidates": n, "settings": settings.stamp()})),
     }
     if "exact" in settings.dedup:
         arrays["exact"] = np.frombuffer(r["keys"], dtype=np.uint64).reshape(n, 2)
@@ -376,8 +377,10 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
     return sum(max(sources[si].size if hi < 0 else hi - lo, 1) for si, lo, hi in segments)
 
 
-def load_signatures(out: Path, unit: int) -> UnitSignatures | None:
-    """A unit's saved signatures, or None when missing or damaged (then it is scanned again)."""
+def load_signatures(out: Path, unit: int, settings: Settings, log=None) -> UnitSignatures | None:
+    """A unit's saved signatures, or None when missing, damaged or made with other settings (candidate
+    numbering depends on ``--filter``, keys on ``--dedup`` and the MinHash parameters): then it is scanned
+    again, and ``log`` gets a line naming the settings that differ."""
     p = sig_path(out, unit)
     if not p.exists():
         return None
@@ -386,6 +389,11 @@ def load_signatures(out: Path, unit: int) -> UnitSignatures | None:
             meta = json.loads(str(z["meta"]))
             got = {k: z[k] for k in z.files}  # reading checks each member's CRC-32
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return None
+    differs = settings.differences(meta.get("settings"))
+    if differs:
+        if log is not None:
+            log(f"{p}: made with other settings ({'; '.join(differs)}): scanned again")
         return None
     n = meta["candidates"]
     if len(got["line"]) != n:
@@ -401,7 +409,10 @@ def _scan_job(args: tuple) -> int:
 def scan_units(out: Path, sources: list[Source], units: list[list[Segment]], mine: list[int],
                settings: Settings, workers: int, progress: bool, rank: int) -> None:
     """Scan this rank's units that have no valid signature file, ``workers`` units at a time."""
-    todo = [u for u in mine if load_signatures(out, u) is None]
+    def log(m: str) -> None:
+        print(f"[rank {rank}] {m}", file=sys.stderr)
+
+    todo = [u for u in mine if load_signatures(out, u, settings, log) is None]
     if not todo:
         return
     total = sum(max(sources[si].size if hi < 0 else hi - lo, 1) for u in todo for si, lo, hi in units[u])
@@ -771,16 +782,23 @@ def _line_bases(units: list[list[Segment]], meta: dict[int, tuple[int, bool]]) -
     return base
 
 
+# Testing hook: LMFORGE_INJECT_DEDUP_ERROR=R makes rank R fail as it enters the exchange, while the other ranks
+# wait in its first collective (tests/data_pipeline/test_resume_state.py: every rank must end promptly).
+INJECT_ERROR_ENV = "LMFORGE_INJECT_DEDUP_ERROR"
+
+
 def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list[int]], settings: Settings,
                     comm, sources: list[Source], workers: int = 1) -> Drops:
     """The exchange: every rank calls it after scanning its units; returns this rank's duplicates. The
     near-duplicate check re-reads this rank's clustered candidates from ``sources`` on ``workers``
     processes."""
     mine = assignment[comm.rank]
+    if os.environ.get(INJECT_ERROR_ENV, "") == str(comm.rank):
+        raise PipelineError(f"injected failure on rank {comm.rank} before the dedup exchange ({INJECT_ERROR_ENV})")
     owner = {u: r for r, us in enumerate(assignment) for u in us}
     sigs = {}
     for u in mine:
-        s = load_signatures(out, u)
+        s = load_signatures(out, u, settings)
         if s is None:
             raise PipelineError(f"{sig_path(out, u)}: missing or damaged after the scan")
         sigs[u] = s

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -148,6 +149,8 @@ def _config_diff(old: dict, new: dict) -> str:
     return "the configuration differs"
 
 
+_ASIDE = ".overwritten."  # OUT/.overwritten.RANK.PID/: the old output of an --overwrite, being deleted
+
 # The tokenizer copies preprocess may have left in an output directory (either kind).
 _TOKENIZER_NAMES = (SP_FILE, HF_FILE, *COMPANIONS)
 
@@ -158,9 +161,21 @@ def _claim_output(out: Path, config: dict, overwrite: bool, comm, tokenizer: Tok
     are never removed (a --tokenizer that names a file in the output directory)."""
     state = out / ".state" / "config.json"
     own = {p.resolve() for p, _ in tokenizer.all_files()}
+    # What an earlier --overwrite renamed aside and was killed before deleting: remove it now.
+    for old in out.glob(f"{_ASIDE}*"):
+        shutil.rmtree(old, ignore_errors=True)
     if overwrite:  # every rank: nodes without a shared filesystem have their own copies
-        for name in (*SPLITS, ".state", dedup.LIST_DIR, FILTERED_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
+        # Renamed aside first (one atomic rename each), then deleted: a kill in between leaves the old state
+        # out of the way, never half of it (a .state without its config.json would be taken for a new job's).
+        aside = out / f"{_ASIDE}{comm.rank}.{os.getpid()}"
+        for name in (".state", *SPLITS, dedup.LIST_DIR, FILTERED_DIR):
+            if (out / name).exists():
+                aside.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(out / name, aside / name)
+                except FileNotFoundError:  # another rank of a shared filesystem moved it first
+                    pass
+        shutil.rmtree(aside, ignore_errors=True)
         for name in (MANIFEST_NAME, *_TOKENIZER_NAMES):
             if (out / name).resolve() not in own:
                 (out / name).unlink(missing_ok=True)
@@ -355,12 +370,12 @@ def _exact_split(tokenizer: TokenizerFiles) -> Callable[[str], list[str]] | None
     return None
 
 
-def _resume(out: Path, mine: list[int], rank: int) -> tuple[dict[int, dict], list[int]]:
+def _resume(out: Path, mine: list[int], rank: int, settings: Settings) -> tuple[dict[int, dict], list[int]]:
     """(records of this rank's units finished by an earlier run, kept; the units still to do, cleaned)."""
     done: dict[int, dict] = {}
     todo: list[int] = []
     for u in mine:
-        rec = load_done_unit(out, u)
+        rec = load_done_unit(out, u, settings, log=lambda m: print(f"[rank {rank}] {m}", file=sys.stderr))
         if rec is not None:
             done[u] = rec
         else:
@@ -378,7 +393,7 @@ def _process_units(
 ) -> tuple[list[dict], dict]:
     """Do this rank's unfinished units; returns the records of all its units and the run's statistics."""
     dtype = optimal_dtype(tok["vocab_size"])
-    done, todo = _resume(out, mine, rank)
+    done, todo = _resume(out, mine, rank, settings)
     total = sum(unit_bytes_of(sources, units[u]) for u in todo)
     progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
     backend = resolve_backend(run.backend, tokenizer.kind) if run.workers > 1 and todo else "inline"
@@ -392,7 +407,7 @@ def _process_units(
     def drain_one() -> None:
         writer, metas, result = inflight.popleft()
         if metas is None:
-            done[writer.rec.unit] = save_done_unit(out, writer.finish())
+            done[writer.rec.unit] = save_done_unit(out, writer.finish(), settings)
             return
         assert result is not None
         encoded = result()

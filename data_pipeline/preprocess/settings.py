@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from lmforge.common.errors import InputError
 
@@ -39,6 +39,18 @@ class Settings:
     minhash_ngram: int = 5  # word n-grams (shingles) for --dedup minhash
     minhash_bands: int = 14  # LSH bands x rows = MinHash values per document (FineWeb's 14 x 8)
     minhash_rows: int = 8
+
+    def stamp(self) -> dict:
+        """The settings as recorded in every piece of resume state (unit records, signature files)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def differences(self, stamp: dict | None) -> list[str]:
+        """The settings (``--option`` names) in which ``stamp`` differs from these ones; ``["(none recorded)"]``
+        for state written before stamps existed."""
+        if stamp is None:
+            return ["(none recorded)"]
+        mine = self.stamp()
+        return [f"--{k.replace('_', '-')} {stamp.get(k)!r} -> {mine[k]!r}" for k in mine if stamp.get(k) != mine[k]]
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(

@@ -195,21 +195,32 @@ def filtered_list_path(out: Path, unit: int) -> Path:
     return out / FILTERED_DIR / f"unit_{unit:05d}.tsv"
 
 
-def save_done_unit(out: Path, rec: UnitRecord) -> dict:
-    """Record a finished unit (its shards are already in place); returns the record as saved."""
+SETTINGS_KEY = "settings"  # the settings that made a unit record (not part of the record itself)
+
+
+def save_done_unit(out: Path, rec: UnitRecord, settings: Settings) -> dict:
+    """Record a finished unit (its shards are already in place), stamped with the settings that made it;
+    returns the record as saved (without the stamp)."""
     saved = asdict(rec)
-    atomic_write_json(state_path(out, rec.unit), saved, indent=1)
+    atomic_write_json(state_path(out, rec.unit), {**saved, SETTINGS_KEY: settings.stamp()}, indent=1)
     return saved
 
 
-def load_done_unit(out: Path, unit: int) -> dict | None:
-    """A recorded unit whose shards all exist and match their checksums, else None."""
+def load_done_unit(out: Path, unit: int, settings: Settings, log=None) -> dict | None:
+    """A recorded unit made with these ``settings`` whose shards all exist and match their checksums, else
+    None (then it is done again). A record made with other settings is rejected with a line naming them
+    (``log``): a kill during ``--overwrite`` or a hand-copied ``.state`` must not mix two configurations."""
     p = state_path(out, unit)
     if not p.exists():
         return None
     try:
         rec = json.loads(p.read_text())
     except (OSError, ValueError):
+        return None
+    differs = settings.differences(rec.pop(SETTINGS_KEY, None))
+    if differs:
+        if log is not None:
+            log(f"{p}: made with other settings ({'; '.join(differs)}): not reused, the unit is done again")
         return None
     for split in SPLITS:
         for sh in rec["shards"][split]:

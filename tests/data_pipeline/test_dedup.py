@@ -128,7 +128,7 @@ def test_near_duplicates_are_checked_against_the_kept_document(tmp_path):
     sources = expand_inputs([str(f)])
     units = plan_units(sources, settings.unit_bytes)
     dedup.scan_unit(tmp_path, sources, 0, units[0], settings)
-    sigs = {0: dedup.load_signatures(tmp_path, 0)}
+    sigs = {0: dedup.load_signatures(tmp_path, 0, settings)}
     A, B, C, S0, D = 0, 1, 2, 3, 3 + len(stubs)
     C2, D2 = D + 1, D + 2
     edges = np.array([[B, A], [C, B], *[[S0 + i, S0] for i in range(1, len(stubs))], [C2, B], [D2, D]], np.int64)
