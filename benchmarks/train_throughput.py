@@ -11,12 +11,30 @@ figure published MFU compares with), and ``..._causal_doc``, attention as comput
 causal triangle: the packed documents of the timed samples for a document-masked variant, whole rows
 otherwise). MFU divides by the bf16 dense peak for fp8 (``mfu_peak``).
 
+``--precision fp8`` (``--fp8-recipe tensorwise|rowwise``, ``--fp8-layers auto|all``) converts the model's decoder
+linear layers to torchao ``Float8Linear`` with ``trainer.parallel.fp8`` exactly as the trainer does (after
+building the model, before activation checkpointing, compilation and ``deepspeed.initialize``; a bf16 engine),
+and prints the trainer's start-up line saying which layers converted. On CPU float8 is emulated (no speed-up).
+
+``--profile-sync N`` runs N more steps of our model under ``torch.profiler`` after the timed ones and sums,
+per step, the time the host thread spends blocked in CUDA synchronisation (``cudaStreamSynchronize``,
+``cudaDeviceSynchronize``, ``cudaEventSynchronize``, ``cudaMemcpy``/``cudaMemcpyAsync``) by the phase it
+happened in (DeepSpeed's forward, backward and optimizer step; the loop's own loss read), and the GPU idle
+time that starts while the host is blocked there (the cost of a host read: the device runs dry until the
+host has launched the next work). DeepSpeed's reads (ZeRO's ``has_overflow``, ``get_grad_norm_direct``, the
+bf16 optimizer's ``is_invalid_grad_norm``: README, "Host syncs") land in the ``step`` phase.
+
 ``--compare-hf`` also builds the family's ``transformers`` class (``LlamaForCausalLM``, ``Qwen3ForCausalLM``)
 of the same shape with the same weights
 under the same DeepSpeed config, in the same process, and alternates timed rounds (ours, HF, HF, ours,
 ...) so that load from other processes hits both alike; the step-time ratio ours/HF is reported per round
 and as the median. Both models get the same loss code (fp32 cross-entropy over the full logits), so the
-ratio compares the model bodies.
+ratio compares the model bodies. ``--compile-hf`` then compiles the HF twin's decoder layers the way
+``train.compile`` compiles ours (``torch.compile`` per layer, fixed shapes) and times a second set of
+alternating rounds (ours against the compiled twin): ``hf_compiled``, ``ratio_ours_over_hf_compiled``.
+
+Models are built on the GPU when there is one (``--init-device``; a ``7b`` initialised on the host takes
+minutes), as ``deepspeed.initialize`` would move them there anyway.
 
 Single process (a 1-rank gloo/NCCL group is created here):
     .venv/bin/python benchmarks/train_throughput.py --preset tiny --seq-len 256 --micro-batch 4 --compare-hf
@@ -35,12 +53,16 @@ TFLOP/s and MFU count the active parameters (a token's k experts and the router)
 a preset to fit one device, e.g. OLMoE-1B-7B's shape in 8 of its 16 layers on one H200:
     python benchmarks/train_throughput.py --preset qwen3-moe-olmoe-1b-7b --num-layers 8 --vocab-size 50304 \\
         --precision bf16 --seq-len 4096 --micro-batch 2 --zero-stage 1 --mean-doc-len 500 --expert-parallel 1
+One H200, FP8 against bf16 (the trainer's fp8 path; MFU against the bf16 peak):
+    python benchmarks/train_throughput.py --preset 1b --precision fp8 --fp8-recipe tensorwise --seq-len 4096 \
+        --micro-batch 4 --zero-stage 1 --mean-doc-len 500 --variants compiled:flex
 Model FLOPs exclude activation recomputation (MFU, not HFU): see trainer/metrics.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -48,6 +70,7 @@ import resource
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +94,7 @@ from lmforge.model import (  # noqa: E402
 from lmforge.trainer.batching import BatchTransform, DistributedSampleIterator, make_batch  # noqa: E402
 from lmforge.trainer.config import ConfigError, RunConfig  # noqa: E402
 from lmforge.trainer.metrics import attention_span_sq_sum, detect_peak_tflops, peak_precision  # noqa: E402
-from lmforge.trainer.parallel import distributed, experts  # noqa: E402
+from lmforge.trainer.parallel import distributed, experts, fp8  # noqa: E402
 from lmforge.trainer.parallel.ds_config import build_ds_config, resolve_precision  # noqa: E402
 from lmforge.trainer.parallel.engine import param_groups  # noqa: E402
 from lmforge.trainer.parallel.transforms import apply_activation_checkpointing, compile_layers  # noqa: E402
@@ -111,10 +134,11 @@ class HFWithOurLoss(nn.Module):
                                ignore_index=IGNORE_INDEX)
 
 
-def build_hf_twin(ours: CausalLM, activation_checkpointing: int) -> nn.Module:
+def build_hf_twin(ours: CausalLM, activation_checkpointing: int, device: torch.device | None = None) -> nn.Module:
     adapter = family_of(ours.config).hf
-    hf = adapter.transformers_model_class()(adapter.transformers_config_class()(
-        **adapter.to_hf_config(ours.config), attn_implementation="sdpa", use_cache=False))
+    with torch.device(device or "cpu"):
+        hf = adapter.transformers_model_class()(adapter.transformers_config_class()(
+            **adapter.to_hf_config(ours.config), attn_implementation="sdpa", use_cache=False))
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     if unexpected or not set(missing) <= {"lm_head.weight"}:  # tied lm_head: HF ties it itself
         raise RuntimeError(f"HF twin state dict mismatch: missing {missing}, unexpected {unexpected}")
@@ -128,6 +152,7 @@ def run_config(a: argparse.Namespace) -> RunConfig:
     cfg = RunConfig()
     cfg.train.micro_batch_size, cfg.train.grad_accum = a.micro_batch, a.grad_accum
     cfg.train.precision = a.precision
+    cfg.parallel.fp8_recipe, cfg.parallel.fp8_layers = a.fp8_recipe, a.fp8_layers
     cfg.parallel.zero_stage, cfg.parallel.offload = a.zero_stage, a.offload
     cfg.parallel.activation_checkpointing = a.activation_checkpointing
     cfg.parallel.expert_parallel = a.expert_parallel
@@ -144,26 +169,37 @@ class Runner:
         self.device = engine.device
         self.cuda = self.device.type == "cuda"
 
-    def steps(self, n: int) -> list[tuple[float, float]]:
+    def steps(self, n: int, annotate: bool = False) -> list[tuple[float, float, int]]:
+        """``annotate``: mark the phases for the profiler (``--profile-sync``; PHASES)."""
+        def phase(name):
+            return torch.profiler.record_function(PHASES[name]) if annotate else contextlib.nullcontext()
+
         out = []
         for _ in range(n):
             if self.cuda:
-                torch.cuda.synchronize()
+                with phase("sync"):
+                    torch.cuda.synchronize()
             t0 = time.perf_counter()
             start = self.it.consumed_samples
-            micro = self.it.next_microbatches()  # collated on the prefetch thread when prefetching
-            batches = [self.transform.on_device({k: v.to(self.device, non_blocking=True)
-                                                 if isinstance(v, torch.Tensor) else v for k, v in b.items()})
-                       for b in micro]
+            with phase("data"):
+                micro = self.it.next_microbatches()  # collated on the prefetch thread when prefetching
+                batches = [self.transform.on_device({k: v.to(self.device, non_blocking=True)
+                                                     if isinstance(v, torch.Tensor) else v for k, v in b.items()})
+                           for b in micro]
             t_data = time.perf_counter() - t0
             loss = None
             for b in batches:
-                loss = self.engine(**b)
-                self.engine.backward(loss)
-                self.engine.step()
-            loss.item()  # waits for the step (the trainer reads the loss every step too)
+                with phase("forward"):
+                    loss = self.engine(**b)
+                with phase("backward"):
+                    self.engine.backward(loss)
+                with phase("step"):
+                    self.engine.step()
+            with phase("loss_read"):
+                loss.item()  # waits for the step (the trainer reads the loss every step too)
             if self.cuda:
-                torch.cuda.synchronize()
+                with phase("sync"):
+                    torch.cuda.synchronize()
             out.append((time.perf_counter() - t0, t_data, start))
         return out
 
@@ -182,6 +218,78 @@ def peak_memory_gb() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
 
 
+# --profile-sync: the profiler ranges a step is cut into, and what counts as the host waiting for the device.
+PHASES = {"data": "tt.data", "forward": "tt.forward", "backward": "tt.backward", "step": "tt.step",
+          "loss_read": "tt.loss_read", "sync": "tt.sync"}
+# DeepSpeed's part of the step; the rest (the loop's loss read and its timing barriers, the batch copy) is ours.
+DEEPSPEED_PHASES = ("forward", "backward", "step")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMemcpyAsync", "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def analyse_sync_trace(events: list[dict], steps: int) -> dict:
+    """A Chrome trace of ``steps`` annotated steps (``Runner.steps(annotate=True)`` under torch.profiler) ->
+    per step and per phase: host time blocked in synchronising CUDA calls (``SYNC_CALLS``), their count, and
+    the GPU idle time that begins while the host is blocked in one (the device ran out of work because the
+    host waited: until the host launches the next kernel, the GPU idles). Pure: testable on a made-up trace."""
+    xs = [e for e in events if e.get("ph") == "X" and "ts" in e and "dur" in e]
+    names = {v: k for k, v in PHASES.items()}
+    phases = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), names[e["name"]]) for e in xs
+                    if e.get("name") in names and e.get("cat") in ("user_annotation", "cpu_op", None))
+    syncs = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in xs
+                   if e.get("name") in SYNC_CALLS and e.get("cat") in ("cuda_runtime", "cuda_driver"))
+    busy = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in xs if e.get("cat") in DEVICE_CATS)
+
+    def phase_of(t: float) -> str:
+        inner = [(p0, p1, name) for p0, p1, name in phases if p0 <= t <= p1]
+        return min(inner, key=lambda p: p[1] - p[0])[2] if inner else "other"
+
+    per = {k: {"blocked_ms": 0.0, "calls": 0, "gpu_idle_after_ms": 0.0} for k in [*PHASES, "other"]}
+    for s0, s1, _ in syncs:
+        p = per[phase_of(s0)]
+        p["blocked_ms"] += (s1 - s0) / 1e3
+        p["calls"] += 1
+    merged: list[list[float]] = []
+    for b0, b1 in busy:
+        if merged and b0 <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b1)
+        else:
+            merged.append([b0, b1])
+    span = (min(p[0] for p in phases), max(p[1] for p in phases)) if phases else None
+    idle_total = 0.0
+    for (_, g0), (g1, _) in zip(merged, merged[1:]):  # the gaps between busy stretches of the device
+        idle_total += g1 - g0
+        for s0, s1, _ in syncs:
+            if s0 <= g0 <= s1:  # the device ran dry while the host waited in this call
+                per[phase_of(s0)]["gpu_idle_after_ms"] += (g1 - g0) / 1e3
+                break
+    wall = (span[1] - span[0]) if span else 0.0
+    out = {k: {m: v / steps for m, v in d.items()} for k, d in per.items()}
+    ds = {m: sum(out[k][m] for k in DEEPSPEED_PHASES) for m in ("blocked_ms", "calls", "gpu_idle_after_ms")}
+    return {"steps": steps, "per_phase": out, "deepspeed": ds,
+            "loop": {m: out["loss_read"][m] + out["sync"][m] for m in ("blocked_ms", "calls", "gpu_idle_after_ms")},
+            "profiled_step_ms": wall / steps / 1e3, "gpu_busy_ms": sum(b1 - b0 for b0, b1 in merged) / steps / 1e3,
+            "gpu_idle_ms": idle_total / steps / 1e3, "device_events": len(busy), "sync_calls": len(syncs)}
+
+
+def sync_profile(runner: Runner, n: int) -> dict:
+    """``n`` steps of ``runner`` under torch.profiler, analysed by ``analyse_sync_trace``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.cuda else [])
+    with profile(activities=acts) as prof:
+        t = runner.steps(n, annotate=True)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    r = analyse_sync_trace(events, n)
+    r["runner"] = runner.name
+    r["step_ms_median"] = 1e3 * statistics.median(x[0] for x in t)
+    return r
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=list(all_presets()), help="model size preset (any family)")
@@ -193,8 +301,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     ap.add_argument("--offload", default="none", choices=["none", "optimizer", "optimizer+params"])
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                    help="auto = bf16 on CUDA with bf16, fp32 on CPU (as the trainer)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
+                    help="auto = bf16 on CUDA with bf16, fp32 on CPU (as the trainer); fp8 = a bf16 engine whose "
+                         "decoder linear layers are torchao Float8Linear (train.precision fp8; emulated on CPU)")
+    ap.add_argument("--fp8-recipe", default="tensorwise", choices=list(fp8.RECIPES),
+                    help="parallel.fp8_recipe with --precision fp8 (default tensorwise)")
+    ap.add_argument("--fp8-layers", default="auto", choices=list(fp8.LAYERS),
+                    help="parallel.fp8_layers with --precision fp8: auto = the trainer's shape rule, all = every "
+                         "decoder linear layer with dimensions multiples of 16")
     ap.add_argument("--loss-chunk-tokens", type=int, default=RunConfig().parallel.loss_chunk_tokens,
                     help="parallel.loss_chunk_tokens for our model (default: the run config's; 0 = whole logits)")
     ap.add_argument("--activation-checkpointing", type=int, default=0,
@@ -210,6 +324,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(a loop over experts), E >= 1 = DeepSpeed AutoEP grouped-GEMM experts over groups of E ranks")
     ap.add_argument("--compile", action="store_true",
                     help="compile our model's decoder layers (train.compile); the HF twin stays eager")
+    ap.add_argument("--compile-hf", action="store_true",
+                    help="with --compare-hf: after the eager rounds, compile the HF twin's decoder layers "
+                         "(torch.compile per layer, as train.compile) and time rounds against it too")
+    ap.add_argument("--profile-sync", type=int, default=0, metavar="N",
+                    help="after timing, profile N steps of our model: host time blocked in CUDA synchronisation "
+                         "per step by phase (DeepSpeed's forward/backward/step, the loop's loss read) and the GPU "
+                         "idle time it causes")
+    ap.add_argument("--init-device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where the models are built and initialised (auto: the GPU when there is one)")
     ap.add_argument("--mean-doc-len", type=int, default=0,
                     help="pack documents of geometric length with this mean (EOD-separated; 0 = one per row)")
     ap.add_argument("--variants", default=None,
@@ -230,6 +353,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.rounds = 4 if a.compare_hf else 1
     if a.variants and (a.compare_hf or a.compile):
         ap.error("--variants does not combine with --compare-hf or --compile (use compiled:... variants)")
+    if a.compile_hf and not a.compare_hf:
+        ap.error("--compile-hf needs --compare-hf")
+    if a.profile_sync < 0:
+        ap.error("--profile-sync must be >= 0")
     a.variants = (a.variants or ("compiled:causal" if a.compile else "eager:causal")).split(",")
     for v in a.variants:
         mode, _, attn = v.partition(":")
@@ -280,6 +407,7 @@ def main(argv=None) -> int:
     moe = experts.is_moe(mcfg)
     try:  # the trainer's start-up refusals (a dense model, E not dividing the world or the experts, ...)
         experts.check(mcfg, cfg.parallel, world, any(v.startswith("compiled") for v in a.variants), precision)
+        fp8.check(precision, a.fp8_recipe, a.fp8_layers, 1)  # Hopper-class GPU or CPU emulation, torchao
     except ConfigError as e:
         if rank == 0:
             print(f"train_throughput: {e}", file=sys.stderr)
@@ -291,14 +419,29 @@ def main(argv=None) -> int:
     peak = a.peak_tflops or detect_peak_tflops(precision)  # fp8: the bf16 dense peak
 
     torch.manual_seed(a.seed)
-    ours = build_model(mcfg)
+    init_device = a.init_device if a.init_device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if init_device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        init_device = torch.device("cuda", torch.cuda.current_device())
+    t_build = time.perf_counter()
+    with torch.device(init_device):
+        ours = build_model(mcfg)
+    models = {"ours": ours}
+    if a.compare_hf:  # copies ours' initial weights (before any fp8 conversion: the twin stays bf16)
+        models["hf"] = build_hf_twin(ours, a.activation_checkpointing, torch.device(init_device))
+    fp8_line = None
+    fp8_counts = None
+    if precision == "fp8":  # as trainer/build.py: before activation checkpointing and compilation wrap the layers
+        converted, kept = fp8.convert(ours, a.fp8_recipe, a.fp8_layers)
+        fp8_line = fp8.describe(converted, kept, a.fp8_recipe)
+        fp8_counts = {"converted": len(converted), "kept": len(kept)}
     apply_activation_checkpointing(ours, a.activation_checkpointing)
     ours.loss_chunk_tokens = a.loss_chunk_tokens
-    models = {"ours": ours}
-    if a.compare_hf:
-        models["hf"] = build_hf_twin(ours, a.activation_checkpointing)  # copies ours' initial weights
+    build_s = time.perf_counter() - t_build
 
-    n_samples = (a.warmup + a.steps * a.rounds + 2) * a.micro_batch * a.grad_accum * world
+    # Enough for every phase (compile step, warmups, rounds; again with --compile-hf; profiled steps); never
+    # materialised.
+    n_samples = (2 * (a.warmup + 1 + a.steps * a.rounds) + a.profile_sync + 2) * a.micro_batch * a.grad_accum * world
     runners = {}
 
     def iterator(intra_doc: bool, transform: BatchTransform):
@@ -336,18 +479,24 @@ def main(argv=None) -> int:
         params, ep, loss = f"{total / 1e6:.1f}M params", "", "model's own (LM)"
     if a.compare_hf:
         loss = f"ours: {loss}; HF twin: fp32 LM cross-entropy over the full logits"
+    compile_ours = a.compile or (len(a.variants) == 1 and a.variants[0].startswith("compiled"))
+    prec = f"fp8 ({a.fp8_recipe}, layers {a.fp8_layers}; bf16 engine)" if precision == "fp8" else precision
     say(f"train_throughput: preset {a.preset} ({params}, {mcfg.num_hidden_layers} layers"
         f"{' (--num-layers)' if a.num_layers is not None else ''}, vocab {mcfg.vocab_size}) | "
         f"{ep + ' | ' if ep else ''}world {world} on {dev.type}"
-        f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''} | {precision} | "
+        f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''} | {prec} | "
         f"ZeRO-{a.zero_stage} | micro batch {a.micro_batch} × accum {a.grad_accum} × seq {a.seq_len} = "
         f"{tokens_per_step} tokens/step | act. ckpt {a.activation_checkpointing} | loss chunk {a.loss_chunk_tokens} | "
         f"prefetch {'on' if a.prefetch else 'off'} | torch threads {torch.get_num_threads()}"
-        f"{' | ours compiled' if a.compile else ''} | loss: {loss} | FLOPs/token {fpt / 1e9:.3f} G"
-        f"{' (active parameters)' if moe else ''}")
+        f"{' | ours compiled' if compile_ours else ''}"
+        f"{' | HF twin compiled after its eager rounds' if a.compile_hf else ''}"
+        f" | loss: {loss} | FLOPs/token {fpt / 1e9:.3f} G{' (active parameters)' if moe else ''} | models built on "
+        f"{init_device} in {build_s:.1f} s")
+    if fp8_line:
+        say(fp8_line)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     per_round: dict[str, list[float]] = {k: [] for k in runners}
-    compile_s = None
+    compile_s = hf_compile_s = None
     if len(a.variants) > 1:
         # Variants one after the other (compilation cannot be undone), each warmed up first.
         for name, r in runners.items():
@@ -364,7 +513,7 @@ def main(argv=None) -> int:
                 per_round[name].append(statistics.median(x[0] for x in t))
             say(f"  {name}: {1e3 * statistics.median(x[0] for x in times[name]):.1f} ms/step")
     else:
-        if a.compile:
+        if compile_ours:
             t0 = time.perf_counter()
             compile_layers(ours)
             runners["ours"].steps(1)
@@ -380,8 +529,29 @@ def main(argv=None) -> int:
                 t = runners[name].steps(a.steps)
                 times[name] += t
                 per_round[name].append(statistics.median(x[0] for x in t))
+        if a.compile_hf:  # the same HF engine, its layers compiled in place: rounds against ours again
+            t0 = time.perf_counter()
+            compile_layers(models["hf"].hf)
+            hf = runners["hf_compiled"] = runners["hf"]
+            hf.steps(1)
+            hf_compile_s = time.perf_counter() - t0
+            say(f"HF twin: compiled {mcfg.num_hidden_layers} layers: first step {hf_compile_s:.1f} s "
+                "(compilation included)")
+            hf.steps(a.warmup)
+            times["hf_compiled"], per_round["hf_compiled"] = [], []
+            order = ["ours", "hf_compiled"]
+            for rnd in range(a.rounds):
+                for name in order if rnd % 2 == 0 else order[::-1]:
+                    t = runners[name].steps(a.steps)
+                    times[name] += t
+                    per_round[name].append(statistics.median(x[0] for x in t))
     mem, mem_kind = peak_memory_gb()
     reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+    device_total = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else None
+    profile = None
+    if a.profile_sync:  # after the timing and the peak memory: the profiler's own cost is not in either
+        name = [n for n in runners if not n.startswith("hf")][-1]
+        profile = sync_profile(runners[name], a.profile_sync)
 
     results: dict = {"preset": a.preset, "num_layers": mcfg.num_hidden_layers, "vocab_size": mcfg.vocab_size,
                      "params_total": total, "params_active": active, "moe": moe,
@@ -392,7 +562,13 @@ def main(argv=None) -> int:
                      "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "peak_tflops": peak,
                      "peak_memory_gb": mem, "peak_memory_kind": mem_kind,
                      "peak_memory_reserved_gb": reserved, "mean_doc_len": a.mean_doc_len,
-                     "compile_s": compile_s, "variants": list(runners),
+                     "compile_s": compile_s, "variants": [v for v in runners if v != "hf_compiled"],
+                     "runs": {k: ("compiled:causal" if k == "hf_compiled" else r.name) for k, r in runners.items()},
+                     "compiled_ours": compile_ours, "hf_compile_s": hf_compile_s, "init_device": str(init_device),
+                     "build_s": build_s, "device_memory_gb": device_total,
+                     "fp8_recipe": a.fp8_recipe if precision == "fp8" else None,
+                     "fp8_layers": a.fp8_layers if precision == "fp8" else None,
+                     "fp8_layer_counts": fp8_counts, "fp8": fp8_line,
                      "mfu_peak": ("--peak-tflops" if a.peak_tflops else peak_precision(precision)) if peak else None,
                      "conventions": {
                          "tflops_per_device, mfu": "PaLM: 6N + 12·L·T·H·D per token (attention over whole rows, "
@@ -425,11 +601,32 @@ def main(argv=None) -> int:
     say(f"peak memory ({mem_kind}, rank 0{', both models' if a.compare_hf and dev.type == 'cpu' else ''}): "
         f"{mem:.2f} GiB{f' (CUDA max reserved {reserved:.2f} GiB)' if reserved is not None else ''}")
     if a.compare_hf:
-        ratios = [o / h for o, h in zip(per_round["ours"], per_round["hf"])]
+        ratios = [o / h for o, h in zip(per_round["ours"][:a.rounds], per_round["hf"])]
         results["ratio_ours_over_hf"] = statistics.median(ratios)
         results["ratio_per_round"] = ratios
         say(f"step-time ratio ours/HF: median {statistics.median(ratios):.3f} over {len(ratios)} rounds "
             f"({', '.join(f'{x:.3f}' for x in ratios)}); <= 1.0 means ours is no slower")
+    if a.compile_hf:
+        ratios = [o / h for o, h in zip(per_round["ours"][a.rounds:], per_round["hf_compiled"])]
+        results["ratio_ours_over_hf_compiled"] = statistics.median(ratios)
+        results["ratio_per_round_hf_compiled"] = ratios
+        say(f"step-time ratio ours/HF compiled: median {statistics.median(ratios):.3f} over {len(ratios)} rounds "
+            f"({', '.join(f'{x:.3f}' for x in ratios)})")
+    if profile is not None:
+        results["sync_profile"] = profile
+        ds, lp = profile["deepspeed"], profile["loop"]
+        step = profile["profiled_step_ms"]
+        say(f"host syncs ({profile['runner']}, {profile['steps']} profiled steps, {step:.1f} ms/step under the "
+            f"profiler): DeepSpeed (forward/backward/step) {ds['calls']:.1f} calls, host blocked "
+            f"{ds['blocked_ms']:.2f} ms/step, GPU idle after them {ds['gpu_idle_after_ms']:.2f} ms/step "
+            f"({100 * ds['gpu_idle_after_ms'] / step if step else 0:.2f}% of the step); the loop's own loss read "
+            f"and barriers: {lp['calls']:.1f} calls, GPU idle after them {lp['gpu_idle_after_ms']:.2f} ms/step; "
+            f"GPU busy {profile['gpu_busy_ms']:.1f} ms/step ({profile['device_events']} device events)")
+        if not profile["device_events"]:
+            say("  (no device events: on CPU nothing blocks on a device; the phases were profiled only)")
+        say("  per phase (calls, host blocked ms, GPU idle after ms, per step): " + "; ".join(
+            f"{k} {v['calls']:.1f}, {v['blocked_ms']:.2f}, {v['gpu_idle_after_ms']:.2f}"
+            for k, v in profile["per_phase"].items() if v["calls"]))
     if a.json and rank == 0:
         tmp = Path(a.json).with_name(f".{Path(a.json).name}.tmp.{os.getpid()}")
         tmp.write_text(json.dumps(results, indent=1))

@@ -3,6 +3,7 @@
     lmforge train-tokenizer | preprocess | inspect | verify | merge ...   (data pipeline)
     lmforge train --config CFG [overrides]        (single process; use the deepspeed launcher for many)
     lmforge export-hf | import-hf | generate ...
+    lmforge plan CFG [overrides] --gpus N --gpus-per-node G --gpu h100   (fits? how fast? which layouts)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ MODULES = {
     "export-hf": "lmforge.trainer.hf.export",
     "import-hf": "lmforge.trainer.hf.importer",
     "generate": "lmforge.trainer.hf.generate",
+    "plan": "lmforge.trainer.plan.__main__",
 }
 
 
