@@ -551,7 +551,11 @@ def main(argv=None) -> int:
     profile = None
     if a.profile_sync:  # after the timing and the peak memory: the profiler's own cost is not in either
         name = [n for n in runners if not n.startswith("hf")][-1]
-        profile = sync_profile(runners[name], a.profile_sync)
+        try:  # the profiler (CUPTI) is the one part a machine may refuse: the timing above is kept
+            profile = sync_profile(runners[name], a.profile_sync)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            profile = {"error": f"{type(e).__name__}: {e}"}
+            say(f"--profile-sync failed: {profile['error']}")
 
     results: dict = {"preset": a.preset, "num_layers": mcfg.num_hidden_layers, "vocab_size": mcfg.vocab_size,
                      "params_total": total, "params_active": active, "moe": moe,
@@ -614,6 +618,7 @@ def main(argv=None) -> int:
             f"({', '.join(f'{x:.3f}' for x in ratios)})")
     if profile is not None:
         results["sync_profile"] = profile
+    if profile is not None and "error" not in profile:
         ds, lp = profile["deepspeed"], profile["loop"]
         step = profile["profiled_step_ms"]
         say(f"host syncs ({profile['runner']}, {profile['steps']} profiled steps, {step:.1f} ms/step under the "
