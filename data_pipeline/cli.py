@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit-bytes", type=_size, default=64 << 20,
                    help="input bytes per work unit: the resume and MPI granularity (default 64M). Small "
                         "files are grouped; an uncompressed .jsonl or WikiExtractor file larger than this is "
-                        "cut into byte ranges at record boundaries; .gz/.zst, text and parquet files are "
-                        "one unit each. Output shards are per unit: the same --unit-bytes gives the same "
-                        "bytes for any --workers/ranks; another --unit-bytes gives the same documents in "
+                        "cut into byte ranges at record boundaries, a parquet file into runs of whole row "
+                        "groups of about this size (compressed); .gz/.zst and text files are one unit each. "
+                        "Output shards are per unit: the same --unit-bytes gives the same bytes for any "
+                        "--workers/ranks; another --unit-bytes gives the same documents in "
                         "the same order in differently cut shards")
     p.add_argument("--eod-token", default=None, metavar="TOKEN",
                    help="the token appended after every document. Default: a SentencePiece model's eos piece; for "

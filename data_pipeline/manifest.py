@@ -17,7 +17,9 @@ example duplicates with the documents they duplicate (``{"loc": ..., "kept": ...
 (when a filter or ``--dedup`` removed any) names the files that list every removed document
 (``{"filtered": [{"file": "filtered/unit_00003.tsv", "documents": 12}, ...], "duplicates": [...]}``,
 paths relative to the manifest; each unit's rows are its documents skipped for ``filter-*`` or
-``duplicate-*`` reasons).
+``duplicate-*`` reasons); ``dedup`` (only with ``--dedup``) has ``streamed_exact_only``: the documents
+streamed in pieces (longer than ``--max-doc-bytes``) that were deduplication candidates by their exact key
+only, never near-duplicate (MinHash) ones.
 """
 
 from __future__ import annotations
@@ -205,6 +207,9 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
                 dups.setdefault(why, []).extend({"loc": loc, "kept": k} for loc, k in zip(taken, kept))
             ex.extend(taken)
     lists = _removed_lists(unit_records)
+    dedup = None
+    if config["settings"].get("dedup"):
+        dedup = {"streamed_exact_only": sum(rec.get("streamed_candidates", 0) for rec in unit_records)}
     return {
         "format": FORMAT,
         "tokenizer": {**config["tokenizer"], "file": tokenizer_file, "source_path": str(tokenizer_path),
@@ -218,6 +223,7 @@ def assemble(config: dict, unit_records: list[dict], tokenizer_path: str,
         "skip_examples": dict(sorted(examples.items())),
         **({"duplicate_examples": dict(sorted(dups.items()))} if dups else {}),
         **({"removed_lists": lists} if lists else {}),
+        **({"dedup": dedup} if dedup is not None else {}),
         "sources": config["sources"],
         "settings": config["settings"],
         "config_sha256": sha256_json(config),

@@ -6,8 +6,10 @@ Design (why the output is byte-identical for any ``--workers`` and any number of
   totalling about ``--unit-bytes`` on disk. An uncompressed JSON-lines or WikiExtractor file larger than
   ``--unit-bytes`` is cut into byte ranges of ``--unit-bytes``, one unit each, aligned to record
   boundaries by the reader (``readers.ReadRange``), so one 40 GB file spreads over all ranks and workers
-  and resumes per range. Compressed files (.gz/.zst cannot seek), text files (one document each: a huge
-  one is streamed in pieces anyway) and parquet are never cut. An ``hf:`` dataset is one source per shard
+  and resumes per range; a parquet file into runs of whole row groups of about ``--unit-bytes``
+  (compressed, from its footer), a byte range that owns the row groups starting in it, its rows numbered
+  from the file start (``readers.parquet``). Compressed files (.gz/.zst cannot seek) and text files (one
+  document each: a huge one is streamed in pieces anyway) are never cut. An ``hf:`` dataset is one source per shard
   of its streaming dataset (for data files, one per file, with its size where local): its shards are
   grouped, distributed and resumed like files, and their records in shard order are the dataset's
   (``readers.hf``). The plan depends only on the inputs and ``--unit-bytes``, never on the worker or

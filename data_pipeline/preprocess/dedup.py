@@ -5,12 +5,14 @@ Two passes. The tokenizing pass must know, when it reaches a document, whether a
 *any* unit duplicates it, so a scan comes first:
 
 1. **Scan** (per unit, resumable): every *candidate* - a whole document (``DOC``) that passed the
-   ``--filter`` rules - gets a signature, written with its location to ``.state/dedup/unit_NNNNN.npz``
-   (atomically; zip CRCs catch a damaged file, which is then scanned again). A document's id is
-   ``unit << 32 | k`` for the k-th candidate of its unit, so ids sort in input order. Ranks scan the
-   units they will tokenize, so no rank needs another's files (no shared filesystem is assumed); units
-   are scanned in parallel by ``--workers`` processes (whole units each when there are enough, else a
-   unit's sources, or the batches of a one-source unit while this process reads it).
+   ``--filter`` rules, or a document streamed in pieces that arrived whole (its ``LAST`` piece) - gets a
+   signature, written with its location to ``.state/dedup/unit_NNNNN.npz`` (atomically; zip CRCs catch a
+   damaged file, which is then scanned again; the file names the unit's segments and the scan's version,
+   and one made for others is scanned again). A document's id is ``unit << 32 | k`` for the k-th candidate
+   of its unit, so ids sort in input order. Ranks scan the units they will tokenize, so no rank needs
+   another's files (no shared filesystem is assumed); units are scanned in parallel by ``--workers``
+   processes (whole units each when there are enough, else a unit's sources, or the batches of a
+   one-source unit while this process reads it).
 2. **Exchange** (MPI collectives, only keys and ids, never texts): signatures are partitioned by key
    over the ranks (``alltoall``); each rank groups equal keys and emits an edge from every member of a
    group to its smallest id; the ranks join the edges into clusters together (``_connected_components``:
@@ -74,8 +76,20 @@ the scan's 0.50-0.56 s (``benchmarks/dedup_quality.py --cost``). Everything is d
 workers and ranks.
 
 ``exact,minhash`` removes exact duplicates first (reason ``duplicate-exact``), then near duplicates
-among the rest. Documents streamed in pieces (longer than ``--max-doc-bytes``) are never candidates,
-nor are documents removed by ``--filter``; ``--min-tokens`` is applied after deduplication.
+among the rest. Documents removed by ``--filter`` are never candidates; ``--min-tokens`` is applied after
+deduplication.
+
+**Streamed documents** (longer than ``--max-doc-bytes``, read in pieces and never held whole) are exact
+candidates only: ``ExactKeyStream`` computes ``exact_key`` over the pieces as they stream past (equal to
+the key of the whole text: the pieces are cut for normalisation only before ASCII whitespace, where NFC
+of the parts is the NFC of the whole and a word cannot straddle the cut), so a long book and its copy
+(or the same text held whole, e.g. one JSON record) are exact duplicates. They get no MinHash
+signature (shingling tens of MB for LSH would hold the document's shingles; the near-duplicate check
+would re-read it whole) and are never near-duplicate candidates: the manifest counts them
+(``dedup.streamed_exact_only``). A streamed candidate is numbered when its last piece arrives, in both
+passes; one that turns bad before it (a ``SKIP`` instead of ``LAST``) is no candidate. The tokenizing pass
+knows at the first piece whether the document is a duplicate (it is the next number) and then writes none
+of its pieces.
 """
 
 from __future__ import annotations
@@ -98,7 +112,7 @@ import numpy as np
 
 from lmforge.common.files import atomic_write_bytes
 
-from ..readers import DOC, SKIP, ReadRange, Source, iter_documents
+from ..readers import DOC, LAST, SKIP, ReadRange, Source, iter_documents
 from . import quality
 from .plan import Segment
 from .settings import PipelineError, Settings
@@ -111,6 +125,7 @@ DEFAULT_PERM = 112
 DEFAULT_THRESHOLD = 0.72
 LIST_DIR = "duplicates"  # OUT/duplicates/unit_NNNNN.tsv: every removed duplicate and what it duplicates
 MAX_ROUNDS = 4  # near-duplicate verification rounds (the members left after them are kept)
+SCAN_VERSION = 2  # of the signature files: 2 numbers streamed documents as candidates
 _SIG_BATCH = 512  # documents per signature batch, at most
 _SIG_BATCH_CHARS = 1 << 20  # characters per signature batch, at most (bounds the memory of a batch of books)
 
@@ -160,6 +175,43 @@ def normalize_exact(text: str) -> str:
 
 def exact_key(text: str) -> bytes:
     return hashlib.blake2b(normalize_exact(text).encode("utf-8"), digest_size=16).digest()
+
+
+_CUT_SPACES = " \t\n\r\x0b\x0c"  # ASCII whitespace: NFC never joins across one, and it ends a word
+
+
+class ExactKeyStream:
+    """``exact_key`` of a text given in consecutive pieces (any cut), never holding the whole: each piece is
+    normalised up to its last ASCII whitespace character and hashed, the rest carried to the next one. At
+    such a cut NFC of the parts is NFC of the whole (an ASCII character has combining class 0 and composes
+    with nothing before it), and the words either side are separate words, one space apart; so
+    ``digest()`` equals ``exact_key`` of the concatenated pieces (``tests/data_pipeline/test_streamed_dedup.py``:
+    random cuts through whitespace runs, combining marks and Hangul jamo)."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.blake2b(digest_size=16)
+        self._carry = ""
+        self._words = False  # a word was hashed: the next one is preceded by a space
+
+    def update(self, piece: str) -> None:
+        buf = self._carry + piece if self._carry else piece
+        cut = max(buf.rfind(c) for c in _CUT_SPACES)
+        if cut <= 0:  # no cut before a whitespace character yet (or it is the first one): keep it all
+            self._carry = buf
+            return
+        self._carry = buf[cut:]
+        self._add(buf[:cut])
+
+    def _add(self, text: str) -> None:
+        words = normalize_exact(text)
+        if words:
+            self._hash.update(((" " if self._words else "") + words).encode("utf-8"))
+            self._words = True
+
+    def digest(self) -> bytes:
+        self._add(self._carry)
+        self._carry = ""
+        return self._hash.digest()
 
 
 def shingles(text: str, n: int) -> list[str]:
@@ -260,34 +312,56 @@ class UnitSignatures:
     paths: list[str]
     range_lines: int  # lines owned by a byte-range unit (its line counts are relative when range_start)
     relative: bool
+    streamed: np.ndarray  # (n,) bool: a document streamed in pieces (exact key only; its MinHash row is 0)
 
     def __len__(self) -> int:
         return len(self.line)
 
 
 def _iter_candidates(sources: list[Source], segments: list[Segment], settings: Settings,
-                     ranges: list[ReadRange]) -> Iterator[tuple[str, str]]:
+                     ranges: list[ReadRange]) -> Iterator[tuple[str | bytes, str]]:
+    """(text, location) of every candidate in order; a streamed document's is its exact key, computed over
+    the pieces (``ExactKeyStream``; b"" without ``exact``), at its LAST piece."""
     opts = settings.read_options()
+    exact = "exact" in settings.dedup
     for si, lo, hi in segments:
         rng = ReadRange(lo, hi) if hi >= 0 else None
         if rng is not None:
             ranges.append(rng)
+        stream: ExactKeyStream | None = None
+        in_stream = False
         for kind, text, loc in iter_documents(sources[si], opts, rng):
             kind, text, _ = screen(kind, text, loc, settings.filters, hashed=False)
             if kind == DOC:
                 yield text, loc
+            elif kind == SKIP:
+                in_stream, stream = False, None  # a SKIP instead of LAST: the streamed document is dropped
+            else:  # PART or LAST
+                if not in_stream:
+                    in_stream, stream = True, ExactKeyStream() if exact else None
+                if stream is not None:
+                    stream.update(text)
+                if kind == LAST:
+                    yield (stream.digest() if stream is not None else b""), loc
+                    in_stream, stream = False, None
 
 
-def _signature_batch(texts: list[str], exact: bool, ngram: int, perm: int) -> tuple[bytes, np.ndarray | None]:
-    """The exact keys (concatenated) and MinHash signatures (n, perm) of a batch of candidates."""
-    keys = b"".join(exact_key(t) for t in texts) if exact else b""
+def _signature_batch(texts: list[str | bytes], exact: bool, ngram: int, perm: int
+                     ) -> tuple[bytes, np.ndarray | None]:
+    """The exact keys (concatenated) and MinHash signatures (n, perm) of a batch of candidates; a streamed
+    document comes as its exact key (bytes) and gets a MinHash row of zeros (never used)."""
+    keys = b"".join(t if isinstance(t, bytes) else exact_key(t) for t in texts) if exact else b""
     if not perm:
         return keys, None
     import rensa
 
-    sets = [shingles(t, ngram) for t in texts]
-    rows = rensa.RMinHash.digest_matrix_from_token_sets(sets, perm, MINHASH_SEED).to_rows()
-    return keys, np.asarray(rows, dtype=np.uint32).reshape(len(texts), perm)
+    whole = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    sig = np.zeros((len(texts), perm), np.uint32)
+    if whole:
+        sets = [shingles(texts[i], ngram) for i in whole]
+        rows = rensa.RMinHash.digest_matrix_from_token_sets(sets, perm, MINHASH_SEED).to_rows()
+        sig[whole] = np.asarray(rows, dtype=np.uint32).reshape(len(whole), perm)
+    return keys, sig
 
 
 def _scan(sources: list[Source], segments: list[Segment], settings: Settings, pool=None, workers: int = 1) -> dict:
@@ -301,6 +375,7 @@ def _scan(sources: list[Source], segments: list[Segment], settings: Settings, po
     paths: dict[str, int] = {}
     pidx: list[int] = []
     lines: list[int] = []
+    streamed: list[bool] = []
     ranges: list[ReadRange] = []
     inflight: deque = deque()
     args = (exact, settings.minhash_ngram, perm)
@@ -318,12 +393,13 @@ def _scan(sources: list[Source], segments: list[Segment], settings: Settings, po
         while len(inflight) > 2 * workers:
             collect(inflight.popleft().get())
 
-    batch: list[str] = []
+    batch: list[str | bytes] = []
     held = 0  # characters in the batch: bounds its memory
     for text, loc in _iter_candidates(sources, segments, settings, ranges):
         path, _, line = loc.rpartition(":")
         pidx.append(paths.setdefault(path, len(paths)))
         lines.append(int(line))
+        streamed.append(isinstance(text, bytes))
         batch.append(text)
         held += len(text)
         if len(batch) >= _SIG_BATCH or held >= _SIG_BATCH_CHARS:
@@ -333,9 +409,10 @@ def _scan(sources: list[Source], segments: list[Segment], settings: Settings, po
         submit(batch)
     while inflight:
         collect(inflight.popleft().get())
-    return {"paths": list(paths), "pidx": pidx, "lines": lines, "keys": b"".join(keys),
+    return {"paths": list(paths), "pidx": pidx, "lines": lines, "streamed": streamed, "keys": b"".join(keys),
             "sigs": np.concatenate(sigs) if sigs else np.zeros((0, perm), np.uint32),
-            "range_lines": ranges[0].lines if ranges else 0, "relative": bool(ranges and ranges[0].start > 0)}
+            "range_lines": ranges[0].lines if ranges else 0,
+            "relative": bool(ranges and ranges[0].start > 0 and not ranges[0].absolute)}
 
 
 def _scan_segment(args: tuple) -> dict:
@@ -351,12 +428,13 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
     if pool is not None and len(segments) > 1:
         parts = pool.map(_scan_segment, [(sources[si], (si, lo, hi), settings) for si, lo, hi in segments])
         paths: dict[str, int] = {}
-        r = {"pidx": [], "lines": [], "keys": b"".join(p["keys"] for p in parts),
+        r = {"pidx": [], "lines": [], "streamed": [], "keys": b"".join(p["keys"] for p in parts),
              "sigs": np.concatenate([p["sigs"] for p in parts]), "range_lines": 0, "relative": False}
         for p in parts:
             remap = [paths.setdefault(name, len(paths)) for name in p["paths"]]
             r["pidx"].extend(remap[i] for i in p["pidx"])
             r["lines"].extend(p["lines"])
+            r["streamed"].extend(p["streamed"])
         r["paths"] = list(paths)
     else:
         r = _scan(sources, segments, settings, pool, workers)
@@ -364,8 +442,10 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
     arrays = {
         "path_index": np.asarray(r["pidx"], dtype=np.int32),
         "line": np.asarray(r["lines"], dtype=np.int64),
+        "streamed": np.asarray(r["streamed"], dtype=bool).reshape(n),
         "meta": np.asarray(json.dumps({"paths": r["paths"], "range_lines": r["range_lines"],
-                                       "relative": r["relative"], "candidates": n, "settings": settings.stamp()})),
+                                       "relative": r["relative"], "candidates": n, "settings": settings.stamp(),
+                                       "version": SCAN_VERSION, "segments": [list(g) for g in segments]})),
     }
     if "exact" in settings.dedup:
         arrays["exact"] = np.frombuffer(r["keys"], dtype=np.uint64).reshape(n, 2)
@@ -377,10 +457,12 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
     return sum(max(sources[si].size if hi < 0 else hi - lo, 1) for si, lo, hi in segments)
 
 
-def load_signatures(out: Path, unit: int, settings: Settings, log=None) -> UnitSignatures | None:
-    """A unit's saved signatures, or None when missing, damaged or made with other settings (candidate
-    numbering depends on ``--filter``, keys on ``--dedup`` and the MinHash parameters): then it is scanned
-    again, and ``log`` gets a line naming the settings that differ."""
+def load_signatures(out: Path, unit: int, settings: Settings, log=None,
+                    segments: list[Segment] | None = None) -> UnitSignatures | None:
+    """A unit's saved signatures, or None when missing, damaged, made with other settings (candidate
+    numbering depends on ``--filter``, keys on ``--dedup`` and the MinHash parameters), by another version
+    of the scan or (when given) for other ``segments``: then it is scanned again, and ``log`` gets a line
+    naming the settings that differ."""
     p = sig_path(out, unit)
     if not p.exists():
         return None
@@ -395,11 +477,19 @@ def load_signatures(out: Path, unit: int, settings: Settings, log=None) -> UnitS
         if log is not None:
             log(f"{p}: made with other settings ({'; '.join(differs)}): scanned again")
         return None
+    if meta.get("version") != SCAN_VERSION:
+        if log is not None:
+            log(f"{p}: made by another version of the scan ({meta.get('version')} -> {SCAN_VERSION}): scanned again")
+        return None
+    if segments is not None and meta.get("segments") != [list(g) for g in segments]:
+        if log is not None:
+            log(f"{p}: made for other input segments: scanned again")
+        return None
     n = meta["candidates"]
-    if len(got["line"]) != n:
+    if len(got["line"]) != n or len(got.get("streamed", ())) != n:
         return None
     return UnitSignatures(unit, got.get("exact"), got.get("minhash"), got["path_index"], got["line"],
-                          meta["paths"], meta["range_lines"], meta["relative"])
+                          meta["paths"], meta["range_lines"], meta["relative"], got["streamed"])
 
 
 def _scan_job(args: tuple) -> int:
@@ -412,7 +502,7 @@ def scan_units(out: Path, sources: list[Source], units: list[list[Segment]], min
     def log(m: str) -> None:
         print(f"[rank {rank}] {m}", file=sys.stderr)
 
-    todo = [u for u in mine if load_signatures(out, u, settings, log) is None]
+    todo = [u for u in mine if load_signatures(out, u, settings, log, units[u]) is None]
     if not todo:
         return
     total = sum(max(sources[si].size if hi < 0 else hi - lo, 1) for u in todo for si, lo, hi in units[u])
@@ -798,7 +888,7 @@ def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list
     owner = {u: r for r, us in enumerate(assignment) for u in us}
     sigs = {}
     for u in mine:
-        s = load_signatures(out, u, settings)
+        s = load_signatures(out, u, settings, segments=units[u])
         if s is None:
             raise PipelineError(f"{sig_path(out, u)}: missing or damaged after the scan")
         sigs[u] = s
@@ -817,8 +907,11 @@ def find_duplicates(out: Path, units: list[list[Segment]], assignment: list[list
         r = settings.minhash_rows
         perm = settings.minhash_bands * r
         mh = np.concatenate([sigs[u].minhash for u in mine]) if mine else np.zeros((0, perm), np.uint32)
-        keep = np.fromiter((g not in removed for g in gids.tolist()), bool, len(gids)) if removed else None
-        cand, cand_ids = (mh, gids) if keep is None else (mh[keep], gids[keep])
+        # Not near-duplicate candidates: exact duplicates already removed, and streamed documents.
+        keep = ~np.concatenate([sigs[u].streamed for u in mine]) if mine else np.zeros(0, bool)
+        if removed:
+            keep &= np.fromiter((g not in removed for g in gids.tolist()), bool, len(gids))
+        cand, cand_ids = mh[keep], gids[keep]
         edges = [np.zeros((0, 2), np.int64)]
         for b in range(settings.minhash_bands):  # one band at a time: bounded memory per exchange
             band = cand[:, b * r : (b + 1) * r].astype(np.uint64)

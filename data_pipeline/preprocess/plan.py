@@ -1,9 +1,12 @@
 """Work planning: inputs -> units -> ranks, and the shard names a unit writes.
 
 A *unit* is a list of segments: consecutive sources totalling about ``unit_bytes`` on disk, or one byte
-range of a big splittable file. The plan depends only on the sources and ``unit_bytes``, never on the
-worker or rank count, and a unit's shards are named by its number: that is why the output bytes do not
-depend on how the work is distributed.
+range of a big splittable file (``readers.split_ranges``: record-aligned ranges of a JSON-lines or
+WikiExtractor file, runs of whole row groups of a parquet file, each range owning the row groups that start
+in it). A segment is always (source, first byte, end byte), so its size is ``end - start`` for every
+format. The plan depends only on the sources and ``unit_bytes``, never on the worker or rank count, and
+a unit's shards are named by its number: that is why the output bytes do not depend on how the work is
+distributed.
 
 The shards of an ``hf:`` dataset are sources too (``readers.hf``): small ones are grouped like small
 files, and a shard of unknown size (a hub file) is a unit alone, since it may be large (hub datasets
@@ -13,7 +16,7 @@ thousands of shards back into one unit.
 
 from __future__ import annotations
 
-from ..readers import Source, splittable
+from ..readers import Source, split_ranges
 
 # (source index, start byte, end byte); end -1 = the whole source, read without a range.
 Segment = tuple[int, int, int]
@@ -21,17 +24,18 @@ Segment = tuple[int, int, int]
 
 def plan_units(sources: list[Source], unit_bytes: int) -> list[list[Segment]]:
     """Group consecutive sources into units of about ``unit_bytes``; a splittable file larger than that
-    becomes one unit per ``unit_bytes`` byte range, any other big file (or hf: shard of unknown size) a
-    unit alone."""
+    becomes one unit per byte range (``readers.split_ranges``), any other big file (or hf: shard of
+    unknown size) a unit alone."""
     units: list[list[Segment]] = []
     cur: list[Segment] = []
     size = 0
     for i, s in enumerate(sources):
-        if s.size > unit_bytes and splittable(s):
+        ranges = split_ranges(s, unit_bytes)
+        if ranges is not None:
             if cur:
                 units.append(cur)
                 cur, size = [], 0
-            units.extend([(i, lo, min(lo + unit_bytes, s.size))] for lo in range(0, s.size, unit_bytes))
+            units.extend([(i, lo, hi)] for lo, hi in ranges)
             continue
         if s.is_hf and s.size == 0:  # unknown size
             if cur:

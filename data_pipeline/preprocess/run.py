@@ -41,6 +41,7 @@ from ..readers import (
     DOC,
     ERROR_REASONS,
     FINGERPRINT_METHODS,
+    LAST,
     PART,
     SKIP,
     ReadRange,
@@ -207,8 +208,9 @@ def _claim_output(out: Path, config: dict, overwrite: bool, comm, tokenizer: Tok
 
 
 def _absolute_loc(src: Source, rng: ReadRange | None, loc: str) -> str:
-    """``file:line`` with the line counted from the file start (a range counts from its own start)."""
-    if rng is None or rng.first_byte == 0:
+    """``file:line`` with the line counted from the file start (a text range counts from its own start; a
+    parquet range's rows already count from the file start)."""
+    if rng is None or rng.absolute or rng.first_byte == 0:
         return loc
     path, _, line = loc.rpartition(":")
     return f"{path}:{count_newlines(src.path, rng.first_byte) + int(line)}"
@@ -218,14 +220,19 @@ def _batches(
     sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress: _Progress,
     ranges: list[ReadRange], drops: dict[int, tuple[str, str]] | None = None,
     split: Callable[[str], list[str]] | None = split_exact, found: dict[str, int] | None = None,
+    streamed: list[int] | None = None,
 ) -> Iterator[tuple[list[Meta], list[str]]]:
     """Yield (metas, texts): one meta per item in input order, with one text per non-SKIP meta. Hashing
     happens here, on the whole document, before any cutting (by ``split``: ``_exact_split``). The
     ``ReadRange`` of each byte-range segment is appended to ``ranges`` (its line count is final once the
     generator is exhausted). ``drops`` maps the unit's duplicate candidates (``dedup``) to (reason, kept
-    document's location). ``found`` counts the documents read per source (index as a string)."""
+    document's location): a whole document, or one streamed in pieces (numbered when its last piece
+    arrives, as in the scan; its pieces are not passed on when it is a duplicate). ``found`` counts the
+    documents read per source (index as a string), ``streamed[0]`` the streamed candidates."""
     opts = settings.read_options()
     candidate = 0
+    in_stream = False  # inside a document streamed in pieces
+    stream_dup: tuple[str, str] | None = None  # what the streamed document in progress duplicates
     limit = run.batch_chars
     metas: list[Meta] = []
     texts: list[str] = []
@@ -246,6 +253,23 @@ def _batches(
                 if dup is not None:
                     metas.append((SKIP, dup[0], loc, dup[1]))
                     continue
+            elif kind in (PART, LAST) and drops is not None:  # a streamed candidate, complete at LAST
+                if not in_stream:  # its first piece: the number it gets if it completes
+                    in_stream, stream_dup = True, drops.get(candidate)
+                if kind == LAST:
+                    in_stream = False
+                    candidate += 1
+                    if streamed is not None:
+                        streamed[0] += 1
+                if stream_dup is not None:  # a duplicate: its pieces are read, not written
+                    progress.update(len(text))
+                    counted += len(text)
+                    if kind == LAST:
+                        metas.append((SKIP, stream_dup[0], loc, stream_dup[1]))
+                        stream_dup = None
+                    continue
+            elif kind == SKIP and in_stream:  # instead of the LAST piece: not a candidate (as in the scan)
+                in_stream, stream_dup = False, None
             if kind == SKIP:
                 if run.on_error == "fail" and text in ERROR_REASONS:
                     raise PipelineError(f"{_absolute_loc(src, rng, loc)}: {text} (--on-error fail)")
@@ -370,12 +394,14 @@ def _exact_split(tokenizer: TokenizerFiles) -> Callable[[str], list[str]] | None
     return None
 
 
-def _resume(out: Path, mine: list[int], rank: int, settings: Settings) -> tuple[dict[int, dict], list[int]]:
+def _resume(out: Path, mine: list[int], rank: int, settings: Settings, units: list[list[Segment]]
+            ) -> tuple[dict[int, dict], list[int]]:
     """(records of this rank's units finished by an earlier run, kept; the units still to do, cleaned)."""
     done: dict[int, dict] = {}
     todo: list[int] = []
     for u in mine:
-        rec = load_done_unit(out, u, settings, log=lambda m: print(f"[rank {rank}] {m}", file=sys.stderr))
+        rec = load_done_unit(out, u, settings, log=lambda m: print(f"[rank {rank}] {m}", file=sys.stderr),
+                             segments=units[u])
         if rec is not None:
             done[u] = rec
         else:
@@ -393,7 +419,7 @@ def _process_units(
 ) -> tuple[list[dict], dict]:
     """Do this rank's unfinished units; returns the records of all its units and the run's statistics."""
     dtype = optimal_dtype(tok["vocab_size"])
-    done, todo = _resume(out, mine, rank, settings)
+    done, todo = _resume(out, mine, rank, settings, units)
     total = sum(unit_bytes_of(sources, units[u]) for u in todo)
     progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
     backend = resolve_backend(run.backend, tokenizer.kind) if run.workers > 1 and todo else "inline"
@@ -418,15 +444,18 @@ def _process_units(
         for u in todo:
             writer = UnitWriter(out, u, units[u], settings, dtype, tok["eos_id"])
             ranges: list[ReadRange] = []
+            streamed = [0]
             unit_drops = None if drops is None else drops.by_unit.get(u, {})
             for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, unit_drops, split,
-                                         writer.rec.documents_by_source):
+                                         writer.rec.documents_by_source, streamed):
                 inflight.append((writer, metas, pool.submit(texts)))
                 while len(inflight) > max_inflight:
                     drain_one()
             if ranges:  # a byte-range unit (always alone in its unit)
                 writer.rec.range_lines = ranges[0].lines
-                writer.rec.relative_lines = ranges[0].start > 0
+                writer.rec.relative_lines = ranges[0].start > 0 and not ranges[0].absolute
+            if drops is not None:
+                writer.rec.streamed_candidates = streamed[0]
             inflight.append((writer, None, None))
         while inflight:
             drain_one()

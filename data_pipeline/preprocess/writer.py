@@ -67,6 +67,9 @@ class UnitRecord:
     # Documents read from each input file of the unit (source index as a string -> count), before the
     # token-count filter: a file that yields none is named in a warning.
     documents_by_source: dict[str, int] = field(default_factory=dict)
+    # With --dedup: documents streamed in pieces (longer than --max-doc-bytes) that were deduplication
+    # candidates by their exact key only, never MinHash ones (the manifest's dedup.streamed_exact_only).
+    streamed_candidates: int = 0
 
 
 class UnitWriter:
@@ -206,10 +209,12 @@ def save_done_unit(out: Path, rec: UnitRecord, settings: Settings) -> dict:
     return saved
 
 
-def load_done_unit(out: Path, unit: int, settings: Settings, log=None) -> dict | None:
-    """A recorded unit made with these ``settings`` whose shards all exist and match their checksums, else
-    None (then it is done again). A record made with other settings is rejected with a line naming them
-    (``log``): a kill during ``--overwrite`` or a hand-copied ``.state`` must not mix two configurations."""
+def load_done_unit(out: Path, unit: int, settings: Settings, log=None,
+                   segments: list[Segment] | None = None) -> dict | None:
+    """A recorded unit made with these ``settings`` (and, when given, of these ``segments``) whose shards all
+    exist and match their checksums, else None (then it is done again). A record made with other settings
+    is rejected with a line naming them (``log``): a kill during ``--overwrite`` or a hand-copied ``.state``
+    must not mix two configurations; one of other segments (a plan made by another version) likewise."""
     p = state_path(out, unit)
     if not p.exists():
         return None
@@ -221,6 +226,11 @@ def load_done_unit(out: Path, unit: int, settings: Settings, log=None) -> dict |
     if differs:
         if log is not None:
             log(f"{p}: made with other settings ({'; '.join(differs)}): not reused, the unit is done again")
+        return None
+    if segments is not None and rec.get("segments") != [list(seg) for seg in segments]:
+        if log is not None:
+            log(f"{p}: made for other input segments ({rec.get('segments')} -> {[list(g) for g in segments]}): "
+                "not reused, the unit is done again")
         return None
     for split in SPLITS:
         for sh in rec["shards"][split]:

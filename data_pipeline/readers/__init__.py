@@ -12,7 +12,9 @@ one of them: nothing is lost silently.
                  one module per input format
 
 Byte ranges (``ReadRange``) let one huge uncompressed ``jsonl``/``wikidoc`` file be read as several
-independent parts whose records, in order, are exactly the records of the whole file (``lines``).
+independent parts whose records, in order, are exactly the records of the whole file (``lines``); a
+``parquet`` file's range owns the row groups that start in it (``parquet``). ``split_ranges`` says where
+a big file is cut.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .sources import FINGERPRINT_METHODS, FORMATS, InputError, Source, open_bina
 __all__ = [
     "DOC", "PART", "LAST", "SKIP", "ERROR_REASONS", "FINGERPRINT_METHODS", "FORMATS", "InputError", "Item",
     "ReadOptions", "ReadRange", "Source", "count_newlines", "expand_inputs", "fingerprint", "iter_documents",
-    "open_binary", "splittable",
+    "open_binary", "split_ranges", "splittable",
 ]
 
 _READERS: dict[str, Callable[[str, ReadOptions, ReadRange | None], Iterator[Item]]] = {
@@ -48,3 +50,16 @@ def iter_documents(src: Source, opts: ReadOptions, rng: ReadRange | None = None)
     if read is None:
         raise InputError(f"{src.path}: unknown format {src.format!r}")
     yield from read(src.path, opts, rng)
+
+
+def split_ranges(src: Source, unit_bytes: int) -> list[tuple[int, int]] | None:
+    """The byte ranges ``[lo, hi)`` a ``splittable`` source larger than ``unit_bytes`` is read in (they tile
+    the file, in order), or None to read it whole. JSON lines and WikiExtractor files: every
+    ``unit_bytes`` (the reader aligns each range to records); parquet: runs of whole row groups of about
+    ``unit_bytes`` compressed bytes, cut where a row group starts (``parquet.split_ranges``). Depends only
+    on the file and ``unit_bytes``."""
+    if src.size <= unit_bytes or not splittable(src):
+        return None
+    if src.format == "parquet":
+        return parquet.split_ranges(src.path, src.size, unit_bytes)
+    return [(lo, min(lo + unit_bytes, src.size)) for lo in range(0, src.size, unit_bytes)]

@@ -41,12 +41,14 @@ BLOCK_BYTES = 1 << 20  # a module global, so that tests can make it tiny
 
 @dataclass
 class ReadRange:
-    """A byte range of an uncompressed file (see the module docstring for who owns which record)."""
+    """A byte range of an uncompressed file (see the module docstring for who owns which record; a
+    parquet file's range owns row groups, ``parquet``)."""
 
     start: int = 0
     end: int | None = None  # None: to the end of the file
     first_byte: int = 0  # set by the reader: offset of the first line the range owns
-    lines: int = 0  # set by the reader: number of lines the range owns
+    lines: int = 0  # set by the reader: number of lines (parquet: rows) the range owns
+    absolute: bool = False  # set by the reader: its locations count from the file start (parquet rows)
 
 
 def count_newlines(path: str, end: int, chunk: int = 1 << 22) -> int:

@@ -48,8 +48,9 @@ def compression(path: str) -> str:
 
 
 def splittable(src: Source) -> bool:
-    """Whether ``src`` can be read in byte ranges (uncompressed JSON lines or WikiExtractor files)."""
-    return src.format in ("jsonl", "wikidoc") and not compression(src.path)
+    """Whether ``src`` can be read in byte ranges (uncompressed JSON lines, WikiExtractor or parquet files;
+    a parquet range owns whole row groups)."""
+    return src.format in ("jsonl", "wikidoc", "parquet") and not compression(src.path)
 
 
 def open_binary(path: str) -> BinaryIO:

@@ -68,3 +68,30 @@ def test_an_error_on_one_rank_ends_every_rank(tok, tmp_path):  # noqa: F811
     assert p.returncode != 0
     assert "injected failure on rank 1 before the dedup exchange" in p.stdout + p.stderr
     assert elapsed < 60, elapsed  # the scan of the test inputs takes a few seconds
+
+
+def test_state_of_other_segments_is_rejected(tok, tmp_path):  # noqa: F811
+    """A unit record or signature file made for other input segments than the plan's (a plan made by another
+    version: parquet files were one unit before they were cut by row groups) is not reused: the unit is
+    scanned and done again, with a line saying why, and the output equals a fresh run's."""
+    from lmforge.data_pipeline.preprocess import dedup
+    from lmforge.data_pipeline.preprocess.settings import Settings
+
+    out = tmp_path / "out"
+    preprocess(tok, out, "--workers", "1", "--dedup", "exact")
+    rec = out / ".state" / "unit_00001.json"
+    d = json.loads(rec.read_text())
+    d["segments"] = [[s[0], s[1], s[2] + 1] for s in d["segments"]]
+    rec.write_text(json.dumps(d))
+    (out / "manifest.json").unlink()
+    p = preprocess(tok, out, "--workers", "1", "--dedup", "exact")
+    assert "unit_00001.json: made for other input segments" in p.stderr and "1 to do" in p.stderr, p.stderr
+    preprocess(tok, tmp_path / "fresh", "--workers", "1", "--dedup", "exact")
+    same_tree(out, tmp_path / "fresh")
+    segs = [tuple(s) for s in json.loads(rec.read_text())["segments"]]
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in json.loads(rec.read_text())["settings"].items()})
+    logged: list[str] = []
+    assert dedup.load_signatures(out, 1, settings, logged.append, segs) is not None and not logged
+    assert dedup.load_signatures(out, 1, settings, logged.append, [(*segs[0][:2], segs[0][2] + 1)]) is None
+    assert logged and "made for other input segments: scanned again" in logged[0]
