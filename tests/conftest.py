@@ -11,9 +11,11 @@ from tests.helpers.runs import build_tiny_data, deepspeed_train, last_rows
 # The longest test files (measured on 2 cores, cold caches: 160 to 40 s each) run first. ``make test`` hands
 # whole files to 2 pytest-xdist workers in collection order; starting the long ones first keeps both busy
 # to the end instead of leaving one to finish a long file alone. Serially the order changes nothing.
-LONGEST_FIRST = ("test_parallel_parity.py", "test_resume.py", "test_sequence_parallel.py", "test_stops.py",
-                 "test_qwen3.py", "test_export_hf_bf16.py", "test_faults.py", "test_launch.py", "test_docs.py",
-                 "test_train.py", "test_hf_tokenizer_e2e.py", "test_deepspeed_compat.py", "test_export_hf.py",
+LONGEST_FIRST = ("test_parallel_parity.py", "test_resume.py", "test_qwen3_moe.py", "test_plan_comms.py",
+                 "test_sequence_parallel.py", "test_stops.py", "test_fp8.py", "test_qwen3.py",
+                 "test_export_hf_bf16.py", "test_cluster_checkpoints.py", "test_faults.py", "test_launch.py",
+                 "test_expert_parallel.py", "test_exit_status.py", "test_docs.py", "test_train.py",
+                 "test_hf_tokenizer_e2e.py", "test_deepspeed_compat.py", "test_export_hf.py", "test_plan.py",
                  "test_tokenizer_kinds.py")
 
 
