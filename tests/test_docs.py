@@ -28,7 +28,8 @@ CLI = {"train-tokenizer": ("lmforge.data_pipeline", "train-tokenizer"),
        "preprocess": ("lmforge.data_pipeline", "preprocess"), "inspect": ("lmforge.data_pipeline", "inspect"),
        "verify": ("lmforge.data_pipeline", "verify"), "merge": ("lmforge.data_pipeline", "merge"),
        "train": ("lmforge.trainer.train", ""), "export-hf": ("lmforge.trainer.export_hf", ""),
-       "import-hf": ("lmforge.trainer.import_hf", ""), "generate": ("lmforge.trainer.generate", "")}
+       "import-hf": ("lmforge.trainer.import_hf", ""), "generate": ("lmforge.trainer.generate", ""),
+       "plan": ("lmforge.trainer.plan", "")}
 SUBCOMMANDS = {"lmforge.data_pipeline": {"train-tokenizer", "preprocess", "inspect", "verify", "merge"}}
 
 

@@ -25,6 +25,7 @@ TRAINER_STAGES = [
                 "trainer/metrics.py", "trainer/__init__.py")),
     ("batching", ("trainer/batching.py",)),
     ("parallel", ("trainer/parallel/",)),
+    ("plan", ("trainer/plan/",)),
     ("checkpoint", ("trainer/checkpoint/",)),
     ("hf", ("trainer/hf/",)),
 ]

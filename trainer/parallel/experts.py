@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from lmforge.model import ModelConfig
+from lmforge.model.qwen3_moe.model import keep_router_logits
 
 from ..config import ConfigError, ParallelSection
 
@@ -82,7 +83,7 @@ def capture_router_logits(module: torch.nn.Module, sparse_layers: int) -> int:
         layer.router_logits = None
 
         def keep(_gate, _inputs, logits, layer=layer):
-            layer.router_logits = logits
+            keep_router_logits(layer, logits)  # not during checkpointing's recomputation (model.py)
 
         layer.router.gate.register_forward_hook(keep)
     return len(layers)
