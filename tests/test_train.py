@@ -30,6 +30,13 @@ def test_two_rank_run_matches_golden_and_writes_everything(tmp_path, tiny_data, 
     # The bound can fail: one step's loss moved by 1e-4 relative (a tenth of what one more warmup step
     # does to it, measured: tests/helpers/golden.py) is caught.
     assert golden.compare({**losses, 4: losses[4] * (1 + 1e-4)})
+    # The planner's prediction for the run itself (lmforge plan), beside what the first logged window measured
+    # (on CPU: memory predicted only, step time measured; a GPU run adds both measured figures).
+    (plan,) = read_metrics(run, kind="plan")
+    assert plan["step"] == rows[0]["step"]
+    assert 0 < plan["predicted_peak_memory_gib"] < plan["predicted_total_memory_gib"]
+    assert plan["measured_step_time_s"] == pytest.approx(rows[0]["step_time_s"], rel=1e-6)
+    assert "plan: predicted peak memory" in golden_run["stdout"]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "step_time_s",
                 "data_wait_frac", "consumed_samples"):
         assert key in rows[0], key

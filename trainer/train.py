@@ -97,6 +97,10 @@ class Trainer:
         if cfg.parallel.zero_hpz_partition_size > 1:
             self.log.console(f"ZeRO++ hpZ: secondary weight partitions over groups of "
                              f"{hpz_group_size(self.engine.module)} ranks")
+        # The planner's prediction for this very run (lmforge plan), checked against what the first logged
+        # window measures (kind "plan" in metrics.jsonl, plan/ in TensorBoard): every run checks the planner.
+        self.plan = planned(cfg, r.layout.world, int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or r.layout.world,
+                            self.log.console) if self.rank == 0 else None
         # Reading, batch assembly and the attention policy run on a prefetch thread, overlapping the
         # previous step's compute.
         d = cfg.data
@@ -309,6 +313,12 @@ class Trainer:
         if r.precision == "fp16":
             m["loss_scale"] = float(self.engine.optimizer.cur_scale)
         self.log.log(r.step, m)
+        if self.plan is not None:  # first logged window: the prediction beside what was measured
+            measured = {"measured_step_time_s": step_time}
+            if torch.cuda.is_available():
+                measured["measured_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            self.log.log(r.step, {**{k: v for k, v in self.plan.items() if v is not None}, **measured}, prefix="plan")
+            self.plan = None
         if self.last_moe is not None and self.last_moe[0] == r.step:
             self.log.log(r.step, moe_metrics(self.last_moe[1], len(self.moe), r.layout.world // r.layout.sp),
                          prefix="moe")
@@ -413,6 +423,28 @@ def moe_metrics(sums: dict, layers: int, ranks: int) -> dict[str, float]:
         m[f"layer{i}/max_over_mean"], m[f"layer{i}/busiest_share"] = ratio, share
     m["max_over_mean"] = float(ratios.max())
     return m
+
+
+def planned(cfg, world: int, gpus_per_node: int, console) -> dict | None:
+    """The planner's predicted peak memory (allocated, per device) and, on a GPU it knows, step time for this
+    run, printed; None if it cannot plan this run (never a reason not to train: one line says why)."""
+    try:
+        from .plan import GPUS, predict
+
+        gpu = None
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name().upper()
+            gpu = next((spec for key, spec in GPUS.items() if key.upper() in name), None)
+        p = predict(cfg, world, max(1, min(gpus_per_node, world)), gpu)
+    except Exception as e:  # noqa: BLE001 - the planner must never stop a run
+        console(f"plan: no prediction for this run ({type(e).__name__}: {e})")
+        return None
+    step = f", step {p['step_time_s']:.3f} s ({gpu.name}, lmforge plan)" if p["step_time_s"] else \
+        " (no step time: not a GPU the planner knows)"
+    console(f"plan: predicted peak memory {p['peak_memory_gib']:.2f} GiB allocated per device "
+            f"({p['total_memory_gib']:.2f} with the allocator reserve){step}; measured at the first log step")
+    return {"predicted_peak_memory_gib": p["peak_memory_gib"], "predicted_total_memory_gib": p["total_memory_gib"],
+            "predicted_step_time_s": p["step_time_s"]}
 
 
 DONE_FILE = "DONE"
