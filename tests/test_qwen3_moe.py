@@ -241,15 +241,7 @@ def test_a_stopped_qwen3_moe_run_resumes_bitwise(tmp_path, tiny_data, expert_par
     files), the launcher's whole session SIGKILLed once the step-2 checkpoint is complete (a node failure; the
     steps after it are lost). Started again, either gives the uninterrupted run's losses and expert metrics,
     bit for bit, at every step."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from lmforge.trainer import checkpoint
-    from tests.helpers.paths import ROOT
-    from tests.helpers.process import child_env, free_port
-    from tests.helpers.runs import deepspeed_args, deepspeed_train, read_metrics, write_config
+    from tests.helpers.runs import deepspeed_train, kill_after_first_checkpoint, read_metrics, write_config
 
     def config(run, interval=0):
         return write_config(tmp_path / f"{run.name}.yaml", tiny_data, run, model={"preset": "qwen3-moe-debug"},
@@ -264,21 +256,7 @@ def test_a_stopped_qwen3_moe_run_resumes_bitwise(tmp_path, tiny_data, expert_par
         (run / "STOP").touch()
         assert "stopping on the stop file" in deepspeed_train(config(run), [], nproc=2).stdout
     else:
-        cfg = config(run, interval=2)
-        with open(tmp_path / "killed.log", "w") as out:
-            proc = subprocess.Popen([str(a) for a in deepspeed_args(cfg, [], 2, free_port())], cwd=ROOT,
-                                    env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + 300
-            while checkpoint.latest_tag(run / "checkpoints") is None:
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
-                assert time.time() < deadline, "no checkpoint after 300 s"
-                time.sleep(0.02)
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_after_first_checkpoint(config(run, interval=2), run, tmp_path / "killed.log")
         assert max(r["step"] for r in read_metrics(run)) < 5, "the run finished before the kill"
     assert "resumed from" in deepspeed_train(config(run), [], nproc=2).stdout
 

@@ -9,11 +9,7 @@ and tensor-parallel 2->1 resumes have short references of their own (6 steps, ch
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +20,7 @@ from lmforge.trainer.checkpoint import resume
 from lmforge.trainer.checkpoint.state import write_state
 from lmforge.trainer.config import ConfigError, RunConfig, load_config
 from tests.helpers import golden
-from tests.helpers.paths import ROOT
-from tests.helpers.process import child_env, free_port
-from tests.helpers.runs import deepspeed_args, deepspeed_train, last_rows, write_config
+from tests.helpers.runs import deepspeed_train, kill_after_first_checkpoint, last_rows, write_config
 
 MAX_STEPS = golden.STEPS
 # The golden run's config (write_config's defaults plus these: tests/helpers/golden.py), whose rows the
@@ -59,22 +53,7 @@ def test_kill9_mid_run_then_resume_is_bitwise(tmp_path, tiny_data, reference):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_data, run, **SECTIONS)
     ckdir = run / "checkpoints"
-    args = deepspeed_args(cfg, [], 2, free_port())
-    # Own session, so the launcher and both ranks can be SIGKILLed together (as a node failure would).
-    with open(tmp_path / "first.log", "w") as out:
-        proc = subprocess.Popen([str(a) for a in args], cwd=ROOT, env=child_env(), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while ckpt.latest_tag(ckdir) is None:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.time() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_first_checkpoint(cfg, run, tmp_path / "first.log")
     killed_at = max(r for r in last_rows(run)) if (run / "metrics.jsonl").is_file() else 0
     assert killed_at < MAX_STEPS, "the run finished before the kill; the test did not test a kill"
     resume_tag = ckpt.latest_tag(ckdir)

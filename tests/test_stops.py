@@ -108,8 +108,18 @@ def test_launch_script_stops_cleanly(tmp_path, tiny_data, script, how):
     args = _script_args(cfg) if script == "single_node" else ["bash", SCRIPTS / "two_nodes_local.sh", "-p",
                                                                  free_port(), cfg]
     proc = _start(args, log, MASTER_ADDR="127.0.0.1", PYTHON=sys.executable)
+    _stop_cleanly(proc, run, log, how)
+    _assert_saved_at_last_step(run)
+
+
+def _stop_cleanly(proc, run, log, how: str, check=None) -> None:
+    """Once ``run`` trains: ``how`` = "group-SIG" sends SIG to the command's process group, anything else-SIG
+    to the command alone; the command must exit 0 after a clean stop on SIG, with nothing left running.
+    ``check(procs)`` runs on the processes found training, before the signal."""
     try:
         procs = _wait_training(proc, run, log)
+        if check is not None:
+            check(procs)
         sig = getattr(signal, how.split("-")[1])
         if how.startswith("group"):
             os.killpg(proc.pid, sig)
@@ -118,12 +128,11 @@ def test_launch_script_stops_cleanly(tmp_path, tiny_data, script, how):
         rc = proc.wait(timeout=300)
         text = log.read_text()
         assert rc == 0, text[-4000:]
-        assert f"stopping on {sig.name} at step" in text
+        assert f"stopping on {sig.name} at step" in text, text[-4000:]
         assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-4000:]
         _assert_gone(procs)
     finally:
         _cleanup(proc)
-    _assert_saved_at_last_step(run)
 
 
 @pytest.mark.slow
@@ -239,6 +248,14 @@ sys.exit(0 if got else 3)
 """
 
 
+def _wait_for_line(proc, log, text: str, timeout: float = 60) -> None:
+    """Until ``text`` is in ``log`` (the command still running, within ``timeout`` seconds)."""
+    deadline = time.time() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("sent,rc", [("SIGUSR1-SIGTERM", 0), ("SIGTERM-SIGINT", 0), ("SIGUSR1-SIGTERM-SIGTERM", 137),
                                      ("SIGTERM-SIGHUP", 137), ("SIGINT-SIGINT", 137)])
 def test_launch_kills_only_on_a_repeat_of_the_same_signal(tmp_path, sent, rc):
@@ -249,14 +266,9 @@ def test_launch_kills_only_on_a_repeat_of_the_same_signal(tmp_path, sent, rc):
     log = tmp_path / "log"
     proc = _start([sys.executable, "-m", "lmforge.trainer.launch", "--", sys.executable, "-c", FAKE_LAUNCHER], log)
     try:
-        deadline = time.time() + 60
-        while "fake launcher ready" not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.01)
+        _wait_for_line(proc, log, "fake launcher ready")
         os.killpg(proc.pid, getattr(signal, sent[0]))
-        while "fake launcher got" not in log.read_text():  # the first signal handled and forwarded
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.01)
+        _wait_for_line(proc, log, "fake launcher got")  # the first signal handled and forwarded
         for name in sent[1:]:
             os.killpg(proc.pid, getattr(signal, name))
             time.sleep(0.2)
@@ -288,10 +300,7 @@ def test_launch_kill_reaches_processes_in_sessions_of_their_own(tmp_path):
     log = tmp_path / "log"
     proc = _start([sys.executable, "-m", "lmforge.trainer.launch", "--", sys.executable, "-c", SETSID_LAUNCHER], log)
     try:
-        deadline = time.time() + 60
-        while "child" not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.01)
+        _wait_for_line(proc, log, "child")
         child = psutil.Process(int(log.read_text().split("child", 1)[1].split()[0]))
         assert os.getsid(child.pid) == child.pid  # a session of its own: the group kill misses it
         os.killpg(proc.pid, signal.SIGTERM)
@@ -343,22 +352,11 @@ def test_mpirun_script_stops_cleanly(tmp_path, tiny_data, how):
     log = tmp_path / "log"
     proc = _start(["bash", SCRIPTS / "mpirun.sh", "-n", 2, "-m", "127.0.0.1", "-p", free_port(), cfg], log,
                   MPIRUN=BIN / "mpirun", PYTHON=sys.executable)
-    try:
-        procs = _wait_training(proc, run, log)
+
+    def hydra_runs(procs):
         assert any("hydra_pmi_proxy" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
-        sig = getattr(signal, how.split("-")[1])
-        if how.startswith("group"):
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-        rc = proc.wait(timeout=300)
-        text = log.read_text()
-        assert rc == 0, text[-4000:]
-        assert f"stopping on {sig.name} at step" in text, text[-4000:]
-        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-4000:]
-        _assert_gone(procs)
-    finally:
-        _cleanup(proc)
+
+    _stop_cleanly(proc, run, log, how, check=hydra_runs)
     last = _assert_saved_at_last_step(run)
     assert (run / "checkpoints" / ckpt.tag_for(last) / "lmforge.json").is_file()
 

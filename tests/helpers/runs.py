@@ -74,6 +74,32 @@ def deepspeed_train(config: Path | str, overrides: list[str], nproc: int = 2, ti
     return proc
 
 
+def kill_after_first_checkpoint(config: Path | str, run_dir: Path, log: Path, nproc: int = 2) -> None:
+    """Start ``deepspeed`` on ``config`` in a session of its own and SIGKILL that whole session (launcher and
+    ranks together, as a node failure would) as soon as a complete checkpoint exists; then it is gone."""
+    import os
+    import signal
+    import time
+
+    from lmforge.trainer import checkpoint
+    from tests.helpers.process import child_env
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(a) for a in deepspeed_args(config, [], nproc, free_port())], cwd=ROOT,
+                                env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while checkpoint.latest_tag(Path(run_dir) / "checkpoints") is None:
+            assert proc.poll() is None, Path(log).read_text()[-4000:]
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == kind]
