@@ -33,7 +33,7 @@ def test_overrides_are_typed(tmp_path):
     ("train.max_stepz=3", "train.max_stepz"),
     ("nosuch.key=1", "nosuch"),
     ("train.max_steps=abc", "train.max_steps"),
-    ("train.precision=fp8", "train.precision"),
+    ("train.precision=fp4", "train.precision"),
     ("parallel.zero_stage=4", "zero_stage"),
     ("parallel.offload=optimizer+params", "zero_stage=3"),
     ("data.train=[{path: x, wieght: 1}]", "data.train[0].wieght"),
