@@ -486,17 +486,19 @@ def main(argv=None) -> int:
 clean_exit_status: int | None = None
 
 
-def exit_skipping_teardown(rc: int) -> None:
+def exit_skipping_teardown(rc: int, finalize_mpi: bool = True) -> None:
     """Leave the process without the interpreter's teardown, after a run that ended cleanly (metrics and
     TensorBoard closed, checkpoints written and fsynced, process group destroyed). The teardown destroys
     C++ objects of torch, gloo and DeepSpeed whose threads can still be joinable: now and then a rank
     that had finished everything aborted there ("terminate called without an active exception", signal
     6; seen in the suite's 2-rank deepspeed and mpirun runs, about 1 run in 50-100), and its launcher
-    reported the finished run as failed."""
+    reported the finished run as failed. A run that failed (its error already said) leaves the same way, so
+    that its status is its error's (2, 3, 1), not the abort's: without ``finalize_mpi``, as MPI_Finalize may
+    wait for ranks that will never get there."""
     import logging
 
     mpi = sys.modules.get("mpi4py.MPI")  # under mpirun: finalize, or MPICH leaves its /dev/shm segment
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+    if finalize_mpi and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
         mpi.Finalize()
     logging.shutdown()
     sys.stdout.flush()
@@ -506,6 +508,6 @@ def exit_skipping_teardown(rc: int) -> None:
 
 if __name__ == "__main__":
     code = main()
-    if code == clean_exit_status:  # finished, or stopped with its checkpoint saved (any status)
-        exit_skipping_teardown(code)
-    sys.exit(code)
+    # Finished, or stopped with its checkpoint saved (any status): everything is written; or failed, its error
+    # reported (run_cli): either way the interpreter's teardown can only turn the status into an abort's.
+    exit_skipping_teardown(code, finalize_mpi=code == clean_exit_status)
