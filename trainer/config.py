@@ -175,8 +175,8 @@ class ParallelSection:
         E >= 1 = DeepSpeed AutoEP replaces every sparse block with grouped-GEMM experts
         (``torch._grouped_mm``) spread over groups of E ranks, tokens exchanged by all-to-all (E = 1: the
         grouped GEMM without exchange, the fast path on one GPU). E must divide the world size and
-        num_experts; ZeRO 0-3; not with tensor or sequence parallelism, offload or train.compile
-        (docs/mixture-of-experts.md says why). Results match the reference (tests/test_expert_parallel.py).
+        num_experts; ZeRO 0-3; not with tensor or sequence parallelism or offload, nor with train.compile in
+        fp32 (docs/mixture-of-experts.md says why). Results match the reference (tests/test_expert_parallel.py).
     fp8_recipe: with train.precision fp8: tensorwise (default: one float8 scale per tensor; torchtitan measured
         +25% tokens/s for Llama-3.1-8B on H100 against +10% for rowwise; the GPU check measures ours) |
         rowwise (a scale per row: closer to bf16, slower).

@@ -19,6 +19,7 @@ Two passes. The tokenizing pass must know, when it reaches a document, whether a
    min-label hooking with pointer jumping over ``alltoall`` rounds, numpy throughout, each rank holding its
    share of the documents and edges; no rank gathers the graph) and every non-smallest member of a cluster
    is a duplicate of the smallest, which is kept. Each rank receives its units' duplicates (``alltoall``).
+   (MinHash's LSH edges still go to rank 0, which forms the groups for the Jaccard check: ``_verified_near``.)
    Near duplicates are first checked by their true Jaccard similarity with the kept document (below).
 3. The tokenizing pass skips them with the reason ``duplicate-exact`` or ``duplicate-near``; the
    manifest's ``duplicate_examples`` give a few duplicates' ``file:line`` with the kept document's, and
