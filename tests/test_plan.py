@@ -282,3 +282,27 @@ def test_the_documented_plans(monkeypatch, capsys):
                 assert line.strip() in text, (cmd, line)
         runs += 1
     assert runs >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "recipes").glob("*.yaml")))
+def test_recipe_configs_fit_the_cluster_they_name(recipe, capsys):
+    """Each cluster recipe (configs/recipes/) is a valid run config whose header names the ``lmforge plan``
+    command for its cluster; that command says the config's own layout fits, and the global batch is micro ×
+    accumulation × the data-parallel size of that cluster (the trainer's start-up check)."""
+    from lmforge.trainer.config import load_config
+
+    path = ROOT / "configs" / "recipes" / recipe
+    cfg = load_config(path)
+    header = re.search(r"^#\s+(python -m lmforge\.trainer\.plan .*)$", path.read_text(), flags=re.M)
+    assert header, f"{recipe}: no plan command in the header"
+    argv = shlex.split(header.group(1))[3:]
+    assert argv[0] == f"configs/recipes/{recipe}"
+    argv[0] = str(path)
+    gpus = int(argv[argv.index("--gpus") + 1])
+    assert plan_main([*argv, "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+fits: [\d.]+ of [\d.]+ GiB per GPU", out, flags=re.M), out
+    p = cfg.parallel
+    dp = gpus // (p.tensor_parallel * p.sequence_parallel)
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum * dp == cfg.train.global_batch_size
