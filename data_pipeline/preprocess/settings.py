@@ -15,6 +15,19 @@ class PipelineError(InputError):
     """A condition that stops the run with a clear message (bad input in fail mode, changed inputs)."""
 
 
+# The meaning of the dedup resume state (unit records and signature files of a run with --dedup), in their
+# stamps' versions: 2 = documents streamed in pieces (over --max-doc-bytes) are exact-dedup candidates, numbered
+# among the others. State of version 1 (none recorded) did not number them and wrote a streamed duplicate.
+DEDUP_STATE_VERSION = 2
+VERSIONS_KEY = "versions"
+_VERSION_NAMES = {  # how a difference is named: what differs, and why it matters
+    "dedup_state": ("dedup state version", ": documents streamed over --max-doc-bytes are exact-dedup candidates "
+                                           "since version 2"),
+    "filters": ("filter rules version", ""),
+    "minhash": ("MinHash algorithm", ""),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything that determines the output bytes (worker and rank counts deliberately excluded).
@@ -41,16 +54,40 @@ class Settings:
     minhash_rows: int = 8
 
     def stamp(self) -> dict:
-        """The settings as recorded in every piece of resume state (unit records, signature files)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The settings as recorded in every piece of resume state (unit records, signature files), with the
+        versions of what that state means beyond them (``versions``)."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d[VERSIONS_KEY] = self.versions()
+        return d
+
+    def versions(self) -> dict:
+        """What the resume state depends on beyond the settings: the meaning of dedup state
+        (``DEDUP_STATE_VERSION``), the filter rules' version and the MinHash algorithm (also in the config)."""
+        from . import dedup, quality
+
+        v: dict = {}
+        if self.dedup:
+            v["dedup_state"] = DEDUP_STATE_VERSION
+        if self.filters:
+            v["filters"] = quality.VERSION
+        if "minhash" in self.dedup:
+            v["minhash"] = dedup.algorithm_record(self)
+        return v
 
     def differences(self, stamp: dict | None) -> list[str]:
-        """The settings (``--option`` names) in which ``stamp`` differs from these ones; ``["(none recorded)"]``
-        for state written before stamps existed."""
+        """The settings (``--option`` names) and versions in which ``stamp`` differs from these ones, each with
+        its old and new value; ``["(none recorded)"]`` for state written before stamps existed."""
         if stamp is None:
             return ["(none recorded)"]
         mine = self.stamp()
-        return [f"--{k.replace('_', '-')} {stamp.get(k)!r} -> {mine[k]!r}" for k in mine if stamp.get(k) != mine[k]]
+        out = [f"--{k.replace('_', '-')} {stamp.get(k)!r} -> {mine[k]!r}" for k in mine
+               if k != VERSIONS_KEY and stamp.get(k) != mine[k]]
+        old = stamp.get(VERSIONS_KEY) or {}
+        for k, v in mine[VERSIONS_KEY].items():
+            if old.get(k) != v:
+                name, why = _VERSION_NAMES[k]
+                out.append(f"{name} {repr(old[k]) if k in old else 'none'} -> {v!r}{why}")
+        return out
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(

@@ -4,6 +4,7 @@ before deleting it; an error on one MPI rank ends every rank at once."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -90,8 +91,87 @@ def test_state_of_other_segments_is_rejected(tok, tmp_path):  # noqa: F811
     same_tree(out, tmp_path / "fresh")
     segs = [tuple(s) for s in json.loads(rec.read_text())["segments"]]
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in json.loads(rec.read_text())["settings"].items()})
+                           for k, v in json.loads(rec.read_text())["settings"].items() if k != "versions"})
     logged: list[str] = []
     assert dedup.load_signatures(out, 1, settings, logged.append, segs) is not None and not logged
     assert dedup.load_signatures(out, 1, settings, logged.append, [(*segs[0][:2], segs[0][2] + 1)]) is None
     assert logged and "made for other input segments: scanned again" in logged[0]
+
+
+def _restamp(stamp: dict, versions: dict | None) -> dict:
+    """A stamp with other versions (``None``: none recorded, as state from before versions were)."""
+    stamp = {k: v for k, v in stamp.items() if k != "versions"}
+    return stamp if versions is None else {**stamp, "versions": versions}
+
+
+def _restamp_signatures(path, versions: dict | None) -> None:
+    import numpy as np
+
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["settings"] = _restamp(meta["settings"], versions)
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_dedup_state_from_before_streamed_documents_were_candidates_is_rejected(tok, tmp_path):  # noqa: F811
+    """Unit records and signature files of a --dedup run made before documents streamed in pieces (over
+    --max-doc-bytes) were exact-dedup candidates carry no dedup state version in their stamp (version 1): such
+    a unit record may hold a streamed duplicate, written; such a signature file numbers its candidates without
+    the streamed ones. Crafted here as that version left them (the copy's unit as a run without dedup writes
+    it, the record without ``streamed_candidates``, the stamps without ``versions``): every one is rejected
+    with a line naming the version and why, and the output equals a fresh run's. The same state stamped as
+    the current version would be reused, the duplicate written (what the version is there to stop)."""
+    from lmforge.data_pipeline.manifest import load_manifest
+    from lmforge.data_pipeline.tools import verify
+    from tests.helpers.paths import SAMPLE
+
+    book = (SAMPLE / "books/pg1952.txt").read_bytes()  # 50 KB: streamed in pieces of 20 KB
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a_book.txt").write_bytes(book)
+    (tmp_path / "in" / "b_copy.txt").write_bytes(book.replace(b"\n", b"\r\n"))  # its streamed exact copy
+    args = ("--workers", "1", "--max-doc-bytes", "20k", "--unit-bytes", "60k", "--valid-fraction", "0",
+            "--dedup", "exact")
+    run = functools.partial(preprocess, tok, inputs=[tmp_path / "in"])
+    fresh, plain = tmp_path / "fresh", tmp_path / "plain"
+    run(fresh, *args)
+    m = load_manifest(fresh)
+    assert m["skipped"] == {"duplicate-exact": 1} and m["dedup"] == {"streamed_exact_only": 2}, m
+    run(plain, *args[:-2])  # without dedup: the copy's unit as the old version wrote it
+    copy_unit = next(u for u in (0, 1) if json.loads((plain / ".state" / f"unit_{u:05d}.json").read_text())
+                     ["segments"][0][0] == 1)
+
+    def old_state(dst, versions):
+        shutil.copytree(fresh, dst)
+        (dst / "manifest.json").unlink()  # killed before its manifest
+        stamp = json.loads((fresh / ".state" / "unit_00000.json").read_text())["settings"]
+        assert stamp["versions"] == {"dedup_state": 2}
+        for u in (0, 1):
+            rec_path = dst / ".state" / f"unit_{u:05d}.json"
+            rec = json.loads((plain if u == copy_unit else fresh).joinpath(rec_path.relative_to(dst)).read_text())
+            if u == copy_unit:
+                del rec["streamed_candidates"]
+                for sh in rec["shards"]["train"]:
+                    for ext in (".bin", ".idx"):
+                        shutil.copy(plain / f"{sh['prefix']}{ext}", dst / f"{sh['prefix']}{ext}")
+            rec["settings"] = _restamp(stamp, versions)
+            rec_path.write_text(json.dumps(rec))
+            _restamp_signatures(dst / ".state" / "dedup" / f"unit_{u:05d}.npz", versions)
+
+    old_state(tmp_path / "current", {"dedup_state": 2})  # wrongly stamped as the current version: reused
+    p = run(tmp_path / "current", *args)
+    assert "2 unit(s) verified and kept" in p.stderr, p.stderr
+    assert load_manifest(tmp_path / "current")["records"]["written"] == 2  # the duplicate too
+
+    old = tmp_path / "old"
+    old_state(old, None)
+    p = run(old, *args)
+    why = "made with other settings (dedup state version none -> 2: documents streamed over --max-doc-bytes are " \
+          "exact-dedup candidates since version 2)"
+    for u in (0, 1):
+        assert f"unit_{u:05d}.json: {why}: not reused, the unit is done again" in p.stderr, p.stderr
+        assert f"unit_{u:05d}.npz: {why}: scanned again" in p.stderr, p.stderr
+    same_tree(old, fresh)
+    assert verify(old) == []
