@@ -19,8 +19,8 @@ Two passes. The tokenizing pass must know, when it reaches a document, whether a
    min-label hooking with pointer jumping over ``alltoall`` rounds, numpy throughout, each rank holding its
    share of the documents and edges; no rank gathers the graph) and every non-smallest member of a cluster
    is a duplicate of the smallest, which is kept. Each rank receives its units' duplicates (``alltoall``).
-   (MinHash's LSH edges still go to rank 0, which forms the groups for the Jaccard check: ``_verified_near``.)
-   Near duplicates are first checked by their true Jaccard similarity with the kept document (below).
+   MinHash's LSH edges are grouped the same way, in rounds, for the Jaccard check (``_verified_near``):
+   near duplicates are first checked by their true Jaccard similarity with the kept document (below).
 3. The tokenizing pass skips them with the reason ``duplicate-exact`` or ``duplicate-near``; the
    manifest's ``duplicate_examples`` give a few duplicates' ``file:line`` with the kept document's, and
    ``OUT/duplicates/unit_NNNNN.tsv`` lists every one (``reason<TAB>file:line<TAB>kept file:line<TAB>
@@ -54,11 +54,11 @@ C with A however far apart they are), so without a check dozens of different art
 "duplicates" of one. So every proposed removal is checked against the document kept for it, by the true
 Jaccard similarity of the same shingle sets (``shingle_hashes``: 64-bit hashes, exact up to hash
 collisions), and made only at ``jaccard_bound`` or more: the 50% point of the bands x rows, i.e. the
-threshold they were chosen for (0.719 by default; the list records the value measured). Rank 0 forms the
-groups from the LSH edges (documents that share a band with the same smallest document are in its
-*star*; stars sharing a document are one group); the first document of a group is kept and each other
-member is removed if near it. The members left (not near it, however near some other member) are
-grouped again among themselves, with their own first document kept, for up to ``MAX_ROUNDS`` rounds;
+threshold they were chosen for (0.719 by default; the list records the value measured). The groups come
+from the LSH edges (documents that share a band with the same smallest document are in its *star*; stars
+sharing a document are one group); the first document of a group is kept and each other member is
+removed if near it. The members left (not near it, however near some other member) are grouped again
+among themselves, with their own first document kept, for up to ``MAX_ROUNDS`` rounds;
 whatever is left then is kept. So a document is removed only if it is near the document named as kept
 for it, and A~B~C never removes C for A unless C is near A. On the shared Wikipedia (13 MB) LSH proposed
 98 removals, 60 of them below 0.719 (down to 0.45; 18 one-line surname stubs were "duplicates" of one);
@@ -69,12 +69,15 @@ clustered candidates it holds, found by the location the scan recorded (the segm
 read up to the last one wanted, without the quality rules, a unit per worker process), and keeps their
 shingle sets in memory (8 bytes per shingle of the clustered documents only); a rank that needs a kept
 document's set for its members gets it from the rank holding it (``alltoall``, arrays only), measures
-the similarities and sends them to rank 0, which decides. Storing every candidate's shingle hashes in
-the scan instead would cost ~1.3x the corpus in ``.state`` for the few documents that cluster; re-reading
-costs a second read of the units holding them: on the shared Wikipedia (2 workers) 0.13-0.18 s against
-the scan's 0.50-0.56 s (``benchmarks/dedup_quality.py --cost``). Everything is decided from the edges
-(the same for any number of ranks) and the measured similarities, so the result stays independent of
-workers and ranks.
+the similarities and decides its members' removals. No rank gathers the edges or the pairs: each star is
+held by one rank (by its centre's hash, ``_home``), each round's groups are the connected components of
+the stars' alive members (``_connected_components``), each member's pair goes to the rank holding the
+member, and whether a document is still in the running is asked of the rank holding it (``_near_rounds``).
+Storing every candidate's shingle hashes in the scan instead would cost ~1.3x the corpus in ``.state``
+for the few documents that cluster; re-reading costs a second read of the units holding them: on the
+shared Wikipedia (2 workers) 0.13-0.18 s against the scan's 0.50-0.56 s (``benchmarks/dedup_quality.py
+--cost``). Everything is decided from the edges (the same for any number of ranks) and the measured
+similarities, so the result stays independent of workers and ranks.
 
 ``exact,minhash`` removes exact duplicates first (reason ``duplicate-exact``), then near duplicates
 among the rest. Documents removed by ``--filter`` are never candidates; ``--min-tokens`` is applied after
@@ -607,17 +610,20 @@ def _route(comm, dest: np.ndarray, *cols: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate([g[i] for g in got]) if got else cols[i][:0] for i in range(len(cols))]
 
 
-def _ask(comm, nodes: np.ndarray, labels: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """The current label of every id in ``query`` (each held by its home rank: two ``alltoall``s)."""
+def _ask(comm, nodes: np.ndarray, labels: np.ndarray, query: np.ndarray, dest: np.ndarray | None = None
+         ) -> np.ndarray:
+    """The value (``labels``, any dtype) of every id in ``query``, held by the rank ``dest`` gives for it (its
+    ``_home`` by default) in its sorted ``nodes``, which must hold every id asked of it (two ``alltoall``s)."""
     if comm.size == 1:
         return labels[np.searchsorted(nodes, query)]
-    dest = _home(query, comm.size)
+    if dest is None:
+        dest = _home(query, comm.size)
     order = np.argsort(dest, kind="stable")
     bounds = np.searchsorted(dest[order], np.arange(comm.size + 1))
     asked = comm.alltoall([query[order[bounds[r]:bounds[r + 1]]] for r in range(comm.size)])
     answers = comm.alltoall([labels[np.searchsorted(nodes, q)] for q in asked])
-    out = np.empty(len(query), np.int64)
-    out[order] = np.concatenate(answers) if answers else np.zeros(0, np.int64)
+    out = np.empty(len(query), labels.dtype)
+    out[order] = np.concatenate(answers)
     return out
 
 
@@ -668,16 +674,20 @@ def _connected_components(comm, edges: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return nodes, labels
 
 
+def _owners(owner_of_unit: dict[int, int]):
+    """Ids -> the rank holding each one's unit (``id >> 32``), vectorised."""
+    table = np.zeros(max(owner_of_unit, default=0) + 1, np.int64)
+    table[list(owner_of_unit)] = list(owner_of_unit.values())
+    return lambda ids: table[np.asarray(ids, np.int64) >> np.int64(32)]
+
+
 def _resolve(comm, edges: np.ndarray, owner_of_unit: dict[int, int]) -> dict[int, int]:
     """Cluster the edges the ranks hold (``_connected_components``) and give every rank the duplicates in its
     units: duplicate id -> kept id (the smallest of its cluster). No rank gathers the whole graph."""
     nodes, labels = _connected_components(comm, edges)
     dup = nodes != labels
     d, k = nodes[dup], labels[dup]
-    table = np.zeros(max(owner_of_unit, default=0) + 1, np.int64)
-    table[list(owner_of_unit)] = list(owner_of_unit.values())
-    owners = table[d >> np.int64(32)]
-    d, k = _route(comm, owners, d, k)
+    d, k = _route(comm, _owners(owner_of_unit)(d), d, k)
     return dict(zip(d.tolist(), k.tolist(), strict=True))
 
 
@@ -685,38 +695,90 @@ def _resolve(comm, edges: np.ndarray, owner_of_unit: dict[int, int]) -> dict[int
 # Near duplicates: every removal checked by its true Jaccard similarity with the document kept for it
 
 
-def _stars(edges: np.ndarray) -> dict[int, list[int]]:
-    """LSH buckets as rank 0 sees them: an edge (member, smallest id of a bucket) puts the member in the
-    *star* of that smallest id (the centre is in its own star): documents of one star share a band with
-    its centre, so each pair of them is a candidate pair."""
-    stars: dict[int, set[int]] = {}
-    for m, c in edges.tolist():
-        stars.setdefault(c, {c}).add(m)
-    return {c: sorted(ms) for c, ms in sorted(stars.items())}
+def _near_stars(comm, edges: np.ndarray, owners) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The LSH *stars*, each complete on the ``_home`` rank of its centre (collective): an edge (member,
+    smallest id of a bucket) puts the member in the star of that smallest id, the centre is in its own star
+    (buckets of different bands with the same smallest id are one star): documents of one star share a band
+    with its centre, so each pair of them is a candidate pair. Returns this rank's star rows (centre, member),
+    sorted and unique, and the documents of any star held in this rank's units (sorted): the clustered ones."""
+    edges = edges.reshape(-1, 2).astype(np.int64)
+    member, centre = _route(comm, _home(edges[:, 1], comm.size), edges[:, 0], edges[:, 1])
+    centres = _sorted_unique(centre)
+    centre, member = np.concatenate([centre, centres]), np.concatenate([member, centres])
+    order = np.lexsort((member, centre))
+    centre, member = centre[order], member[order]
+    new = np.ones(len(centre), bool)
+    new[1:] = (centre[1:] != centre[:-1]) | (member[1:] != member[:-1])
+    centre, member = centre[new], member[new]
+    docs = _sorted_unique(member)
+    (mine,) = _route(comm, owners(docs), docs)
+    return centre, member, _sorted_unique(mine)
 
 
-def _components(stars: dict[int, list[int]], alive: set[int]) -> list[list[int]]:
-    """The groups (sorted, of two or more) of ``alive`` documents connected through shared stars."""
-    parent: dict[int, int] = {}
+def _near_rounds(comm, centre: np.ndarray, member: np.ndarray, mine: np.ndarray, owners, measure, bound: float
+                 ) -> tuple[dict[int, tuple[int, float]], int, int]:
+    """The rounds of the Jaccard check over the star rows (``_near_stars``) the ranks hold (collective).
+    ``mine``: this rank's clustered documents; ``measure(m, rep)``: the true Jaccard of each pair, called on
+    every rank at once with the pairs whose member ``m`` is in this rank's units. Returns this rank's near
+    duplicates (id -> (kept id, Jaccard)), the pairs of the first round (over all ranks) and the rounds that
+    measured pairs.
 
-    def find(x: int) -> int:
-        root = x
-        while root in parent:
-            root = parent[root]
-        while x != root:
-            parent[x], x = root, parent[x]
-        return root
+    Each round the *alive* documents (at first every clustered one) form groups: the connected components of
+    two or more alive documents, where the alive members of a star are joined to each other, i.e. each to
+    the star's smallest alive member (its centre need not be alive), found by ``_connected_components``; the
+    first (smallest) of a group is its representative, and every other member is paired with it. The next
+    round's alive documents are the paired members the measure put below ``bound`` (representatives and
+    lone members leave; alive documents only ever leave, so each star row whose member left is dropped).
+    It stops after a round with no pairs or ``MAX_ROUNDS`` rounds. Per rank: its stars, its share of the
+    groups' documents and edges, its units' clustered documents and pairs; numpy throughout."""
+    alive = np.ones(len(mine), bool)  # of ``mine``: alive this round, held by the document's unit's rank
+    found: dict[int, tuple[int, float]] = {}
+    candidates = rounds = 0
+    for rnd in range(MAX_ROUNDS):
+        if rnd:
+            live = _ask(comm, mine, alive, member, owners(member))
+            centre, member = centre[live], member[live]
+        first = np.ones(len(centre), bool)  # rows are sorted by (centre, member): a star's first alive row
+        first[1:] = centre[1:] != centre[:-1]  # is its smallest alive member
+        start = np.maximum.accumulate(np.where(first, np.arange(len(centre)), 0))
+        nodes, labels = _connected_components(comm, np.stack([member[~first], member[start[~first]]], axis=1))
+        paired = nodes != labels
+        n = _total(comm, int(np.count_nonzero(paired)))
+        if rnd == 0:
+            candidates = n  # what transitive clusters would have removed
+        if not n:
+            break
+        rounds += 1
+        m, rep = _route(comm, owners(nodes[paired]), nodes[paired], labels[paired])
+        order = np.argsort(m)
+        m, rep = m[order], rep[order]
+        j = np.asarray(measure(m, rep), np.float64)
+        near = j >= bound
+        found.update(zip(m[near].tolist(), zip(rep[near].tolist(), j[near].tolist(), strict=True), strict=True))
+        alive[:] = False
+        alive[np.searchsorted(mine, m[~near])] = True
+    return found, candidates, rounds
 
-    for ms in stars.values():
-        live = [x for x in ms if x in alive]
-        for x in live[1:]:
-            ra, rb = find(live[0]), find(x)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for x in alive:
-        groups.setdefault(find(x), []).append(x)
-    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+def _fetch_sets(comm, sets: dict[int, np.ndarray], keys: np.ndarray, owners) -> dict[int, np.ndarray]:
+    """The shingle sets of ``keys`` (sorted unique ids), each from the rank holding its unit (two ``alltoall``s:
+    the ids, then per rank one flat array of the sets with their lengths)."""
+    if comm.size == 1:
+        return sets
+    dest = owners(keys)
+    order = np.argsort(dest, kind="stable")
+    bounds = np.searchsorted(dest[order], np.arange(comm.size + 1))
+    asks = [keys[order[bounds[r]:bounds[r + 1]]] for r in range(comm.size)]
+    asked = comm.alltoall(asks)
+    sends = []
+    for ks in asked:
+        got = [sets[k] for k in ks.tolist()]
+        sends.append((np.array([len(x) for x in got], np.int64),
+                      np.concatenate(got) if got else np.zeros(0, np.uint64)))
+    theirs: dict[int, np.ndarray] = {}
+    for ks, (lens, flat) in zip(asks, comm.alltoall(sends), strict=True):
+        theirs.update(zip(ks.tolist(), np.split(flat, np.cumsum(lens)[:-1]) if len(ks) else [], strict=True))
+    return theirs
 
 
 def _reread(args: tuple) -> dict[int, np.ndarray]:
@@ -775,29 +837,25 @@ def _verified_near(comm, edges: np.ndarray, owner: dict[int, int], units: list[l
                    sources: list[Source], sigs: dict[int, UnitSignatures], settings: Settings,
                    workers: int) -> tuple[dict[int, tuple[int, float]], dict]:
     """The near duplicates of this rank's units, each with the document kept for it and their true
-    Jaccard similarity (duplicate id -> (kept id, Jaccard)), and (on rank 0) what the check did.
+    Jaccard similarity (duplicate id -> (kept id, Jaccard)), and what the check did (totals over the ranks:
+    ``clustered``, ``candidates``, ``rounds``, ``removed``; rank 0's ``reread_s`` and ``check_s``).
 
-    Rounds, decided on rank 0 from the LSH edges and the similarities the ranks measure: the documents
-    connected through LSH stars form groups; the first of each group is kept (its representative) and
-    every other member whose true Jaccard with it is at least ``jaccard_bound`` is removed as its
-    duplicate. The members left (below the bound: not near the representative, however near some other
-    member) form new groups among themselves, with new representatives, for up to ``MAX_ROUNDS``
-    rounds; then the rest are kept. So A~B~C never removes C for A unless C itself is near A."""
+    Collective, and no rank gathers the graph or the pairs: the ranks hold the LSH stars by centre
+    (``_near_stars``), each rank re-reads the shingle sets of the clustered documents in its units, and in
+    rounds (``_near_rounds``) the documents connected through stars form groups (``_connected_components``);
+    the first of each group is kept (its representative) and every other member whose true Jaccard with it,
+    measured by the rank holding the member (the representative's set fetched from the rank holding it), is
+    at least ``jaccard_bound`` is removed as its duplicate. The members left (below the bound: not near the
+    representative, however near some other member) form new groups among themselves, with new
+    representatives, for up to ``MAX_ROUNDS`` rounds; then the rest are kept. So A~B~C never removes C for A
+    unless C itself is near A."""
     bound = jaccard_bound(settings)
-    everything = comm.gather(edges, root=0)
-    stars: dict[int, list[int]] = {}
-    alive: set[int] = set()
-    asks = None
-    if comm.rank == 0:
-        stars = _stars(np.concatenate(everything) if everything else np.zeros((0, 2), np.int64))
-        alive = {x for ms in stars.values() for x in ms}
-        asks = [[] for _ in range(comm.size)]
-        for x in sorted(alive):
-            asks[owner[x >> 32]].append(x)
+    owners = _owners(owner)
+    centre, member, mine = _near_stars(comm, edges, owners)
     t0 = time.perf_counter()
     err: BaseException | None = None
     try:
-        sets = _shingle_sets(comm.scatter(asks, root=0), units, sources, sigs, settings, workers)
+        sets = _shingle_sets(mine.tolist(), units, sources, sigs, settings, workers)
     except BaseException as e:  # every rank stops, none waits in a collective
         err, sets = e, {}
     failures = [f for f in comm.allgather(None if err is None else f"rank {comm.rank}: {err}") if f]
@@ -805,48 +863,18 @@ def _verified_near(comm, edges: np.ndarray, owner: dict[int, int], units: list[l
         raise err
     if failures:
         raise PipelineError("; ".join(failures))
-    stats = {"clustered": len(alive), "candidates": 0, "rounds": 0, "reread_s": time.perf_counter() - t0}
-    found: dict[int, tuple[int, float]] = {}
-    for rnd in range(MAX_ROUNDS + 1):
-        parts = None
-        if comm.rank == 0:
-            pairs: list[tuple[int, int]] = []
-            if rnd < MAX_ROUNDS:
-                groups = _components(stars, alive)
-                alive = {x for g in groups for x in g[1:]}  # representatives are kept, lone members too
-                for g in groups:
-                    pairs.extend((m, g[0]) for m in g[1:])
-            if rnd == 0:
-                stats["candidates"] = len(pairs)  # what transitive clusters would have removed
-            parts = [[] for _ in range(comm.size)] if pairs else [None] * comm.size
-            for m, rep in pairs:
-                parts[owner[m >> 32]].append((m, rep))
-        mine = comm.scatter(parts, root=0)
-        if mine is None:
-            break
-        ask: list[list[int]] = [[] for _ in range(comm.size)]
-        for rep in sorted({rep for _, rep in mine}):
-            ask[owner[rep >> 32]].append(rep)
-        asked = comm.alltoall(ask)
-        answers = comm.alltoall([[sets[k] for k in ks] for ks in asked])
-        theirs = {k: a for ks, ans in zip(ask, answers) for k, a in zip(ks, ans)}
-        measured = comm.gather([(m, rep, jaccard(sets[m], theirs[rep])) for m, rep in mine], root=0)
-        if comm.rank == 0:
-            stats["rounds"] += 1
-            for part in measured:
-                for m, rep, j in part:
-                    if j >= bound:
-                        found[m] = (rep, j)
-                        alive.discard(m)
-    del sets
-    parts = None
-    if comm.rank == 0:
-        parts = [{} for _ in range(comm.size)]
-        for d, kj in found.items():
-            parts[owner[d >> 32]][d] = kj
-        stats["removed"] = len(found)
+    stats = {"clustered": _total(comm, len(mine)), "candidates": 0, "rounds": 0,
+             "reread_s": time.perf_counter() - t0}
+
+    def measure(m: np.ndarray, rep: np.ndarray) -> np.ndarray:
+        theirs = _fetch_sets(comm, sets, _sorted_unique(rep), owners)
+        return np.fromiter((jaccard(sets[a], theirs[b]) for a, b in zip(m.tolist(), rep.tolist(), strict=True)),
+                           np.float64, len(m))
+
+    found, stats["candidates"], stats["rounds"] = _near_rounds(comm, centre, member, mine, owners, measure, bound)
+    stats["removed"] = _total(comm, len(found))
     stats["check_s"] = time.perf_counter() - t0
-    return comm.scatter(parts, root=0), stats
+    return found, stats
 
 
 @dataclass
