@@ -43,9 +43,18 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="files, directories (read recursively, sorted), globs, or hf:NAME[:CONFIG][@SPLIT] "
                         "for a Hugging Face dataset (streamed). .gz/.zst are decompressed on the fly.")
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "wikidoc", "text", "parquet"],
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "wikidoc", "text", "parquet", "mediawiki"],
                    help="input format; auto = by suffix (.jsonl/.json, .txt, .parquet), else sniffed: "
-                        "'<doc' = WikiExtractor, '{' = JSON lines, anything else = one text document per file")
+                        "'<doc' = WikiExtractor, '<mediawiki' = a raw MediaWiki XML dump (.xml, .xml.bz2, ...), "
+                        "'{' = JSON lines, anything else = one text document per file")
+    p.add_argument("--wiki-index", nargs="+", default=None, metavar="PATH",
+                   help="the index (...-multistream-index.txt.bz2, lines OFFSET:PAGEID:TITLE) of a raw MediaWiki "
+                        "...-multistream.xml.bz2 dump; one per dump, in input order. Default: NAME-index.txt.bz2 "
+                        "beside NAME.xml.bz2. With its index a dump is split into units of whole bz2 streams "
+                        "(--unit-bytes) across workers and ranks; without one it is one unit, read sequentially. "
+                        "Articles only (namespace 0; redirects and other namespaces are counted as skipped), "
+                        "wikitext made plain text with mwparserfromhell, the title as the first line "
+                        "(docs/data-pipeline.md, Raw MediaWiki dumps)")
     p.add_argument("--text-key", default="text", help="JSON/parquet field holding the text (default: text)")
     p.add_argument("--strip-gutenberg", action="store_true",
                    help="drop Project Gutenberg headers/footers from text files")
@@ -117,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input bytes per work unit: the resume and MPI granularity (default 64M). Small "
                         "files are grouped; an uncompressed .jsonl or WikiExtractor file larger than this is "
                         "cut into byte ranges at record boundaries, a parquet file into runs of whole row "
-                        "groups of about this size (compressed); .gz/.zst and text files are one unit each. "
+                        "groups of about this size (compressed), a MediaWiki .xml.bz2 dump with its index into "
+                        "runs of whole bz2 streams; .gz/.zst and text files are one unit each. "
                         "Output shards are per unit: the same --unit-bytes gives the same bytes for any "
                         "--workers/ranks; another --unit-bytes gives the same documents in "
                         "the same order in differently cut shards")
@@ -206,9 +216,17 @@ def _summary(m: dict) -> str:
     return "\n".join(lines)
 
 
+def _wiki_indexes(args: argparse.Namespace) -> None:
+    """--wiki-index, for the expansion of --input deeper down (readers.inputs)."""
+    from .readers.inputs import set_wiki_indexes
+
+    set_wiki_indexes(args.wiki_index)
+
+
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
+    _wiki_indexes(args)
     if args.tokenizer_type == "hf-bpe":
         from .hf_tokenizer import TRAINING_RECORD, train_hf_bpe
 
@@ -265,6 +283,7 @@ def _dedup_settings(args: argparse.Namespace) -> dict:
 def _preprocess(args: argparse.Namespace) -> int:
     from .preprocess import RunOptions, Settings, preprocess
 
+    _wiki_indexes(args)
     settings = Settings(
         text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
         keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,

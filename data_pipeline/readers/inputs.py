@@ -5,6 +5,11 @@ An ``hf:`` spec expands to one source per shard of its streaming dataset (``hf.s
 data file and size where ``datasets`` resolves one, so a dataset of many files is planned, distributed,
 fingerprinted and resumed like those files given directly. (``hf`` imports ``datasets`` only inside the
 functions that need it.)
+
+A MediaWiki ``.xml.bz2`` dump gets its index (``mediawiki``): the one named by ``--wiki-index``
+(``set_wiki_indexes``), else ``NAME-index.txt.bz2`` beside ``NAME.xml.bz2``; the index is validated here, so
+a bad one stops the run before any work, and an index that is itself among the expanded inputs (a directory
+holding both) is not read as an input.
 """
 
 from __future__ import annotations
@@ -14,8 +19,16 @@ import hashlib
 import os
 from pathlib import Path
 
-from . import hf
+from . import hf, mediawiki
 from .sources import FINGERPRINT_METHODS, FORMATS, InputError, Source, detect_format
+
+_wiki_indexes: list[str] = []
+
+
+def set_wiki_indexes(paths: list[str] | None) -> None:
+    """The indexes of the MediaWiki ``.xml.bz2`` dumps among the inputs (``--wiki-index``): the i-th belongs
+    to the i-th such dump in input order; dumps beyond them use the index beside them."""
+    _wiki_indexes[:] = list(paths or [])
 
 
 def _expand_one(spec: str) -> list[str]:
@@ -38,9 +51,10 @@ def _expand_one(spec: str) -> list[str]:
     raise InputError(f"{spec}: no such file or directory")
 
 
-def expand_inputs(specs: list[str], fmt: str = "auto") -> list[Source]:
+def expand_inputs(specs: list[str], fmt: str = "auto", wiki_indexes: list[str] | None = None) -> list[Source]:
     """Files, directories (recursive, sorted), globs and ``hf:`` datasets (one source per shard) ->
-    ordered, de-duplicated sources."""
+    ordered, de-duplicated sources; a MediaWiki dump's ``Source.file`` is its index (``wiki_indexes``, by
+    default those of ``set_wiki_indexes``; see the module docstring)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     sources: dict[str, Source] = {}  # ordered set, by path
@@ -52,7 +66,26 @@ def expand_inputs(specs: list[str], fmt: str = "auto") -> list[Source]:
         for p in _expand_one(spec):
             if p not in sources:
                 sources[p] = Source(p, detect_format(p) if fmt == "auto" else fmt, os.path.getsize(p))
-    return list(sources.values())
+    return _with_wiki_indexes(list(sources.values()), _wiki_indexes if wiki_indexes is None else wiki_indexes)
+
+
+def _with_wiki_indexes(sources: list[Source], given: list[str]) -> list[Source]:
+    dumps = [i for i, s in enumerate(sources) if s.format == "mediawiki" and s.path.endswith(".bz2")]
+    if len(given) > len(dumps):
+        raise InputError(f"--wiki-index names {len(given)} index(es) for {len(dumps)} .xml.bz2 MediaWiki dump(s) "
+                         "among the inputs")
+    for k, i in enumerate(dumps):
+        s = sources[i]
+        index = given[k] if k < len(given) else mediawiki.index_beside(s.path)
+        if index is None:
+            mediawiki.note_no_index(s.path)
+            continue
+        if not os.path.isfile(index):
+            raise InputError(f"{index}: no such index file (--wiki-index for {s.path})")
+        mediawiki.stream_offsets(index, s.size)  # validated now: a bad index stops the run before any work
+        sources[i] = Source(s.path, s.format, s.size, index)
+    indexes = {os.path.realpath(s.file) for s in sources if s.format == "mediawiki" and s.file}
+    return [s for s in sources if s.is_hf or os.path.realpath(s.path) not in indexes]
 
 
 def fingerprint(src: Source, method: str = "sampled", samples: int = 16, block: int = 1 << 16) -> str:
@@ -70,6 +103,8 @@ def fingerprint(src: Source, method: str = "sampled", samples: int = 16, block: 
     if method not in FINGERPRINT_METHODS:
         raise InputError(f"unknown fingerprint method {method!r}; choose from {', '.join(FINGERPRINT_METHODS)}")
     h = hashlib.sha256(f"{src.path}|{src.size}|".encode())
+    if src.format == "mediawiki" and src.file:  # its index decides the units: a changed one is a changed input
+        h.update(fingerprint(Source(src.file, "text", os.path.getsize(src.file)), method, samples, block).encode())
     data = src.path
     if src.is_hf:
         h.update(f"{src.file}|".encode() if src.file else hf.identity(src.path).encode())

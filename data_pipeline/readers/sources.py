@@ -2,12 +2,14 @@
 (possibly compressed) file is opened. ``inputs.py`` expands what the user named into sources.
 
 Formats: ``jsonl`` (also ``.json`` lines and WikiExtractor ``--json`` output), ``wikidoc``
-(WikiExtractor ``<doc ...>`` blocks), ``text`` (one document per file: books), ``parquet``, and
-``hf`` for ``hf:NAME[:CONFIG][@SPLIT]``. ``auto`` picks by suffix, else by the first bytes.
+(WikiExtractor ``<doc ...>`` blocks), ``text`` (one document per file: books), ``parquet``, ``mediawiki``
+(raw MediaWiki XML dumps, ``mediawiki.py``) and ``hf`` for ``hf:NAME[:CONFIG][@SPLIT]``. ``auto`` picks by
+suffix, else by the first bytes.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import BinaryIO
 
 from lmforge.common.errors import InputError as _CommonInputError
 
-FORMATS = ("auto", "jsonl", "wikidoc", "text", "parquet")
+FORMATS = ("auto", "jsonl", "wikidoc", "text", "parquet", "mediawiki")
 FINGERPRINT_METHODS = ("sampled", "full")
 _TEXT_SUFFIXES = {".txt", ".raw", ".text", ".md"}
 _JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -31,7 +33,7 @@ class Source:
     path: str  # file path as expanded, or "hf:NAME[:CONFIG][@SPLIT]" with "[shard I of N]" when N > 1
     format: str
     size: int  # bytes on disk (for hf: the shard's file when local, else 0: unknown)
-    file: str = ""  # hf: the shard's data file, when it is exactly one known file
+    file: str = ""  # hf: the shard's data file, when it is exactly one known file; mediawiki: the dump's index
 
     @property
     def is_hf(self) -> bool:
@@ -49,7 +51,9 @@ def compression(path: str) -> str:
 
 def splittable(src: Source) -> bool:
     """Whether ``src`` can be read in byte ranges (uncompressed JSON lines, WikiExtractor or parquet files;
-    a parquet range owns whole row groups)."""
+    a parquet range owns whole row groups; a bz2 MediaWiki dump with its index owns whole bz2 streams)."""
+    if src.format == "mediawiki":
+        return bool(src.file) and src.path.endswith(".bz2")
     return src.format in ("jsonl", "wikidoc", "parquet") and not compression(src.path)
 
 
@@ -122,15 +126,31 @@ def detect_format(path: str) -> str:
         return "jsonl"
     if suffix in _TEXT_SUFFIXES:
         return "text"
-    # No telling suffix (WikiExtractor writes AA/wiki_00): sniff the first bytes.
+    # No telling suffix (WikiExtractor writes AA/wiki_00; a .xml or .bz2 file may be a MediaWiki dump or not):
+    # sniff the first bytes.
     try:
+        if path.endswith(".bz2"):
+            with bz2.open(path, "rb") as f:
+                head = f.read(4096)
+            head = head.lstrip(b"\xef\xbb\xbf").lstrip()
+            if _is_mediawiki(head):
+                return "mediawiki"
         with open_binary(path) as f:
             head = f.read(4096)
     except Exception:
         return "text"  # the reader will report the read error with its location
     head = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    if _is_mediawiki(head):
+        return "mediawiki"
     if head.startswith(b"<doc"):
         return "wikidoc"
     if head.startswith(b"{"):
         return "jsonl"
     return "text"
+
+
+def _is_mediawiki(head: bytes) -> bool:
+    """The first bytes of a MediaWiki XML export (an XML declaration may come first)."""
+    if head.startswith(b"<?xml"):
+        head = head[head.find(b"?>") + 2 :].lstrip()
+    return head.startswith(b"<mediawiki")
