@@ -7,8 +7,9 @@ An ``Item`` is ``(kind, text, loc)``:
   ``PART`` pieces are followed by exactly one ``LAST`` piece;
 - ``SKIP``: a record that could not be used; ``text`` is the reason (``invalid_json``, ``invalid_utf8``,
   ``missing_text``, ``non_string_text``, ``empty``, ``blank_line``, ``line_too_long``,
-  ``truncated_compressed``, ``read_error``, ``text_outside_doc``, ``unterminated_doc``), ``loc`` is
-  ``file:line`` (or ``file:row``).
+  ``truncated_compressed``, ``read_error``, ``text_outside_doc``, ``unterminated_doc``; MediaWiki dumps:
+  ``redirect``, ``namespace``, ``invalid_bz2``, ``invalid_xml``, ``invalid_wikitext``), ``loc`` is
+  ``file:line`` (or ``file:row``, ``file:PAGEID``).
 
 This module also owns what the line-based formats (``text``, ``wikidoc``) share once bytes are read:
 UTF-8 decoding with CRLF -> LF, the empty/missing checks, and ``DocAssembler``, which turns decoded
@@ -34,6 +35,9 @@ ERROR_REASONS = frozenset(
         "truncated_compressed",
         "read_error",
         "unencodable_text",
+        "invalid_bz2",
+        "invalid_xml",
+        "invalid_wikitext",
     }
 )
 
