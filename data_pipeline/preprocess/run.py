@@ -591,6 +591,9 @@ def _find_duplicates(out: Path, sources: list[Source], units: list[list[Segment]
     """Deduplication's scan of this rank's units and the exchange between ranks (``dedup``). A failed
     scan on any rank stops every rank with all the ranks' messages (none waits in a collective)."""
     t0 = time.perf_counter()
+    for u in assignment[comm.rank]:  # what a killed run's writers of this rank's signatures and lists left
+        for f in (dedup.sig_path(out, u), dedup.removed_list_path(out, u)):
+            remove_temp_files(f.parent, f.name)
     err: BaseException | None = None
     try:
         dedup.scan_units(out, sources, units, assignment[comm.rank], settings, run.workers, run.progress, comm.rank)
