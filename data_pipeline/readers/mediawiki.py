@@ -155,7 +155,7 @@ def split_ranges(path: str, index: str, size: int, unit_bytes: int) -> list[tupl
     """Byte ranges tiling ``[0, size)``, each starting at a stream the index lists (the first at 0) and
     holding a run of whole streams of about ``unit_bytes`` compressed bytes (a bigger stream is a range
     alone); None when there is nothing to cut."""
-    starts = [0, *(s for s in stream_offsets(index, size) if s > 0)]
+    starts = [0, *stream_offsets(index, size)[1:]]  # (the header stream goes with the first stream of pages)
     cuts = [0]
     held = 0
     for start, end in zip(starts, [*starts[1:], size]):

@@ -1,0 +1,338 @@
+"""Raw MediaWiki dumps read by preprocess (readers/mediawiki.py) on a small real multistream dump with its
+real-format index (tests/data/mediawiki: 135 English Wikipedia pages in 27 bz2 streams): articles as plain
+text, redirects and other namespaces counted, ranges of whole streams that tile the dump for any cut, the
+same bytes for any worker/rank count, kill -9 resume, a bad index refused, damaged streams counted, and
+deduplication re-reading pages by their file:PAGEID locations."""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lmforge.data_pipeline.cli import build_parser
+from lmforge.data_pipeline.manifest import load_manifest
+from lmforge.data_pipeline.readers import (
+    DOC,
+    SKIP,
+    ReadOptions,
+    ReadRange,
+    Source,
+    expand_inputs,
+    iter_documents,
+    split_ranges,
+)
+from lmforge.data_pipeline.readers.mediawiki import wikitext_to_text
+from lmforge.data_pipeline.tools import verify
+from tests.data_pipeline.test_preprocess import same_tree
+from tests.helpers.paths import BIN, ROOT, TEST_DATA
+from tests.helpers.process import child_env, run_cmd
+
+PY = sys.executable
+DATA = TEST_DATA / "mediawiki"
+DUMP = DATA / "enwiki-sample-pages-articles-multistream.xml.bz2"
+INDEX = DATA / "enwiki-sample-pages-articles-multistream-index.txt.bz2"
+ARTICLES, REDIRECTS, OTHER_NS = 35, 99, 1  # the 135 pages (README.md)
+
+
+def _source(path: Path = DUMP, index: Path | None = INDEX) -> Source:
+    return Source(str(path), "mediawiki", path.stat().st_size, str(index) if index else "")
+
+
+def _items(src: Source, rng: ReadRange | None = None) -> list[tuple[int, str, str]]:
+    return list(iter_documents(src, ReadOptions(), rng))
+
+
+@functools.cache
+def _whole() -> list[tuple[int, str, str]]:
+    """The items of the committed dump read whole (read once: wikitext parsing is most of the time)."""
+    return _items(_source())
+
+
+def _index_lines(index: Path = INDEX) -> list[tuple[int, int, str]]:
+    rows = []
+    for line in bz2.decompress(index.read_bytes()).decode().splitlines():
+        off, pid, title = line.split(":", 2)
+        rows.append((int(off), int(pid), title))
+    return rows
+
+
+def _rebuild(tmp: Path, edit_stream, name: str = "dump") -> tuple[Path, Path]:
+    """A copy of the dump whose stream holding page 330 (Actrius) is replaced by ``edit_stream(compressed)``,
+    with its index rewritten for the new offsets (Wikimedia's format)."""
+    data = DUMP.read_bytes()
+    rows = _index_lines()
+    starts = sorted({0, *(o for o, _, _ in rows)})
+    streams = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data)])]
+    target = next(o for o, p, _ in rows if p == 330)
+    k = starts.index(target)
+    streams[k] = edit_stream(streams[k])
+    new_starts = [sum(map(len, streams[:i])) for i in range(len(streams))]
+    moved = dict(zip(starts, new_starts))
+    dump, index = tmp / f"{name}-multistream.xml.bz2", tmp / f"{name}-multistream-index.txt.bz2"
+    dump.write_bytes(b"".join(streams))
+    index.write_bytes(bz2.compress("".join(f"{moved[o]}:{p}:{t}\n" for o, p, t in rows).encode()))
+    return dump, index
+
+
+def _stream_pages(pid: int) -> list[int]:
+    rows = _index_lines()
+    off = next(o for o, p, _ in rows if p == pid)
+    return [p for o, p, _ in rows if o == off]
+
+
+# --------------------------------------------------------------------------------------------------
+# The reader
+
+
+def test_articles_as_plain_text_and_skips_by_reason():
+    items = _whole()
+    kinds = Counter(text if kind == SKIP else "doc" for kind, text, _ in items)
+    assert kinds == {"doc": ARTICLES, "redirect": REDIRECTS, "namespace": OTHER_NS}
+    assert len(items) == len(_index_lines())  # every page is an item
+    assert [int(loc.rpartition(":")[2]) for _, _, loc in items] == [p for _, p, _ in _index_lines()]
+    docs = {int(loc.rpartition(":")[2]): text for kind, text, loc in items if kind == DOC}
+    assert docs[330].startswith("Actrius\n\nActresses (Catalan: Actrius) is a 1997 Catalan language Spanish drama "
+                                "film produced and directed by Ventura Pons and based on the award-winning stage "
+                                "play E.R. by Josep Maria Benet i Jornet.")
+    assert "\nCast\nNúria Espert as Glòria Marc\n" in docs[330]  # a heading and a list, as lines
+    assert docs[772].startswith("Ampere\n\nThe ampere (SI unit symbol: A), often shortened to \"amp\", is the SI "
+                                "unit of electric current")
+    for text in docs.values():
+        for markup in ("{{", "}}", "[[", "]]", "<ref", "</", "{|", "''", "&nbsp;", "Category:", "thumb|"):
+            assert markup not in text
+    # the redirect AccessibleComputing (page 10) and the Wikipedia: page (724, a redirect too: ns first)
+    assert items[0] == (SKIP, "redirect", f"{DUMP}:10")
+    assert (SKIP, "namespace", f"{DUMP}:724") in items
+
+
+def test_wikitext_to_text_keeps_prose_drops_markup():
+    wikitext = ("{{Infobox film|name=X}}\n'''X''' is a [[film]] by [[Jane Doe|Doe]]<ref>{{cite web|url=u}}</ref> "
+                "({{lang-fr|x}}) [http://example.org label] &amp; more.__NOTOC__\n\n== Plot ==\n* one\n* two\n"
+                "{| class=\"wikitable\"\n|-\n| cell\n|}\n[[File:X.jpg|thumb|A caption]]\n<!-- comment -->\n"
+                "[[Category:Films]]\n[[:Category:Films|films list]]")
+    assert wikitext_to_text(wikitext) == "X is a film by Doe label & more.\n\nPlot\none\ntwo\n\nfilms list"
+
+
+@pytest.mark.parametrize("unit_bytes", [1, 20000])
+def test_stream_ranges_tile_the_dump(unit_bytes):
+    """split_ranges cuts at stream starts the index lists; the ranges' items, in order, are the whole dump's."""
+    src = _source()
+    whole = _whole()
+    ranges = split_ranges(src, unit_bytes)
+    assert ranges is not None and ranges[0][0] == 0 and ranges[-1][1] == src.size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    starts = {o for o, _, _ in _index_lines()}
+    assert all(lo in starts for lo, _ in ranges[1:])
+    if unit_bytes == 1:
+        assert len(ranges) == len(starts)  # a stream per range (the header stream with the first)
+    parts = []
+    for lo, hi in ranges:
+        rng = ReadRange(lo, hi)
+        parts += _items(src, rng)
+        assert rng.absolute
+    assert parts == whole
+
+
+def test_any_byte_cut_owns_the_streams_starting_in_it():
+    """Cut anywhere (a wrong index): a range owns the streams that start in it, read to their end."""
+    src = _source()
+    whole = _whole()
+    rnd = random.Random(0)
+    for _ in range(2):
+        cuts = sorted(rnd.sample(range(1, src.size), 6))
+        parts = []
+        for lo, hi in zip([0, *cuts], [*cuts, src.size]):
+            parts += _items(src, ReadRange(lo, hi))
+        assert parts == whole
+
+
+def test_without_index_and_uncompressed_the_same_pages(tmp_path):
+    with_index = _whole()
+    assert _items(_source(index=None)) == with_index  # read sequentially, stream after stream
+    xml = tmp_path / "dump.xml"
+    xml.write_bytes(bz2.decompress(DUMP.read_bytes()))  # the concatenated streams: one XML document
+    plain = _items(Source(str(xml), "mediawiki", xml.stat().st_size))
+    assert [(k, t, loc.replace(str(xml), str(DUMP))) for k, t, loc in plain] == with_index
+
+
+def test_expansion_finds_the_index_and_detects_the_format(tmp_path):
+    d = tmp_path / "dumps"
+    d.mkdir()
+    (d / DUMP.name).symlink_to(DUMP)
+    (d / INDEX.name).symlink_to(INDEX)
+    xml = d / "other.xml"
+    xml.write_bytes(b'<?xml version="1.0"?>\n' + bz2.decompress(DUMP.read_bytes()))
+    sources = expand_inputs([str(d)])
+    assert [(Path(s.path).name, s.format, Path(s.file).name if s.file else "") for s in sources] == [
+        (DUMP.name, "mediawiki", INDEX.name), ("other.xml", "mediawiki", "")]  # the index is no input
+    assert sum(k == DOC for k, _, _ in _items(sources[1])) == ARTICLES
+    [alone] = expand_inputs([str(DUMP)], wiki_indexes=[str(INDEX)])
+    assert alone.file == str(INDEX)
+
+
+def _damage_bytes(stream: bytes) -> bytes:
+    b = bytearray(stream)
+    for i in range(len(b) // 2, len(b) // 2 + 8):
+        b[i] ^= 0x55
+    return bytes(b)
+
+
+def _damage_xml(stream: bytes) -> bytes:
+    return bz2.compress(bz2.decompress(stream).replace(b"</title>", b"</titel>", 1), 9)
+
+
+@pytest.mark.parametrize("damage,reason", [(_damage_bytes, "invalid_bz2"), (_damage_xml, "invalid_xml")])
+def test_a_damaged_stream_counts_its_pages_and_the_rest_is_read(tmp_path, damage, reason):
+    dump, index = _rebuild(tmp_path, damage)
+    lost = _stream_pages(330)
+    items = _items(_source(dump, index))
+    assert [(k, t, loc) for k, t, loc in items if t == reason] == [(SKIP, reason, f"{dump}:{p}") for p in lost]
+    good = {loc.rpartition(":")[2]: (k, t) for k, t, loc in _whole()}
+    mine = {loc.rpartition(":")[2]: (k, t) for k, t, loc in items if t != reason}
+    assert mine == {p: v for p, v in good.items() if int(p) not in lost}  # every other page as before
+    # without the index: the stream is one skip naming its offset
+    items = _items(_source(dump, None))
+    bad = [loc for k, t, loc in items if t == reason]
+    assert len(bad) == 1 and "bz2 stream at byte" in bad[0]
+    assert {loc.rpartition(":")[2] for k, t, loc in items if t != reason} == set(mine)
+
+
+def test_help_explains_wiki_index():
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["preprocess"].format_help().split())
+    assert "--wiki-index PATH" in help_text and "multistream-index.txt.bz2" in help_text
+    assert "without one it is one unit" in help_text
+
+
+# --------------------------------------------------------------------------------------------------
+# preprocess end to end
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mwtok")
+    run_cmd([PY, "-m", "lmforge.data_pipeline", "train-tokenizer", "--input", DUMP, "--vocab-size", "800",
+             "--output", out, "--threads", "1"])
+    return out / "tokenizer.model"
+
+
+def preprocess(tok: Path, out: Path, *extra, inputs=(DUMP,), check=True, launcher=()) -> subprocess.CompletedProcess:
+    return run_cmd([*launcher, PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *inputs, "--tokenizer", tok,
+                    "--output", out, "--no-progress", "--unit-bytes", "20k", "--max-shard-bytes", "100k",
+                    "--valid-fraction", "0.1", *extra], check=check)
+
+
+@pytest.fixture(scope="module")
+def clean(tok, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mwclean") / "out"
+    preprocess(tok, out, "--workers", "1")
+    return out
+
+
+def test_preprocess_counts_and_byte_identical_for_workers_and_ranks(tok, clean, tmp_path):
+    m = load_manifest(clean)
+    assert m["skipped"] == {"namespace": OTHER_NS, "redirect": REDIRECTS}
+    assert m["records"] == {"read": 135, "written": ARTICLES, "skipped": REDIRECTS + OTHER_NS}
+    assert m["sources"][0]["format"] == "mediawiki" and m["sources"][0]["file"] == str(INDEX)
+    units = {p.name.split("_")[1] for p in (clean / "train").glob("shard_*.bin")}
+    assert len(units) >= 4  # several units of whole streams
+    assert verify(clean) == []
+    preprocess(tok, tmp_path / "w2", "--workers", "2")
+    same_tree(clean, tmp_path / "w2")
+    preprocess(tok, tmp_path / "mpi", "--workers", "1", launcher=[BIN / "mpirun", "-n", "2"])
+    same_tree(clean, tmp_path / "mpi")
+
+
+def test_bad_index_exits_2_with_one_error_line(tok, tmp_path):
+    rows = _index_lines()
+    cases = {
+        "decreasing": [*rows[:20], (rows[5][0], 999999, "Back"), *rows[20:]],
+        "past_end": [*rows, (DUMP.stat().st_size + 10, 999999, "Beyond")],
+        "garbage": [*rows[:3], None, *rows[3:]],
+    }
+    expected = {"decreasing": ":21: stream offset", "past_end": f":{len(rows) + 1}: stream offset",
+                "garbage": ":4: not an index line"}
+    for name, lines in cases.items():
+        index = tmp_path / f"{name}-index.txt.bz2"
+        text = "".join("oops\n" if r is None else f"{r[0]}:{r[1]}:{r[2]}\n" for r in lines)
+        index.write_bytes(bz2.compress(text.encode()))
+        p = preprocess(tok, tmp_path / name, "--wiki-index", index, check=False)
+        assert (p.returncode, p.stderr.count("error: "), "Traceback" in p.stderr) == (2, 1, False), p.stderr
+        assert f"{index}{expected[name]}" in p.stderr, p.stderr
+    p = preprocess(tok, tmp_path / "two", "--wiki-index", INDEX, INDEX, check=False)
+    assert p.returncode == 2 and "names 2 index(es) for 1" in p.stderr
+
+
+def test_damaged_stream_in_preprocess(tok, tmp_path):
+    dump, index = _rebuild(tmp_path, _damage_bytes)
+    preprocess(tok, tmp_path / "out", inputs=[dump])  # the index beside it
+    m = load_manifest(tmp_path / "out")
+    lost = _stream_pages(330)
+    assert m["skipped"]["invalid_bz2"] == len(lost)
+    articles = {int(loc.rpartition(":")[2]) for k, _, loc in _whole() if k == DOC}
+    assert m["records"]["read"] == 135 and m["records"]["written"] == ARTICLES - len(articles & set(lost))
+    assert articles & set(lost) == {309, 330}  # An American in Paris, Actrius
+
+
+def test_dedup_rereads_pages_by_location(tok, clean, tmp_path):
+    """A <doc> file after the dump holding copies of some of its articles (one exact, three with a word
+    changed): they are removed as duplicates of the dump's pages, found again at file:PAGEID."""
+    docs = {int(loc.rpartition(":")[2]): t for k, t, loc in _whole() if k == DOC}
+    copies = [(330, docs[330]), (332, docs[332].replace("illustrated", "drawn", 1)),
+              (772, docs[772].replace("ampere", "Ampere", 1)), (344, docs[344].replace("pioneering", "early", 1))]
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text("".join(f'<doc id="{p}" url="?curid={p}" title="x">\n{t}\n</doc>\n' for p, t in copies))
+    out = tmp_path / "out"
+    preprocess(tok, out, "--dedup", "exact,minhash", inputs=[DUMP, wiki])
+    m = load_manifest(out)
+    assert m["skipped"]["duplicate-exact"] == 1 and m["skipped"]["duplicate-near"] == 3
+    rows = [line.split("\t") for f in sorted((out / "duplicates").glob("*.tsv")) for line in f.read_text().splitlines()]
+    assert sorted(r[2] for r in rows) == sorted(f"{DUMP}:{p}" for p, _ in copies)
+    assert all(r[1].startswith(f"{wiki}:") for r in rows)
+
+
+def _finished_units(out: Path) -> int:
+    return len(list((out / ".state").glob("unit_*.json")))
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_is_byte_identical(tok, tmp_path):
+    """kill -9 of the whole process group after some of the dump's units finished, then the same command
+    again: byte-identical to an uninterrupted run (the pattern of test_preprocess's kill test)."""
+    cmd = [PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", str(DUMP), "--tokenizer", str(tok),
+           "--no-progress", "--unit-bytes", "6k", "--max-shard-bytes", "100k", "--valid-fraction", "0.1",
+           "--workers", "2"]
+    run_cmd([*cmd, "--output", tmp_path / "clean"])
+    units = _finished_units(tmp_path / "clean")
+    assert units >= 10
+    rng = random.Random(0)
+    kills = mid_way = 0
+    for trial in range(2):
+        out = tmp_path / f"killed{trial}"
+        proc = subprocess.Popen([*cmd, "--output", str(out)], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        target = round(rng.uniform(0.2, 0.7) * units)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and _finished_units(out) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        finished = _finished_units(out)
+        mid_way += 0 < finished < units
+        p = run_cmd([*cmd, "--output", out])
+        assert (f"{finished} unit(s) verified and kept" in p.stderr) == (finished > 0)
+        same_tree(tmp_path / "clean", out)
+        assert verify(out) == []
+    assert kills >= 1 and mid_way >= 1, f"no kill landed between the first and the last of {units} units"
+
