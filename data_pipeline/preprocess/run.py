@@ -476,6 +476,16 @@ def _process_units(
 # --------------------------------------------------------------------------------------------------
 # The run
 
+# Testing hook: LMFORGE_INJECT_FINISH_PAUSE=SECONDS pauses every rank that long before each step of the run's last
+# phase (after its units are done: the lists of filtered documents, the tokenizer copy, the manifest), which takes
+# ~10 ms otherwise, so that a kill -9 can land inside it (tests/data_pipeline/test_dedup.py). Output unchanged.
+FINISH_PAUSE_ENV = "LMFORGE_INJECT_FINISH_PAUSE"
+
+
+def _finish_pause() -> None:
+    if os.environ.get(FINISH_PAUSE_ENV):
+        time.sleep(float(os.environ[FINISH_PAUSE_ENV]))
+
 
 def preprocess(
     inputs: list[str], model_path: str, output: str, settings: Settings, run: RunOptions
@@ -515,6 +525,7 @@ def preprocess(
     every_unit = [u for us in comm.allgather([line_info(r) for r in records]) for u in us]
     if err is None:
         try:
+            _finish_pause()
             write_filtered_lists(out, records, every_unit)
         except BaseException as e:
             err = e
@@ -539,7 +550,9 @@ def preprocess(
         for path in files_without_documents(sources, unit_records):
             print(f"warning: {path}: no document read from it (its records were skipped; the manifest's skip "
                   "reasons and examples say why)", file=sys.stderr)
+        _finish_pause()
         _copy_tokenizer(tokenizer, out, tok["sha256"])
+        _finish_pause()
         write_manifest(out, manifest)
     finally:
         comm.barrier()  # every rank, failed or not: rank 0 has written the manifest before any returns

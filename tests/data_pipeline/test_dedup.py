@@ -234,39 +234,180 @@ def test_template_stubs_kept_near_copies_removed(tok, tmp_path):  # noqa: F811
     assert load_manifest(tmp_path / "w2")["skipped"]["duplicate-near"] == 6
 
 
+# The phases of a --dedup run (run.preprocess), each told by the files it has left so far: "start" (the
+# output claimed, .state/config.json, no signature file yet: the first units' scan may be under way), "scan"
+# (some of the .state/dedup/unit_*.npz), "exchange" (every signature file, not every list of duplicates, no unit
+# record: find_duplicates, its Jaccard check re-reading texts, the lists written last), "tokenize" (the lists,
+# some of the unit records .state/unit_*.json and their shards), "final" (every unit record, no manifest: the
+# lists of filtered documents, the tokenizer copy, the manifest).
+PHASES = ("start", "scan", "exchange", "tokenize", "final")
+
+
+def _files(out: Path) -> dict:
+    return {"config": (out / ".state" / "config.json").exists(),
+            "sigs": len(list((out / ".state" / "dedup").glob("unit_*.npz"))),
+            "lists": len(list((out / dedup.LIST_DIR).glob("unit_*.tsv"))),
+            "units": _finished_units(out), "manifest": (out / "manifest.json").exists()}
+
+
+def _phase(f: dict, units: int, lists: int) -> str:
+    """The phase a run is in (or was killed in) from the files it left; ``units``, ``lists``: a whole run's."""
+    if f["manifest"]:
+        return "done"
+    if f["units"] == units:
+        return "final"
+    if f["sigs"] < units:
+        return "start" if f["sigs"] == 0 else "scan"
+    return "exchange" if f["lists"] < lists and f["units"] == 0 else "tokenize"
+
+
+def _job(pid: int) -> dict[int, tuple[int, str]]:
+    """pid -> (process group, state) of ``pid`` and its descendants, from /proc."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rpartition(")")[2].split()
+            except OSError:  # gone meanwhile
+                continue
+            procs[int(d.name)] = (fields[0], int(fields[1]), int(fields[2]))  # state, parent, group
+    tree, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        if p in procs and p not in tree:
+            tree[p] = (procs[p][2], procs[p][0])
+            todo.extend(c for c, (_, parent, _) in procs.items() if parent == p)
+    return tree
+
+
+def _kill_job(pid: int) -> set[int]:
+    """kill -9 of a whole job at one moment, as a machine failure would: every process group of the tree started
+    as ``pid`` (mpirun's proxy and ranks each start a session of their own) is stopped, then all are killed.
+    Returns the processes killed."""
+    killed: set[int] = set()
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        job = _job(pid)
+        killed |= set(job)
+        for group in {g for g, _ in job.values()}:
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 def test_dedup_kill_9_and_resume_is_byte_identical(tok, tmp_path):  # noqa: F811
-    """kill -9 of the process group during the scan or the tokenizing pass, then the same command: the
-    output is byte-identical to an uninterrupted run (the lists of duplicates and of filtered documents
-    included); a damaged signature file is scanned again."""
+    """kill -9 of the whole job at a random moment inside each phase of a run with --dedup exact,minhash and the
+    quality filters on (PHASES: start, scan, exchange, tokenize, final, one trial each, then the exchange again
+    under mpirun -n 2), then the same command: the output is byte-identical to an uninterrupted run (the lists of
+    duplicates and of filtered documents included), verify passes, the killed run's temporary files are gone, and
+    each kill landed in the phase it meant (told from the files left). The moment is found by watching the files
+    each phase writes, not by a clock (a busy machine must not let the run finish first), and drawn within the
+    length of the phase in the uninterrupted run; the final phase (~10 ms) is widened by the test hook
+    LMFORGE_INJECT_FINISH_PAUSE. The inputs hold planted copies and a streamed exact copy of a book; a signature
+    file damaged after the scan's kill is scanned again."""
+    from lmforge.data_pipeline.preprocess.run import FINISH_PAUSE_ENV
+    from lmforge.data_pipeline.tools import verify
+
+    t_start = time.monotonic()
     inputs, _, _ = planted_inputs(tmp_path)
+    book = (SAMPLE / "books/pg1952.txt").read_bytes()  # 50 KB, streamed in pieces of 40 KB
+    (tmp_path / "streamed_copy.txt").write_bytes(book.replace(b"\n", b"\r\n"))
+    inputs.append(tmp_path / "streamed_copy.txt")
     cmd = [PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", *map(str, inputs), "--tokenizer", str(tok),
            "--no-progress", "--unit-bytes", "100k", "--max-shard-bytes", "300k", "--valid-fraction", "0.05",
-           "--workers", "2", "--dedup", "exact,minhash", "--filter", "gopher"]
-    run_cmd([*cmd, "--output", tmp_path / "clean"])
-    units = _finished_units(tmp_path / "clean")
-    rng = random.Random(1)
-    for trial, phase in enumerate(("scan", "tokenize")):
-        out = tmp_path / f"killed{trial}"
-        proc = subprocess.Popen([*cmd, "--output", str(out)], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
+           "--max-doc-bytes", "40k", "--workers", "2", "--dedup", "exact,minhash", "--filter", "gopher,repetition",
+           "--min-tokens", "200"]
+    pause = 0.2
+
+    def start(out: Path, launcher=(), **env) -> subprocess.Popen:
+        with open(out.parent / f"{out.name}.log", "w") as log:
+            return subprocess.Popen([*map(str, launcher), *cmd, "--output", str(out)], cwd=ROOT, env=child_env(**env),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def watch(proc: subprocess.Popen, out: Path, until=lambda f: False) -> list[tuple[float, dict]]:
+        """Poll the files until ``until`` holds for them or the run ends; returns (time, files) at each change."""
+        t0, seen = time.monotonic(), [(0.0, {})]
+        deadline = t0 + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            done = len(list((out / ".state" / "dedup").glob("unit_*.npz"))) if phase == "scan" else \
-                _finished_units(out)
-            if done >= units // 3:
+            f = _files(out)
+            if f != seen[-1][1]:
+                seen.append((time.monotonic() - t0, f))
+            if until(f):
                 break
             time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.01))
-        assert proc.poll() is None, "the run finished before the kill"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if phase == "scan":  # the kill landed inside the phase it meant to interrupt
-            assert len(list((out / ".state" / "dedup").glob("unit_*.npz"))) < units
+        return seen[1:]
+
+    clean = tmp_path / "clean"
+    proc = start(clean)
+    seen = watch(proc, clean)
+    assert proc.wait() == 0, (tmp_path / "clean.log").read_text()[-3000:]
+    units, lists = _finished_units(clean), len(list((clean / dedup.LIST_DIR).glob("unit_*.tsv")))
+    assert units >= 20 and lists >= 3 and (clean / "filtered").exists()
+    m = load_manifest(clean)
+    assert m["skipped"]["duplicate-exact"] >= 6 and m["skipped"]["duplicate-near"] >= 10
+    assert m["dedup"]["streamed_exact_only"] and m["skipped"]["filter-min_tokens"]
+    # How long each phase lasted in the uninterrupted run (seconds; "start" from the claim of the output).
+    entered: dict[str, float] = {}
+    for t, f in seen:
+        if f["config"]:
+            entered.setdefault(_phase(f, units, lists), t)
+    ends = [*PHASES, "done"]
+    durations = {ph: entered[ends[i + 1]] - entered[ph] for i, ph in enumerate(PHASES)
+                 if ph in entered and ends[i + 1] in entered}
+    assert {"start", "exchange"} <= set(durations), seen
+    rng = random.Random(23)
+    trials = [(phase, ()) for phase in PHASES] + [("exchange", (BIN / "mpirun", "-n", "2"))]
+    kills: list[str] = []
+    for trial, (phase, launcher) in enumerate(trials):
+        for attempt in range(3):  # a kill that missed its phase (a busy machine) is checked too, then tried again
+            out = tmp_path / f"killed{trial}.{attempt}"
+            if phase in ("scan", "tokenize"):  # a random number of units done, then a moment in the next ones
+                key, target = ("sigs" if phase == "scan" else "units"), rng.randint(1, units - 2)
+                until, delay = (lambda f, key=key, target=target: f[key] >= target), rng.uniform(0, 0.01)
+            else:  # a moment within the first half of the phase's length (the final one widened by the hook)
+                until = lambda f, phase=phase: f["config"] and _phase(f, units, lists) == phase  # noqa: E731
+                delay = rng.uniform(0, 2.5 * pause if phase == "final" else 0.5 * durations[phase])
+            proc = start(out, launcher, **({FINISH_PAUSE_ENV: pause} if phase == "final" else {}))
+            watch(proc, out, until)
+            time.sleep(delay)
+            killed = _kill_job(proc.pid)
+            proc.wait()
+            f = _files(out)
+            got = _phase(f, units, lists)
+            kills.append(f"{phase}{' (2 ranks)' if launcher else ''} -> {got}: {f['sigs']}/{units} signature files, "
+                         f"{f['lists']}/{lists} lists of duplicates, {f['units']}/{units} units, filtered lists "
+                         f"{'written' if (out / 'filtered').exists() else 'not yet'}, tokenizer "
+                         f"{'copied' if (out / tok.name).exists() else 'not yet'}, {len(killed)} processes killed")
+            time.sleep(0.1)
+            assert not [q for q in killed if _alive(q)], f"processes of the killed job left: {kills[-1]}"
+            if list(out.rglob("*.tmp.*")):
+                kills[-1] += f", {len(list(out.rglob('*.tmp.*')))} temporary files left"
+            if got == "scan":  # a damaged signature file (truncated) must be scanned again, not trusted
+                sig = sorted((out / ".state" / "dedup").glob("unit_*.npz"))[0]
+                sig.write_bytes(sig.read_bytes()[:100])
+                # What kills while writing a signature file and a list of duplicates leave (removed on resume).
+                for x in (dedup.sig_path(out, 1), dedup.removed_list_path(out, 1)):
+                    x.parent.mkdir(parents=True, exist_ok=True)
+                    (x.parent / f".{x.name}.tmp.999.0badf00d").write_bytes(b"partial")
+            leftovers = list(out.rglob("*.tmp.*"))
+            p = run_cmd([*launcher, *cmd, "--output", out])  # the same command again resumes
+            if f["units"] and not launcher:
+                assert f"{f['units']} unit(s) verified and kept" in p.stderr, p.stderr[-3000:]
+            same_tree(clean, out)
+            assert verify(out) == []
+            assert not [x for x in leftovers if x.exists()]  # temporary files of the killed run cleaned up
+            if got == phase:
+                break
         else:
-            assert 0 < _finished_units(out) < units
-        if phase == "scan":  # a damaged signature file (truncated) must be scanned again, not trusted
-            sig = sorted((out / ".state" / "dedup").glob("unit_*.npz"))[0]
-            sig.write_bytes(sig.read_bytes()[:100])
-        run_cmd([*cmd, "--output", out])
-        same_tree(tmp_path / "clean", out)
+            raise AssertionError(f"3 kills meant for the {phase} phase landed elsewhere:\n" + "\n".join(kills))
+    print(f"\n{len(kills)} kills in {time.monotonic() - t_start:.1f}s (phases of the uninterrupted run: "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in durations.items()) + "):\n  " + "\n  ".join(kills))
