@@ -610,18 +610,29 @@ def _route(comm, dest: np.ndarray, *cols: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate([g[i] for g in got]) if got else cols[i][:0] for i in range(len(cols))]
 
 
+def _index(nodes: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(nodes, query)``, the query sorted first when large: numpy's binary search starts each
+    key where the previous one ended, so sorted keys stay in cache (3x faster for 2*10^6 random ids)."""
+    if len(query) < 1 << 15:
+        return np.searchsorted(nodes, query)
+    order = np.argsort(query)
+    out = np.empty(len(query), np.intp)
+    out[order] = np.searchsorted(nodes, query[order])
+    return out
+
+
 def _ask(comm, nodes: np.ndarray, labels: np.ndarray, query: np.ndarray, dest: np.ndarray | None = None
          ) -> np.ndarray:
     """The value (``labels``, any dtype) of every id in ``query``, held by the rank ``dest`` gives for it (its
     ``_home`` by default) in its sorted ``nodes``, which must hold every id asked of it (two ``alltoall``s)."""
     if comm.size == 1:
-        return labels[np.searchsorted(nodes, query)]
+        return labels[_index(nodes, query)]
     if dest is None:
         dest = _home(query, comm.size)
     order = np.argsort(dest, kind="stable")
     bounds = np.searchsorted(dest[order], np.arange(comm.size + 1))
     asked = comm.alltoall([query[order[bounds[r]:bounds[r + 1]]] for r in range(comm.size)])
-    answers = comm.alltoall([labels[np.searchsorted(nodes, q)] for q in asked])
+    answers = comm.alltoall([labels[_index(nodes, q)] for q in asked])
     out = np.empty(len(query), labels.dtype)
     out[order] = np.concatenate(answers)
     return out
@@ -660,12 +671,14 @@ def _connected_components(comm, edges: np.ndarray) -> tuple[np.ndarray, np.ndarr
         live = lu != lv
         hi, lo = np.maximum(lu, lv)[live], np.minimum(lu, lv)[live]
         hi, lo = _route(comm, _home(hi, comm.size), hi, lo)
-        np.minimum.at(labels, np.searchsorted(nodes, hi), lo)
+        np.minimum.at(labels, _index(nodes, hi), lo)
+        active = np.arange(len(nodes))
         while True:  # pointer jumping: label <- label's label, until no label moves anywhere
-            jumped = _ask(comm, nodes, labels, labels)
-            moved = int(np.count_nonzero(jumped != labels))
-            labels = jumped
-            if not _total(comm, moved):
+            jumped = _ask(comm, nodes, labels, labels[active])
+            moved = jumped != labels[active]
+            labels[active] = jumped
+            active = active[moved]  # one that did not move points at a root: it stays (roots do not move)
+            if not _total(comm, len(active)):
                 break
         pairs = np.stack([_ask(comm, nodes, labels, lu[live]), _ask(comm, nodes, labels, lv[live])], axis=1)
         pairs = np.sort(pairs[pairs[:, 0] != pairs[:, 1]], axis=1)
