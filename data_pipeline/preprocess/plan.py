@@ -3,7 +3,8 @@
 A *unit* is a list of segments: consecutive sources totalling about ``unit_bytes`` on disk, or one byte
 range of a big splittable file (``readers.split_ranges``: record-aligned ranges of a JSON-lines or
 WikiExtractor file, runs of whole row groups of a parquet file, each range owning the row groups that start
-in it). A segment is always (source, first byte, end byte), so its size is ``end - start`` for every
+in it, runs of whole bz2 streams of a MediaWiki dump with its index, each range owning the streams that
+start in it). A segment is always (source, first byte, end byte), so its size is ``end - start`` for every
 format. The plan depends only on the sources and ``unit_bytes``, never on the worker or rank count, and
 a unit's shards are named by its number: that is why the output bytes do not depend on how the work is
 distributed.
