@@ -357,7 +357,7 @@ def _stream_items(path: str, offset: int, chunks: Iterator[bytes], opts: ReadOpt
         for p in lost:
             yield (SKIP, err.reason, f"{path}:{p}")
         if not lost:
-            yield (SKIP, err.reason, f"{path}:0 (bz2 stream at byte {offset}: {err})")
+            yield (SKIP, err.reason, f"{path}:0 (stream at byte {offset}: {err})")
         return
     for _, items in held:
         yield from items
