@@ -54,7 +54,8 @@ def keep(page: bytes, max_page_bytes: int) -> bool:
     return b"<redirect" in page or _field(page, b"ns") != b"0" or len(page) <= max_page_bytes
 
 
-def write_multistream(xml: bytes, out: Path, name: str, pages_per_stream: int, max_page_bytes: int) -> tuple[Path, Path]:
+def write_multistream(xml: bytes, out: Path, name: str, pages_per_stream: int,
+                      max_page_bytes: int) -> tuple[Path, Path]:
     first = _PAGE.search(xml)
     assert first is not None
     header = xml[: first.start()]
