@@ -119,16 +119,22 @@ from lmforge.common.files import atomic_write_bytes
 from ..readers import DOC, LAST, SKIP, ReadRange, Source, iter_documents
 from . import quality
 from .plan import Segment
-from .settings import PipelineError, Settings
+from .settings import (  # noqa: F401 (algorithm_record, minhash_version: used as dedup.*)
+    MAX_ROUNDS,
+    MINHASH_SEED,
+    PipelineError,
+    Settings,
+    algorithm_record,
+    jaccard_bound,
+    minhash_version,
+)
 from .writer import doc_hash
 
 MODES = ("exact", "minhash")
 REASONS = {"exact": "duplicate-exact", "minhash": "duplicate-near"}
-MINHASH_SEED = 1
 DEFAULT_PERM = 112
 DEFAULT_THRESHOLD = 0.72
 LIST_DIR = "duplicates"  # OUT/duplicates/unit_NNNNN.tsv: every removed duplicate and what it duplicates
-MAX_ROUNDS = 4  # near-duplicate verification rounds (the members left after them are kept)
 SCAN_VERSION = 2  # of the signature files: 2 numbers streamed documents as candidates
 _SIG_BATCH = 512  # documents per signature batch, at most
 _SIG_BATCH_CHARS = 1 << 20  # characters per signature batch, at most (bounds the memory of a batch of books)
@@ -257,20 +263,6 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / max(len(a) + len(b) - inter, 1)
 
 
-def jaccard_bound(settings: Settings) -> float:
-    """The true Jaccard similarity a near duplicate must have with the document kept for it: the 50%
-    point (1/bands)^(1/rows) of the LSH settings, i.e. the ``--minhash-threshold`` they were chosen for
-    (0.719 for the default 14 x 8)."""
-    return (1.0 / settings.minhash_bands) ** (1.0 / settings.minhash_rows)
-
-
-def algorithm_record(settings: Settings) -> str:
-    """What the near-duplicate decisions depend on beyond the settings, as recorded with them."""
-    return (f"rensa.RMinHash v{minhash_version()} seed {MINHASH_SEED}; shingle words v{quality.VERSION}; "
-            f"removed at true Jaccard >= {jaccard_bound(settings):.4f} with the kept document, "
-            f"{MAX_ROUNDS} rounds")
-
-
 def lsh_params(threshold: float, perm: int = DEFAULT_PERM) -> tuple[int, int]:
     """(bands, rows) for a Jaccard ``threshold``: for each rows r, bands = perm // r (every MinHash value
     used: the steeper the curve); the r whose 50% point (1/bands)^(1/rows) is closest to ``threshold``."""
@@ -284,12 +276,6 @@ def lsh_params(threshold: float, perm: int = DEFAULT_PERM) -> tuple[int, int]:
 
 def detection_probability(s: float, bands: int, rows: int) -> float:
     return 1.0 - (1.0 - s**rows) ** bands
-
-
-def minhash_version() -> int:
-    import rensa
-
-    return int(rensa.RMinHash.ALGORITHM_VERSION)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class Settings:
     def versions(self) -> dict:
         """What the resume state depends on beyond the settings: the meaning of dedup state
         (``DEDUP_STATE_VERSION``), the filter rules' version and the MinHash algorithm (also in the config)."""
-        from . import dedup, quality
+        from . import quality
 
         v: dict = {}
         if self.dedup:
@@ -71,7 +71,7 @@ class Settings:
         if self.filters:
             v["filters"] = quality.VERSION
         if "minhash" in self.dedup:
-            v["minhash"] = dedup.algorithm_record(self)
+            v["minhash"] = algorithm_record(self)
         return v
 
     def differences(self, stamp: dict | None) -> list[str]:
@@ -111,3 +111,31 @@ class RunOptions:
     progress: bool = True
     fingerprint: str = "sampled"  # or "full": sha256 of every input file (recorded in the manifest)
     backend: str = "auto"  # tokenizer workers: "thread", "process" or "auto" (see encode.resolve_backend)
+
+
+# What the near-duplicate decisions depend on beyond the settings (here, not in dedup.py, because every stamp
+# of resume state records it and dedup.py imports this module).
+MINHASH_SEED = 1
+MAX_ROUNDS = 4  # near-duplicate verification rounds (the members left after them are kept)
+
+
+def jaccard_bound(settings: Settings) -> float:
+    """The true Jaccard similarity a near duplicate must have with the document kept for it: the 50%
+    point (1/bands)^(1/rows) of the LSH settings, i.e. the ``--minhash-threshold`` they were chosen for
+    (0.719 for the default 14 x 8)."""
+    return (1.0 / settings.minhash_bands) ** (1.0 / settings.minhash_rows)
+
+
+def minhash_version() -> int:
+    import rensa
+
+    return int(rensa.RMinHash.ALGORITHM_VERSION)
+
+
+def algorithm_record(settings: Settings) -> str:
+    """What the near-duplicate decisions depend on beyond the settings, as recorded with them."""
+    from . import quality
+
+    return (f"rensa.RMinHash v{minhash_version()} seed {MINHASH_SEED}; shingle words v{quality.VERSION}; "
+            f"removed at true Jaccard >= {jaccard_bound(settings):.4f} with the kept document, "
+            f"{MAX_ROUNDS} rounds")
