@@ -78,7 +78,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "tests/data/mediawiki/make_sample.py"), a.source, str(tmp),
                         "--max-page-bytes", "0", "--pages-per-stream", "100"], check=True, stdout=subprocess.DEVNULL)
         dump = tmp / "enwiki-sample-pages-articles-multistream.xml.bz2"
-    [src] = expand_inputs([str(dump)], "mediawiki", wiki_indexes=[a.wiki_index] if a.wiki_index else None)
+    [src] = expand_inputs([str(dump)], "mediawiki", wiki_indexes=[a.wiki_index] if a.wiki_index else ())
     opts = ReadOptions()
     size = src.size
     streams = len(mediawiki.stream_offsets(src.file, size)) if src.file else 0

@@ -216,17 +216,9 @@ def _summary(m: dict) -> str:
     return "\n".join(lines)
 
 
-def _wiki_indexes(args: argparse.Namespace) -> None:
-    """--wiki-index, for the expansion of --input deeper down (readers.inputs)."""
-    from .readers.inputs import set_wiki_indexes
-
-    set_wiki_indexes(args.wiki_index)
-
-
 def _train_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
 
-    _wiki_indexes(args)
     if args.tokenizer_type == "hf-bpe":
         from .hf_tokenizer import TRAINING_RECORD, train_hf_bpe
 
@@ -234,7 +226,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
             args.input, args.output, vocab_size=args.vocab_size, seed=args.seed,
             sample_sentences_max=args.sample_sentences, sample_bytes_max=args.sample_bytes,
             user_symbols=args.user_symbols, pad=args.pad, min_frequency=args.min_frequency,
-            read_opts=_read_options(args), fmt=args.format,
+            read_opts=_read_options(args), fmt=args.format, wiki_indexes=args.wiki_index or (),
         )
         meta = json.loads((path.parent / TRAINING_RECORD).read_text())
         print(f"wrote {path} (vocab {meta['vocab_size']}, sha256 {meta['sha256'][:16]}..., "
@@ -245,6 +237,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
         seed=args.seed, sample_sentences_max=args.sample_sentences, sample_bytes_max=args.sample_bytes,
         user_symbols=args.user_symbols, pad=args.pad, character_coverage=args.character_coverage,
         num_threads=args.threads, read_opts=_read_options(args), fmt=args.format,
+        wiki_indexes=args.wiki_index or (),
     )
     meta = json.loads((path.parent / "tokenizer.json").read_text())
     print(f"wrote {path} (vocab {args.vocab_size}, sha256 {meta['sha256'][:16]}..., "
@@ -283,7 +276,6 @@ def _dedup_settings(args: argparse.Namespace) -> dict:
 def _preprocess(args: argparse.Namespace) -> int:
     from .preprocess import RunOptions, Settings, preprocess
 
-    _wiki_indexes(args)
     settings = Settings(
         text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
         keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
@@ -294,7 +286,8 @@ def _preprocess(args: argparse.Namespace) -> int:
     )
     run = RunOptions(workers=max(1, args.workers), threads_per_worker=args.threads_per_worker,
                      batch_chars=args.batch_chars, on_error=args.on_error, overwrite=args.overwrite,
-                     progress=args.progress, fingerprint=args.fingerprint, backend=args.backend)
+                     progress=args.progress, fingerprint=args.fingerprint, backend=args.backend,
+                     wiki_indexes=tuple(args.wiki_index or ()))
     m = preprocess(args.input, args.tokenizer, args.output, settings, run)
     if m is not None:
         st = m["_run"]

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from lmforge.common.files import atomic_write_bytes, atomic_write_json, sha256_file
@@ -251,6 +252,7 @@ def train_hf_bpe(
     min_frequency: int = 2,
     read_opts=None,
     fmt: str = "auto",
+    wiki_indexes: Sequence[str] = (),
 ) -> Path:
     """Train a byte-level BPE (module docstring) into ``output_dir``: ``tokenizer.json``,
     ``tokenizer_config.json`` (its class and special tokens, for ``transformers``) and ``tokenizer_training.json``
@@ -270,7 +272,7 @@ def train_hf_bpe(
         raise TokenizerError(f"--vocab-size {vocab_size} is below the 256 bytes + {len(specials)} special "
                              "tokens a byte-level BPE starts from")
     opts = read_opts or ReadOptions()
-    sources = expand_inputs(inputs, fmt)
+    sources = expand_inputs(inputs, fmt, wiki_indexes)
     sentences, stats = sample_sentences(sources, opts, sample_sentences_max, sample_bytes_max, seed)
     if not sentences:
         raise TokenizerError("no text found in the inputs to train a tokenizer on")

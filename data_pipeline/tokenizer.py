@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from lmforge.common.files import atomic_copy, atomic_write_bytes, atomic_write_json, sha256_file
@@ -47,13 +48,14 @@ def train_tokenizer(
     num_threads: int | None = None,
     read_opts: ReadOptions | None = None,
     fmt: str = "auto",
+    wiki_indexes: Sequence[str] = (),
 ) -> Path:
     import sentencepiece as spm
 
     if (Path(output_dir) / HF_FILE).is_file() and json_kind(Path(output_dir) / HF_FILE)[0] == "hf":
         raise TokenizerError(f"{output_dir} holds a Hugging Face tokenizer ({HF_FILE}); choose another --output")
     opts = read_opts or ReadOptions()
-    sources = expand_inputs(inputs, fmt)
+    sources = expand_inputs(inputs, fmt, wiki_indexes)
     try:
         sentences, stats = sample_sentences(sources, opts, sample_sentences_max, sample_bytes_max, seed)
     except UnicodeEncodeError as e:  # a lone surrogate (a JSON "\ud800" escape): SentencePiece takes UTF-8

@@ -498,7 +498,7 @@ def preprocess(
         raise PipelineError(f"--fingerprint must be one of {', '.join(FINGERPRINT_METHODS)}")
     comm = mpi_world()
     out = Path(output)
-    sources = expand_inputs(inputs, settings.format)
+    sources = expand_inputs(inputs, settings.format, run.wiki_indexes)
     tokenizer = resolve_tokenizer(model_path)
     tok = tokenizer_info(tokenizer, settings.eod_token)
     if settings.append_eod and tok["eos_id"] < 0:

@@ -111,6 +111,10 @@ class RunOptions:
     progress: bool = True
     fingerprint: str = "sampled"  # or "full": sha256 of every input file (recorded in the manifest)
     backend: str = "auto"  # tokenizer workers: "thread", "process" or "auto" (see encode.resolve_backend)
+    # --wiki-index: the indexes of the MediaWiki .xml.bz2 dumps among the inputs, in input order
+    # (readers.expand_inputs). Not a setting: an index decides where a dump's units are cut, never the documents,
+    # and is recorded with its dump in the sources (and its fingerprint), like an index found beside the dump.
+    wiki_indexes: tuple[str, ...] = ()
 
 
 # What the near-duplicate decisions depend on beyond the settings (here, not in dedup.py, because every stamp

@@ -6,10 +6,10 @@ data file and size where ``datasets`` resolves one, so a dataset of many files i
 fingerprinted and resumed like those files given directly. (``hf`` imports ``datasets`` only inside the
 functions that need it.)
 
-A MediaWiki ``.xml.bz2`` dump gets its index (``mediawiki``): the one named by ``--wiki-index``
-(``set_wiki_indexes``), else ``NAME-index.txt.bz2`` beside ``NAME.xml.bz2``; the index is validated here, so
-a bad one stops the run before any work, and an index that is itself among the expanded inputs (a directory
-holding both) is not read as an input.
+A MediaWiki ``.xml.bz2`` dump gets its index (``mediawiki``): the one named by ``--wiki-index`` (the
+``wiki_indexes`` its callers pass to ``expand_inputs``), else ``NAME-index.txt.bz2`` beside ``NAME.xml.bz2``;
+the index is validated here, so a bad one stops the run before any work, and an index that is itself among
+the expanded inputs (a directory holding both) is not read as an input.
 """
 
 from __future__ import annotations
@@ -17,18 +17,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import hf, mediawiki
 from .sources import FINGERPRINT_METHODS, FORMATS, InputError, Source, detect_format
-
-_wiki_indexes: list[str] = []
-
-
-def set_wiki_indexes(paths: list[str] | None) -> None:
-    """The indexes of the MediaWiki ``.xml.bz2`` dumps among the inputs (``--wiki-index``): the i-th belongs
-    to the i-th such dump in input order; dumps beyond them use the index beside them."""
-    _wiki_indexes[:] = list(paths or [])
 
 
 def _expand_one(spec: str) -> list[str]:
@@ -51,10 +44,11 @@ def _expand_one(spec: str) -> list[str]:
     raise InputError(f"{spec}: no such file or directory")
 
 
-def expand_inputs(specs: list[str], fmt: str = "auto", wiki_indexes: list[str] | None = None) -> list[Source]:
+def expand_inputs(specs: list[str], fmt: str = "auto", wiki_indexes: Sequence[str] = ()) -> list[Source]:
     """Files, directories (recursive, sorted), globs and ``hf:`` datasets (one source per shard) ->
-    ordered, de-duplicated sources; a MediaWiki dump's ``Source.file`` is its index (``wiki_indexes``, by
-    default those of ``set_wiki_indexes``; see the module docstring)."""
+    ordered, de-duplicated sources; a MediaWiki dump's ``Source.file`` is its index. ``wiki_indexes``
+    (``--wiki-index``): the indexes of the ``.xml.bz2`` MediaWiki dumps among the sources, the i-th for the
+    i-th such dump in input order; dumps beyond them use the index beside them (see the module docstring)."""
     if fmt not in FORMATS:
         raise InputError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     sources: dict[str, Source] = {}  # ordered set, by path
@@ -66,7 +60,7 @@ def expand_inputs(specs: list[str], fmt: str = "auto", wiki_indexes: list[str] |
         for p in _expand_one(spec):
             if p not in sources:
                 sources[p] = Source(p, detect_format(p) if fmt == "auto" else fmt, os.path.getsize(p))
-    return _with_wiki_indexes(list(sources.values()), _wiki_indexes if wiki_indexes is None else wiki_indexes)
+    return _with_wiki_indexes(list(sources.values()), list(wiki_indexes))
 
 
 def _with_wiki_indexes(sources: list[Source], given: list[str]) -> list[Source]:
