@@ -51,6 +51,7 @@ class ReadOptions:
     keep_empty: bool = False  # Megatron keeps empty documents as empty index entries
     max_doc_bytes: int = 8 << 20  # longer documents are streamed in pieces
     max_line_bytes: int = 64 << 20  # longer JSON lines are skipped (they cannot be parsed in pieces)
+    titles: bool = True  # wikidoc and mediawiki: keep the article's title as its first line (--no-titles)
 
 
 def reason(err: str) -> str:
@@ -102,11 +103,14 @@ class DocAssembler:
     """Accumulates decoded lines of one document; emits PART pieces past ``max_doc_bytes``.
 
     A bad line (``mark_bad``) makes the whole document a SKIP at ``finish``; lines added after it are
-    dropped, since they can no longer be written.
+    dropped, since they can no longer be written. ``drop_first_line``: the first line that is not blank
+    (not just ``"\n"``; a WikiExtractor title, ``--no-titles``) is dropped, on the line and block paths alike,
+    before it counts towards ``max_doc_bytes``; the blank lines before it stay (``finish`` strips them).
     """
 
-    def __init__(self, loc: str, opts: ReadOptions):
+    def __init__(self, loc: str, opts: ReadOptions, drop_first_line: bool = False):
         self.loc, self.opts = loc, opts
+        self.drop_first = drop_first_line  # still to drop
         self.buf: list[str] = []
         self.size = 0
         self.emitted_parts = False
@@ -121,6 +125,9 @@ class DocAssembler:
     def add(self, line: str) -> Iterator[Item]:
         if self.bad is not None:
             return
+        if self.drop_first and line != "\n":
+            self.drop_first = False
+            return
         self.buf.append(line)
         self.size += len(line)  # characters: a cheap bound on bytes/4..bytes
         if self.size >= self.opts.max_doc_bytes:
@@ -133,6 +140,8 @@ class DocAssembler:
         ``add`` would cut them (after the line whose last character reaches ``max_doc_bytes``)."""
         if self.bad is not None:
             return
+        if self.drop_first:
+            text = self._drop_first_line(text)
         limit = self.opts.max_doc_bytes
         while self.size + len(text) >= limit:
             nl = text.find("\n", limit - self.size - 1)  # end of the line holding the limit-th character
@@ -145,6 +154,18 @@ class DocAssembler:
         if text:
             self.buf.append(text)
             self.size += len(text)
+
+    def _drop_first_line(self, text: str) -> str:
+        """``text`` (whole lines) without its first non-blank line, as ``add`` line by line would drop it."""
+        i, n = 0, len(text)
+        while i < n and text[i] == "\n":
+            i += 1
+        if i == n:  # only blank lines: the first line is still to come
+            return text
+        self.drop_first = False
+        nl = text.find("\n", i)
+        end = n if nl < 0 else nl + 1
+        return text[:i] + text[end:] if i else text[end:]
 
     def add_raw(self, raw: bytes, loc: str) -> Iterator[Item]:
         """``add`` for an undecoded line (at ``loc``); invalid UTF-8 marks the document bad."""

@@ -23,27 +23,28 @@ multistream dump has its index.
 ``PAGEID`` in the index; the locations deduplication re-reads by). Skipped and counted by reason: pages
 outside the article namespace (``<ns>`` other than 0: ``namespace``), redirects (a ``<redirect>`` element:
 ``redirect``), pages with no text left after the markup is dropped (``empty``, kept as their title with
-``--keep-empty``, like a title-only WikiExtractor ``<doc>``). A stream that cannot be decompressed
-(``invalid_bz2``), ends early (``truncated_compressed``) or is not well-formed XML (``invalid_xml``) yields
-none of its pages: they are held until the stream ends and its checksum is verified (bz2 checks a block's
-CRC after decompressing it; at most 64 MB of text is held, which only a single-stream dump exceeds), then
-each page the index lists for that stream is a skip at ``file:PAGEID``, plus one at ``file:0`` naming the
-stream's offset if the index lists none (the header stream, or no index); reading goes on at the next
-stream.
+``--keep-empty``, like a title-only WikiExtractor ``<doc>``; as an empty document with ``--no-titles``). A
+stream that cannot be decompressed (``invalid_bz2``), ends early (``truncated_compressed``) or is not
+well-formed XML (``invalid_xml``) yields none of its pages: they are held until the stream ends and its
+checksum is verified (bz2 checks a block's CRC after decompressing it; at most 64 MB of text is held, which
+only a single-stream dump exceeds), then each page the index lists for that stream is a skip at
+``file:PAGEID``, plus one at ``file:0`` naming the stream's offset if the index lists none (the header
+stream, or no index); reading goes on at the next stream.
 
-**Text.** A document is the title, a blank line and the text, as in a WikiExtractor ``<doc>``. The text is
-the wikitext parsed by ``mwparserfromhell`` and walked: templates (infoboxes, citations, navboxes), tables,
+**Text.** A document is the title, a blank line and the text, as in a WikiExtractor ``<doc>`` (with
+``ReadOptions.titles`` off, ``--no-titles``, the text alone, as a ``<doc>`` read without its title). The text
+is the wikitext parsed by ``mwparserfromhell`` and walked: templates (infoboxes, citations, navboxes), tables,
 comments, ``<ref>``/``<references>`` and other invisible tags (``<math>``, ``<gallery>``, ``<timeline>``,
 ...), file, image and category links and magic words (``__NOTOC__``) are dropped; links keep their text (or
-their title), external links their label, bold/italic quotes and formatting tags their contents, HTML
-entities become characters, headings are a line of their own, list markers are dropped (the item's text
-stays on its line). Lines are stripped, runs of spaces and of blank lines collapsed, and parentheses left
-empty by the dropped templates (``( ; )``) removed. Comments, references and templates are cut out with
-regular expressions before parsing (``_drop_before_parsing``: the parser builds its tree in Python, and they
-are most of its work): the same text, 2.4x faster on gensim's test dump. Deterministic: the text depends only on the
-page. mwparserfromhell is the slow part: ~1 MB/s of compressed dump per process, about WikiExtractor's own
-speed (``benchmarks/mediawiki_throughput.py``), and the reader runs in each rank's main process, so a dump is
-read faster by more MPI ranks (each reading its own units) than by more ``--workers``.
+their title), external links their label, bold/italic quotes and formatting tags their contents, HTML entities
+become characters, headings are a line of their own, list markers are dropped (the item's text stays on its
+line). Lines are stripped, runs of spaces and of blank lines collapsed, and parentheses left empty by the
+dropped templates (``( ; )``) removed. Comments, references and templates are cut out with regular expressions
+before parsing (``_drop_before_parsing``: the parser builds its tree in Python, and they are most of its
+work): the same text, 2.4x faster on gensim's test dump. Deterministic: the text depends only on the page.
+mwparserfromhell is the slow part: ~1 MB/s of compressed dump per process, about WikiExtractor's own speed
+(``benchmarks/mediawiki_throughput.py``), and the reader runs in each rank's main process, so a dump is read
+faster by more MPI ranks (each reading its own units) than by more ``--workers``.
 """
 
 from __future__ import annotations
@@ -304,8 +305,11 @@ def _page_items(page: ET.Element, path: str, opts: ReadOptions) -> tuple[int, li
         return n, [(SKIP, "invalid_wikitext", loc)]
     if not body and not opts.keep_empty:
         return n, [(SKIP, "empty", loc)]
-    title = title.strip()
-    doc = f"{title}\n\n{body}" if body else title
+    if not opts.titles:  # --no-titles: the text alone ("" for an empty page kept with --keep-empty)
+        doc = body
+    else:
+        title = title.strip()
+        doc = f"{title}\n\n{body}" if body else title
     if len(doc) < opts.max_doc_bytes:  # (the common case: a Wikipedia page is at most 2 MB of wikitext)
         return n, [(DOC, doc, loc)]
     asm = DocAssembler(loc, opts)  # cut where a WikiExtractor <doc> of the same text would be cut

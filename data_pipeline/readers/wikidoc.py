@@ -1,6 +1,8 @@
 """WikiExtractor output: ``<doc id=... url=... title=...>`` lines, the article (its title on the first
 line), then a ``</doc>`` line. Text outside a document, a document without ``</doc>`` and a document that
-is only its title (redirects, stubs) are counted as skipped, never silently dropped.
+is only its title (redirects, stubs) are counted as skipped, never silently dropped. The title stays the
+document's first line; with ``ReadOptions.titles`` off (``--no-titles``) it is dropped (the first non-blank
+line of the document: ``DocAssembler(drop_first_line=True)``), and a document with no text left is ``empty``.
 
 Two paths with identical items (``tests/data_pipeline/test_readers.py`` checks it item for item):
 ``read_lines`` (compressed files, byte ranges, tiny ``max_line_bytes``) and ``read_blocks`` (an
@@ -26,11 +28,16 @@ def read(path: str, opts: ReadOptions, rng: ReadRange | None = None) -> Iterator
     return read_lines(path, opts, rng)
 
 
+def _assembler(loc: str, opts: ReadOptions) -> DocAssembler:
+    return DocAssembler(loc, opts, drop_first_line=not opts.titles)
+
+
 def _finish(doc: DocAssembler) -> Item:
     item = doc.finish()
     # WikiExtractor puts the title on the first line: a document that is only its title (redirects,
-    # stubs) carries no text and is counted as empty.
-    if item[0] == DOC and "\n" not in item[1].strip("\n") and not doc.opts.keep_empty:
+    # stubs) carries no text and is counted as empty. (Without titles, the title is gone already: finish()
+    # counts a document with no text left as empty, or keeps it as "" with keep_empty.)
+    if doc.opts.titles and item[0] == DOC and "\n" not in item[1].strip("\n") and not doc.opts.keep_empty:
         return (SKIP, "empty", doc.loc)
     return item
 
@@ -46,7 +53,7 @@ def read_lines(path: str, opts: ReadOptions, rng: ReadRange | None = None) -> It
         assert raw is not None
         if doc is None:
             if _DOC_OPEN.match(raw):
-                doc = DocAssembler(loc, opts)
+                doc = _assembler(loc, opts)
             elif raw.strip():
                 yield (SKIP, "text_outside_doc", loc)
             continue
@@ -88,7 +95,7 @@ def read_blocks(path: str, opts: ReadOptions) -> Iterator[Item]:
                 eol = block.find(b"\n", pos)
                 end = n if eol < 0 else eol + 1
                 if _DOC_OPEN.match(block, pos, end):
-                    doc = DocAssembler(f"{path}:{lineno}", opts)
+                    doc = _assembler(f"{path}:{lineno}", opts)
                 elif block[pos:end].strip():
                     yield (SKIP, "text_outside_doc", f"{path}:{lineno}")
                 pos, lineno = end, lineno + 1

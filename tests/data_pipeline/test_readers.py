@@ -298,3 +298,43 @@ def test_block_readers_match_line_readers(tmp_path, monkeypatch, block_bytes):
                if k == SKIP} if small else set()
     if small:
         assert {"invalid_utf8", "line_too_long", "text_outside_doc", "empty", "unterminated_doc"} <= reasons
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 20, 61])
+def test_wikidoc_without_titles_same_on_both_paths(tmp_path, monkeypatch, block_bytes):
+    """--no-titles (``ReadOptions(titles=False)``): a WikiExtractor document without its title line (the first
+    line that is not blank), the same items on the block and line paths; a document that was only its title
+    is ``empty`` (kept as "" with --keep-empty), and every other document is its titled text less the title."""
+    monkeypatch.setattr(reader_lines, "BLOCK_BYTES", block_bytes)
+    crafted = (b"<doc id=1>\nTitle only\n</doc>\n"
+               b"<doc id=2>\nOne line\r\nThe whole article.\n</doc>\n"
+               b"<doc id=3>\n\n\nLate title\n\nbody after blank lines\n</doc>\n"
+               b"<doc id=4>\nD\n\n" + b"words and more words\n" * 30 + b"</doc>\n"
+               b"<doc id=5>\nbad \xc3 title\nbody\n</doc>\n"
+               b"<doc id=6>\nF\n\n\n</doc>\n"
+               b"<doc id=7>\n</doc>\n")
+    (tmp_path / "docs.wiki").write_bytes(crafted)
+    sources = [Source(str(tmp_path / "docs.wiki"), "wikidoc", len(crafted)),
+               *(s for s in expand_inputs([str(CORPUS / "wikipedia"), str(SAMPLE / "wikipedia")])
+                 if s.format == "wikidoc")]
+    assert len(sources) == 4
+    big = max(block_bytes, 256)
+    for src in sources:
+        for opts in (ReadOptions(titles=False, max_line_bytes=big), ReadOptions(titles=False, keep_empty=True,
+                     max_line_bytes=big), ReadOptions(titles=False, max_doc_bytes=40, max_line_bytes=big)):
+            assert list(iter_documents(src, opts)) == _line_items(src, opts), (src.path, opts)
+        titled, untitled = (list(iter_documents(src, ReadOptions(titles=t, max_line_bytes=big))) for t in (True, False))
+        assert len(titled) == len(untitled)
+        for (kind, text, loc), got in zip(titled, untitled, strict=True):
+            rest = text.partition("\n")[2].strip("\n") if kind == DOC else ""
+            want = (DOC, rest, loc) if rest.strip() else (SKIP, "empty", loc) if kind == DOC else (kind, text, loc)
+            assert got == want, (src.path, loc)
+    wiki = str(tmp_path / "docs.wiki")
+    items = list(iter_documents(sources[0], ReadOptions(titles=False, max_line_bytes=big)))
+    assert items == [(SKIP, "empty", f"{wiki}:1"), (DOC, "The whole article.", f"{wiki}:4"),
+                     (DOC, "body after blank lines", f"{wiki}:8"),
+                     (DOC, "\n".join(["words and more words"] * 30), f"{wiki}:15"),
+                     (SKIP, "invalid_utf8", f"{wiki}:50"), (SKIP, "empty", f"{wiki}:53"), (SKIP, "empty", f"{wiki}:58")]
+    kept = list(iter_documents(sources[0], ReadOptions(titles=False, keep_empty=True, max_line_bytes=big)))
+    texts = ["", "The whole article.", "body after blank lines", items[3][1], "", ""]
+    assert [t for k, t, _ in kept if k == DOC] == texts
