@@ -53,8 +53,12 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
                         "beside NAME.xml.bz2. With its index a dump is split into units of whole bz2 streams "
                         "(--unit-bytes) across workers and ranks; without one it is one unit, read sequentially. "
                         "Articles only (namespace 0; redirects and other namespaces are counted as skipped), "
-                        "wikitext made plain text with mwparserfromhell, the title as the first line "
+                        "wikitext made plain text with mwparserfromhell, the title as the first line (see --titles) "
                         "(docs/data-pipeline.md, Raw MediaWiki dumps)")
+    p.add_argument("--titles", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep an article's title as its document's first line (default), or drop it and keep the "
+                        "text alone (--no-titles): WikiExtractor <doc> files (the title is the line after <doc ...>) "
+                        "and raw MediaWiki dumps; other formats (JSON lines, text, parquet, hf:) ignore it")
     p.add_argument("--text-key", default="text", help="JSON/parquet field holding the text (default: text)")
     p.add_argument("--strip-gutenberg", action="store_true",
                    help="drop Project Gutenberg headers/footers from text files")
@@ -197,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_options(a: argparse.Namespace) -> ReadOptions:
     from .readers import ReadOptions
 
-    return ReadOptions(text_key=a.text_key, strip_gutenberg=a.strip_gutenberg, max_doc_bytes=a.max_doc_bytes)
+    return ReadOptions(text_key=a.text_key, strip_gutenberg=a.strip_gutenberg, max_doc_bytes=a.max_doc_bytes,
+                       titles=a.titles)
 
 
 def _summary(m: dict) -> str:
@@ -278,7 +283,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
     settings = Settings(
         text_key=args.text_key, format=args.format, strip_gutenberg=args.strip_gutenberg,
-        keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, append_eod=args.append_eod,
+        keep_empty=args.keep_empty, max_doc_bytes=args.max_doc_bytes, titles=args.titles, append_eod=args.append_eod,
         eod_token=args.eod_token,
         valid_fraction=args.valid_fraction, max_shard_bytes=args.max_shard_bytes,
         unit_bytes=args.unit_bytes, filters=_filters(args.filters), min_tokens=args.min_tokens,

@@ -113,10 +113,11 @@ def _source_record(s: Source, fp: str) -> dict:
 
 
 def _settings_record(settings: Settings) -> dict:
-    """The settings as recorded (JSON types). The quality filters appear only when used, so outputs made
-    before they existed (and every run without them) keep the same record and stay resumable."""
+    """The settings as recorded (JSON types). The quality filters (and ``--eod-token``, ``--no-titles``) appear
+    only when used, so outputs made before they existed (and every run without them) keep the same record and
+    stay resumable."""
     d = asdict(settings)
-    for key, off in (("filters", ()), ("min_tokens", 0), ("dedup", ()), ("eod_token", None)):
+    for key, off in (("filters", ()), ("min_tokens", 0), ("dedup", ()), ("eod_token", None), ("titles", True)):
         if d[key] == off:
             del d[key]
     for key in ("filters", "dedup"):
@@ -139,7 +140,8 @@ def _config_diff(old: dict, new: dict) -> str:
         return (f"the fingerprint method differs ({old.get('fingerprint_method')} -> "
                 f"{new.get('fingerprint_method')}; rerun with the original --fingerprint)")
     if old.get("settings") != new.get("settings"):
-        keys = [k for k in new["settings"] if old.get("settings", {}).get(k) != new["settings"][k]]
+        was, now = old.get("settings") or {}, new["settings"]
+        keys = [k for k in {**now, **was} if was.get(k) != now.get(k)]  # (a setting at its default is not recorded)
         return f"settings differ ({', '.join(keys)})"
     olds, news = old.get("sources", []), new.get("sources", [])
     if len(olds) != len(news):

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from lmforge.common.errors import InputError
 
@@ -41,6 +41,7 @@ class Settings:
     keep_empty: bool = False
     max_doc_bytes: int = 8 << 20
     max_line_bytes: int = 64 << 20
+    titles: bool = True  # --no-titles: wikidoc and mediawiki documents without their title line
     append_eod: bool = True
     eod_token: str | None = None  # --eod-token: the end-of-document token, instead of the tokenizer's choice
     valid_fraction: float = 0.01
@@ -76,17 +77,19 @@ class Settings:
 
     def differences(self, stamp: dict | None) -> list[str]:
         """The settings (``--option`` names) and versions in which ``stamp`` differs from these ones, each with
-        its old and new value; ``["(none recorded)"]`` for state written before stamps existed."""
+        its old and new value; ``["(none recorded)"]`` for state written before stamps existed. A setting
+        missing from ``stamp`` is its default: state written before the setting existed was made the way its
+        default makes it (``--no-titles`` came later: such state is reused when titles are kept)."""
         if stamp is None:
             return ["(none recorded)"]
-        mine = self.stamp()
-        out = [f"--{k.replace('_', '-')} {stamp.get(k)!r} -> {mine[k]!r}" for k in mine
-               if k != VERSIONS_KEY and stamp.get(k) != mine[k]]
-        old = stamp.get(VERSIONS_KEY) or {}
+        mine, default = self.stamp(), _DEFAULT_STAMP
+        old = {k: stamp.get(k, default[k]) for k in mine if k != VERSIONS_KEY}
+        out = [f"--{k.replace('_', '-')} {old[k]!r} -> {mine[k]!r}" for k in old if old[k] != mine[k]]
+        versions = stamp.get(VERSIONS_KEY) or {}
         for k, v in mine[VERSIONS_KEY].items():
-            if old.get(k) != v:
+            if versions.get(k) != v:
                 name, why = _VERSION_NAMES[k]
-                out.append(f"{name} {repr(old[k]) if k in old else 'none'} -> {v!r}{why}")
+                out.append(f"{name} {repr(versions[k]) if k in versions else 'none'} -> {v!r}{why}")
         return out
 
     def read_options(self) -> ReadOptions:
@@ -96,7 +99,12 @@ class Settings:
             keep_empty=self.keep_empty,
             max_doc_bytes=self.max_doc_bytes,
             max_line_bytes=self.max_line_bytes,
+            titles=self.titles,
         )
+
+
+# What a setting missing from an old stamp was (``Settings.differences``): its default, as stamped.
+_DEFAULT_STAMP = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(Settings)}
 
 
 @dataclass

@@ -211,6 +211,8 @@ def test_help_explains_wiki_index():
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["preprocess"].format_help().split())
     assert "--wiki-index PATH" in help_text and "multistream-index.txt.bz2" in help_text
     assert "without one it is one unit" in help_text
+    assert "--titles, --no-titles" in help_text
+    assert "other formats (JSON lines, text, parquet, hf:) ignore it" in help_text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +300,39 @@ def test_dedup_rereads_pages_by_location(tok, clean, tmp_path):
     rows = [line.split("\t") for f in sorted((out / "duplicates").glob("*.tsv")) for line in f.read_text().splitlines()]
     assert sorted(r[2] for r in rows) == sorted(f"{DUMP}:{p}" for p, _ in copies)
     assert all(r[1].startswith(f"{wiki}:") for r in rows)
+
+
+def test_no_titles_gives_the_text_alone_and_dedup_rereads_it(tok, tmp_path):
+    """--no-titles: a page is its text alone (the same pages, skips and locations), and a <doc> file read the
+    same way drops its title line, so the dump's pages and <doc> copies of their text under other titles are
+    duplicates: removed (one exact, three near), each with the true Jaccard of the untitled texts (deduplication
+    re-reads both without their titles, as the scan read them)."""
+    from lmforge.data_pipeline.preprocess.dedup import jaccard, shingle_hashes
+
+    untitled = list(iter_documents(_source(), ReadOptions(titles=False)))
+    assert [(k, loc) for k, _, loc in untitled] == [(k, loc) for k, _, loc in _whole()]
+    for (kind, titled, _), (_, text, _) in zip(_whole(), untitled, strict=True):
+        if kind == DOC:
+            assert titled.partition("\n\n")[2] == text
+    docs = {int(loc.rpartition(":")[2]): t for k, t, loc in untitled if k == DOC}
+    assert docs[330].startswith("Actresses (Catalan: Actrius) is a 1997 Catalan language Spanish drama film")
+    copies = {330: docs[330], 332: docs[332].replace("illustrated", "drawn", 1),
+              772: docs[772].replace("ampere", "Ampere", 1), 344: docs[344].replace("pioneering", "early", 1)}
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text("".join(f'<doc id="{p}" url="?curid={p}" title="x">\nAnother title {p}\n\n{t}\n</doc>\n'
+                            for p, t in copies.items()))
+    out = tmp_path / "out"
+    preprocess(tok, out, "--no-titles", "--dedup", "exact,minhash", inputs=[DUMP, wiki])
+    m = load_manifest(out)
+    assert m["settings"]["titles"] is False
+    assert m["skipped"]["duplicate-exact"] == 1 and m["skipped"]["duplicate-near"] == 3
+    rows = [line.split("\t") for f in sorted((out / "duplicates").glob("*.tsv")) for line in f.read_text().splitlines()]
+    measured = {int(r[2].rpartition(":")[2]): r[3] for r in rows}
+    titled = {int(loc.rpartition(":")[2]): t for k, t, loc in _whole() if k == DOC}
+    for p, copy in copies.items():
+        want = jaccard(shingle_hashes(docs[p], 5), shingle_hashes(copy, 5))
+        with_titles = jaccard(shingle_hashes(titled[p], 5), shingle_hashes(f"Another title {p}\n\n{copy}", 5))
+        assert measured[p] == f"{want:.4f}" and (p == 330 or f"{with_titles:.4f}" != measured[p]), p
 
 
 def _finished_units(out: Path) -> int:

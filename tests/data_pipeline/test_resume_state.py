@@ -4,6 +4,7 @@ before deleting it; an error on one MPI rank ends every rank at once."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -175,3 +176,64 @@ def test_dedup_state_from_before_streamed_documents_were_candidates_is_rejected(
         assert f"unit_{u:05d}.npz: {why}: scanned again" in p.stderr, p.stderr
     same_tree(old, fresh)
     assert verify(old) == []
+
+
+def _edit_stamps(out, edit) -> int:
+    """``edit(stamp)`` applied to the settings stamp of every unit record and signature file of ``out``."""
+    import numpy as np
+
+    n = 0
+    for rec_path in (out / ".state").glob("unit_*.json"):
+        rec = json.loads(rec_path.read_text())
+        edit(rec["settings"])
+        rec_path.write_text(json.dumps(rec))
+        n += 1
+    for path in (out / ".state" / "dedup").glob("unit_*.npz"):
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays["meta"]))
+        edit(meta["settings"])
+        arrays["meta"] = np.asarray(json.dumps(meta))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        n += 1
+    return n
+
+
+def test_a_setting_missing_from_old_state_is_its_default(tok, tmp_path):  # noqa: F811
+    """State written before a setting existed (here ``titles``: --no-titles came later) has no key for it: it
+    was made the way the default makes it, so it is reused when the setting is at its default, and rejected
+    (naming it) when not."""
+    from lmforge.data_pipeline.preprocess.settings import Settings
+    from tests.helpers.paths import SAMPLE
+
+    out = tmp_path / "out"
+    run = functools.partial(preprocess, tok, out, "--workers", "1", "--dedup", "exact",
+                            inputs=[SAMPLE / "wikipedia"])
+    run()
+    units = len(list((out / ".state").glob("unit_*.json")))
+    assert units >= 2 and _edit_stamps(out, lambda stamp: stamp.pop("titles")) == 2 * units  # records, signatures
+    (out / "manifest.json").unlink()  # killed before its manifest
+    p = run()
+    assert "made with other settings" not in p.stderr, p.stderr
+    assert f"{units} unit(s) verified and kept, 0 to do" in p.stderr, p.stderr
+    stamp = json.loads((out / ".state" / "unit_00000.json").read_text())["settings"]
+    assert "titles" not in stamp
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in stamp.items() if k != "versions"})
+    assert settings.titles and settings.differences(stamp) == []
+    assert dataclasses.replace(settings, titles=False).differences(stamp) == ["--titles True -> False"]
+    # The output of another job for --no-titles (its config.json records the setting when it is not the default).
+    p = run("--no-titles", check=False)
+    assert p.returncode == 2 and "holds output of a different job: settings differ (titles)" in p.stderr, p.stderr
+    # State stamped with titles kept, under --no-titles (the config.json gone, as after a kill during
+    # --overwrite): rejected, naming the setting.
+    assert _edit_stamps(out, lambda stamp: stamp.update(titles=True)) == 2 * units
+    (out / ".state" / "config.json").unlink()
+    (out / "manifest.json").unlink()
+    p = run("--no-titles")
+    why = "made with other settings (--titles True -> False)"
+    assert p.stderr.count(f"{why}: not reused, the unit is done again") == units, p.stderr
+    assert p.stderr.count(f"{why}: scanned again") == units, p.stderr
+    preprocess(tok, tmp_path / "fresh", "--workers", "1", "--dedup", "exact", "--no-titles",
+               inputs=[SAMPLE / "wikipedia"])
+    same_tree(out, tmp_path / "fresh")
