@@ -16,8 +16,18 @@
    (``--cpu-probe`` runs one such measurement in a fresh process: what tests/test_plan.py runs).
 4. **Planning time**: every preset on 8 nodes × 8 H100 (the run's own layout), and the whole search for
    ``70b`` on 64 × 8 H100.
+5. **Step time on this CPU, held out** (``--cpu-time``): ``benchmarks/train_throughput.py`` times real
+   DeepSpeed steps (one process, fp32, ZeRO-1, eager, causal attention, 2 threads) of a calibration
+   configuration and of held-out ones (a longer sequence with every layer recomputed, a wider model, gradient
+   accumulation). The plan's GPU is this CPU as ``custom``, its peak set so that the calibration run is
+   predicted exactly (the plan's step time is inversely proportional to the peak when there is no
+   communication); the held-out runs are then predicted by the plan's own compute model (FLOPs per step with
+   recomputation, at one efficiency) and compared with their measured medians (target: within 15%). What this
+   checks: that the plan's compute scales with the configuration the way a real step does. What it does not:
+   communication (one process; the bytes are checked exactly in tests/test_plan_comms.py) or a GPU's
+   efficiency at other shapes. Run it on an otherwise idle machine: ~5 minutes.
 
-    python benchmarks/plan_accuracy.py [--measure-cpu] [--no-timing]
+    python benchmarks/plan_accuracy.py [--measure-cpu] [--cpu-time] [--no-timing]
     python benchmarks/plan_accuracy.py --cpu-probe tiny,8000,2,2048,0
 """
 
@@ -147,6 +157,50 @@ def run_cpu_probe(spec: str, timeout: int = 600) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+# (what, train_throughput.py arguments): the first is the calibration, the others are held out.
+CPU_TIME_RUNS = [
+    ("calibration: 125m, 2 × 512", ["--preset", "125m", "--seq-len", "512", "--micro-batch", "2"]),
+    ("held out: 1 × 1024, every layer recomputed", ["--preset", "125m", "--seq-len", "1024", "--micro-batch", "1",
+                                                    "--activation-checkpointing", "1"]),
+    ("held out: 350m width (6 layers), 2 × 512", ["--preset", "350m", "--num-layers", "6", "--seq-len", "512",
+                                                  "--micro-batch", "2"]),
+    ("held out: 1 × 512 × accumulation 2", ["--preset", "125m", "--seq-len", "512", "--micro-batch", "1",
+                                            "--grad-accum", "2"]),
+]
+CPU_TIME_COMMON = ["--vocab-size", "8000", "--zero-stage", "1", "--precision", "fp32", "--warmup", "2", "--steps",
+                   "5", "--threads", "2", "--variants", "eager:causal"]
+
+
+def cpu_time_rows(out_dir: Path) -> list[dict]:
+    """Held-out step times on this CPU against the plan (module docstring, 5)."""
+    from lmforge.trainer.plan import GpuSpec, predict
+
+    records = []
+    for what, args in CPU_TIME_RUNS:
+        path = out_dir / f"cpu_time_{len(records)}.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), *args, *CPU_TIME_COMMON,
+               "--json", str(path)]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr[-2000:]}")
+        rec = json.loads(path.read_text())
+        records.append((what, rec, rec[rec["variants"][0]]["step_time_median_s"]))
+
+    def predicted(rec: dict, peak: float) -> float:
+        cfg = run_config(rec)
+        return predict(cfg, 1, 1, GpuSpec("this-cpu", 24.0, peak, 10.0, 10.0))["step_time_s"]
+
+    _, rec0, measured0 = records[0]
+    peak = predicted(rec0, 1.0) / measured0  # TFLOP/s at which the plan predicts the calibration run exactly
+    rows = []
+    for what, rec, measured in records:
+        held_out = not what.startswith("calibration")
+        rows.append({"file": "this CPU (train_throughput.py)", "what": f"step time (s) {what}",
+                     "predicted": predicted(rec, peak), "measured": measured, "target": 0.15 if held_out else None,
+                     "note": f"custom peak {peak:.3f} TFLOP/s × efficiency" if not held_out else "held out"})
+    return rows
+
+
 def timing_rows() -> list[tuple[str, float]]:
     """Seconds to plan (module docstring, 4)."""
     from lmforge.model import all_presets
@@ -185,6 +239,8 @@ def _print(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measure-cpu", action="store_true", help="also measure activations on this CPU (~30 s)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="also time real steps on this CPU and check held-out step times (~5 min; idle machine)")
     ap.add_argument("--no-timing", action="store_true", help="skip the planning-time section")
     ap.add_argument("--cpu-probe", default=None, metavar="PRESET,VOCAB,B,T,EVERY",
                     help="one real CPU measurement in this process, printed as JSON (run by --measure-cpu and tests)")
@@ -205,6 +261,14 @@ def main(argv=None) -> int:
                          "predicted": r["predicted_gib"], "measured": r["measured_gib"], "target": 0.10,
                          "note": "fp32, causal, loss chunk 2048"})
         print("\nCPU activations measured now (a real forward + backward) against the plan:")
+        _print(rows)
+    if a.cpu_time:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = cpu_time_rows(Path(tmp))
+        print("\nstep time on this CPU: calibrated on the first run, the others held out (one process, fp32, "
+              "ZeRO-1, eager, 2 threads):")
         _print(rows)
     if not a.no_timing:
         print("\nplanning time on this machine:")
