@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from benchmarks.dedup_scale import _old_components, _old_stars
 from lmforge.data_pipeline.preprocess import dedup
 from lmforge.data_pipeline.preprocess.dedup import (
     MAX_ROUNDS,
@@ -79,38 +80,10 @@ def fake_set(x: int) -> np.ndarray:
     return np.arange(off, off + _SET, dtype=np.uint64)
 
 
-def _stars(edges: np.ndarray) -> dict[int, list[int]]:
-    """(The old ``dedup._stars``, verbatim.) LSH buckets as rank 0 sees them: an edge (member, smallest id of a
-    bucket) puts the member in the *star* of that smallest id (the centre is in its own star)."""
-    stars: dict[int, set[int]] = {}
-    for m, c in edges.tolist():
-        stars.setdefault(c, {c}).add(m)
-    return {c: sorted(ms) for c, ms in sorted(stars.items())}
-
-
-def _components(stars: dict[int, list[int]], alive: set[int]) -> list[list[int]]:
-    """(The old ``dedup._components``, verbatim.) The groups (sorted, of two or more) of ``alive`` documents
-    connected through shared stars."""
-    parent: dict[int, int] = {}
-
-    def find(x: int) -> int:
-        root = x
-        while root in parent:
-            root = parent[root]
-        while x != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    for ms in stars.values():
-        live = [x for x in ms if x in alive]
-        for x in live[1:]:
-            ra, rb = find(live[0]), find(x)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-    groups: dict[int, list[int]] = {}
-    for x in alive:
-        groups.setdefault(find(x), []).append(x)
-    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+# The old rank-0 algorithm's stars and union-find, kept once, in the benchmark that times the old path against the new
+# (benchmarks/dedup_scale.py: ``dedup._stars`` and ``dedup._components`` verbatim, as they were before the
+# distributed rounds).
+_stars, _components = _old_stars, _old_components
 
 
 def reference_near(edges: np.ndarray, bound: float) -> tuple[dict[int, tuple[int, float]], dict]:
