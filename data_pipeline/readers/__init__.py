@@ -15,7 +15,8 @@ Byte ranges (``ReadRange``) let one huge uncompressed ``jsonl``/``wikidoc`` file
 independent parts whose records, in order, are exactly the records of the whole file (``lines``); a
 ``parquet`` file's range owns the row groups that start in it (``parquet``), a MediaWiki dump's the bz2
 streams that start in it (``mediawiki``, with the dump's index). ``split_ranges`` says where a big file is
-cut.
+cut. A MediaWiki ``.bz2`` dump's streams can be converted on the processes of a ``StreamPool``
+(``iter_documents(..., pool=)``), the items the same, in the same order.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from . import hf, jsonl, mediawiki, parquet, text, wikidoc
 from .inputs import expand_inputs, fingerprint
 from .items import DOC, ERROR_REASONS, LAST, PART, SKIP, Item, ReadOptions
 from .lines import ReadRange, count_newlines
+from .mediawiki import StreamPool
 from .sources import FINGERPRINT_METHODS, FORMATS, InputError, Source, open_binary, splittable
 
 __all__ = [
     "DOC", "PART", "LAST", "SKIP", "ERROR_REASONS", "FINGERPRINT_METHODS", "FORMATS", "InputError", "Item",
-    "ReadOptions", "ReadRange", "Source", "count_newlines", "expand_inputs", "fingerprint", "iter_documents",
-    "open_binary", "split_ranges", "splittable",
+    "ReadOptions", "ReadRange", "Source", "StreamPool", "count_newlines", "expand_inputs", "fingerprint",
+    "iter_documents", "open_binary", "split_ranges", "splittable", "uses_stream_pool",
 ]
 
 _READERS: dict[str, Callable[[str, ReadOptions, ReadRange | None], Iterator[Item]]] = {
@@ -43,17 +45,24 @@ _READERS: dict[str, Callable[[str, ReadOptions, ReadRange | None], Iterator[Item
 }
 
 
-def iter_documents(src: Source, opts: ReadOptions, rng: ReadRange | None = None) -> Iterator[Item]:
-    """Items of ``src`` (or of the byte range ``rng`` of it: only for ``splittable`` sources)."""
+def iter_documents(src: Source, opts: ReadOptions, rng: ReadRange | None = None,
+                   pool: StreamPool | None = None) -> Iterator[Item]:
+    """Items of ``src`` (or of the byte range ``rng`` of it: only for ``splittable`` sources). ``pool``: the
+    processes that convert a MediaWiki dump's streams (``uses_stream_pool``); other formats ignore it."""
     if rng is not None and not splittable(src):
         raise InputError(f"{src.path}: a {src.format} source cannot be read in byte ranges")
     if src.format == "mediawiki":
-        yield from mediawiki.read(src.path, opts, rng, index=src.file or None)
+        yield from mediawiki.read(src.path, opts, rng, index=src.file or None, pool=pool)
         return
     read = _READERS.get(src.format)
     if read is None:
         raise InputError(f"{src.path}: unknown format {src.format!r}")
     yield from read(src.path, opts, rng)
+
+
+def uses_stream_pool(src: Source) -> bool:
+    """Whether ``iter_documents`` reads ``src`` faster with a ``StreamPool`` (a ``.bz2`` MediaWiki dump)."""
+    return src.format == "mediawiki" and mediawiki.uses_pool(src.path)
 
 
 def split_ranges(src: Source, unit_bytes: int) -> list[tuple[int, int]] | None:

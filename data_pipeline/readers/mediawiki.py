@@ -15,9 +15,9 @@ stream to its end, even past the range's end. The index is validated when the in
 non-decreasing, inside the file, page ids numbers: a bad one is an error naming the index and its line).
 
 Without an index (and for ``.xml``, ``.xml.gz``, ``.xml.zst`` or single-stream ``.xml.bz2`` files) the dump
-is one unit, read sequentially (bz2 streams one after the other); finding stream starts by scanning
-a 20 GB file for bz2 headers would cost every rank a full read of it before any work, and every published
-multistream dump has its index.
+is one unit, read by one rank (bz2 streams one after the other, converted on its processes if it has a
+pool: see below); finding stream starts to split it by scanning a 20 GB file for bz2 headers would cost every
+rank a full read of it before any work, and every published multistream dump has its index.
 
 **Pages.** Each ``<page>`` is one item, at ``file:PAGEID`` (the page id: ``?curid=PAGEID`` on the wiki,
 ``PAGEID`` in the index; the locations deduplication re-reads by). Skipped and counted by reason: pages
@@ -43,8 +43,18 @@ dropped templates (``( ; )``) removed. Comments, references and templates are cu
 before parsing (``_drop_before_parsing``: the parser builds its tree in Python, and they are most of its
 work): the same text, 2.4x faster on gensim's test dump. Deterministic: the text depends only on the page.
 mwparserfromhell is the slow part: ~1 MB/s of compressed dump per process, about WikiExtractor's own speed
-(``benchmarks/mediawiki_throughput.py``), and the reader runs in each rank's main process, so a dump is read
-faster by more MPI ranks (each reading its own units) than by more ``--workers``.
+(``benchmarks/mediawiki_throughput.py``).
+
+**Processes.** Given a ``StreamPool`` (``preprocess --workers N``: N processes per rank), ``read`` has a
+``.bz2`` dump's streams converted on its processes (decompressed, parsed, turned into items: each stream on
+its own, so any process can take any stream), ahead of the reading, and yields their items in stream order:
+the same items, positions and skips as reading them one after the other. At most four streams per process
+are converted ahead (streams differ in cost and are taken in order; one of Wikipedia's streams of 100 pages
+is up to ~1.5 MB of text), so memory does not grow with the dump. The main process finds the streams to
+submit by scanning the compressed bytes for stream headers (a cheap read: no index needed, and a guess never
+changes what is read: the reader checks each stream position itself, as without a pool, and reads a stream
+the scan did not predict, a stream without another header within 16 MB (a single-stream dump) or one that
+holds 64 MB of text itself, sequentially).
 """
 
 from __future__ import annotations
@@ -53,9 +63,13 @@ import bz2
 import functools
 import os
 import re
+import signal
 import sys
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 
 from .items import DOC, SKIP, DocAssembler, Item, ReadOptions
 from .lines import ReadRange
@@ -146,7 +160,7 @@ def note_no_index(path: str) -> None:
              if v in os.environ]
     if all(r == "0" for r in ranks):
         print(f"note: {path}: no index (NAME{INDEX_SUFFIX} beside NAME.xml.bz2, or --wiki-index): read as one "
-              "unit, sequentially", file=sys.stderr)
+              "unit, by one rank", file=sys.stderr)
 
 
 def split_ranges(path: str, index: str, size: int, unit_bytes: int) -> list[tuple[int, int]] | None:
@@ -176,47 +190,49 @@ class _StreamError(Exception):
         self.reason = reason
 
 
+def _chunks(f, pos: int, state: dict) -> Iterator[bytes]:
+    """The decompressed chunks of the bz2 stream at ``pos`` of ``f``; ``state["next"]`` is set to where the
+    stream ends once it is read to its end marker. Raises ``_StreamError`` for a damaged or cut-off stream."""
+    d = bz2.BZ2Decompressor()
+    f.seek(pos)
+    read_to = pos
+    while True:
+        data = f.read(_CHUNK)
+        read_to += len(data)
+        if not data:
+            raise _StreamError("truncated_compressed", "the bz2 stream ends before its end marker")
+        try:
+            out = d.decompress(data)
+        except (OSError, ValueError) as e:
+            raise _StreamError("invalid_bz2", str(e)) from None
+        if out:
+            yield out
+        if d.eof:
+            state["next"] = read_to - len(d.unused_data)
+            return
+
+
+def _stream_at(f, pos: int, end: int) -> int | None:
+    """``pos`` if a bz2 stream header is there, else the offset of the next one before ``end`` (None: none)."""
+    f.seek(pos)
+    if _STREAM_HEAD.match(f.read(10)):
+        return pos
+    return _next_head(f, pos + 1, end)
+
+
 def _bz2_streams(f, start: int, end: int) -> Iterator[tuple[int, Iterator[bytes]]]:
     """(offset, decompressed chunks) of the bz2 streams of ``f`` that start in ``[start, end)``; a chunk
     iterator raises ``_StreamError`` for a damaged or cut-off stream, after which the next stream is found
     by its header."""
-    pos = start
-    while pos < end:
-        f.seek(pos)
-        if not _STREAM_HEAD.match(f.read(10)):
-            nxt = _next_head(f, pos + 1, end)
-            if nxt is None:
-                return
-            pos = nxt
+    pos: int | None = start
+    while pos is not None and pos < end:
+        at = _stream_at(f, pos, end)
+        if at is None:
+            return
         state: dict[str, int] = {}
-
-        def chunks(pos: int = pos, state: dict = state) -> Iterator[bytes]:
-            d = bz2.BZ2Decompressor()
-            f.seek(pos)
-            read_to = pos
-            while True:
-                data = f.read(_CHUNK)
-                read_to += len(data)
-                if not data:
-                    raise _StreamError("truncated_compressed", "the bz2 stream ends before its end marker")
-                try:
-                    out = d.decompress(data)
-                except (OSError, ValueError) as e:
-                    raise _StreamError("invalid_bz2", str(e)) from None
-                if out:
-                    yield out
-                if d.eof:
-                    state["next"] = read_to - len(d.unused_data)
-                    return
-
-        yield pos, chunks()
-        if "next" in state:
-            pos = state["next"]
-        else:  # damaged or not read to its end: go on at the next stream header
-            nxt = _next_head(f, pos + 1, end)
-            if nxt is None:
-                return
-            pos = nxt
+        yield at, _chunks(f, at, state)
+        # the stream's end, or if damaged or not read to its end, the next stream header after its start
+        pos = state["next"] if "next" in state else _next_head(f, at + 1, end)
 
 
 def _next_head(f, pos: int, end: int) -> int | None:
@@ -317,10 +333,15 @@ def _page_items(page: ET.Element, path: str, opts: ReadOptions) -> tuple[int, li
     return n, [*pieces, asm.finish()]
 
 
+class _Held(Exception):
+    """A stream held ``_HOLD_CHARS`` of text before its end (``_stream_items(spill=False)``)."""
+
+
 def _stream_items(path: str, offset: int, chunks: Iterator[bytes], opts: ReadOptions, index: str | None,
-                  first: bool) -> Iterator[Item]:
+                  first: bool, spill: bool = True) -> Iterator[Item]:
     """The items of one stream: held until the stream has been decompressed and parsed whole (see the module
-    docstring), then yielded; for a damaged stream, a skip per page the index lists for it."""
+    docstring), then yielded; for a damaged stream, a skip per page the index lists for it. A stream that
+    holds ``_HOLD_CHARS`` of text before its end yields what it holds, or without ``spill`` raises ``_Held``."""
     parser = ET.XMLPullParser(events=("start", "end"))
     parser.feed(b"<mediawiki>")  # the root of streams after the first (the first opens its own inside it)
     held: list[tuple[int, list[Item]]] = []
@@ -349,6 +370,8 @@ def _stream_items(path: str, offset: int, chunks: Iterator[bytes], opts: ReadOpt
                     stack[-1].remove(elem)  # bounded memory: parsed pages are not kept in the tree
                 held_chars += sum(len(it[1]) for it in held[-1][1])
                 if held_chars >= _HOLD_CHARS:
+                    if not spill:
+                        raise _Held
                     for pid, items in held:
                         yielded.add(pid)
                         yield from items
@@ -367,9 +390,12 @@ def _stream_items(path: str, offset: int, chunks: Iterator[bytes], opts: ReadOpt
         yield from items
 
 
-def read(path: str, opts: ReadOptions, rng: ReadRange | None = None, index: str | None = None) -> Iterator[Item]:
+def read(path: str, opts: ReadOptions, rng: ReadRange | None = None, index: str | None = None,
+         pool: StreamPool | None = None) -> Iterator[Item]:
     """Pages of the dump ``path`` (or of the streams starting in the byte range ``rng``; ``index``: the
-    dump's index, for the pages of a damaged stream) as items at ``file:PAGEID``."""
+    dump's index, for the pages of a damaged stream) as items at ``file:PAGEID``. With a ``pool``, the bz2
+    streams of a ``.bz2`` dump are converted on its processes, ahead of the reading and in order: the same
+    items."""
     if rng is not None:
         rng.absolute = True  # page ids: the same whatever range reads them
     if path.endswith(".bz2"):
@@ -381,21 +407,205 @@ def read(path: str, opts: ReadOptions, rng: ReadRange | None = None, index: str 
             return
         lo = rng.start if rng is not None else 0
         hi = rng.end if rng is not None and rng.end is not None else size
-        streams = _bz2_streams(f, lo, hi)
+        if pool is not None:
+            streams = _pooled_streams(f, path, lo, hi, size, opts, index, pool)
+        else:
+            streams = ((at, _stream_items(path, at, chunks, opts, index, first=at == 0))
+                       for at, chunks in _bz2_streams(f, lo, hi))
     else:
         f = None
-        streams = _plain_stream(path)
+        streams = ((at, _stream_items(path, at, chunks, opts, index, first=True))
+                   for at, chunks in _plain_stream(path))
     pages = 0
     try:
-        for offset, chunks in streams:
-            for item in _stream_items(path, offset, chunks, opts, index, first=offset == 0):
+        for _, items in streams:
+            for item in items:
                 pages += 1
                 yield item
             if rng is not None:
                 rng.lines = pages
     finally:
+        streams.close()
         if f is not None:
             f.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Streams converted on processes
+
+_BIG_STREAM = 16 << 20  # compressed bytes: a stream without another header this close is read in the main process
+
+
+def uses_pool(path: str) -> bool:
+    """Whether ``read`` converts the dump ``path`` on a ``StreamPool`` when given one (a ``.bz2`` dump: its
+    streams; a single-stream one is read in the main process all the same)."""
+    return path.endswith(".bz2")
+
+
+def _worker_init(parent: int) -> None:
+    """A pool process: Ctrl-C is the main process's to handle (it stops the pool), and it dies with the main
+    process (Linux: even of kill -9, which leaves no worker behind waiting for work)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the main process died before prctl
+        os._exit(1)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def _convert_stream(path: str, at: int, opts: ReadOptions, index: str | None
+                    ) -> tuple[list[Item] | None, int | None]:
+    """(the items of the bz2 stream at ``at``, or None if it holds ``_HOLD_CHARS`` of text before its end;
+    where it ends, None when damaged or not read to its end), as ``read`` reads it (run on a pool process)."""
+    state: dict[str, int] = {}
+    with open(path, "rb") as f:
+        try:
+            items = list(_stream_items(path, at, _chunks(f, at, state), opts, index, first=at == 0, spill=False))
+        except _Held:
+            return None, None
+    return items, state.get("next")
+
+
+class StreamPool:
+    """``workers`` processes converting the bz2 streams of MediaWiki dumps (decompressing, parsing, wikitext to
+    text: ~1 MB/s of compressed dump each) for ``read``, which takes their items in stream order: the output
+    does not depend on it. One per run (``preprocess --workers N``), for all its units; ``close`` stops it
+    (running conversions included). ``converted`` and ``here`` count the streams converted by the processes
+    and read in the main process (a stream of over ``_BIG_STREAM`` compressed bytes, or that holds
+    ``_HOLD_CHARS`` of text)."""
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self.ahead = 4 * workers  # streams converted ahead of the reading, at most (bounded memory)
+        self.converted = self.here = 0
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self._ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+        try:
+            self._ex.submit(_ready).result()  # the processes start now (forked all at once), before other threads
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, path: str, at: int, opts: ReadOptions, index: str | None):
+        return self._ex.submit(_convert_stream, path, at, opts, index)
+
+    def close(self) -> None:
+        """Stop the processes now (conversions running or queued are dropped)."""
+        ex = self._ex
+        stop = getattr(ex, "terminate_workers", None)  # Python 3.14
+        if stop is not None:
+            stop()
+        else:
+            procs = dict(getattr(ex, "_processes", None) or {})
+            ex.shutdown(wait=False, cancel_futures=True)
+            for p in procs.values():
+                try:
+                    p.terminate()
+                except (ValueError, ProcessLookupError):  # closed or gone
+                    pass
+        ex.shutdown(wait=True)
+
+    def __enter__(self) -> StreamPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Ahead:
+    """The conversions of the streams after the one being read, submitted to ``pool`` ahead of the reading:
+    one per bz2 stream header found by scanning the compressed bytes (the streams the reader reaches, on a
+    sound dump, with or without an index), at most ``pool.ahead`` at a time. ``take`` gives the conversion of
+    the stream the reader is at, or None to read it in the main process: a header the scan did not predict
+    (the reader checks every position itself: a guess never changes what is read), a stream of over
+    ``_BIG_STREAM`` compressed bytes (no other header that close: a single-stream dump; nothing is scanned
+    past it until it is read)."""
+
+    def __init__(self, pool: StreamPool, path: str, end: int, size: int, opts: ReadOptions, index: str | None):
+        self.pool, self.path, self.end, self.size, self.opts, self.index = pool, path, end, size, opts, index
+        self.f = open(path, "rb")  # for the scan (the reader's own handle reads in-process streams)
+        self.head: int | None = None  # the next header to submit (None: none until the reader asks)
+        self.queue: deque[tuple[int, Future | None]] = deque()
+
+    def _fill(self) -> None:
+        while self.head is not None and len(self.queue) < self.pool.ahead:
+            h = self.head
+            bound = min(h + 1 + _BIG_STREAM, self.size)
+            nxt = _next_head(self.f, h + 1, bound)
+            if nxt is None and bound < self.size:  # a big stream: read in the main process, no scan past it
+                self.queue.append((h, None))
+                self.head = None
+                return
+            self.queue.append((h, self.pool.submit(self.path, h, self.opts, self.index)))
+            self.head = nxt if nxt is not None and nxt < self.end else None
+
+    def take(self, at: int) -> tuple[list[Item], int | None] | None:
+        while self.queue and self.queue[0][0] < at:  # a guess the reader passed by
+            _, fut = self.queue.popleft()
+            if fut is not None:
+                fut.cancel()
+        if not self.queue:
+            self.head = at
+        self._fill()
+        if self.queue[0][0] != at:  # a header the scan did not find
+            return None
+        _, fut = self.queue.popleft()
+        self._fill()
+        if fut is None:
+            return None
+        try:
+            items, nxt = fut.result()
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"{self.path}: a process converting its bz2 streams died (killed? out of memory?) "
+                               f"while the stream at byte {at} was converted: {e}") from None
+        if items is None:  # held _HOLD_CHARS of text: read again here, as the sequential reader reads it
+            return None
+        self.pool.converted += 1
+        return items, nxt
+
+    def close(self) -> None:
+        for _, fut in self.queue:
+            if fut is not None:
+                fut.cancel()
+        self.queue.clear()
+        self.f.close()
+
+
+def _pooled_streams(f, path: str, lo: int, hi: int, size: int, opts: ReadOptions, index: str | None,
+                    pool: StreamPool) -> Iterator[tuple[int, Iterator[Item]]]:
+    """(offset, items) of the streams starting in ``[lo, hi)``, exactly as ``_bz2_streams`` and
+    ``_stream_items`` give them (the same positions, checked here), converted on ``pool`` when it has
+    them."""
+    ahead = _Ahead(pool, path, hi, size, opts, index)
+    try:
+        pos: int | None = lo
+        while pos is not None and pos < hi:
+            at = _stream_at(f, pos, hi)
+            if at is None:
+                return
+            got = ahead.take(at)
+            if got is None:
+                pool.here += 1
+                state: dict[str, int] = {}
+                yield at, _stream_items(path, at, _chunks(f, at, state), opts, index, first=at == 0)
+                nxt = state.get("next")
+            else:
+                items, nxt = got
+                yield at, iter(items)
+            pos = nxt if nxt is not None else _next_head(f, at + 1, hi)
+    finally:
+        ahead.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from lmforge.data_pipeline.readers import (
     ReadOptions,
     ReadRange,
     Source,
+    StreamPool,
     expand_inputs,
     iter_documents,
+    mediawiki,
     split_ranges,
 )
 from lmforge.data_pipeline.readers.mediawiki import wikitext_to_text
@@ -42,14 +44,15 @@ DATA = TEST_DATA / "mediawiki"
 DUMP = DATA / "enwiki-sample-pages-articles-multistream.xml.bz2"
 INDEX = DATA / "enwiki-sample-pages-articles-multistream-index.txt.bz2"
 ARTICLES, REDIRECTS, OTHER_NS = 35, 99, 1  # the 135 pages (README.md)
+STREAMS = 29  # bz2 streams: the <siteinfo> header, 27 of pages (the index's offsets), </mediawiki>
 
 
 def _source(path: Path = DUMP, index: Path | None = INDEX) -> Source:
     return Source(str(path), "mediawiki", path.stat().st_size, str(index) if index else "")
 
 
-def _items(src: Source, rng: ReadRange | None = None) -> list[tuple[int, str, str]]:
-    return list(iter_documents(src, ReadOptions(), rng))
+def _items(src: Source, rng: ReadRange | None = None, pool: StreamPool | None = None) -> list[tuple[int, str, str]]:
+    return list(iter_documents(src, ReadOptions(), rng, pool))
 
 
 @functools.cache
@@ -205,6 +208,105 @@ def test_a_damaged_stream_counts_its_pages_and_the_rest_is_read(tmp_path, damage
     bad = [loc for k, t, loc in items if t == reason]
     assert len(bad) == 1 and "stream at byte" in bad[0]
     assert {loc.rpartition(":")[2] for k, t, loc in items if t != reason} == set(mine)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streams converted on processes (StreamPool): the same items
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with StreamPool(2) as p:
+        yield p
+
+
+def _counts(pool: StreamPool) -> tuple[int, int]:
+    return pool.converted, pool.here
+
+
+def test_pool_reads_the_same_items_for_any_range(pool):
+    src = _source()
+    before = _counts(pool)
+    assert _items(src, pool=pool) == _whole()
+    assert _counts(pool) == (before[0] + STREAMS, before[1])  # every stream converted by the processes
+    for ranges in (split_ranges(src, 1), split_ranges(src, 20000)):
+        assert [it for lo, hi in ranges for it in _items(src, ReadRange(lo, hi), pool)] == _whole()
+    rnd = random.Random(1)
+    cuts = sorted(rnd.sample(range(1, src.size), 6))  # anywhere: a range starting inside a stream
+    assert [it for lo, hi in zip([0, *cuts], [*cuts, src.size]) for it in _items(src, ReadRange(lo, hi), pool)
+            ] == _whole()
+    assert _items(_source(index=None), pool=pool) == _whole()  # no index: the scan finds the streams
+
+
+@pytest.mark.parametrize("damage", [_damage_bytes, _damage_xml])
+def test_pool_counts_a_damaged_stream_the_same(pool, tmp_path, damage):
+    dump, index = _rebuild(tmp_path, damage)
+    for idx in (index, None):
+        src = _source(dump, idx)
+        assert _items(src, pool=pool) == _items(src)
+    # a stream cut off at the end of the file (truncated_compressed)
+    cut = tmp_path / "cut.xml.bz2"
+    cut.write_bytes(DUMP.read_bytes()[: DUMP.stat().st_size - 3000])
+    src = Source(str(cut), "mediawiki", cut.stat().st_size)
+    assert _items(src, pool=pool) == _items(src)
+    assert any(t == "truncated_compressed" for _, t, _ in _items(src, pool=pool))
+
+
+def test_pool_reads_big_and_unpredicted_streams_here(pool, tmp_path, monkeypatch):
+    """A stream the processes do not take is read in the main process: with no other header within
+    _BIG_STREAM bytes (a single-stream file), at a header the scan did not predict, or holding _HOLD_CHARS
+    of text before its end; the items are the same."""
+    single = tmp_path / "single.xml.bz2"
+    single.write_bytes(bz2.compress(bz2.decompress(DUMP.read_bytes())))  # one stream
+    src = Source(str(single), "mediawiki", single.stat().st_size)
+    converted, here = _counts(pool)
+    plain = [(k, t, loc.replace(str(single), str(DUMP))) for k, t, loc in _items(src, pool=pool)]
+    assert plain == _whole() and _counts(pool) == (converted + 1, here)
+    monkeypatch.setattr(mediawiki, "_BIG_STREAM", 1000)  # (read by the main process's scan)
+    assert _items(src, pool=pool) == _items(src) and _counts(pool) == (converted + 1, here + 1)
+    assert _items(_source(), pool=pool) == _whole()
+    monkeypatch.undo()
+    # the scan's guesses passed by, and a position that is no stream the scan found
+    ahead = mediawiki._Ahead(pool, str(DUMP), DUMP.stat().st_size, DUMP.stat().st_size, ReadOptions(), str(INDEX))
+    try:
+        starts = sorted({o for o, _, _ in _index_lines()})
+        assert ahead.take(0) == ([], starts[0])  # the <siteinfo> stream; starts[0], ... submitted ahead
+        items, nxt = ahead.take(starts[3])  # starts[0..2] dropped
+        assert nxt == starts[4] and items == [it for it in _whole() if int(it[2].rpartition(":")[2]) in
+                                              {p for o, p, _ in _index_lines() if o == starts[3]}]
+        assert ahead.take(starts[4] + 1) is None and len(ahead.queue) > 0
+    finally:
+        ahead.close()
+    # a stream holding _HOLD_CHARS of text: the processes give it up (the patch is theirs too: forked after it)
+    monkeypatch.setattr(mediawiki, "_HOLD_CHARS", 2000)
+    with StreamPool(2) as small:
+        assert _items(_source(), pool=small) == _whole()
+        assert small.here > 0 and small.converted > 0 and small.here + small.converted == STREAMS
+
+
+def test_pool_processes_die_with_the_main_process():
+    """kill -9 of the main process leaves no conversion process waiting for work (PR_SET_PDEATHSIG)."""
+    script = ("import time\nfrom lmforge.data_pipeline.readers import StreamPool\n"
+              "p = StreamPool(2)\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([PY, "-c", script], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        kids = [int(k) for k in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(kids) >= 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(k) for k in kids):
+        time.sleep(0.02)
+    assert not any(_alive(k) for k in kids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_help_explains_wiki_index():
