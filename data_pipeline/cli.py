@@ -51,7 +51,7 @@ def _add_read_args(p: argparse.ArgumentParser) -> None:
                    help="the index (...-multistream-index.txt.bz2, lines OFFSET:PAGEID:TITLE) of a raw MediaWiki "
                         "...-multistream.xml.bz2 dump; one per dump, in input order. Default: NAME-index.txt.bz2 "
                         "beside NAME.xml.bz2. With its index a dump is split into units of whole bz2 streams "
-                        "(--unit-bytes) across workers and ranks; without one it is one unit, read sequentially. "
+                        "(--unit-bytes) across ranks; without one it is one unit, read by one rank. "
                         "Articles only (namespace 0; redirects and other namespaces are counted as skipped), "
                         "wikitext made plain text with mwparserfromhell, the title as the first line (see --titles) "
                         "(docs/data-pipeline.md, Raw MediaWiki dumps)")
@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "without the tokenizer's own special tokens; the end of document is appended (--eod-token)")
     p.add_argument("--output", required=True, metavar="OUT")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="tokenizer workers per rank (default: all cores)")
+                   help="tokenizer workers per rank, and as many processes converting the wikitext of a "
+                        "MediaWiki .bz2 dump (default: all cores)")
     p.add_argument("--backend", choices=("auto", "thread", "process"), default="auto",
                    help="tokenizer workers as threads (SentencePiece builds that release the GIL while "
                         "encoding, and Hugging Face tokenizers) or processes; auto picks threads when possible. "

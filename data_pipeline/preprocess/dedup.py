@@ -116,7 +116,7 @@ import numpy as np
 
 from lmforge.common.files import atomic_write_bytes
 
-from ..readers import DOC, LAST, SKIP, ReadRange, Source, iter_documents
+from ..readers import DOC, LAST, SKIP, ReadRange, Source, StreamPool, iter_documents, uses_stream_pool
 from . import quality
 from .plan import Segment
 from .settings import (  # noqa: F401 (algorithm_record, minhash_version: used as dedup.*)
@@ -309,9 +309,10 @@ class UnitSignatures:
 
 
 def _iter_candidates(sources: list[Source], segments: list[Segment], settings: Settings,
-                     ranges: list[ReadRange]) -> Iterator[tuple[str | bytes, str]]:
+                     ranges: list[ReadRange], streams: StreamPool | None = None) -> Iterator[tuple[str | bytes, str]]:
     """(text, location) of every candidate in order; a streamed document's is its exact key, computed over
-    the pieces (``ExactKeyStream``; b"" without ``exact``), at its LAST piece."""
+    the pieces (``ExactKeyStream``; b"" without ``exact``), at its LAST piece. ``streams``: processes converting
+    a MediaWiki dump's streams (``readers.StreamPool``)."""
     opts = settings.read_options()
     exact = "exact" in settings.dedup
     for si, lo, hi in segments:
@@ -320,7 +321,7 @@ def _iter_candidates(sources: list[Source], segments: list[Segment], settings: S
             ranges.append(rng)
         stream: ExactKeyStream | None = None
         in_stream = False
-        for kind, text, loc in iter_documents(sources[si], opts, rng):
+        for kind, text, loc in iter_documents(sources[si], opts, rng, streams):
             kind, text, _ = screen(kind, text, loc, settings.filters, hashed=False)
             if kind == DOC:
                 yield text, loc
@@ -354,10 +355,12 @@ def _signature_batch(texts: list[str | bytes], exact: bool, ngram: int, perm: in
     return keys, sig
 
 
-def _scan(sources: list[Source], segments: list[Segment], settings: Settings, pool=None, workers: int = 1) -> dict:
+def _scan(sources: list[Source], segments: list[Segment], settings: Settings, pool=None, workers: int = 1,
+          streams: StreamPool | None = None) -> dict:
     """The candidates of ``segments`` in order: their locations, exact keys and MinHash signatures. With
     a process ``pool`` this process reads and ``workers`` processes hash, batch by batch (bounded
-    read-ahead); without, everything happens here."""
+    read-ahead); without, everything happens here. ``streams``: processes converting a MediaWiki dump's
+    streams for the reading."""
     exact, minhash = "exact" in settings.dedup, "minhash" in settings.dedup
     perm = settings.minhash_bands * settings.minhash_rows if minhash else 0
     keys: list[bytes] = []
@@ -385,7 +388,7 @@ def _scan(sources: list[Source], segments: list[Segment], settings: Settings, po
 
     batch: list[str | bytes] = []
     held = 0  # characters in the batch: bounds its memory
-    for text, loc in _iter_candidates(sources, segments, settings, ranges):
+    for text, loc in _iter_candidates(sources, segments, settings, ranges, streams):
         path, _, line = loc.rpartition(":")
         pidx.append(paths.setdefault(path, len(paths)))
         lines.append(int(line))
@@ -411,10 +414,11 @@ def _scan_segment(args: tuple) -> dict:
 
 
 def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segment], settings: Settings,
-              pool=None, workers: int = 1) -> int:
+              pool=None, workers: int = 1, streams: StreamPool | None = None) -> int:
     """Compute and save the signatures of ``unit``'s candidates; returns the input bytes scanned. With a
     process ``pool``, a unit of several sources is read and hashed a source per worker (results merged in
-    order), a unit of one source is read here and hashed by the workers."""
+    order), a unit of one source is read here (a MediaWiki dump's streams converted on ``streams``) and
+    hashed by the workers."""
     if pool is not None and len(segments) > 1:
         parts = pool.map(_scan_segment, [(sources[si], (si, lo, hi), settings) for si, lo, hi in segments])
         paths: dict[str, int] = {}
@@ -427,7 +431,7 @@ def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segmen
             r["streamed"].extend(p["streamed"])
         r["paths"] = list(paths)
     else:
-        r = _scan(sources, segments, settings, pool, workers)
+        r = _scan(sources, segments, settings, pool, workers, streams)
     n = len(r["lines"])
     arrays = {
         "path_index": np.asarray(r["pidx"], dtype=np.int32),
@@ -511,15 +515,22 @@ def scan_units(out: Path, sources: list[Source], units: list[list[Segment]], min
                     if bar is not None:
                         bar.update(n)
         else:  # fewer units than workers: the workers share each unit (by source, or by batch)
-            pool = ctx.Pool(workers) if workers > 1 else None
+            # (a MediaWiki dump read here, a unit of one source, has its streams converted on as many
+            # processes, started first)
+            streams = StreamPool(workers) if workers > 1 and any(
+                len(units[u]) == 1 and uses_stream_pool(sources[units[u][0][0]]) for u in todo) else None
+            pool = None
             try:
+                pool = ctx.Pool(workers) if workers > 1 else None
                 for job in jobs:
-                    n = scan_unit(*job, pool=pool, workers=workers)
+                    n = scan_unit(*job, pool=pool, workers=workers, streams=streams)
                     if bar is not None:
                         bar.update(n)
             finally:
                 if pool is not None:
                     pool.terminate()
+                if streams is not None:
+                    streams.close()
     finally:
         if bar is not None:
             bar.close()
@@ -780,10 +791,10 @@ def _fetch_sets(comm, sets: dict[int, np.ndarray], keys: np.ndarray, owners) -> 
     return theirs
 
 
-def _reread(args: tuple) -> dict[int, np.ndarray]:
+def _reread(args: tuple, streams: StreamPool | None = None) -> dict[int, np.ndarray]:
     """The shingle sets of the wanted candidates of one unit, found by location ({(path, line): id}),
-    reading its segments in order up to the last one wanted. No quality rules: a location names one
-    record, and the scan found a candidate there."""
+    reading its segments in order up to the last one wanted (a MediaWiki dump's streams converted on
+    ``streams``). No quality rules: a location names one record, and the scan found a candidate there."""
     sources, segments, settings, wanted = args
     opts = settings.read_options()
     paths = {p for p, _ in wanted}
@@ -793,7 +804,7 @@ def _reread(args: tuple) -> dict[int, np.ndarray]:
         if not src.is_hf and src.path not in paths:  # (a file's locations are its path)
             continue
         rng = ReadRange(lo, hi) if hi >= 0 else None
-        for kind, text, loc in iter_documents(src, opts, rng):
+        for kind, text, loc in iter_documents(src, opts, rng, streams):
             if kind != DOC:
                 continue
             path, _, line = loc.rpartition(":")
@@ -821,9 +832,15 @@ def _shingle_sets(ids: list[int], units: list[list[Segment]], sources: list[Sour
         with ctx.Pool(min(workers, len(jobs))) as pool:
             for got in pool.imap(_reread, jobs):
                 sets.update(got)
-    else:
-        for job in jobs:
-            sets.update(_reread(job))
+    else:  # one unit (or one worker): read here, a MediaWiki dump's streams converted on the workers
+        streams = StreamPool(workers) if workers > 1 and any(
+            uses_stream_pool(sources[si]) for _, segs, _, _ in jobs for si, _, _ in segs) else None
+        try:
+            for job in jobs:
+                sets.update(_reread(job, streams))
+        finally:
+            if streams is not None:
+                streams.close()
     for want in wanted.values():
         for (path, line), x in want.items():
             if x not in sets:

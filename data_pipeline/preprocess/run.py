@@ -46,10 +46,12 @@ from ..readers import (
     SKIP,
     ReadRange,
     Source,
+    StreamPool,
     count_newlines,
     expand_inputs,
     fingerprint,
     iter_documents,
+    uses_stream_pool,
 )
 from ..tokenizer import copy_tokenizer, tokenizer_info
 from . import dedup, quality
@@ -222,7 +224,7 @@ def _batches(
     sources: list[Source], segments: list[Segment], settings: Settings, run: RunOptions, progress: _Progress,
     ranges: list[ReadRange], drops: dict[int, tuple[str, str]] | None = None,
     split: Callable[[str], list[str]] | None = split_exact, found: dict[str, int] | None = None,
-    streamed: list[int] | None = None,
+    streamed: list[int] | None = None, streams: StreamPool | None = None,
 ) -> Iterator[tuple[list[Meta], list[str]]]:
     """Yield (metas, texts): one meta per item in input order, with one text per non-SKIP meta. Hashing
     happens here, on the whole document, before any cutting (by ``split``: ``_exact_split``). The
@@ -230,7 +232,8 @@ def _batches(
     generator is exhausted). ``drops`` maps the unit's duplicate candidates (``dedup``) to (reason, kept
     document's location): a whole document, or one streamed in pieces (numbered when its last piece
     arrives, as in the scan; its pieces are not passed on when it is a duplicate). ``found`` counts the
-    documents read per source (index as a string), ``streamed[0]`` the streamed candidates."""
+    documents read per source (index as a string), ``streamed[0]`` the streamed candidates. ``streams``: the
+    processes converting a MediaWiki dump's bz2 streams (``readers.StreamPool``)."""
     opts = settings.read_options()
     candidate = 0
     in_stream = False  # inside a document streamed in pieces
@@ -247,7 +250,7 @@ def _batches(
         counted = 0
         if found is not None:
             found.setdefault(str(si), 0)
-        for kind, text, loc in iter_documents(src, opts, rng):
+        for kind, text, loc in iter_documents(src, opts, rng, streams):
             kind, text, h = screen(kind, text, loc, settings.filters)
             if kind == DOC and drops is not None:  # a deduplication candidate (numbered as in the scan)
                 dup = drops.get(candidate)
@@ -419,9 +422,33 @@ def _process_units(
     out: Path, sources: list[Source], units: list[list[Segment]], mine: list[int], settings: Settings,
     run: RunOptions, tokenizer: TokenizerFiles, tok: dict, rank: int, drops: dedup.Drops | None = None,
 ) -> tuple[list[dict], dict]:
-    """Do this rank's unfinished units; returns the records of all its units and the run's statistics."""
-    dtype = optimal_dtype(tok["vocab_size"])
+    """Do this rank's unfinished units; returns the records of all its units and the run's statistics. With
+    ``run.workers`` > 1 and a MediaWiki ``.bz2`` dump among them, as many processes convert the dump's streams
+    (``readers.StreamPool``, started before the tokenizer's threads or processes) beside the tokenizer workers:
+    a core converts ~1.5 MB/s of text out of a dump and tokenizes about twice that, so the tokenizer workers
+    mostly wait for text and the two share the cores."""
     done, todo = _resume(out, mine, rank, settings, units)
+    streams = None
+    if run.workers > 1 and any(uses_stream_pool(sources[si]) for u in todo for si, _, _ in units[u]):
+        streams = StreamPool(run.workers)
+    try:
+        result = _do_units(out, sources, units, settings, run, tokenizer, tok, rank, drops, done, todo, streams)
+    finally:
+        if streams is not None:
+            streams.close()
+    if streams is not None:  # one line: where the dump's streams were converted
+        here = f", {streams.here:,} read in the main process" if streams.here else ""
+        print(f"[rank {rank}] mediawiki: {streams.converted:,} bz2 stream(s) converted on {streams.workers} "
+              f"processes{here}", file=sys.stderr)
+    return result
+
+
+def _do_units(
+    out: Path, sources: list[Source], units: list[list[Segment]], settings: Settings, run: RunOptions,
+    tokenizer: TokenizerFiles, tok: dict, rank: int, drops: dedup.Drops | None, done: dict[int, dict],
+    todo: list[int], streams: StreamPool | None,
+) -> tuple[list[dict], dict]:
+    dtype = optimal_dtype(tok["vocab_size"])
     total = sum(unit_bytes_of(sources, units[u]) for u in todo)
     progress = _Progress(total, run.progress and bool(todo), f"tokenize[r{rank}]" if rank else "tokenize")
     backend = resolve_backend(run.backend, tokenizer.kind) if run.workers > 1 and todo else "inline"
@@ -449,7 +476,7 @@ def _process_units(
             streamed = [0]
             unit_drops = None if drops is None else drops.by_unit.get(u, {})
             for metas, texts in _batches(sources, units[u], settings, run, progress, ranges, unit_drops, split,
-                                         writer.rec.documents_by_source, streamed):
+                                         writer.rec.documents_by_source, streamed, streams):
                 inflight.append((writer, metas, pool.submit(texts)))
                 while len(inflight) > max_inflight:
                     drain_one()

@@ -350,7 +350,8 @@ def test_preprocess_counts_and_byte_identical_for_workers_and_ranks(tok, clean, 
     units = {p.name.split("_")[1] for p in (clean / "train").glob("shard_*.bin")}
     assert len(units) >= 4  # several units of whole streams
     assert verify(clean) == []
-    preprocess(tok, tmp_path / "w2", "--workers", "2")
+    p = preprocess(tok, tmp_path / "w2", "--workers", "2")
+    assert f"[rank 0] mediawiki: {STREAMS} bz2 stream(s) converted on 2 processes\n" in p.stderr, p.stderr
     same_tree(clean, tmp_path / "w2")
     preprocess(tok, tmp_path / "mpi", "--workers", "1", launcher=[BIN / "mpirun", "-n", "2"])
     same_tree(clean, tmp_path / "mpi")
@@ -378,23 +379,33 @@ def test_bad_index_exits_2_with_one_error_line(tok, tmp_path):
 
 def test_damaged_stream_in_preprocess(tok, tmp_path):
     dump, index = _rebuild(tmp_path, _damage_bytes)
-    preprocess(tok, tmp_path / "out", inputs=[dump])  # the index beside it
+    p = preprocess(tok, tmp_path / "out", "--workers", "2", inputs=[dump])  # the index beside it
+    assert f"mediawiki: {STREAMS} bz2 stream(s) converted on 2 processes\n" in p.stderr, p.stderr
     m = load_manifest(tmp_path / "out")
     lost = _stream_pages(330)
     assert m["skipped"]["invalid_bz2"] == len(lost)
     articles = {int(loc.rpartition(":")[2]) for k, _, loc in _whole() if k == DOC}
     assert m["records"]["read"] == 135 and m["records"]["written"] == ARTICLES - len(articles & set(lost))
     assert articles & set(lost) == {309, 330}  # An American in Paris, Actrius
+    p = preprocess(tok, tmp_path / "w1", "--workers", "1", inputs=[dump])
+    assert "converted on" not in p.stderr
+    same_tree(tmp_path / "out", tmp_path / "w1")
 
 
-def test_dedup_rereads_pages_by_location(tok, clean, tmp_path):
-    """A <doc> file after the dump holding copies of some of its articles (one exact, three with a word
-    changed): they are removed as duplicates of the dump's pages, found again at file:PAGEID."""
+def _copies(tmp_path: Path) -> tuple[Path, list[tuple[int, str]]]:
+    """A <doc> file holding copies of some of the dump's articles (one exact, three with a word changed)."""
     docs = {int(loc.rpartition(":")[2]): t for k, t, loc in _whole() if k == DOC}
     copies = [(330, docs[330]), (332, docs[332].replace("illustrated", "drawn", 1)),
               (772, docs[772].replace("ampere", "Ampere", 1)), (344, docs[344].replace("pioneering", "early", 1))]
     wiki = tmp_path / "wiki_00"
     wiki.write_text("".join(f'<doc id="{p}" url="?curid={p}" title="x">\n{t}\n</doc>\n' for p, t in copies))
+    return wiki, copies
+
+
+def test_dedup_rereads_pages_by_location(tok, clean, tmp_path):
+    """A <doc> file after the dump holding copies of some of its articles (one exact, three with a word
+    changed): they are removed as duplicates of the dump's pages, found again at file:PAGEID."""
+    wiki, copies = _copies(tmp_path)
     out = tmp_path / "out"
     preprocess(tok, out, "--dedup", "exact,minhash", inputs=[DUMP, wiki])
     m = load_manifest(out)
@@ -402,6 +413,20 @@ def test_dedup_rereads_pages_by_location(tok, clean, tmp_path):
     rows = [line.split("\t") for f in sorted((out / "duplicates").glob("*.tsv")) for line in f.read_text().splitlines()]
     assert sorted(r[2] for r in rows) == sorted(f"{DUMP}:{p}" for p, _ in copies)
     assert all(r[1].startswith(f"{wiki}:") for r in rows)
+
+
+def test_dedup_of_one_unit_converts_the_dump_on_the_workers(tok, tmp_path):
+    """One unit (fewer than the workers): deduplication's scan reads the dump in the main process, and so does
+    its near-duplicate check's re-read of the dump and the <doc> copies, the dump's streams converted on the
+    workers (StreamPool): the same output as with one worker."""
+    wiki, _ = _copies(tmp_path)
+    for inputs in ([DUMP], [DUMP, wiki]):  # the scan of a one-source unit; the re-read of a one-unit job
+        outs = [tmp_path / f"{len(inputs)}w{w}" for w in (1, 2)]
+        for w, out in zip((1, 2), outs):
+            preprocess(tok, out, "--dedup", "exact,minhash", "--unit-bytes", "1M", "--workers", str(w), inputs=inputs)
+        same_tree(*outs)
+    m = load_manifest(outs[1])
+    assert m["skipped"]["duplicate-exact"] == 1 and m["skipped"]["duplicate-near"] == 3
 
 
 def test_no_titles_gives_the_text_alone_and_dedup_rereads_it(tok, tmp_path):
