@@ -1,6 +1,6 @@
 """Reading a raw MediaWiki dump (``--format mediawiki``) against reading the same articles already extracted
 to WikiExtractor ``<doc>`` files (``--format wikidoc``): pages/s, documents/s and MB/s of the readers alone
-(one process, no tokenizer), best of ``--repeat`` runs.
+(one process, no tokenizer; but the rows of N processes and of ``preprocess``), best of ``--repeat`` runs.
 
 Rows:
 
@@ -8,12 +8,19 @@ Rows:
 - ``dump, no wikitext``: the mediawiki reader with the wikitext conversion replaced by the identity
   (decompression, XML parsing, page accounting);
 - ``dump -> text``: the mediawiki reader as preprocess runs it (mwparserfromhell and the cleanup);
+- ``dump -> text, N processes``: the same reader with its streams converted on a ``StreamPool`` of N processes
+  (``--workers``, default 2: how ``preprocess --workers N`` reads a ``.bz2`` dump), the main process taking
+  their items in order (the pool is started before the timing; its output is checked to be the same);
 - ``<doc> files``: the wikidoc reader on the same articles extracted to ``<doc>`` format: WikiExtractor's own
   output of the dump when ``--wikiextractor DIR`` names a folder holding the ``wikiextractor`` package
   (``pip install --target DIR wikiextractor``), else the mediawiki reader's documents written as ``<doc>``
   blocks (same titles, same text);
 - ``WikiExtractor``: with ``--wikiextractor``, its extraction of the dump (``--processes 1``), i.e. the step
-  reading the dump directly saves.
+  reading the dump directly saves;
+- ``preprocess --workers N``: with ``--preprocess TOKENIZER``, ``python -m lmforge.data_pipeline preprocess`` of
+  the dump end to end (start-up, reading, tokenizing, writing; one unit: ``--unit-bytes`` above the dump's size)
+  for N = 1 and each ``--workers``, the outputs checked byte-identical. ``--copies K`` makes the dump K copies
+  of itself one after the other (without an index: read as one unit), long enough for start-up not to count.
 
 MB/s is of the input bytes (compressed for a dump). The dump is ``tests/data/mediawiki``'s sample (135 pages
 in streams of 5), or with ``--source`` gensim's whole 206-page test dump (the wheel or sdist of gensim 4.4.0,
@@ -21,12 +28,15 @@ in streams of 5), or with ``--source`` gensim's whole 206-page test dump (the wh
 100 pages as Wikimedia writes them, or any ``--dump`` (with ``--wiki-index`` or the index beside it).
 
     python benchmarks/mediawiki_throughput.py [--source gensim-4.4.0-....whl] [--wikiextractor DIR] [--repeat 3]
+        [--workers 2,4] [--preprocess TOKENIZER [--copies K]]
 """
 
 from __future__ import annotations
 
 import argparse
 import bz2
+import filecmp
+import json
 import os
 import subprocess
 import sys
@@ -48,12 +58,13 @@ def best(repeat: int, fn):
     return min(times), result
 
 
-def read_all(src, opts) -> tuple[int, int, int]:
-    """(items, documents, UTF-8 bytes of the documents) of a source read whole."""
+def read_all(src, opts, pool=None) -> tuple[int, int, int]:
+    """(items, documents, UTF-8 bytes of the documents) of a source read whole (a dump's streams converted on
+    ``pool``, a ``StreamPool``, when given)."""
     from lmforge.data_pipeline.readers import DOC, iter_documents
 
     items = docs = nbytes = 0
-    for kind, text, _ in iter_documents(src, opts):
+    for kind, text, _ in iter_documents(src, opts, pool=pool):
         items += 1
         if kind == DOC:
             docs += 1
@@ -68,9 +79,14 @@ def main() -> None:
     ap.add_argument("--source", default=None, help="gensim 4.4.0's wheel/sdist: its whole test dump, streams of 100")
     ap.add_argument("--wikiextractor", default=None, metavar="DIR", help="a folder holding the wikiextractor package")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workers", default="2", help="process counts of the pooled rows, comma-separated (\"\": none)")
+    ap.add_argument("--preprocess", default=None, metavar="TOKENIZER", help="also preprocess end to end with it")
+    ap.add_argument("--copies", type=int, default=1, help="the dump repeated K times (no index)")
     a = ap.parse_args()
+    workers = [int(w) for w in a.workers.split(",") if w.strip()]
+    load = os.getloadavg()[0]
 
-    from lmforge.data_pipeline.readers import ReadOptions, expand_inputs, mediawiki
+    from lmforge.data_pipeline.readers import ReadOptions, StreamPool, expand_inputs, mediawiki
 
     tmp = Path(tempfile.mkdtemp(prefix="mwbench"))
     dump = Path(a.dump) if a.dump else SAMPLE
@@ -78,6 +94,10 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "tests/data/mediawiki/make_sample.py"), a.source, str(tmp),
                         "--max-page-bytes", "0", "--pages-per-stream", "100"], check=True, stdout=subprocess.DEVNULL)
         dump = tmp / "enwiki-sample-pages-articles-multistream.xml.bz2"
+    if a.copies > 1:
+        data = dump.read_bytes()
+        dump = tmp / f"copies{a.copies}.xml.bz2"
+        dump.write_bytes(data * a.copies)
     [src] = expand_inputs([str(dump)], "mediawiki", wiki_indexes=[a.wiki_index] if a.wiki_index else ())
     opts = ReadOptions()
     size = src.size
@@ -95,6 +115,11 @@ def main() -> None:
     rows.append(("dump, no wikitext", t, pages, None, size, nbytes))
     t, (pages, docs, nbytes) = best(a.repeat, lambda: read_all(src, opts))
     rows.append(("dump -> text", t, pages, docs, size, nbytes))
+    for n in workers:
+        with StreamPool(n) as pool:
+            t, got = best(a.repeat, lambda: read_all(src, opts, pool))
+        assert got == (pages, docs, nbytes), (n, got)
+        rows.append((f"dump -> text, {n} process{'es' if n > 1 else ''}", t, pages, docs, size, nbytes))
 
     wiki_dir = tmp / "wikidoc"
     if a.wikiextractor:
@@ -126,9 +151,27 @@ def main() -> None:
         rows.append(("WikiExtractor (extract)", t_extract, pages, docs_w, size, nbytes_w))
     rows.append((doc_label, t, items, docs_w, doc_bytes, nbytes_w))
 
+    if a.preprocess:
+        outs = []
+        for n in dict.fromkeys([1, *workers]):
+            out = tmp / f"pre{n}"
+            cmd = [sys.executable, "-m", "lmforge.data_pipeline", "preprocess", "--input", str(dump), "--tokenizer",
+                   a.preprocess, "--output", str(out), "--no-progress", "--overwrite", "--workers", str(n),
+                   "--unit-bytes", str(2 * size + (1 << 20))]
+            if src.file:
+                cmd += ["--wiki-index", src.file]
+            t, _ = best(a.repeat, lambda cmd=cmd: subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True))
+            rec = json.loads((out / "manifest.json").read_text())["records"]
+            rows.append((f"preprocess --workers {n}", t, rec["read"], rec["written"], size, None))
+            outs.append(out)
+        names = sorted(f.relative_to(outs[0]) for f in outs[0].rglob("*") if f.is_file() and ".state" not in f.parts)
+        for other in outs[1:]:
+            assert all(filecmp.cmp(outs[0] / f, other / f, shallow=False) for f in names), f"{other} differs"
+
     print(f"dump: {dump.name}, {size:,} bytes, {streams} indexed bz2 streams, {raw:,} bytes of XML; "
-          f"{pages} pages, {docs} articles, {nbytes:,} bytes of text; best of {a.repeat}, one process, "
-          f"python {sys.version.split()[0]}")
+          f"{pages} pages, {docs} articles, {nbytes:,} bytes of text; best of {a.repeat}, one process "
+          f"(but the N processes' rows), python {sys.version.split()[0]}, {os.cpu_count()} cores, load average "
+          f"{load:.2f} at the start")
     print(f"{'reader':32s} {'s':>7s} {'pages/s':>9s} {'docs/s':>8s} {'input MB/s':>11s} {'text MB/s':>10s}")
     for name, t, n_pages, n_docs, in_bytes, out_bytes in rows:
         pages_s = f"{n_pages / t:,.0f}" if n_pages else "-"
