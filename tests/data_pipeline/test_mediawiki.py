@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import bz2
 import functools
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +33,7 @@ from lmforge.data_pipeline.readers import (
 )
 from lmforge.data_pipeline.readers.mediawiki import wikitext_to_text
 from lmforge.data_pipeline.tools import verify
-from tests.data_pipeline.test_preprocess import same_tree
+from tests.data_pipeline.test_preprocess import _kill_9_and_resume, same_tree
 from tests.helpers.paths import BIN, ROOT, TEST_DATA
 from tests.helpers.process import child_env, run_cmd
 
@@ -462,39 +460,11 @@ def test_no_titles_gives_the_text_alone_and_dedup_rereads_it(tok, tmp_path):
         assert measured[p] == f"{want:.4f}" and (p == 330 or f"{with_titles:.4f}" != measured[p]), p
 
 
-def _finished_units(out: Path) -> int:
-    return len(list((out / ".state").glob("unit_*.json")))
-
-
 @pytest.mark.slow
 def test_kill_9_and_resume_is_byte_identical(tok, tmp_path):
-    """kill -9 of the whole process group after some of the dump's units finished, then the same command
-    again: byte-identical to an uninterrupted run (the pattern of test_preprocess's kill test)."""
-    cmd = [PY, "-m", "lmforge.data_pipeline", "preprocess", "--input", str(DUMP), "--tokenizer", str(tok),
-           "--no-progress", "--unit-bytes", "6k", "--max-shard-bytes", "100k", "--valid-fraction", "0.1",
-           "--workers", "2"]
-    run_cmd([*cmd, "--output", tmp_path / "clean"])
-    units = _finished_units(tmp_path / "clean")
-    assert units >= 10
-    rng = random.Random(0)
-    kills = mid_way = 0
-    for trial in range(2):
-        out = tmp_path / f"killed{trial}"
-        proc = subprocess.Popen([*cmd, "--output", str(out)], cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        target = round(rng.uniform(0.2, 0.7) * units)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and _finished_units(out) < target and time.monotonic() < deadline:
-            time.sleep(0.002)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        finished = _finished_units(out)
-        mid_way += 0 < finished < units
-        p = run_cmd([*cmd, "--output", out])
-        assert (f"{finished} unit(s) verified and kept" in p.stderr) == (finished > 0)
-        same_tree(tmp_path / "clean", out)
-        assert verify(out) == []
-    assert kills >= 1 and mid_way >= 1, f"no kill landed between the first and the last of {units} units"
+    """kill -9 of the whole process group after some of the dump's units (runs of bz2 streams, converted on
+    the 2 workers' stream pool) finished, then the same command again: byte-identical to an uninterrupted run
+    (test_preprocess's kill test, on the dump in 6 KB units)."""
+    _kill_9_and_resume([DUMP], tok, tmp_path, unit_bytes="6k", max_shard_bytes="100k", valid_fraction="0.1",
+                       trials=2, least=1)
 
