@@ -101,6 +101,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -116,7 +117,6 @@ import numpy as np
 from lmforge.common.files import atomic_write_bytes
 
 from ..readers import DOC, LAST, SKIP, ReadRange, Source, StreamPool, iter_documents, uses_stream_pool
-from ..workers import BrokenProcessPool, ProcessPool
 from . import quality
 from .plan import Segment
 from .settings import (  # noqa: F401 (algorithm_record, minhash_version: used as dedup.*)
@@ -355,8 +355,7 @@ def _signature_batch(texts: list[str | bytes], exact: bool, ngram: int, perm: in
     return keys, sig
 
 
-def _scan(sources: list[Source], segments: list[Segment], settings: Settings, pool: ProcessPool | None = None,
-          workers: int = 1,
+def _scan(sources: list[Source], segments: list[Segment], settings: Settings, pool=None, workers: int = 1,
           streams: StreamPool | None = None) -> dict:
     """The candidates of ``segments`` in order: their locations, exact keys and MinHash signatures. With
     a process ``pool`` this process reads and ``workers`` processes hash, batch by batch (bounded
@@ -383,9 +382,9 @@ def _scan(sources: list[Source], segments: list[Segment], settings: Settings, po
         if pool is None:
             collect(_signature_batch(batch, *args))
             return
-        inflight.append(pool.submit(_signature_batch, batch, *args))
+        inflight.append(pool.apply_async(_signature_batch, (batch, *args)))
         while len(inflight) > 2 * workers:
-            collect(inflight.popleft().result())
+            collect(inflight.popleft().get())
 
     batch: list[str | bytes] = []
     held = 0  # characters in the batch: bounds its memory
@@ -402,7 +401,7 @@ def _scan(sources: list[Source], segments: list[Segment], settings: Settings, po
     if batch:
         submit(batch)
     while inflight:
-        collect(inflight.popleft().result())
+        collect(inflight.popleft().get())
     return {"paths": list(paths), "pidx": pidx, "lines": lines, "streamed": streamed, "keys": b"".join(keys),
             "sigs": np.concatenate(sigs) if sigs else np.zeros((0, perm), np.uint32),
             "range_lines": ranges[0].lines if ranges else 0,
@@ -415,13 +414,13 @@ def _scan_segment(args: tuple) -> dict:
 
 
 def scan_unit(out: Path, sources: list[Source], unit: int, segments: list[Segment], settings: Settings,
-              pool: ProcessPool | None = None, workers: int = 1, streams: StreamPool | None = None) -> int:
+              pool=None, workers: int = 1, streams: StreamPool | None = None) -> int:
     """Compute and save the signatures of ``unit``'s candidates; returns the input bytes scanned. With a
     process ``pool``, a unit of several sources is read and hashed a source per worker (results merged in
     order), a unit of one source is read here (a MediaWiki dump's streams converted on ``streams``) and
     hashed by the workers."""
     if pool is not None and len(segments) > 1:
-        parts = list(pool.map(_scan_segment, [(sources[si], (si, lo, hi), settings) for si, lo, hi in segments]))
+        parts = pool.map(_scan_segment, [(sources[si], (si, lo, hi), settings) for si, lo, hi in segments])
         paths: dict[str, int] = {}
         r = {"pidx": [], "lines": [], "streamed": [], "keys": b"".join(p["keys"] for p in parts),
              "sigs": np.concatenate([p["sigs"] for p in parts]), "range_lines": 0, "relative": False}
@@ -508,39 +507,30 @@ def scan_units(out: Path, sources: list[Source], units: list[list[Segment]], min
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"dedup-scan[r{rank}]" if rank else "dedup-scan",
                    file=sys.stderr, mininterval=0.5)
     jobs = [(out, sources, u, units[u], settings) for u in todo]
-    pool: ProcessPool | None = None
-    u = todo[0]
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     try:
         if workers > 1 and len(todo) >= workers:  # units in parallel: each process reads and hashes one
-            with ProcessPool(workers) as pool:
-                results = pool.map(_scan_job, jobs)  # in order
-                for job in jobs:
-                    u = job[2]  # the unit awaited
-                    n = next(results)
+            with ctx.Pool(workers) as pool:
+                for n in pool.imap(_scan_job, jobs):
                     if bar is not None:
                         bar.update(n)
         else:  # fewer units than workers: the workers share each unit (by source, or by batch)
             # (a MediaWiki dump read here, a unit of one source, has its streams converted on as many
             # processes, started first)
             streams = StreamPool(workers) if workers > 1 and any(
-                len(units[v]) == 1 and uses_stream_pool(sources[units[v][0][0]]) for v in todo) else None
+                len(units[u]) == 1 and uses_stream_pool(sources[units[u][0][0]]) for u in todo) else None
+            pool = None
             try:
-                pool = ProcessPool(workers) if workers > 1 else None
+                pool = ctx.Pool(workers) if workers > 1 else None
                 for job in jobs:
-                    u = job[2]
                     n = scan_unit(*job, pool=pool, workers=workers, streams=streams)
                     if bar is not None:
                         bar.update(n)
             finally:
                 if pool is not None:
-                    pool.close()
+                    pool.terminate()
                 if streams is not None:
                     streams.close()
-    except BrokenProcessPool as e:
-        if pool is None:  # as it started
-            raise PipelineError(f"dedup scan: {e}; rerun to resume") from None
-        raise PipelineError(f"a dedup scan worker process died ({pool.death()}) while scanning unit {u}; "
-                            "rerun to resume") from None
     finally:
         if bar is not None:
             bar.close()
@@ -838,20 +828,10 @@ def _shingle_sets(ids: list[int], units: list[list[Segment]], sources: list[Sour
     jobs = [(sources, units[u], settings, wanted[u]) for u in sorted(wanted)]
     sets: dict[int, np.ndarray] = {}
     if workers > 1 and len(jobs) > 1:
-        try:
-            pool = ProcessPool(min(workers, len(jobs)))
-        except BrokenProcessPool as e:
-            raise PipelineError(f"dedup re-read: {e}; rerun to resume") from None
-        with pool:
-            results = pool.map(_reread, jobs)  # in order
-            u = -1
-            try:
-                for unit in sorted(wanted):
-                    u = unit  # the unit awaited
-                    sets.update(next(results))
-            except BrokenProcessPool:
-                raise PipelineError(f"a dedup worker process died ({pool.death()}) while re-reading unit {u} for "
-                                    "the near-duplicate check; rerun to resume") from None
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(min(workers, len(jobs))) as pool:
+            for got in pool.imap(_reread, jobs):
+                sets.update(got)
     else:  # one unit (or one worker): read here, a MediaWiki dump's streams converted on the workers
         streams = StreamPool(workers) if workers > 1 and any(
             uses_stream_pool(sources[si]) for _, segs, _, _ in jobs for si, _, _ in segs) else None

@@ -8,7 +8,9 @@ gets the ids the tokenizer gives it whole, and the caller consumes results in su
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
@@ -18,7 +20,6 @@ import numpy as np
 from lmforge.common.tokenizer_files import HF, SENTENCEPIECE, TokenizerFiles, resolve_tokenizer
 
 from ..tokenizer import load_processor
-from ..workers import BrokenProcessPool, ProcessPool
 from .settings import PipelineError
 
 CHUNK_CHARS = 16384  # texts longer than this are cut by split_exact
@@ -113,21 +114,17 @@ def _encode_in_process(texts: list[str]) -> Encoded:
 
 class EncodePool:
     """Encodes batches on ``workers`` threads or processes (``backend`` from ``resolve_backend``), or in
-    the calling thread (``"inline"``). ``submit`` returns a function that waits for the batch's result.
-    Processes (``workers.ProcessPool``) die with the main process; if one dies (the OOM killer, a crash), every
-    result still awaited raises ``BrokenProcessPool`` (``death`` says how it died) instead of waiting forever."""
+    the calling thread (``"inline"``). ``submit`` returns a function that waits for the batch's result."""
 
     def __init__(self, backend: str, workers: int, tokenizer: str | TokenizerFiles, dtype: np.dtype, threads: int):
         tokenizer = resolve_tokenizer(tokenizer)
         self._encoder: Encoder | None = None  # this process's (threads and inline)
         self._threads: ThreadPoolExecutor | None = None
-        self._processes: ProcessPool | None = None
+        self._processes = None
         if backend == "process":
-            try:
-                self._processes = ProcessPool(workers, _init_process, (tokenizer, np.dtype(dtype).name, threads))
-            except BrokenProcessPool as e:
-                raise PipelineError(f"tokenizer workers: {e} (loading {tokenizer.path}? an error above says why, "
-                                    "if any); rerun to resume") from None
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self._processes = ctx.Pool(workers, initializer=_init_process,
+                                       initargs=(tokenizer, np.dtype(dtype).name, threads))
         else:
             self._encoder = Encoder(tokenizer, dtype, threads)
         if backend == "thread":
@@ -135,21 +132,18 @@ class EncodePool:
 
     def submit(self, texts: list[str]) -> Callable[[], Encoded]:
         if self._processes is not None:
-            return self._processes.submit(_encode_in_process, texts).result
+            return self._processes.apply_async(_encode_in_process, (texts,)).get
         assert self._encoder is not None
         if self._threads is not None:
             return self._threads.submit(self._encoder, texts).result
         result = self._encoder(texts)
         return lambda: result
 
-    def death(self) -> str:
-        """How the worker process that broke the pool died (stops the pool)."""
-        return self._processes.death() if self._processes is not None else "how is unknown"
-
     def close(self) -> None:
         """Stop the workers (batches not yet consumed are dropped)."""
         if self._processes is not None:
-            self._processes.close()
+            self._processes.terminate()
+            self._processes.join()
         if self._threads is not None:
             self._threads.shutdown(wait=True, cancel_futures=True)
 

@@ -54,7 +54,6 @@ from ..readers import (
     uses_stream_pool,
 )
 from ..tokenizer import copy_tokenizer, tokenizer_info
-from ..workers import BrokenProcessPool
 from . import dedup, quality
 from .dedup import screen
 from .encode import CHUNK_CHARS, CONT, Encoded, EncodePool, resolve_backend, split_exact
@@ -466,11 +465,7 @@ def _do_units(
             done[writer.rec.unit] = save_done_unit(out, writer.finish(), settings)
             return
         assert result is not None
-        try:
-            encoded = result()
-        except BrokenProcessPool:
-            raise PipelineError(f"a tokenizer worker process died ({pool.death()}) while encoding unit "
-                                f"{writer.rec.unit}; rerun to resume") from None
+        encoded = result()
         progress.count(_write_batch(writer, metas, encoded, pending, settings.min_tokens), int(encoded[0].sum()))
 
     writer = None

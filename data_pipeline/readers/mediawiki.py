@@ -63,6 +63,7 @@ import bz2
 import functools
 import os
 import re
+import signal
 import sys
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -70,7 +71,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 
-from ..workers import ProcessPool
 from .items import DOC, SKIP, DocAssembler, Item, ReadOptions
 from .lines import ReadRange
 from .sources import InputError, open_binary
@@ -442,6 +442,25 @@ def uses_pool(path: str) -> bool:
     return path.endswith(".bz2")
 
 
+def _worker_init(parent: int) -> None:
+    """A pool process: Ctrl-C is the main process's to handle (it stops the pool), and it dies with the main
+    process (Linux: even of kill -9, which leaves no worker behind waiting for work)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the main process died before prctl
+        os._exit(1)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
 def _convert_stream(path: str, at: int, opts: ReadOptions, index: str | None
                     ) -> tuple[list[Item] | None, int | None]:
     """(the items of the bz2 stream at ``at``, or None if it holds ``_HOLD_CHARS`` of text before its end;
@@ -464,20 +483,38 @@ class StreamPool:
     ``_HOLD_CHARS`` of text)."""
 
     def __init__(self, workers: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
         self.workers = workers
         self.ahead = 4 * workers  # streams converted ahead of the reading, at most (bounded memory)
         self.converted = self.here = 0
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self._ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
         try:
-            self._ex = ProcessPool(workers)  # started now, before other threads; its processes die with this one
-        except BrokenProcessPool as e:
-            raise InputError(f"MediaWiki stream conversion: {e}; rerun to resume") from None
+            self._ex.submit(_ready).result()  # the processes start now (forked all at once), before other threads
+        except BaseException:
+            self.close()
+            raise
 
     def submit(self, path: str, at: int, opts: ReadOptions, index: str | None):
         return self._ex.submit(_convert_stream, path, at, opts, index)
 
     def close(self) -> None:
         """Stop the processes now (conversions running or queued are dropped)."""
-        self._ex.close()
+        ex = self._ex
+        stop = getattr(ex, "terminate_workers", None)  # Python 3.14
+        if stop is not None:
+            stop()
+        else:
+            procs = dict(getattr(ex, "_processes", None) or {})
+            ex.shutdown(wait=False, cancel_futures=True)
+            for p in procs.values():
+                try:
+                    p.terminate()
+                except (ValueError, ProcessLookupError):  # closed or gone
+                    pass
+        ex.shutdown(wait=True)
 
     def __enter__(self) -> StreamPool:
         return self
@@ -529,9 +566,9 @@ class _Ahead:
             return None
         try:
             items, nxt = fut.result()
-        except BrokenProcessPool:
-            raise InputError(f"{self.path}: a process converting its bz2 streams died ({self.pool._ex.death()}) "
-                             f"while the stream at byte {at} was converted; rerun to resume") from None
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"{self.path}: a process converting its bz2 streams died (killed? out of memory?) "
+                               f"while the stream at byte {at} was converted: {e}") from None
         if items is None:  # held _HOLD_CHARS of text: read again here, as the sequential reader reads it
             return None
         self.pool.converted += 1
